@@ -1,0 +1,91 @@
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use prometheus_client::registry::Registry;
+
+type Check = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync>;
+
+/// The dependency checks behind `/readyz`.
+#[derive(Clone, Default)]
+pub struct Readiness {
+    checks: Vec<(&'static str, Check)>,
+}
+
+impl Readiness {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a named check; it should answer quickly (it runs under a 2 s timeout).
+    pub fn check<F, Fut>(mut self, name: &'static str, f: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), String>> + Send + 'static,
+    {
+        self.checks.push((name, Arc::new(move || Box::pin(f()))));
+        self
+    }
+
+    /// Postgres is reachable through `pool`.
+    pub fn postgres(self, pool: sqlx::PgPool) -> Self {
+        self.check("postgres", move || {
+            let pool = pool.clone();
+            async move { sqlx::query("SELECT 1").execute(&pool).await.map(|_| ()).map_err(|e| e.to_string()) }
+        })
+    }
+
+    /// Runs every check; the failures, by name.
+    pub async fn failures(&self) -> Vec<(&'static str, String)> {
+        let runs = self.checks.iter().map(|(name, check)| async move {
+            match tokio::time::timeout(std::time::Duration::from_secs(2), check()).await {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some((*name, e)),
+                Err(_) => Some((*name, "timed out".to_owned())),
+            }
+        });
+        futures::future::join_all(runs).await.into_iter().flatten().collect()
+    }
+}
+
+#[derive(Clone)]
+struct OpsState {
+    readiness: Readiness,
+    registry: Arc<Mutex<Registry>>,
+}
+
+/// `/healthz`, `/readyz` and `/metrics`, to merge into a service's router.
+pub fn ops_router<S: Clone + Send + Sync + 'static>(readiness: Readiness, registry: Arc<Mutex<Registry>>) -> Router<S> {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(OpsState { readiness, registry })
+}
+
+async fn readyz(State(state): State<OpsState>) -> impl IntoResponse {
+    let failures = state.readiness.failures().await;
+    if failures.is_empty() {
+        (StatusCode::OK, "ready".to_owned())
+    } else {
+        let text = failures.iter().map(|(n, e)| format!("{n}: {e}")).collect::<Vec<_>>().join("\n");
+        (StatusCode::SERVICE_UNAVAILABLE, text)
+    }
+}
+
+async fn metrics(State(state): State<OpsState>) -> impl IntoResponse {
+    let mut body = String::new();
+    let encoded = match state.registry.lock() {
+        Ok(registry) => prometheus_client::encoding::text::encode(&mut body, &registry).is_ok(),
+        Err(_) => false,
+    };
+    if !encoded {
+        return (StatusCode::INTERNAL_SERVER_ERROR, [(header::CONTENT_TYPE, "text/plain")], String::new());
+    }
+    (StatusCode::OK, [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body)
+}

@@ -1,0 +1,12 @@
+//! Pieces every service shares: graceful shutdown, `/healthz` `/readyz` `/metrics`,
+//! RFC 9457 problem responses, and start-up that waits for its dependencies instead of
+//! crash-looping.
+
+pub mod health;
+pub mod problem;
+pub mod shutdown;
+pub mod startup;
+
+pub use health::{ops_router, Readiness};
+pub use problem::Problem;
+pub use shutdown::{shutdown_signal, Shutdown};
