@@ -1,0 +1,1 @@
+//! Harness for system tests: runs the real service binaries as child processes.
