@@ -1,0 +1,69 @@
+# syntax=docker/dockerfile:1
+#
+# Release images of the three services, built from one workspace:
+#   docker build --target order-service -t outbox/order-service .
+#   docker build --target relay -t outbox/relay .
+#   docker build --target inventory-consumer -t outbox/inventory-consumer .
+# The default (last) stage holds all three binaries.
+#
+# No database is needed at build time: queries are checked at run time and migrations are
+# embedded from migrations/ by `sqlx::migrate!`.
+
+# The builder and the runtime must share a Debian release, or the binaries may need a newer
+# glibc than the runtime has.
+ARG RUST_VERSION=1.95
+ARG DEBIAN_RELEASE=trixie
+
+FROM rust:${RUST_VERSION}-${DEBIAN_RELEASE} AS chef
+RUN cargo install cargo-chef --locked --version 0.1.77
+WORKDIR /app
+# Debug info is for local profiling; images ship without it (symbols stay for backtraces).
+ENV CARGO_PROFILE_RELEASE_DEBUG=0 \
+    CARGO_TERM_COLOR=never
+
+# The recipe only lists manifests and the lock file, so it (and the dependency layer below)
+# changes only when dependencies do. Copying the whole context keeps new workspace members
+# (crates/, services/, tools/, ...) in the build without editing this file.
+FROM chef AS planner
+COPY . .
+RUN cargo chef prepare --recipe-path recipe.json
+
+FROM chef AS builder
+COPY --from=planner /app/recipe.json recipe.json
+RUN cargo chef cook --release --locked --recipe-path recipe.json
+COPY . .
+RUN cargo build --release --locked --bin order-service --bin relay --bin inventory-consumer \
+ && mkdir -p /out \
+ && cp target/release/order-service target/release/relay target/release/inventory-consumer /out/
+
+FROM debian:${DEBIAN_RELEASE}-slim AS runtime
+# curl is what the compose health checks use to probe /readyz.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends ca-certificates curl \
+ && rm -rf /var/lib/apt/lists/* \
+ && groupadd --system --gid 10001 app \
+ && useradd --system --uid 10001 --gid app --no-create-home --shell /usr/sbin/nologin app
+USER app:app
+ENV RUST_LOG=info \
+    LOG_FORMAT=text
+
+FROM runtime AS order-service
+COPY --from=builder /out/order-service /usr/local/bin/order-service
+ENV HTTP_ADDR=0.0.0.0:8080
+EXPOSE 8080
+ENTRYPOINT ["/usr/local/bin/order-service"]
+
+FROM runtime AS relay
+COPY --from=builder /out/relay /usr/local/bin/relay
+ENV HTTP_ADDR=0.0.0.0:9100
+EXPOSE 9100
+ENTRYPOINT ["/usr/local/bin/relay"]
+
+FROM runtime AS inventory-consumer
+COPY --from=builder /out/inventory-consumer /usr/local/bin/inventory-consumer
+ENV HTTP_ADDR=0.0.0.0:8081
+EXPOSE 8081
+ENTRYPOINT ["/usr/local/bin/inventory-consumer"]
+
+FROM runtime AS all
+COPY --from=builder /out/ /usr/local/bin/
