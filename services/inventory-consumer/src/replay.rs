@@ -1,0 +1,128 @@
+//! Replay demonstration: re-adds an entry the consumer already applied and shows that the
+//! copy is acknowledged without a second effect.
+
+use std::fmt;
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use redis::Value;
+use sqlx::PgPool;
+
+use crate::{stream, Config};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("entry {0} is not on the stream")]
+    NoEntry(String),
+    #[error("entry {0} has no event_id")]
+    NoEventId(String),
+    #[error("event {0} has not been applied yet; run the consumer first")]
+    NotApplied(String),
+    #[error("the consumer group did not handle the copy within {0:?}; is a consumer running?")]
+    Timeout(Duration),
+}
+
+#[derive(Debug)]
+pub struct ReplayReport {
+    pub original_entry_id: String,
+    pub copy_entry_id: String,
+    pub event_id: String,
+    pub processed_rows: i64,
+    pub checkpoint_before: i64,
+    pub checkpoint_after: i64,
+}
+
+impl fmt::Display for ReplayReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "replayed entry {} as {} (event {})", self.original_entry_id, self.copy_entry_id, self.event_id)?;
+        writeln!(f, "processed_messages rows for the event: {}", self.processed_rows)?;
+        writeln!(f, "order checkpoint: {} before, {} after", self.checkpoint_before, self.checkpoint_after)?;
+        let verdict = if self.processed_rows == 1 && self.checkpoint_before == self.checkpoint_after {
+            "the copy was acknowledged as a duplicate: no second effect"
+        } else {
+            "UNEXPECTED: the copy changed state"
+        };
+        write!(f, "{verdict}")
+    }
+}
+
+pub async fn replay(
+    pool: &PgPool,
+    conn: &mut MultiplexedConnection,
+    config: &Config,
+    entry_id: Option<&str>,
+    timeout: Duration,
+) -> Result<ReplayReport, ReplayError> {
+    let stream_key = &config.redis_stream;
+    let entry_id = match entry_id {
+        Some(id) => id.to_owned(),
+        None => first_entry_id(conn, stream_key).await?.ok_or_else(|| ReplayError::NoEntry("(first)".into()))?,
+    };
+    let fields = stream::entry(conn, stream_key, &entry_id).await?.ok_or_else(|| ReplayError::NoEntry(entry_id.clone()))?;
+    let event_id = fields
+        .iter()
+        .find(|(k, _)| k == domain::fields::EVENT_ID)
+        .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+        .ok_or_else(|| ReplayError::NoEventId(entry_id.clone()))?;
+    let applied: Option<String> =
+        sqlx::query_scalar("SELECT aggregate_id FROM processed_messages WHERE event_id = $1")
+            .bind(&event_id)
+            .fetch_optional(pool)
+            .await?;
+    let aggregate_id = applied.ok_or_else(|| ReplayError::NotApplied(event_id.clone()))?;
+    let checkpoint = || async {
+        sqlx::query_scalar::<_, i64>("SELECT last_seq FROM aggregate_checkpoints WHERE aggregate_id = $1")
+            .bind(&aggregate_id)
+            .fetch_one(pool)
+            .await
+    };
+    let checkpoint_before = checkpoint().await?;
+    let copy_entry_id = stream::add(conn, stream_key, &fields).await?;
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !handled(conn, stream_key, &config.consumer_group, &copy_entry_id).await? {
+        if tokio::time::Instant::now() >= deadline {
+            return Err(ReplayError::Timeout(timeout));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let processed_rows: i64 = sqlx::query_scalar("SELECT count(*) FROM processed_messages WHERE event_id = $1")
+        .bind(&event_id)
+        .fetch_one(pool)
+        .await?;
+    Ok(ReplayReport {
+        original_entry_id: entry_id,
+        copy_entry_id,
+        event_id,
+        processed_rows,
+        checkpoint_before,
+        checkpoint_after: checkpoint().await?,
+    })
+}
+
+async fn first_entry_id(conn: &mut MultiplexedConnection, key: &str) -> Result<Option<String>, redis::RedisError> {
+    let reply: Value = redis::cmd("XRANGE").arg(key).arg("-").arg("+").arg("COUNT").arg(1).query_async(conn).await?;
+    Ok(match reply {
+        Value::Array(entries) => entries.into_iter().next().and_then(|e| match e {
+            Value::Array(mut parts) if !parts.is_empty() => match parts.swap_remove(0) {
+                Value::BulkString(b) => String::from_utf8(b).ok(),
+                _ => None,
+            },
+            _ => None,
+        }),
+        _ => None,
+    })
+}
+
+/// The group has delivered `id` and it is no longer pending (acknowledged).
+async fn handled(conn: &mut MultiplexedConnection, key: &str, group: &str, id: &str) -> Result<bool, redis::RedisError> {
+    let pending: Value = redis::cmd("XPENDING").arg(key).arg(group).arg(id).arg(id).arg(1).query_async(conn).await?;
+    if matches!(&pending, Value::Array(rows) if !rows.is_empty()) {
+        return Ok(false);
+    }
+    let last = stream::last_delivered_id(conn, key, group).await?;
+    Ok(last.is_some_and(|last| stream::id_key(&last) >= stream::id_key(id)))
+}

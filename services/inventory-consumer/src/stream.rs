@@ -1,0 +1,270 @@
+//! The Redis side: consumer group reads, claims, delivery counts, acknowledgements.
+//!
+//! Replies are parsed from raw values so an entry's fields keep their order and repeats (the
+//! decoder rejects a repeated field) and an entry deleted while pending (nil fields) is seen.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use redis::{RedisError, Value};
+
+/// One entry as delivered to this consumer.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub id: String,
+    /// `None` when the entry was deleted from the stream while still pending.
+    pub fields: Option<Vec<(String, Vec<u8>)>>,
+}
+
+/// Creates the group (and the stream) unless it exists.
+pub async fn ensure_group(conn: &mut MultiplexedConnection, stream: &str, group: &str) -> Result<(), RedisError> {
+    let created: Result<Value, RedisError> =
+        redis::cmd("XGROUP").arg("CREATE").arg(stream).arg(group).arg("0").arg("MKSTREAM").query_async(conn).await;
+    match created {
+        Ok(_) => Ok(()),
+        Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// XREADGROUP from `id` (`0`: this consumer's pending entries; `>`: new ones).
+pub async fn read_group(
+    conn: &mut MultiplexedConnection,
+    stream: &str,
+    group: &str,
+    consumer: &str,
+    id: &str,
+    count: u32,
+    block: Option<Duration>,
+) -> Result<Vec<Delivery>, RedisError> {
+    let mut cmd = redis::cmd("XREADGROUP");
+    cmd.arg("GROUP").arg(group).arg(consumer).arg("COUNT").arg(count);
+    if let Some(block) = block {
+        cmd.arg("BLOCK").arg(block.as_millis().max(1) as u64);
+    }
+    cmd.arg("STREAMS").arg(stream).arg(id);
+    let reply: Value = cmd.query_async(conn).await?;
+    let per_stream = match reply {
+        Value::Nil => return Ok(Vec::new()),
+        Value::Array(streams) => streams
+            .into_iter()
+            .filter_map(|s| match s {
+                Value::Array(mut kv) if kv.len() == 2 => kv.pop(),
+                _ => None,
+            })
+            .collect::<Vec<_>>(),
+        Value::Map(streams) => streams.into_iter().map(|(_, v)| v).collect(),
+        other => return Err(unexpected("XREADGROUP", &other)),
+    };
+    let mut out = Vec::new();
+    for entries in per_stream {
+        out.extend(parse_entries(entries)?);
+    }
+    Ok(out)
+}
+
+/// One XAUTOCLAIM step: entries idle for `min_idle`, from `cursor`. Returns the next cursor
+/// (`0-0` when the scan is complete), the claimed entries and ids that no longer exist (Redis
+/// drops those from the pending list itself).
+pub async fn autoclaim(
+    conn: &mut MultiplexedConnection,
+    stream: &str,
+    group: &str,
+    consumer: &str,
+    min_idle: Duration,
+    cursor: &str,
+    count: u32,
+) -> Result<(String, Vec<Delivery>), RedisError> {
+    let reply: Value = redis::cmd("XAUTOCLAIM")
+        .arg(stream)
+        .arg(group)
+        .arg(consumer)
+        .arg(min_idle.as_millis() as u64)
+        .arg(cursor)
+        .arg("COUNT")
+        .arg(count)
+        .query_async(conn)
+        .await?;
+    let Value::Array(mut parts) = reply else { return Err(unexpected("XAUTOCLAIM", &reply)) };
+    if parts.len() < 2 {
+        return Err(unexpected("XAUTOCLAIM", &Value::Array(parts)));
+    }
+    let entries = parts.remove(1);
+    let next = string(&parts[0]).ok_or_else(|| unexpected("XAUTOCLAIM cursor", &parts[0]))?;
+    Ok((next, parse_entries(entries)?))
+}
+
+/// Delivery counts of this consumer's pending entries with ids in `[min, max]`.
+pub async fn delivery_counts(
+    conn: &mut MultiplexedConnection,
+    stream: &str,
+    group: &str,
+    consumer: &str,
+    (min, max): (&str, &str),
+    count: usize,
+) -> Result<HashMap<String, u64>, RedisError> {
+    let reply: Value = redis::cmd("XPENDING")
+        .arg(stream)
+        .arg(group)
+        .arg(min)
+        .arg(max)
+        .arg(count)
+        .arg(consumer)
+        .query_async(conn)
+        .await?;
+    let Value::Array(rows) = reply else { return Err(unexpected("XPENDING", &reply)) };
+    let mut out = HashMap::with_capacity(rows.len());
+    for row in rows {
+        // [id, consumer, idle ms, deliveries]
+        if let Value::Array(cols) = &row {
+            if let (Some(id), Some(Value::Int(n))) = (cols.first().and_then(string), cols.get(3)) {
+                out.insert(id, (*n).max(0) as u64);
+                continue;
+            }
+        }
+        return Err(unexpected("XPENDING row", &row));
+    }
+    Ok(out)
+}
+
+/// This consumer's pending entries (XPENDING summary form).
+pub async fn pending_count(
+    conn: &mut MultiplexedConnection,
+    stream: &str,
+    group: &str,
+    consumer: &str,
+) -> Result<u64, RedisError> {
+    let reply: Value = redis::cmd("XPENDING").arg(stream).arg(group).query_async(conn).await?;
+    let Value::Array(parts) = reply else { return Err(unexpected("XPENDING", &reply)) };
+    let Some(Value::Array(consumers)) = parts.get(3) else { return Ok(0) };
+    for c in consumers {
+        if let Value::Array(pair) = c {
+            if pair.first().and_then(string).as_deref() == Some(consumer) {
+                return Ok(pair.get(1).and_then(string).and_then(|n| n.parse().ok()).unwrap_or(0));
+            }
+        }
+    }
+    Ok(0)
+}
+
+pub async fn ack(conn: &mut MultiplexedConnection, stream: &str, group: &str, ids: &[&str]) -> Result<(), RedisError> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    redis::cmd("XACK").arg(stream).arg(group).arg(ids).query_async::<Value>(conn).await.map(|_| ())
+}
+
+/// XADD with an automatic id; returns the new id.
+pub async fn add(
+    conn: &mut MultiplexedConnection,
+    stream: &str,
+    fields: &[(String, Vec<u8>)],
+) -> Result<String, RedisError> {
+    let mut cmd = redis::cmd("XADD");
+    cmd.arg(stream).arg("*");
+    for (k, v) in fields {
+        cmd.arg(k).arg(v);
+    }
+    cmd.query_async(conn).await
+}
+
+/// The fields of entry `id`, if it is still on the stream.
+pub async fn entry(
+    conn: &mut MultiplexedConnection,
+    stream: &str,
+    id: &str,
+) -> Result<Option<Vec<(String, Vec<u8>)>>, RedisError> {
+    let reply: Value = redis::cmd("XRANGE").arg(stream).arg(id).arg(id).query_async(conn).await?;
+    Ok(parse_entries(reply)?.into_iter().next().and_then(|d| d.fields))
+}
+
+fn parse_entries(entries: Value) -> Result<Vec<Delivery>, RedisError> {
+    let Value::Array(entries) = entries else {
+        return if matches!(entries, Value::Nil) { Ok(Vec::new()) } else { Err(unexpected("entries", &entries)) };
+    };
+    entries.into_iter().map(parse_entry).collect()
+}
+
+fn parse_entry(entry: Value) -> Result<Delivery, RedisError> {
+    let Value::Array(mut parts) = entry else { return Err(unexpected("entry", &entry)) };
+    if parts.len() != 2 {
+        return Err(unexpected("entry", &Value::Array(parts)));
+    }
+    let fields = parts.pop().unwrap_or(Value::Nil);
+    let id = string(&parts[0]).ok_or_else(|| unexpected("entry id", &parts[0]))?;
+    let fields = match fields {
+        Value::Nil => None,
+        Value::Array(flat) => {
+            let mut pairs = Vec::with_capacity(flat.len() / 2);
+            let mut it = flat.into_iter();
+            while let (Some(k), Some(v)) = (it.next(), it.next()) {
+                let key = string(&k).ok_or_else(|| unexpected("field name", &k))?;
+                pairs.push((key, bytes(v)));
+            }
+            Some(pairs)
+        }
+        Value::Map(map) => {
+            let mut pairs = Vec::with_capacity(map.len());
+            for (k, v) in map {
+                let key = string(&k).ok_or_else(|| unexpected("field name", &k))?;
+                pairs.push((key, bytes(v)));
+            }
+            Some(pairs)
+        }
+        other => return Err(unexpected("entry fields", &other)),
+    };
+    Ok(Delivery { id, fields })
+}
+
+fn string(v: &Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        Value::Int(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+fn bytes(v: Value) -> Vec<u8> {
+    match v {
+        Value::BulkString(b) => b,
+        Value::SimpleString(s) => s.into_bytes(),
+        Value::Int(n) => n.to_string().into_bytes(),
+        _ => Vec::new(),
+    }
+}
+
+fn unexpected(what: &str, v: &Value) -> RedisError {
+    RedisError::from((redis::ErrorKind::TypeError, "unexpected reply", format!("{what}: {v:?}")))
+}
+
+/// The group's last delivered id (XINFO GROUPS).
+pub async fn last_delivered_id(
+    conn: &mut MultiplexedConnection,
+    key: &str,
+    group: &str,
+) -> Result<Option<String>, RedisError> {
+    let reply: Value = redis::cmd("XINFO").arg("GROUPS").arg(key).query_async(conn).await?;
+    let Value::Array(groups) = reply else { return Ok(None) };
+    for g in groups {
+        let pairs: Vec<(String, Value)> = match g {
+            Value::Array(flat) => {
+                let mut it = flat.into_iter();
+                std::iter::from_fn(|| Some((string(&it.next()?)?, it.next()?))).collect()
+            }
+            Value::Map(map) => map.into_iter().filter_map(|(k, v)| Some((string(&k)?, v))).collect(),
+            _ => continue,
+        };
+        if pairs.iter().any(|(k, v)| k == "name" && string(v).as_deref() == Some(group)) {
+            return Ok(pairs.iter().find(|(k, _)| k == "last-delivered-id").and_then(|(_, v)| string(v)));
+        }
+    }
+    Ok(None)
+}
+
+/// A stream id as numbers, for ordering (`1700000000000-3`).
+pub fn id_key(id: &str) -> (u64, u64) {
+    let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
+    (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))
+}
