@@ -213,8 +213,8 @@ async fn load_parked(
         let (aggregate, seq): (String, i64) = (row.try_get(0)?, row.try_get(1)?);
         let fields = fields_from_json(&row.try_get::<serde_json::Value, _>(3)?);
         // Parked entries decoded once already; a row that no longer does is left alone.
-        let decoded = domain::StreamEntry::from_fields(fields.iter().map(|(k, v)| (k, v)))
-            .and_then(|e| Event::try_from(&e));
+        let decoded =
+            domain::StreamEntry::from_fields(fields.iter().map(|(k, v)| (k, v))).and_then(|e| Event::try_from(&e));
         match decoded {
             Ok(event) => {
                 let incoming = Incoming { stream_id: row.try_get(2)?, event, fields };
@@ -239,7 +239,8 @@ async fn load_reservations(
         let status: String = row.try_get(1)?;
         let status = ReservationStatus::parse(&status)
             .ok_or_else(|| sqlx::Error::Decode(format!("unknown reservation status {status}").into()))?;
-        let items: Vec<ReservedItem> = serde_json::from_value(row.try_get(2)?).map_err(|e| sqlx::Error::Decode(e.into()))?;
+        let items: Vec<ReservedItem> =
+            serde_json::from_value(row.try_get(2)?).map_err(|e| sqlx::Error::Decode(e.into()))?;
         out.insert(row.try_get(0)?, Reservation { status, items, reason: row.try_get(3)? });
     }
     Ok(out)

@@ -302,14 +302,16 @@ impl Consumer {
             counts[slot] += 1;
             if let Some(span) = spans.get(*i) {
                 span.record("result", label);
-                let _ = span.in_scope(|| tracing::debug!(entry_id = %incoming[*i].stream_id, result = label, "handled"));
+                let _ =
+                    span.in_scope(|| tracing::debug!(entry_id = %incoming[*i].stream_id, result = label, "handled"));
             }
             for a in &result.applied {
                 m.end_to_end_latency.observe((now - a.occurred_at).num_microseconds().unwrap_or(0).max(0) as f64 / 1e6);
             }
         }
         // Events released from parking count as applied too; the batch result lists them all.
-        let released: u64 = applied.iter().map(|(_, _, r)| r.applied.len() as u64).sum::<u64>().saturating_sub(counts[0]);
+        let released: u64 =
+            applied.iter().map(|(_, _, r)| r.applied.len() as u64).sum::<u64>().saturating_sub(counts[0]);
         m.count(EventResult::applied, counts[0] + released);
         m.count(EventResult::duplicate, counts[1]);
         m.count(EventResult::deferred, counts[2]);
@@ -321,9 +323,8 @@ impl Consumer {
 
 /// Decodes an entry, or says why it is dead.
 fn classify(id: &str, fields: Vec<(String, Vec<u8>)>, deliveries: u64, max: u32) -> Result<Incoming, DeadLetter> {
-    let field = |name: &str| {
-        fields.iter().find(|(k, _)| k == name).map(|(_, v)| String::from_utf8_lossy(v).into_owned())
-    };
+    let field =
+        |name: &str| fields.iter().find(|(k, _)| k == name).map(|(_, v)| String::from_utf8_lossy(v).into_owned());
     let letter = |reason: String| DeadLetter {
         stream_entry_id: id.to_owned(),
         event_id: field(domain::fields::EVENT_ID),

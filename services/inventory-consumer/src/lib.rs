@@ -59,8 +59,8 @@ pub struct Service {
 
 impl Service {
     pub async fn bind(config: Config) -> Result<Self, StartError> {
-        let pool =
-            service_kit::startup::lazy_pool(&config.database_url, config.database_max_connections).map_err(StartError::DatabaseUrl)?;
+        let pool = service_kit::startup::lazy_pool(&config.database_url, config.database_max_connections)
+            .map_err(StartError::DatabaseUrl)?;
         let redis = redis::Client::open(config.redis_url.as_str()).map_err(StartError::RedisUrl)?;
         let listener =
             tokio::net::TcpListener::bind(config.http_addr).await.map_err(|e| StartError::Bind(config.http_addr, e))?;

@@ -56,7 +56,11 @@ impl Metrics {
             metrics.pending_entries.clone(),
         );
         r.register("consumer_batch_size", "Entries per batch", metrics.batch_size.clone());
-        r.register("consumer_batch_duration_seconds", "Time to apply and acknowledge a batch", metrics.batch_duration.clone());
+        r.register(
+            "consumer_batch_duration_seconds",
+            "Time to apply and acknowledge a batch",
+            metrics.batch_duration.clone(),
+        );
         metrics
     }
 

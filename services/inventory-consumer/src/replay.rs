@@ -62,17 +62,17 @@ pub async fn replay(
         Some(id) => id.to_owned(),
         None => first_entry_id(conn, stream_key).await?.ok_or_else(|| ReplayError::NoEntry("(first)".into()))?,
     };
-    let fields = stream::entry(conn, stream_key, &entry_id).await?.ok_or_else(|| ReplayError::NoEntry(entry_id.clone()))?;
+    let fields =
+        stream::entry(conn, stream_key, &entry_id).await?.ok_or_else(|| ReplayError::NoEntry(entry_id.clone()))?;
     let event_id = fields
         .iter()
         .find(|(k, _)| k == domain::fields::EVENT_ID)
         .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
         .ok_or_else(|| ReplayError::NoEventId(entry_id.clone()))?;
-    let applied: Option<String> =
-        sqlx::query_scalar("SELECT aggregate_id FROM processed_messages WHERE event_id = $1")
-            .bind(&event_id)
-            .fetch_optional(pool)
-            .await?;
+    let applied: Option<String> = sqlx::query_scalar("SELECT aggregate_id FROM processed_messages WHERE event_id = $1")
+        .bind(&event_id)
+        .fetch_optional(pool)
+        .await?;
     let aggregate_id = applied.ok_or_else(|| ReplayError::NotApplied(event_id.clone()))?;
     let checkpoint = || async {
         sqlx::query_scalar::<_, i64>("SELECT last_seq FROM aggregate_checkpoints WHERE aggregate_id = $1")
@@ -118,7 +118,12 @@ async fn first_entry_id(conn: &mut MultiplexedConnection, key: &str) -> Result<O
 }
 
 /// The group has delivered `id` and it is no longer pending (acknowledged).
-async fn handled(conn: &mut MultiplexedConnection, key: &str, group: &str, id: &str) -> Result<bool, redis::RedisError> {
+async fn handled(
+    conn: &mut MultiplexedConnection,
+    key: &str,
+    group: &str,
+    id: &str,
+) -> Result<bool, redis::RedisError> {
     let pending: Value = redis::cmd("XPENDING").arg(key).arg(group).arg(id).arg(id).arg(1).query_async(conn).await?;
     if matches!(&pending, Value::Array(rows) if !rows.is_empty()) {
         return Ok(false);

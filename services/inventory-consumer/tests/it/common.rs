@@ -1,0 +1,231 @@
+//! Fixtures: a fresh database and stream per test, event builders, a running consumer.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use chrono::Utc;
+use domain::{Event, EventPayload, NewOrder, OrderCancelled, OrderConfirmed, OrderCreated, OrderId};
+use inventory_consumer::{Config, Service, Shutdown};
+use redis::aio::MultiplexedConnection;
+use redis::Value;
+use sqlx::PgPool;
+use test_support::TestDatabase;
+use ulid::Ulid;
+
+pub struct Harness {
+    pub db: TestDatabase,
+    pub stream: String,
+    pub group: String,
+    pub redis: MultiplexedConnection,
+}
+
+impl Harness {
+    pub async fn new(prefix: &str) -> Self {
+        let db = test_support::fresh_database(prefix).await;
+        inventory_consumer::MIGRATOR.run(&db.pool).await.expect("migrate");
+        Self {
+            db,
+            stream: test_support::unique_name("orders"),
+            group: test_support::unique_name("inventory"),
+            redis: test_support::redis_connection().await,
+        }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.db.pool
+    }
+
+    pub fn config(&self, name: &str) -> Config {
+        Config {
+            database_url: self.db.url.clone(),
+            redis_url: test_support::redis_url(),
+            redis_stream: self.stream.clone(),
+            consumer_group: self.group.clone(),
+            consumer_name: name.to_owned(),
+            http_addr: "127.0.0.1:0".parse().expect("address"),
+            claim_min_idle: Duration::from_secs(30),
+            max_deliveries: 5,
+            batch_size: 256,
+            block: Duration::from_millis(100),
+            database_max_connections: 4,
+            log_format: telemetry::LogFormat::Text,
+            crash_after_commit: false,
+        }
+    }
+
+    pub async fn start(&self, name: &str) -> Running {
+        Running::start(self.config(name)).await
+    }
+
+    pub async fn set_stock(&self, sku: &str, on_hand: i64) {
+        sqlx::query(
+            "INSERT INTO inventory (sku, on_hand) VALUES ($1, $2) ON CONFLICT (sku) DO UPDATE SET on_hand = $2",
+        )
+        .bind(sku)
+        .bind(on_hand)
+        .execute(self.pool())
+        .await
+        .expect("seed stock");
+    }
+
+    /// (on_hand, reserved)
+    pub async fn stock(&self, sku: &str) -> (i64, i64) {
+        sqlx::query_as("SELECT on_hand, reserved FROM inventory WHERE sku = $1")
+            .bind(sku)
+            .fetch_one(self.pool())
+            .await
+            .expect("stock row")
+    }
+
+    pub async fn reservation(&self, order: OrderId) -> Option<String> {
+        sqlx::query_scalar("SELECT status FROM order_reservations WHERE order_id = $1")
+            .bind(order.to_string())
+            .fetch_optional(self.pool())
+            .await
+            .expect("reservation")
+    }
+
+    pub async fn checkpoint(&self, order: OrderId) -> i64 {
+        sqlx::query_scalar("SELECT last_seq FROM aggregate_checkpoints WHERE aggregate_id = $1")
+            .bind(order.to_string())
+            .fetch_optional(self.pool())
+            .await
+            .expect("checkpoint")
+            .unwrap_or(0)
+    }
+
+    pub async fn count(&self, sql: &str) -> i64 {
+        sqlx::query_scalar(sql).fetch_one(self.pool()).await.expect("count")
+    }
+
+    pub async fn xadd(&self, event: &Event) -> String {
+        let fields: Vec<(String, Vec<u8>)> =
+            event.to_entry().to_fields().into_iter().map(|(k, v)| (k.to_owned(), v.into_bytes())).collect();
+        self.xadd_fields(&self.stream, &fields).await
+    }
+
+    pub async fn xadd_fields(&self, key: &str, fields: &[(String, Vec<u8>)]) -> String {
+        let mut conn = self.redis.clone();
+        inventory_consumer::stream::add(&mut conn, key, fields).await.expect("XADD")
+    }
+
+    /// Group info field (`pending`, `lag`, `last-delivered-id`, ...) as text.
+    pub async fn group_info(&self, field: &str) -> Option<String> {
+        let mut conn = self.redis.clone();
+        let reply: Value = redis::cmd("XINFO").arg("GROUPS").arg(&self.stream).query_async(&mut conn).await.ok()?;
+        let Value::Array(groups) = reply else { return None };
+        for g in groups {
+            let Value::Array(flat) = g else { continue };
+            let pairs: Vec<(String, String)> = flat
+                .chunks(2)
+                .filter_map(|kv| Some((text(kv.first()?)?, text(kv.get(1)?).unwrap_or_default())))
+                .collect();
+            if pairs.iter().any(|(k, v)| k == "name" && *v == self.group) {
+                return pairs.into_iter().find(|(k, _)| k == field).map(|(_, v)| v);
+            }
+        }
+        None
+    }
+
+    /// Waits until every entry added so far was delivered and acknowledged.
+    pub async fn drained(&self) {
+        let mut conn = self.redis.clone();
+        let total: u64 = redis::cmd("XLEN").arg(&self.stream).query_async(&mut conn).await.expect("XLEN");
+        test_support::eventually("group drained", Duration::from_secs(60), || async {
+            let lag = self.group_info("lag").await?;
+            let pending = self.group_info("pending").await?;
+            let read = self.group_info("entries-read").await?;
+            (lag == "0" && pending == "0" && read.parse::<u64>().ok()? >= total).then_some(())
+        })
+        .await
+    }
+
+    pub async fn entries(&self, key: &str) -> Vec<(String, Vec<(String, String)>)> {
+        let mut conn = self.redis.clone();
+        let reply: Value =
+            redis::cmd("XRANGE").arg(key).arg("-").arg("+").query_async(&mut conn).await.expect("XRANGE");
+        let Value::Array(entries) = reply else { return Vec::new() };
+        entries
+            .into_iter()
+            .filter_map(|e| {
+                let Value::Array(parts) = e else { return None };
+                let id = text(parts.first()?)?;
+                let Value::Array(flat) = parts.get(1)? else { return None };
+                let fields = flat.chunks(2).filter_map(|kv| Some((text(kv.first()?)?, text(kv.get(1)?)?))).collect();
+                Some((id, fields))
+            })
+            .collect()
+    }
+}
+
+fn text(v: &Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+        Value::SimpleString(s) => Some(s.clone()),
+        Value::Int(n) => Some(n.to_string()),
+        Value::Nil => Some(String::new()),
+        _ => None,
+    }
+}
+
+pub struct Running {
+    pub addr: SocketAddr,
+    pub shutdown: Shutdown,
+    pub task: tokio::task::JoinHandle<Result<(), inventory_consumer::StartError>>,
+}
+
+impl Running {
+    pub async fn start(config: Config) -> Self {
+        let service = Service::bind(config).await.expect("bind");
+        let addr = service.local_addr().expect("bound address");
+        let shutdown = Shutdown::new();
+        let task = tokio::spawn(service.run(shutdown.clone()));
+        Self { addr, shutdown, task }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .expect("stops in time")
+            .expect("task")
+            .expect("clean stop");
+    }
+}
+
+pub fn created(order: OrderId, items: &[(&str, i64)]) -> Event {
+    let items: Vec<_> = items.iter().map(|(s, q)| (s.to_string(), *q, 100)).collect();
+    let new = NewOrder::parse("c-1", &items).expect("valid order");
+    let total_cents = new.total_cents();
+    let payload = EventPayload::OrderCreated(OrderCreated {
+        order_id: order,
+        customer_id: new.customer_id,
+        items: new.items,
+        total_cents,
+    });
+    event(order, 1, payload)
+}
+
+pub fn confirmed(order: OrderId, seq: i64) -> Event {
+    event(order, seq, EventPayload::OrderConfirmed(OrderConfirmed { order_id: order }))
+}
+
+pub fn cancelled(order: OrderId, seq: i64) -> Event {
+    event(order, seq, EventPayload::OrderCancelled(OrderCancelled { order_id: order }))
+}
+
+fn event(order: OrderId, seq: i64, payload: EventPayload) -> Event {
+    Event {
+        event_id: Ulid::new(),
+        aggregate_id: order,
+        seq,
+        occurred_at: Utc::now(),
+        payload,
+        traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".to_owned()),
+        tracestate: None,
+    }
+}
