@@ -109,7 +109,8 @@ impl StreamEntry {
         }
         let mut take = |i: usize| raw[i].take().ok_or(DecodeError::Missing(NAMES[i]));
         let event_id = take(0)?;
-        let event_id = Ulid::from_string(&event_id).map_err(|_| DecodeError::invalid(fields::EVENT_ID, "not a ULID"))?;
+        let event_id =
+            Ulid::from_string(&event_id).map_err(|_| DecodeError::invalid(fields::EVENT_ID, "not a ULID"))?;
         let event_type = non_empty(fields::EVENT_TYPE, take(1)?)?;
         let aggregate_type = non_empty(fields::AGGREGATE_TYPE, take(2)?)?;
         let aggregate_id = non_empty(fields::AGGREGATE_ID, take(3)?)?;
@@ -126,7 +127,17 @@ impl StreamEntry {
         }
         let traceparent = take(7).ok().filter(|s| !s.is_empty());
         let tracestate = take(8).ok().filter(|s| !s.is_empty());
-        Ok(Self { event_id, event_type, aggregate_type, aggregate_id, seq, occurred_at, payload, traceparent, tracestate })
+        Ok(Self {
+            event_id,
+            event_type,
+            aggregate_type,
+            aggregate_id,
+            seq,
+            occurred_at,
+            payload,
+            traceparent,
+            tracestate,
+        })
     }
 }
 
