@@ -10,10 +10,12 @@ CREATE TABLE orders (
 );
 
 -- One row per Idempotency-Key: a retry with the same key and body gets the stored response.
+-- The key row is inserted before its order (so concurrent requests with one key queue on the
+-- primary key), hence the foreign key is checked at commit.
 CREATE TABLE idempotency_keys (
     key           TEXT        NOT NULL CONSTRAINT idempotency_keys_pkey PRIMARY KEY,
     request_hash  TEXT        NOT NULL,
-    order_id      TEXT        NOT NULL CONSTRAINT idempotency_keys_order_fkey REFERENCES orders (id),
+    order_id      TEXT        NOT NULL CONSTRAINT idempotency_keys_order_fkey REFERENCES orders (id) DEFERRABLE INITIALLY DEFERRED,
     response_body JSONB       NOT NULL,
     created_at    TIMESTAMPTZ NOT NULL DEFAULT now()
 );

@@ -1,0 +1,87 @@
+//! `Idempotency-Key`: the first response to a keyed create is stored with the order, in the
+//! same transaction, and replayed for retries of the same request.
+
+use axum::http::HeaderMap;
+use domain::ValidationError;
+use sha2::{Digest, Sha256};
+use sqlx::{PgConnection, PgPool};
+
+use crate::store::StoreError;
+
+pub const HEADER: &str = "Idempotency-Key";
+const MAX_LEN: usize = 255;
+
+/// A validated key: 1 to 255 visible ASCII characters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotencyKey(String);
+
+impl IdempotencyKey {
+    /// The request's key, if it sent one.
+    pub fn from_headers(headers: &HeaderMap) -> Result<Option<Self>, ValidationError> {
+        let mut values = headers.get_all(HEADER).iter();
+        let Some(value) = values.next() else { return Ok(None) };
+        let invalid = |why: &str| ValidationError::new(HEADER, why);
+        if values.next().is_some() {
+            return Err(invalid("must be sent once"));
+        }
+        let bytes = value.as_bytes();
+        if bytes.is_empty() || bytes.len() > MAX_LEN || !bytes.iter().all(|b| b.is_ascii_graphic()) {
+            return Err(invalid("must be 1 to 255 visible ASCII characters"));
+        }
+        // Visible ASCII is valid UTF-8.
+        Ok(Some(Self(String::from_utf8_lossy(bytes).into_owned())))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Identifies a request body: SHA-256 of its canonical JSON, hex encoded.
+pub fn request_hash(canonical: &str) -> String {
+    format!("{:x}", Sha256::digest(canonical.as_bytes()))
+}
+
+/// A response stored under a key.
+#[derive(Debug)]
+pub struct Stored {
+    pub request_hash: String,
+    pub order_id: String,
+    pub body: serde_json::Value,
+}
+
+/// Records `key` for a new order as the transaction's first write. Returns `false` when the key
+/// is already taken; if another transaction holds it uncommitted, this waits for that one to
+/// end, so two requests with one key never both create an order.
+#[tracing::instrument(skip(conn, key, body), fields(db.system = "postgresql"))]
+pub async fn claim(
+    conn: &mut PgConnection,
+    key: &IdempotencyKey,
+    request_hash: &str,
+    order_id: &str,
+    body: &serde_json::Value,
+) -> Result<bool, StoreError> {
+    let claimed = sqlx::query(
+        "INSERT INTO idempotency_keys (key, request_hash, order_id, response_body) VALUES ($1, $2, $3, $4) \
+         ON CONFLICT ON CONSTRAINT idempotency_keys_pkey DO NOTHING",
+    )
+    .bind(key.as_str())
+    .bind(request_hash)
+    .bind(order_id)
+    .bind(body)
+    .execute(conn)
+    .await?
+    .rows_affected();
+    Ok(claimed == 1)
+}
+
+/// The committed response stored under `key`.
+#[tracing::instrument(skip_all, fields(db.system = "postgresql"))]
+pub async fn stored(pool: &PgPool, key: &IdempotencyKey) -> Result<Option<Stored>, StoreError> {
+    let row: Option<(String, String, serde_json::Value)> =
+        sqlx::query_as("SELECT request_hash, order_id, response_body FROM idempotency_keys WHERE key = $1")
+            .bind(key.as_str())
+            .fetch_optional(pool)
+            .await?;
+    Ok(row.map(|(request_hash, order_id, body)| Stored { request_hash, order_id, body }))
+}

@@ -1,0 +1,79 @@
+//! Prometheus metrics of the API. Labels are bounded: route templates, not paths.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::{Registry, Unit};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    method: String,
+    route: String,
+    status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    method: String,
+    route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TransitionLabels {
+    to: &'static str,
+}
+
+type DurationFamily = Family<RouteLabels, Histogram, fn() -> Histogram>;
+
+#[derive(Clone)]
+pub struct Metrics {
+    requests: Family<RequestLabels, Counter>,
+    durations: DurationFamily,
+    orders_created: Counter,
+    transitions: Family<TransitionLabels, Counter>,
+}
+
+impl Metrics {
+    /// Creates the metrics and registers them in `registry`.
+    pub fn register(registry: &Arc<Mutex<Registry>>) -> Self {
+        let metrics = Self {
+            requests: Family::default(),
+            durations: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.0005, 2.0, 16))),
+            orders_created: Counter::default(),
+            transitions: Family::default(),
+        };
+        // A poisoned registry only means another thread panicked while registering; the
+        // registry itself is still usable.
+        let mut registry = registry.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        registry.register("http_server_requests", "HTTP requests served", metrics.requests.clone());
+        registry.register_with_unit(
+            "http_server_request_duration",
+            "Time to serve an HTTP request",
+            Unit::Seconds,
+            metrics.durations.clone(),
+        );
+        registry.register("orders_created", "Orders created", metrics.orders_created.clone());
+        registry.register("order_transitions", "Order status changes, by new status", metrics.transitions.clone());
+        metrics
+    }
+
+    pub fn observe_request(&self, method: &str, route: &str, status: u16, elapsed: Duration) {
+        let (method, route) = (method.to_owned(), route.to_owned());
+        self.durations
+            .get_or_create(&RouteLabels { method: method.clone(), route: route.clone() })
+            .observe(elapsed.as_secs_f64());
+        self.requests.get_or_create(&RequestLabels { method, route, status }).inc();
+    }
+
+    pub fn order_created(&self) {
+        self.orders_created.inc();
+    }
+
+    pub fn order_transitioned(&self, to: domain::OrderStatus) {
+        self.transitions.get_or_create(&TransitionLabels { to: to.as_str() }).inc();
+    }
+}

@@ -1,0 +1,63 @@
+//! Per-request middleware: the server span (OpenTelemetry HTTP semantic conventions, joined
+//! to the caller's trace), request metrics, and for API routes the readiness gate and timeout.
+
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use tracing::Instrument;
+
+use crate::app::AppState;
+use crate::error::ApiError;
+
+/// Route label of requests that matched no route, so paths never become labels.
+const UNMATCHED: &str = "unmatched";
+
+pub async fn trace_and_measure(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let method = req.method().as_str().to_owned();
+    let route = req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned());
+    let name = match &route {
+        Some(route) => format!("{method} {route}"),
+        None => method.clone(),
+    };
+    let route = route.unwrap_or_else(|| UNMATCHED.to_owned());
+    let span = tracing::info_span!(
+        "HTTP request",
+        otel.name = %name,
+        otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
+        http.request.method = %method,
+        http.route = %route,
+        url.path = %req.uri().path(),
+        http.response.status_code = tracing::field::Empty,
+    );
+    let headers = req.headers();
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    telemetry::propagation::set_remote_parent(&span, header("traceparent"), header("tracestate"));
+
+    let started = Instant::now();
+    let response = next.run(req).instrument(span.clone()).await;
+    let elapsed = started.elapsed();
+    let status = response.status();
+    span.record("http.response.status_code", status.as_u16());
+    if status.is_server_error() {
+        span.record("otel.status_code", "ERROR");
+    }
+    state.metrics.observe_request(&method, &route, status.as_u16(), elapsed);
+    tracing::debug!(parent: &span, status = status.as_u16(), elapsed_ms = elapsed.as_secs_f64() * 1e3, "request served");
+    response
+}
+
+/// API requests wait for the schema and are bounded in time. A request past its deadline is
+/// dropped, which rolls its transaction back, and answered with 503.
+pub async fn guard_api(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    if !state.migrated.load(Ordering::Acquire) {
+        return ApiError::NotReady.into_response();
+    }
+    match tokio::time::timeout(state.request_timeout, next.run(req)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::Timeout(state.request_timeout).into_response(),
+    }
+}

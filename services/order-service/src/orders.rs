@@ -1,0 +1,87 @@
+//! The order workflows: each state change and its event in one transaction.
+
+use chrono::{SubsecRound, Utc};
+use domain::{EventPayload, NewOrder, Order, OrderCancelled, OrderConfirmed, OrderId, Transition, ValidationError};
+use sqlx::PgPool;
+
+use crate::error::ApiError;
+use crate::idempotency::{self, IdempotencyKey};
+use crate::store;
+
+/// The result of a create request.
+pub enum Created {
+    /// A new order, committed with its `OrderCreated` event.
+    New(Order),
+    /// A retry of a keyed request: the first response, unchanged.
+    Replayed { order_id: String, body: serde_json::Value },
+}
+
+/// Postgres keeps microseconds; truncating up front makes the response equal to later reads.
+fn now() -> chrono::DateTime<Utc> {
+    Utc::now().trunc_subsecs(6)
+}
+
+/// Creates an order, or replays the stored response of an earlier request with the same key.
+#[tracing::instrument(skip_all, fields(order_id = tracing::field::Empty, idempotency_key = tracing::field::Empty))]
+pub async fn create(pool: &PgPool, new: NewOrder, key: Option<(IdempotencyKey, String)>) -> Result<Created, ApiError> {
+    let order = Order::create(new, now());
+    let span = tracing::Span::current();
+    span.record("order_id", tracing::field::display(order.id));
+    let mut tx = pool.begin().await.map_err(store::StoreError::from)?;
+    if let Some((key, hash)) = &key {
+        span.record("idempotency_key", key.as_str());
+        let body = serde_json::to_value(&order).map_err(store::StoreError::from)?;
+        if !idempotency::claim(&mut tx, key, hash, &order.id.to_string(), &body).await? {
+            tx.rollback().await.map_err(store::StoreError::from)?;
+            return replay(pool, key, hash).await;
+        }
+    }
+    store::insert_order(&mut tx, &order).await?;
+    let appended = store::append_event(&mut tx, &EventPayload::created(&order), order.created_at).await?;
+    tx.commit().await.map_err(store::StoreError::from)?;
+    tracing::info!(order_id = %order.id, event_id = %appended.event_id, seq = appended.seq, "order created");
+    Ok(Created::New(order))
+}
+
+async fn replay(pool: &PgPool, key: &IdempotencyKey, hash: &str) -> Result<Created, ApiError> {
+    let stored = idempotency::stored(pool, key).await?.ok_or_else(|| {
+        // Keys are never deleted, so a conflict without a committed row cannot happen.
+        ApiError::Internal(store::StoreError::Corrupt { id: key.as_str().to_owned(), reason: "key vanished".into() })
+    })?;
+    if stored.request_hash != hash {
+        return Err(ApiError::Invalid(ValidationError::new(
+            idempotency::HEADER,
+            "was already used for a different request body",
+        )));
+    }
+    tracing::info!(order_id = %stored.order_id, "idempotent retry: replaying the first response");
+    Ok(Created::Replayed { order_id: stored.order_id, body: stored.body })
+}
+
+/// Applies `transition` under the order's row lock. Returns the order and whether it changed
+/// (a no-op transition writes nothing).
+#[tracing::instrument(skip(pool))]
+pub async fn transition(pool: &PgPool, order_id: OrderId, transition: Transition) -> Result<(Order, bool), ApiError> {
+    let mut tx = pool.begin().await.map_err(store::StoreError::from)?;
+    let mut order = store::lock_order(&mut tx, order_id).await?.ok_or(ApiError::OrderNotFound)?;
+    let Some(next) = order.status.apply(transition)? else {
+        // Nothing to write; ending the transaction now releases the row lock for the next one.
+        tx.rollback().await.map_err(store::StoreError::from)?;
+        return Ok((order, false));
+    };
+    let at = now().max(order.updated_at);
+    store::update_status(&mut tx, order_id, next, at).await?;
+    let payload = match transition {
+        Transition::Confirm => EventPayload::OrderConfirmed(OrderConfirmed { order_id }),
+        Transition::Cancel => EventPayload::OrderCancelled(OrderCancelled { order_id }),
+    };
+    let appended = store::append_event(&mut tx, &payload, at).await?;
+    tx.commit().await.map_err(store::StoreError::from)?;
+    tracing::info!(
+        %order_id, from = order.status.as_str(), to = next.as_str(), event_id = %appended.event_id, seq = appended.seq,
+        "order transitioned"
+    );
+    order.status = next;
+    order.updated_at = at;
+    Ok((order, true))
+}
