@@ -1,0 +1,122 @@
+//! Waiting for the system to settle, and what the stream says about deliveries.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use redis::AsyncCommands;
+use sqlx::PgPool;
+use tokio::time::Instant;
+
+use super::FaultError;
+
+/// Where the pipeline stands.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Backlog {
+    pub outbox_pending: i64,
+    pub stream_pending: i64,
+    /// Entries not yet delivered to the group (`XINFO GROUPS` lag).
+    pub stream_undelivered: i64,
+    pub parked: i64,
+}
+
+impl Backlog {
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+pub async fn backlog(orders: &PgPool, inventory: &PgPool, redis: &mut MultiplexedConnection, stream: &str, group: &str) -> Result<Backlog, FaultError> {
+    let pg = |e: sqlx::Error| FaultError::Postgres(e.to_string());
+    let rd = |e: redis::RedisError| FaultError::Redis(e.to_string());
+    let outbox_pending = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE status = 'pending'").fetch_one(orders).await.map_err(pg)?;
+    let parked = sqlx::query_scalar("SELECT count(*) FROM parked_events").fetch_one(inventory).await.map_err(pg)?;
+    let groups: Vec<HashMap<String, redis::Value>> = redis::cmd("XINFO").arg("GROUPS").arg(stream).query_async(redis).await.map_err(rd)?;
+    let group = groups.iter().find(|g| matches!(g.get("name"), Some(redis::Value::BulkString(n)) if n == group.as_bytes()));
+    let int = |key: &str| match group.and_then(|g| g.get(key)) {
+        Some(redis::Value::Int(n)) => Some(*n),
+        _ => None,
+    };
+    let Some(stream_pending) = int("pending") else {
+        return Err(FaultError::Redis(format!("no consumer group `{group:?}` on `{stream}` yet")));
+    };
+    // `lag` is nil when Redis cannot tell (e.g. after XDEL); then count it as unknown, not done.
+    let stream_undelivered = int("lag").unwrap_or(1);
+    Ok(Backlog { outbox_pending, stream_pending, stream_undelivered, parked })
+}
+
+/// Waits (at most `timeout`) until nothing is pending anywhere; returns the last backlog seen.
+pub async fn drain(orders: &PgPool, inventory: &PgPool, redis: &redis::Client, stream: &str, group: &str, timeout: Duration) -> (Backlog, Duration) {
+    let began = Instant::now();
+    let mut last = Backlog { outbox_pending: -1, ..Backlog::default() };
+    while began.elapsed() < timeout {
+        if let Ok(mut conn) = redis.get_multiplexed_async_connection().await {
+            match backlog(orders, inventory, &mut conn, stream, group).await {
+                Ok(b) if b.is_empty() => return (b, began.elapsed()),
+                Ok(b) => last = b,
+                Err(_) => {}
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    (last, began.elapsed())
+}
+
+/// Samples `XPENDING` while the run goes on and remembers every entry seen delivered more
+/// than once. A lower bound of redeliveries: an entry redelivered and acknowledged between
+/// two samples is not seen.
+pub struct RedeliverySampler {
+    seen: Arc<Mutex<HashSet<String>>>,
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RedeliverySampler {
+    pub fn start(redis: redis::Client, stream: String, group: String) -> Self {
+        let seen = Arc::new(Mutex::new(HashSet::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let task = tokio::spawn({
+            let (seen, stop) = (seen.clone(), stop.clone());
+            async move {
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok(Ok(mut conn)) = tokio::time::timeout(Duration::from_secs(1), redis.get_multiplexed_async_connection()).await {
+                        let pending: Result<Vec<(String, String, u64, u64)>, _> =
+                            redis::cmd("XPENDING").arg(&stream).arg(&group).arg("-").arg("+").arg(5_000).query_async(&mut conn).await;
+                        if let (Ok(pending), Ok(mut seen)) = (pending, seen.lock()) {
+                            seen.extend(pending.into_iter().filter(|p| p.3 > 1).map(|p| p.0));
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+            }
+        });
+        Self { seen, stop, task }
+    }
+
+    pub async fn finish(self) -> usize {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.task.await;
+        self.seen.lock().map(|s| s.len()).unwrap_or(0)
+    }
+}
+
+/// `(entries, distinct event_ids)` on the stream, read in pages.
+pub async fn stream_census(conn: &mut MultiplexedConnection, stream: &str) -> Result<(usize, usize), FaultError> {
+    let mut entries = 0;
+    let mut distinct = HashSet::new();
+    let mut from = "-".to_owned();
+    loop {
+        let page: redis::streams::StreamRangeReply = conn.xrange_count(stream, &from, "+", 5_000).await.map_err(|e| FaultError::Redis(e.to_string()))?;
+        let Some(last) = page.ids.last().map(|e| e.id.clone()) else { break };
+        for e in &page.ids {
+            entries += 1;
+            if let Some(event_id) = e.get::<String>("event_id") {
+                distinct.insert(event_id);
+            }
+        }
+        from = format!("({last}");
+    }
+    Ok((entries, distinct.len()))
+}

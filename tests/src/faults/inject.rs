@@ -1,0 +1,145 @@
+//! Carries out the fault schedule against a running cluster while the load runs.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use redis::AsyncCommands;
+
+use super::cluster::Cluster;
+use super::load::Gate;
+use super::schedule::{Fault, Scheduled, Target};
+use super::FaultError;
+
+/// What the injector did.
+#[derive(Debug, Default, Clone)]
+pub struct Injected {
+    pub by_kind: BTreeMap<&'static str, usize>,
+    /// Entries a consumer had applied (their event is in `processed_messages`) but not yet
+    /// acknowledged when it was killed: the commit-to-XACK window really was hit this often.
+    pub applied_unacked_at_crash: usize,
+    /// Services that exited without being killed (restarted, and reported).
+    pub unexpected_exits: Vec<String>,
+}
+
+impl Injected {
+    pub fn process_kills(&self) -> usize {
+        self.by_kind.iter().filter(|(k, _)| k.starts_with("kill -9 relay") || k.starts_with("kill -9 consumer") || k.starts_with("consumer crash")).map(|(_, n)| n).sum()
+    }
+}
+
+/// Fires each scheduled fault once the load has started its order, letting the load run on
+/// to the next fault's position meanwhile; returns when the schedule is done.
+pub async fn run_schedule(cluster: &mut Cluster, schedule: &[Scheduled], gate: &Gate) -> Result<Injected, FaultError> {
+    let mut injected = Injected::default();
+    for (k, scheduled) in schedule.iter().enumerate() {
+        while gate.started.load(Ordering::SeqCst) < scheduled.at_order {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        gate.open_to(schedule.get(k + 1).map_or(usize::MAX, |next| next.at_order + 1));
+        restart_crashed(cluster, &mut injected)?;
+        eprintln!("fault {:>3} at order {:>6}: {:?}", k + 1, scheduled.at_order, scheduled.fault);
+        fire(cluster, &scheduled.fault, &mut injected).await?;
+        *injected.by_kind.entry(scheduled.fault.kind()).or_default() += 1;
+    }
+    gate.open_to(usize::MAX);
+    Ok(injected)
+}
+
+/// A service that died on its own is a finding, not part of the schedule: note and restart it.
+pub fn restart_crashed(cluster: &mut Cluster, injected: &mut Injected) -> Result<(), FaultError> {
+    for s in cluster.services_mut() {
+        if let Some(status) = s.exited() {
+            eprintln!("{} exited by itself ({status}); restarting", s.name);
+            injected.unexpected_exits.push(format!("{} ({status})", s.name));
+            s.start()?;
+        }
+    }
+    Ok(())
+}
+
+async fn fire(cluster: &mut Cluster, fault: &Fault, injected: &mut Injected) -> Result<(), FaultError> {
+    match fault {
+        Fault::Kill { target, down_for } => {
+            let service = match target {
+                Target::Relay(i) => &mut cluster.relays[*i],
+                Target::Consumer(i) => &mut cluster.consumers[*i],
+            };
+            service.kill().await;
+            tokio::time::sleep(*down_for).await;
+            service.start()
+        }
+        Fault::FreezeRelay { relay, frozen_for } => {
+            let service = &cluster.relays[*relay];
+            service.signal("STOP")?;
+            tokio::time::sleep(*frozen_for).await;
+            service.signal("CONT")
+        }
+        Fault::RedisCrash { down_for } => {
+            cluster.redis.kill();
+            tokio::time::sleep(*down_for).await;
+            tokio::task::block_in_place(|| cluster.redis.restart());
+            Ok(())
+        }
+        Fault::PostgresCrash { down_for } => {
+            tokio::task::block_in_place(|| cluster.postgres.stop_immediate());
+            tokio::time::sleep(*down_for).await;
+            tokio::task::block_in_place(|| cluster.postgres.restart());
+            Ok(())
+        }
+        Fault::ConsumerCrashAfterCommit { consumer } => {
+            injected.applied_unacked_at_crash += crash_after_commit(cluster, *consumer).await?;
+            Ok(())
+        }
+    }
+}
+
+/// Kills a consumer between its database commit and its XACK.
+///
+/// The consumer has no failpoint reachable from outside its process, so the window is forced
+/// from Redis: `CLIENT PAUSE … WRITE` holds every XACK (and XREADGROUP) while the database
+/// commits of batches already read go through; the consumer is killed while it waits, then
+/// the pause is lifted. Returns how many of its pending entries were already applied.
+async fn crash_after_commit(cluster: &mut Cluster, index: usize) -> Result<usize, FaultError> {
+    let client = cluster.redis_client()?;
+    let mut conn = client.get_multiplexed_async_connection().await.map_err(|e| FaultError::Redis(e.to_string()))?;
+    redis::cmd("CLIENT").arg("PAUSE").arg(5_000).arg("WRITE").query_async::<()>(&mut conn).await.map_err(|e| FaultError::Redis(e.to_string()))?;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let service = &mut cluster.consumers[index];
+    let name = format!("{}-{}", service.name, service.incarnation);
+    service.kill().await;
+    redis::cmd("CLIENT").arg("UNPAUSE").query_async::<()>(&mut conn).await.map_err(|e| FaultError::Redis(e.to_string()))?;
+    let applied = applied_but_pending(cluster, &mut conn, &name).await.unwrap_or(0);
+    eprintln!("  {name} died with {applied} applied-but-unacknowledged entries");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cluster.consumers[index].start()?;
+    Ok(applied)
+}
+
+async fn applied_but_pending(cluster: &Cluster, conn: &mut redis::aio::MultiplexedConnection, consumer: &str) -> Result<usize, FaultError> {
+    let pending: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
+        .arg(&cluster.stream)
+        .arg(&cluster.group)
+        .arg("-")
+        .arg("+")
+        .arg(10_000)
+        .arg(consumer)
+        .query_async(conn)
+        .await
+        .map_err(|e| FaultError::Redis(e.to_string()))?;
+    let mut event_ids = Vec::new();
+    for (id, ..) in pending {
+        let entries: redis::streams::StreamRangeReply = conn.xrange(&cluster.stream, &id, &id).await.map_err(|e| FaultError::Redis(e.to_string()))?;
+        for e in entries.ids {
+            if let Some(event_id) = e.get::<String>("event_id") {
+                event_ids.push(event_id);
+            }
+        }
+    }
+    let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM processed_messages WHERE event_id = ANY($1)")
+        .bind(&event_ids)
+        .fetch_one(&cluster.inventory_db)
+        .await
+        .map_err(|e| FaultError::Postgres(e.to_string()))?;
+    Ok(usize::try_from(applied).unwrap_or(0))
+}

@@ -1,0 +1,170 @@
+//! The seeded fault schedule: which fault, against which process, at which point of the load.
+//!
+//! Faults are placed by load progress (the number of orders started), not by wall-clock time,
+//! so a rerun with the same seed injects the same faults at the same points of the same load
+//! whatever the speed of the machine.
+
+use std::fmt;
+use std::time::Duration;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// A process the schedule may kill.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Target {
+    Relay(usize),
+    Consumer(usize),
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Relay(i) => write!(f, "relay-{i}"),
+            Self::Consumer(i) => write!(f, "consumer-{i}"),
+        }
+    }
+}
+
+/// One fault and how long the victim stays down.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fault {
+    /// `kill -9`, restarted after `down_for`.
+    Kill { target: Target, down_for: Duration },
+    /// SIGSTOP on a relay for longer than its lease, then SIGCONT.
+    FreezeRelay { relay: usize, frozen_for: Duration },
+    /// Redis `kill -9`, restarted on the same data directory.
+    RedisCrash { down_for: Duration },
+    /// `pg_ctl stop -m immediate`, restarted on the same data directory.
+    PostgresCrash { down_for: Duration },
+    /// A consumer dies after committing a batch and before acknowledging it.
+    ConsumerCrashAfterCommit { consumer: usize },
+}
+
+impl Fault {
+    /// The name faults are counted under in the report.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Kill { target: Target::Relay(_), .. } => "kill -9 relay",
+            Self::Kill { target: Target::Consumer(_), .. } => "kill -9 consumer",
+            Self::FreezeRelay { .. } => "SIGSTOP relay past lease",
+            Self::RedisCrash { .. } => "kill -9 redis",
+            Self::PostgresCrash { .. } => "pg_ctl stop -m immediate",
+            Self::ConsumerCrashAfterCommit { .. } => "consumer crash after commit, before XACK",
+        }
+    }
+}
+
+/// A fault and the load progress (orders started) at which it fires.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scheduled {
+    pub at_order: usize,
+    pub fault: Fault,
+}
+
+/// What the schedule must contain.
+#[derive(Debug, Clone)]
+pub struct ScheduleSpec {
+    pub orders: usize,
+    pub relays: usize,
+    pub consumers: usize,
+    pub kills: usize,
+    pub relay_freezes: usize,
+    pub redis_crashes: usize,
+    pub postgres_crashes: usize,
+    pub consumer_commit_crashes: usize,
+    /// The relays' lease: a freeze lasts longer than this.
+    pub relay_lease: Duration,
+}
+
+/// Builds the schedule for `seed`: the same seed and spec always give the same schedule.
+///
+/// Faults are spread over the middle of the load (5 %–90 % of the orders) so that every fault
+/// hits a system under load and the tail of the load runs on a recovered system.
+pub fn generate(seed: u64, spec: &ScheduleSpec) -> Vec<Scheduled> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut faults = Vec::new();
+    for _ in 0..spec.kills {
+        let target = if rng.random_bool(0.5) && spec.relays > 0 {
+            Target::Relay(rng.random_range(0..spec.relays))
+        } else {
+            Target::Consumer(rng.random_range(0..spec.consumers.max(1)))
+        };
+        faults.push(Fault::Kill { target, down_for: Duration::from_millis(rng.random_range(100..=1_200)) });
+    }
+    for _ in 0..spec.relay_freezes {
+        let extra = Duration::from_millis(rng.random_range(500..=1_500));
+        faults.push(Fault::FreezeRelay { relay: rng.random_range(0..spec.relays.max(1)), frozen_for: spec.relay_lease + extra });
+    }
+    for _ in 0..spec.redis_crashes {
+        faults.push(Fault::RedisCrash { down_for: Duration::from_millis(rng.random_range(300..=2_000)) });
+    }
+    for _ in 0..spec.postgres_crashes {
+        faults.push(Fault::PostgresCrash { down_for: Duration::from_millis(rng.random_range(300..=2_000)) });
+    }
+    for _ in 0..spec.consumer_commit_crashes {
+        faults.push(Fault::ConsumerCrashAfterCommit { consumer: rng.random_range(0..spec.consumers.max(1)) });
+    }
+    // Fisher–Yates with the seeded generator, then evenly spaced, jittered positions.
+    for i in (1..faults.len()).rev() {
+        faults.swap(i, rng.random_range(0..=i));
+    }
+    let first = spec.orders / 20;
+    let span = (spec.orders * 9 / 10).saturating_sub(first).max(1);
+    let step = span / faults.len().max(1);
+    faults
+        .into_iter()
+        .enumerate()
+        .map(|(i, fault)| {
+            let jitter = if step > 1 { rng.random_range(0..step) } else { 0 };
+            Scheduled { at_order: first + i * step + jitter, fault }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> ScheduleSpec {
+        ScheduleSpec {
+            orders: 10_000,
+            relays: 2,
+            consumers: 3,
+            kills: 30,
+            relay_freezes: 1,
+            redis_crashes: 1,
+            postgres_crashes: 1,
+            consumer_commit_crashes: 2,
+            relay_lease: Duration::from_secs(2),
+        }
+    }
+
+    #[test]
+    fn same_seed_same_schedule_other_seed_other_schedule() {
+        assert_eq!(generate(7, &spec()), generate(7, &spec()));
+        assert_ne!(generate(7, &spec()), generate(8, &spec()));
+    }
+
+    #[test]
+    fn holds_every_requested_fault_in_load_order() {
+        let s = generate(42, &spec());
+        assert_eq!(s.len(), 35);
+        let count = |kind: &str| s.iter().filter(|f| f.fault.kind() == kind).count();
+        assert_eq!(count("kill -9 relay") + count("kill -9 consumer"), 30);
+        assert!(count("kill -9 relay") > 0 && count("kill -9 consumer") > 0);
+        assert_eq!(count("kill -9 redis"), 1);
+        assert_eq!(count("pg_ctl stop -m immediate"), 1);
+        assert_eq!(count("consumer crash after commit, before XACK"), 2);
+        assert!(s.windows(2).all(|w| w[0].at_order < w[1].at_order), "positions increase");
+        assert!(s.iter().all(|f| f.at_order >= 500 && f.at_order < 9_000));
+        for f in &s {
+            match &f.fault {
+                Fault::FreezeRelay { relay, frozen_for } => assert!(*relay < 2 && *frozen_for > Duration::from_secs(2)),
+                Fault::Kill { target: Target::Relay(i), .. } => assert!(*i < 2),
+                Fault::Kill { target: Target::Consumer(i), .. } | Fault::ConsumerCrashAfterCommit { consumer: i } => assert!(*i < 3),
+                _ => {}
+            }
+        }
+    }
+}
