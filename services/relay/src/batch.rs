@@ -1,0 +1,245 @@
+//! One batch: claim, publish in one pipeline, record the outcome under the claim's token.
+
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use domain::StreamEntry;
+use rand::Rng;
+use sqlx::PgPool;
+
+use crate::backoff::retry_delay;
+use crate::claim::{claim_batch, Claim};
+use crate::finish::{mark_dead, mark_published, record_failures, release, Failure};
+use crate::metrics::Metrics;
+use crate::publish::Publisher;
+use crate::row::OutboxRow;
+use crate::Config;
+
+/// The knobs of batch processing.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub batch_size: u32,
+    pub lease: Duration,
+    pub max_attempts: u32,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    pub max_payload_bytes: usize,
+}
+
+impl From<&Config> for Settings {
+    fn from(c: &Config) -> Self {
+        Self {
+            batch_size: c.batch_size,
+            lease: c.lease,
+            max_attempts: c.max_attempts,
+            backoff_base: c.backoff_base,
+            backoff_max: c.backoff_max,
+            max_payload_bytes: c.max_payload_bytes,
+        }
+    }
+}
+
+/// What a batch did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BatchReport {
+    pub claimed: usize,
+    pub published: usize,
+    pub failed: usize,
+    pub dead: usize,
+    /// The lease ran out before publishing, so the rows were left to the next claim.
+    pub abandoned: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BatchError {
+    #[error("outbox database: {0}")]
+    Database(#[from] sqlx::Error),
+}
+
+/// Moves batches from the outbox to the stream.
+pub struct Worker {
+    pool: PgPool,
+    publisher: Publisher,
+    settings: Settings,
+    metrics: Metrics,
+}
+
+impl Worker {
+    pub fn new(pool: PgPool, publisher: Publisher, settings: Settings, metrics: Metrics) -> Self {
+        Self { pool, publisher, settings, metrics }
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// Claims one batch and publishes it.
+    pub async fn process_batch(&mut self) -> Result<BatchReport, BatchError> {
+        let claimed_at = Instant::now();
+        let claim = claim_batch(&self.pool, self.settings.lease, self.settings.batch_size).await?;
+        if claim.rows.is_empty() {
+            return Ok(BatchReport::default());
+        }
+        let in_flight = i64::try_from(claim.rows.len()).unwrap_or(i64::MAX);
+        self.metrics.in_flight.inc_by(in_flight);
+        let report = self.publish_claim(claim, claimed_at).await;
+        self.metrics.in_flight.dec_by(in_flight);
+        report
+    }
+
+    async fn publish_claim(&mut self, claim: Claim, claimed_at: Instant) -> Result<BatchReport, BatchError> {
+        let mut report = BatchReport { claimed: claim.rows.len(), ..BatchReport::default() };
+        let mut poison = Vec::new();
+        let mut sending: Vec<(&OutboxRow, tracing::Span)> = Vec::with_capacity(claim.rows.len());
+        let mut entries: Vec<StreamEntry> = Vec::with_capacity(claim.rows.len());
+        // Rows behind a dead-lettered row of the same aggregate must not overtake it.
+        let mut held_back = Vec::new();
+        for row in &claim.rows {
+            if poison.iter().any(|(_, agg, _): &(i64, &str, String)| *agg == row.aggregate_id) {
+                held_back.push(row.id);
+                continue;
+            }
+            match row.to_entry(self.settings.max_payload_bytes) {
+                Ok(mut entry) => {
+                    let span = producer_span(self.publisher.stream(), row);
+                    let (traceparent, tracestate) = telemetry::propagation::span_context_headers(&span);
+                    if traceparent.is_some() {
+                        entry.traceparent = traceparent;
+                        entry.tracestate = tracestate;
+                    }
+                    entries.push(entry);
+                    sending.push((row, span));
+                }
+                Err(reason) => poison.push((row.id, row.aggregate_id.as_str(), reason)),
+            }
+        }
+        let poison: Vec<(i64, String)> = poison.into_iter().map(|(id, _, reason)| (id, reason)).collect();
+        report.dead = self.dead_letter(&claim, poison).await?;
+        if !held_back.is_empty() {
+            release(&self.pool, claim.token, &held_back).await?;
+        }
+        if claimed_at.elapsed() >= self.settings.lease {
+            // Another relay may own these rows by now; publishing would only duplicate.
+            tracing::warn!(
+                rows = sending.len(),
+                "lease expired before publishing; leaving the batch to the next claim"
+            );
+            report.abandoned = true;
+            return Ok(report);
+        }
+        match self.publisher.publish(&entries).await {
+            Ok(()) => {
+                let ids: Vec<i64> = sending.iter().map(|(row, _)| row.id).collect();
+                let moved = mark_published(&self.pool, claim.token, &ids).await?;
+                if moved < ids.len() as u64 {
+                    tracing::warn!(
+                        published = ids.len(),
+                        recorded = moved,
+                        "lease lost before marking; others will publish again"
+                    );
+                }
+                let now = Utc::now();
+                for (row, span) in &sending {
+                    let lag = (now - row.created_at).num_microseconds().unwrap_or(i64::MAX) as f64 / 1e6;
+                    self.metrics.publish_lag_seconds.observe(lag.max(0.0));
+                    span.in_scope(|| {
+                        tracing::debug!(
+                            event_id = row.event_id,
+                            aggregate_id = row.aggregate_id,
+                            seq = row.seq,
+                            attempt = row.attempts + 1,
+                            "published"
+                        );
+                    });
+                }
+                self.metrics.published.inc_by(ids.len() as u64);
+                report.published = ids.len();
+            }
+            Err(e) => {
+                let error = format!("redis: {e}");
+                report.failed = self.record_failure(&claim, &sending, &error).await?;
+            }
+        }
+        Ok(report)
+    }
+
+    async fn record_failure(
+        &self,
+        claim: &Claim,
+        sending: &[(&OutboxRow, tracing::Span)],
+        error: &str,
+    ) -> Result<usize, BatchError> {
+        let failures: Vec<Failure> = sending
+            .iter()
+            .map(|(row, _)| {
+                let jitter: f64 = rand::rng().random();
+                let attempts = u32::try_from(row.attempts).unwrap_or(0).saturating_add(1);
+                let retry_in = retry_delay(attempts, self.settings.backoff_base, self.settings.backoff_max, jitter);
+                Failure { id: row.id, retry_in }
+            })
+            .collect();
+        let outcomes = record_failures(&self.pool, claim.token, &failures, error, self.settings.max_attempts).await?;
+        self.metrics.publish_failures.inc_by(sending.len() as u64);
+        for (row, span) in sending {
+            span.record("otel.status_code", "ERROR");
+            let Some(outcome) = outcomes.iter().find(|o| o.id == row.id) else { continue };
+            if outcome.status == "dead" {
+                self.metrics.dead_lettered.inc();
+            }
+            tracing::warn!(
+                event_id = row.event_id,
+                aggregate_id = row.aggregate_id,
+                seq = row.seq,
+                attempt = outcome.attempts,
+                status = outcome.status,
+                error,
+                "publish failed"
+            );
+        }
+        Ok(sending.len())
+    }
+
+    async fn dead_letter(&self, claim: &Claim, poison: Vec<(i64, String)>) -> Result<usize, BatchError> {
+        if poison.is_empty() {
+            return Ok(0);
+        }
+        mark_dead(&self.pool, claim.token, &poison).await?;
+        self.metrics.dead_lettered.inc_by(poison.len() as u64);
+        for (id, reason) in &poison {
+            if let Some(row) = claim.rows.iter().find(|r| r.id == *id) {
+                tracing::warn!(
+                    event_id = row.event_id,
+                    aggregate_id = row.aggregate_id,
+                    seq = row.seq,
+                    attempt = row.attempts + 1,
+                    status = "dead",
+                    reason,
+                    "event can never be published; dead-lettered"
+                );
+            }
+        }
+        Ok(poison.len())
+    }
+}
+
+/// The PRODUCER span of one event, a child of the request that wrote it.
+fn producer_span(stream: &str, row: &OutboxRow) -> tracing::Span {
+    let waited_ms = (Utc::now() - row.created_at).num_milliseconds().max(0);
+    let span = tracing::info_span!(
+        "outbox publish",
+        otel.name = %format_args!("{stream} publish"),
+        otel.kind = "producer",
+        otel.status_code = tracing::field::Empty,
+        messaging.system = "redis",
+        messaging.destination.name = %stream,
+        messaging.message.id = %row.event_id,
+        messaging.operation.type = "send",
+        aggregate_id = %row.aggregate_id,
+        seq = row.seq,
+        outbox.wait_ms = waited_ms,
+    );
+    if !span.is_disabled() {
+        telemetry::propagation::set_remote_parent(&span, row.traceparent.as_deref(), row.tracestate.as_deref());
+    }
+    span
+}

@@ -1,0 +1,175 @@
+//! Command line and environment configuration.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use clap::{Args, Parser, Subcommand};
+use telemetry::LogFormat;
+
+/// Postgres outbox → Redis stream relay.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "relay", version, about)]
+pub struct Cli {
+    #[command(flatten)]
+    pub config: Config,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum Command {
+    /// Relay events until SIGTERM (the default).
+    Run,
+    /// Publish retained (already published) events again, in id order.
+    Replay {
+        /// Events published since this RFC 3339 time, or this long ago ("15m", "2h").
+        #[arg(long, value_parser = parse_since)]
+        since: Since,
+        /// Only this aggregate's events.
+        #[arg(long)]
+        aggregate_id: Option<String>,
+    },
+    /// Inspect or retry dead events.
+    #[command(subcommand)]
+    Dead(DeadCommand),
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum DeadCommand {
+    /// Print dead events: event_id, aggregate_id, seq, attempts, last_error.
+    List,
+    /// Make dead events pending again (attempts reset) and wake the relays.
+    Retry {
+        /// The event to retry.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        event_id: Option<String>,
+        /// Retry every dead event.
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+/// Settings of a relay.
+#[derive(Debug, Clone, Args)]
+pub struct Config {
+    /// The orders database.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379", hide_env_values = true)]
+    pub redis_url: String,
+    /// Stream the events go to.
+    #[arg(long, env = "REDIS_STREAM", default_value = "orders.events")]
+    pub redis_stream: String,
+    /// HTTP listen address for /healthz, /readyz, /metrics (port 0 = any free port).
+    #[arg(long, env = "HTTP_ADDR", default_value = "0.0.0.0:9100")]
+    pub http_addr: SocketAddr,
+    /// Rows claimed (and published in one pipeline) per batch.
+    #[arg(long, env = "OUTBOX_BATCH_SIZE", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub batch_size: u32,
+    /// How long a claim owns its rows before another relay may take them.
+    #[arg(long, env = "OUTBOX_LEASE", default_value = "30s", value_parser = parse_duration)]
+    pub lease: Duration,
+    /// Fallback poll interval when no notification arrives.
+    #[arg(long, env = "OUTBOX_POLL_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub poll_interval: Duration,
+    /// Attempts before a row is dead-lettered.
+    #[arg(long, env = "OUTBOX_MAX_ATTEMPTS", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_attempts: u32,
+    /// Delay after the first failed attempt; ×3 per further attempt.
+    #[arg(long, env = "OUTBOX_BACKOFF_BASE", default_value = "1s", value_parser = parse_duration)]
+    pub backoff_base: Duration,
+    /// Cap of the retry delay.
+    #[arg(long, env = "OUTBOX_BACKOFF_MAX", default_value = "15m", value_parser = parse_duration)]
+    pub backoff_max: Duration,
+    /// How long published events are kept for replay.
+    #[arg(long, env = "OUTBOX_RETENTION", default_value = "24h", value_parser = parse_duration)]
+    pub retention: Duration,
+    /// Payloads larger than this are dead-lettered instead of published.
+    #[arg(long, env = "OUTBOX_MAX_PAYLOAD_BYTES", default_value_t = 1024 * 1024)]
+    pub max_payload_bytes: usize,
+    /// `text` or `json`.
+    #[arg(long, env = "LOG_FORMAT", default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+/// Parses "500ms", "30s", "15m", "24h", "7d" (a bare number is seconds).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (digits, unit) = s.split_at(split);
+    let n: u64 = digits.parse().map_err(|_| format!("`{s}` is not a duration like 500ms, 30s, 15m, 24h"))?;
+    let per_unit_ms: u64 = match unit {
+        "ms" => 1,
+        "" | "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return Err(format!("unknown unit in `{s}` (use ms, s, m, h or d)")),
+    };
+    n.checked_mul(per_unit_ms).map(Duration::from_millis).ok_or_else(|| format!("`{s}` is too long"))
+}
+
+/// The start of a replay window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Since {
+    At(DateTime<Utc>),
+    Ago(Duration),
+}
+
+impl Since {
+    pub fn resolve(self, now: DateTime<Utc>) -> DateTime<Utc> {
+        match self {
+            Self::At(t) => t,
+            Self::Ago(d) => chrono::Duration::from_std(d)
+                .ok()
+                .and_then(|d| now.checked_sub_signed(d))
+                .unwrap_or(DateTime::<Utc>::MIN_UTC),
+        }
+    }
+}
+
+pub fn parse_since(s: &str) -> Result<Since, String> {
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return Ok(Since::At(t.with_timezone(&Utc)));
+    }
+    parse_duration(s).map(Since::Ago).map_err(|_| format!("`{s}` is neither an RFC 3339 time nor a duration like 15m"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("15m"), Ok(Duration::from_secs(900)));
+        assert_eq!(parse_duration("24h"), Ok(Duration::from_secs(86_400)));
+        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
+        for bad in ["", "m", "5x", "-1s", "1.5s", "99999999999999999999h"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn since_accepts_times_and_durations() {
+        let now = Utc::now();
+        assert_eq!(parse_since("15m").map(|s| s.resolve(now)), Ok(now - chrono::Duration::minutes(15)));
+        let at = parse_since("2026-01-02T03:04:05Z").map(|s| s.resolve(now)).map(|t| t.to_rfc3339());
+        assert_eq!(at.as_deref(), Ok("2026-01-02T03:04:05+00:00"));
+        assert!(parse_since("yesterday").is_err());
+    }
+
+    #[test]
+    fn cli_parses_subcommands_and_defaults() {
+        let cli = Cli::try_parse_from(["relay", "--database-url", "postgres://x/y", "dead", "retry", "--all"]).unwrap();
+        assert!(matches!(cli.command, Some(Command::Dead(DeadCommand::Retry { event_id: None, all: true }))));
+        assert_eq!(cli.config.batch_size, 1000);
+        assert_eq!(cli.config.lease, Duration::from_secs(30));
+        assert!(Cli::try_parse_from(["relay", "--database-url", "x", "dead", "retry"]).is_err());
+        let cli =
+            Cli::try_parse_from(["relay", "--database-url", "x", "replay", "--since", "2h", "--aggregate-id", "a"]);
+        assert!(matches!(cli.unwrap().command, Some(Command::Replay { aggregate_id: Some(_), .. })));
+    }
+}

@@ -1,0 +1,53 @@
+//! The relay loop: process batches while they come back full, then wait for a wake-up.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use service_kit::Shutdown;
+use sqlx::PgPool;
+use tokio::sync::Notify;
+
+use crate::batch::Worker;
+use crate::wake::next_due_in;
+
+/// Runs until shutdown. The batch in flight when shutdown is requested is finished
+/// (published and recorded) before returning; no new batch is claimed after it.
+pub async fn pump(mut worker: Worker, pool: PgPool, wake: Arc<Notify>, poll_interval: Duration, shutdown: Shutdown) {
+    let mut error_delay = Duration::from_millis(100);
+    while !shutdown.is_cancelled() {
+        let full = worker.settings().batch_size as usize;
+        let mut wakeable = true;
+        let wait = match worker.process_batch().await {
+            Ok(report) if report.claimed >= full && !report.abandoned => {
+                error_delay = Duration::from_millis(100);
+                continue;
+            }
+            Ok(report) => {
+                error_delay = Duration::from_millis(100);
+                if report.failed > 0 {
+                    // Redis is failing: do not retry on every notification.
+                    wakeable = false;
+                    poll_interval
+                } else {
+                    match next_due_in(&pool).await {
+                        Ok(Some(due)) => due.min(poll_interval),
+                        _ => poll_interval,
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in_ms = error_delay.as_millis() as u64, "relay batch failed");
+                let wait = error_delay;
+                wakeable = false;
+                error_delay = (error_delay * 2).min(Duration::from_secs(5));
+                wait
+            }
+        };
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            () = wake.notified(), if wakeable => {}
+            () = tokio::time::sleep(wait) => {}
+        }
+    }
+    tracing::info!("relay loop stopped");
+}

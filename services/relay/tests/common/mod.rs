@@ -1,0 +1,131 @@
+//! Shared fixtures: a migrated database per test, a unique stream, relays run in-process.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use chrono::Utc;
+use domain::StreamEntry;
+use redis::AsyncCommands;
+use relay::Config;
+use service_kit::Shutdown;
+use sqlx::PgPool;
+use test_support::TestDatabase;
+use tokio::task::JoinHandle;
+
+pub async fn migrated_database(prefix: &str) -> TestDatabase {
+    let db = test_support::fresh_database(prefix).await;
+    outbox::MIGRATOR.run(&db.pool).await.expect("migrate");
+    db
+}
+
+pub fn config(database_url: &str, redis_url: &str, stream: &str) -> Config {
+    Config {
+        database_url: database_url.to_owned(),
+        redis_url: redis_url.to_owned(),
+        redis_stream: stream.to_owned(),
+        http_addr: "127.0.0.1:0".parse().expect("address"),
+        batch_size: 1000,
+        lease: Duration::from_secs(30),
+        poll_interval: Duration::from_millis(200),
+        max_attempts: 10,
+        backoff_base: Duration::from_secs(1),
+        backoff_max: Duration::from_secs(15 * 60),
+        retention: Duration::from_secs(24 * 3600),
+        max_payload_bytes: 1024 * 1024,
+        log_format: telemetry::LogFormat::Text,
+    }
+}
+
+pub struct RunningRelay {
+    pub addr: SocketAddr,
+    pub shutdown: Shutdown,
+    pub task: JoinHandle<Result<(), relay::RelayError>>,
+}
+
+impl RunningRelay {
+    pub async fn start(config: Config) -> Self {
+        let relay = relay::Relay::bind(config).await.expect("bind relay");
+        let addr = relay.local_addr();
+        let shutdown = Shutdown::new();
+        let task = tokio::spawn(relay.run(shutdown.clone()));
+        Self { addr, shutdown, task }
+    }
+
+    /// Requests shutdown and waits for a clean exit.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let result = tokio::time::timeout(Duration::from_secs(30), self.task).await;
+        result.expect("relay stops within 30 s").expect("relay task not panicked").expect("relay exits cleanly");
+    }
+}
+
+/// Appends one event for `aggregate_id` in its own transaction.
+pub async fn append(pool: &PgPool, aggregate_id: &str, payload: &str) -> outbox::Appended {
+    let mut tx = pool.begin().await.expect("begin");
+    let appended = outbox::append(
+        &mut tx,
+        outbox::NewEvent {
+            aggregate_type: "order",
+            aggregate_id,
+            event_type: "OrderConfirmed",
+            payload,
+            occurred_at: Utc::now(),
+        },
+    )
+    .await
+    .expect("append");
+    tx.commit().await.expect("commit");
+    appended
+}
+
+pub fn order_payload(aggregate_id: &str) -> String {
+    serde_json::json!({ "order_id": aggregate_id }).to_string()
+}
+
+pub async fn notify(pool: &PgPool) {
+    sqlx::query("SELECT pg_notify($1, '')").bind(outbox::CHANNEL).execute(pool).await.expect("notify");
+}
+
+/// Every entry of `stream`, decoded, in stream order.
+pub async fn read_stream(redis_url: &str, stream: &str) -> Vec<StreamEntry> {
+    let client = redis::Client::open(redis_url).expect("redis url");
+    let mut conn = client.get_multiplexed_async_connection().await.expect("redis connection");
+    let reply: redis::streams::StreamRangeReply = conn.xrange_all(stream).await.expect("XRANGE");
+    reply
+        .ids
+        .into_iter()
+        .map(|entry| {
+            let fields: Vec<(String, Vec<u8>)> = entry
+                .map
+                .into_iter()
+                .map(|(k, v)| (k, redis::from_redis_value::<Vec<u8>>(&v).expect("bulk string")))
+                .collect();
+            StreamEntry::from_fields(fields).expect("entry decodes")
+        })
+        .collect()
+}
+
+pub async fn stream_len(redis_url: &str, stream: &str) -> usize {
+    let client = redis::Client::open(redis_url).expect("redis url");
+    let mut conn = client.get_multiplexed_async_connection().await.expect("redis connection");
+    conn.xlen(stream).await.expect("XLEN")
+}
+
+pub async fn delete_stream(redis_url: &str, stream: &str) {
+    let client = redis::Client::open(redis_url).expect("redis url");
+    if let Ok(mut conn) = client.get_multiplexed_async_connection().await {
+        let _: Result<(), _> = conn.del(stream).await;
+    }
+}
+
+pub async fn count(pool: &PgPool, sql: &str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(pool).await.expect("count query")
+}
+
+pub async fn wait_until_published(pool: &PgPool, expected: i64, timeout: Duration) {
+    test_support::eventually("every event moved to outbox_published", timeout, || async {
+        (count(pool, "SELECT count(*) FROM outbox_published").await == expected).then_some(())
+    })
+    .await;
+}

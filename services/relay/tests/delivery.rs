@@ -1,0 +1,195 @@
+//! Delivery guarantees against the shared Postgres and Redis.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::*;
+use rand::Rng;
+use sqlx::Connection;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_row_committed_late_is_still_published() {
+    let db = migrated_database("relay_late").await;
+    let redis = test_support::redis_url();
+    let stream = test_support::unique_name("relay-late");
+    let relay = RunningRelay::start(config(&db.url, &redis, &stream)).await;
+
+    // A writer takes an outbox id, then keeps its transaction open.
+    let mut late = sqlx::PgConnection::connect(&db.url).await.expect("connect");
+    let mut tx = late.begin().await.expect("begin");
+    let late_event = outbox::append(
+        &mut tx,
+        outbox::NewEvent {
+            aggregate_type: "order",
+            aggregate_id: "late-order",
+            event_type: "OrderConfirmed",
+            payload: &order_payload("late-order"),
+            occurred_at: chrono::Utc::now(),
+        },
+    )
+    .await
+    .expect("append");
+
+    // Rows with higher ids commit and are published meanwhile.
+    for i in 0..5 {
+        append(&db.pool, &format!("early-{i}"), &order_payload("x")).await;
+    }
+    notify(&db.pool).await;
+    wait_until_published(&db.pool, 5, Duration::from_secs(20)).await;
+
+    tx.commit().await.expect("commit late row");
+    notify(&db.pool).await;
+    wait_until_published(&db.pool, 6, Duration::from_secs(20)).await;
+    let entries = read_stream(&redis, &stream).await;
+    assert_eq!(entries.len(), 6);
+    assert_eq!(
+        entries.last().map(|e| e.event_id),
+        Some(late_event.event_id),
+        "the late row is published after the others"
+    );
+    relay.stop().await;
+    delete_stream(&redis, &stream).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_relays_publish_every_event_once_in_seq_order_per_order() {
+    const ORDERS: usize = 1000;
+    const EVENTS: usize = 20_000;
+    let db = migrated_database("relay_three").await;
+    let redis = test_support::redis_url();
+    let stream = test_support::unique_name("relay-three");
+    let mut cfg = config(&db.url, &redis, &stream);
+    // Small batches so the relays interleave and contend for the same orders.
+    cfg.batch_size = 200;
+    let relays = [
+        RunningRelay::start(cfg.clone()).await,
+        RunningRelay::start(cfg.clone()).await,
+        RunningRelay::start(cfg.clone()).await,
+    ];
+
+    // Writers append to random orders concurrently while the relays run.
+    let writers: Vec<_> = (0..8)
+        .map(|_| {
+            let pool = db.pool.clone();
+            tokio::spawn(async move {
+                for _ in 0..EVENTS / 8 {
+                    let order = format!("order-{}", rand::rng().random_range(0..ORDERS));
+                    append(&pool, &order, &order_payload(&order)).await;
+                    if rand::rng().random_ratio(1, 50) {
+                        notify(&pool).await;
+                    }
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.await.expect("writer");
+    }
+    notify(&db.pool).await;
+    wait_until_published(&db.pool, EVENTS as i64, Duration::from_secs(120)).await;
+    for r in relays {
+        r.stop().await;
+    }
+
+    let entries = read_stream(&redis, &stream).await;
+    let expected: HashMap<String, i64> =
+        sqlx::query_as::<_, (String, i64)>("SELECT aggregate_id, last_seq FROM outbox_sequences")
+            .fetch_all(&db.pool)
+            .await
+            .expect("sequences")
+            .into_iter()
+            .collect();
+    assert_eq!(expected.values().sum::<i64>(), EVENTS as i64);
+    // With no faults nothing is published twice, and per order the seqs are 1, 2, 3 … on the stream.
+    assert_eq!(entries.len(), EVENTS, "each event exactly once");
+    let mut last_seq: HashMap<&str, i64> = HashMap::new();
+    for e in &entries {
+        let last = last_seq.entry(e.aggregate_id.as_str()).or_insert(0);
+        assert_eq!(e.seq, *last + 1, "order {} went {} -> {}", e.aggregate_id, last, e.seq);
+        *last = e.seq;
+    }
+    for (order, seq) in &expected {
+        assert_eq!(last_seq.get(order.as_str()), Some(seq), "every event of {order} is on the stream");
+    }
+    assert_eq!(count(&db.pool, "SELECT count(*) FROM outbox").await, 0);
+    delete_stream(&redis, &stream).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_relay_publishes_a_notified_event_and_exports_metrics() {
+    let db = migrated_database("relay_idle").await;
+    let redis = test_support::redis_url();
+    let stream = test_support::unique_name("relay-idle");
+    let mut cfg = config(&db.url, &redis, &stream);
+    // A poll far in the future: only the notification can wake the relay in time.
+    cfg.poll_interval = Duration::from_secs(3600);
+    let relay = RunningRelay::start(cfg).await;
+    let base = format!("http://{}", relay.addr);
+    test_support::eventually("relay ready", Duration::from_secs(20), || async {
+        let r = reqwest::get(format!("{base}/readyz")).await.ok()?;
+        r.status().is_success().then_some(())
+    })
+    .await;
+    // Give the listener time to subscribe; the notification must reach a LISTENing relay.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let appended = append(&db.pool, "idle-order", &order_payload("idle-order")).await;
+    notify(&db.pool).await;
+    let entries = test_support::eventually("event on the stream", Duration::from_secs(20), || async {
+        let entries = read_stream(&redis, &stream).await;
+        (!entries.is_empty()).then_some(entries)
+    })
+    .await;
+    assert_eq!(entries[0].event_id, appended.event_id);
+    assert_eq!(entries[0].seq, 1);
+
+    // The counters move once the row is recorded, just after the XADD.
+    wait_until_published(&db.pool, 1, Duration::from_secs(20)).await;
+    let metrics = reqwest::get(format!("{base}/metrics")).await.expect("metrics").text().await.expect("body");
+    for name in [
+        "outbox_published_total 1",
+        "outbox_publish_failures_total 0",
+        "outbox_dead_lettered_total 0",
+        "outbox_publish_lag_seconds_count 1",
+        "outbox_pending",
+        "outbox_in_flight 0",
+        "outbox_dead",
+        "outbox_oldest_pending_age_seconds",
+    ] {
+        assert!(metrics.contains(name), "/metrics lacks `{name}`:\n{metrics}");
+    }
+    relay.stop().await;
+    delete_stream(&redis, &stream).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_finishes_work_and_leaves_no_lease() {
+    let db = migrated_database("relay_shutdown").await;
+    let redis = test_support::redis_url();
+    let stream = test_support::unique_name("relay-shutdown");
+    let mut cfg = config(&db.url, &redis, &stream);
+    cfg.batch_size = 50;
+    let relay = RunningRelay::start(cfg).await;
+    for i in 0..500 {
+        append(&db.pool, &format!("o-{}", i % 20), &order_payload("x")).await;
+    }
+    notify(&db.pool).await;
+    // Stop mid-drain: whatever was claimed is finished, nothing stays leased.
+    relay.stop().await;
+    let leased = count(&db.pool, "SELECT count(*) FROM outbox WHERE lease_owner IS NOT NULL").await;
+    assert_eq!(leased, 0, "no row is left leased by a stopped relay");
+    let published = count(&db.pool, "SELECT count(*) FROM outbox_published").await;
+    assert_eq!(
+        stream_len(&redis, &stream).await as i64,
+        published,
+        "every recorded row is on the stream and vice versa"
+    );
+
+    // A new relay picks up the rest.
+    let relay = RunningRelay::start(config(&db.url, &redis, &stream)).await;
+    wait_until_published(&db.pool, 500, Duration::from_secs(20)).await;
+    relay.stop().await;
+    assert_eq!(stream_len(&redis, &stream).await, 500);
+    delete_stream(&redis, &stream).await;
+}

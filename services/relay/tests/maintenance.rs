@@ -1,0 +1,131 @@
+//! Retention, replay and dead-letter handling.
+
+mod common;
+
+use std::time::Duration;
+
+use chrono::Utc;
+use common::*;
+use relay::dead::{list_dead, retry_dead, Retry};
+use relay::publish::Publisher;
+use relay::retention::trim_published;
+use service_kit::Shutdown;
+use sqlx::PgPool;
+
+/// Inserts published rows directly, `age` old.
+async fn published_rows(pool: &PgPool, first_id: i64, n: i64, aggregate: &str, age: chrono::Duration) {
+    let event_ids: Vec<String> = (0..n).map(|_| ulid::Ulid::new().to_string()).collect();
+    sqlx::query(
+        "INSERT INTO outbox_published (id, event_id, aggregate_type, aggregate_id, seq, event_type, payload, occurred_at, \
+             attempts, created_at, published_at) \
+         SELECT $1 + g.n - 1, g.event_id, 'order', $3, g.n, 'OrderConfirmed', jsonb_build_object('order_id', $3::text), \
+                now() - $4, 0, now() - $4, now() - $4 \
+         FROM unnest($2::text[]) WITH ORDINALITY AS g(event_id, n)",
+    )
+    .bind(first_id)
+    .bind(&event_ids)
+    .bind(aggregate)
+    .bind(age)
+    .execute(pool)
+    .await
+    .expect("insert published rows");
+}
+
+#[tokio::test]
+async fn retention_deletes_only_old_rows_in_bounded_batches() {
+    let db = migrated_database("relay_retention").await;
+    published_rows(&db.pool, 1, 25, "old", chrono::Duration::hours(30)).await;
+    published_rows(&db.pool, 1000, 5, "recent", chrono::Duration::hours(2)).await;
+    let shutdown = Shutdown::new();
+    let day = Duration::from_secs(24 * 3600);
+    let report = trim_published(&db.pool, day, 10, Duration::from_millis(1), &shutdown).await.expect("trim");
+    assert_eq!(report.deleted, 25);
+    assert_eq!(report.statements, 3, "10 + 10 + 5 rows, one bounded statement each");
+    let left: Vec<String> = sqlx::query_scalar("SELECT DISTINCT aggregate_id FROM outbox_published")
+        .fetch_all(&db.pool)
+        .await
+        .expect("left");
+    assert_eq!(left, ["recent"]);
+    assert_eq!(count(&db.pool, "SELECT count(*) FROM outbox_published").await, 5);
+
+    // Only one relay trims at a time.
+    let mut holder = db.pool.acquire().await.expect("conn");
+    sqlx::query("SELECT pg_advisory_lock($1)").bind(0x6f75_7462_6f79_i64).execute(&mut *holder).await.expect("lock");
+    let report = trim_published(&db.pool, Duration::ZERO, 10, Duration::from_millis(1), &shutdown).await.expect("trim");
+    assert!(report.skipped);
+    assert_eq!(count(&db.pool, "SELECT count(*) FROM outbox_published").await, 5);
+}
+
+#[tokio::test]
+async fn replay_republishes_retained_events_in_id_order() {
+    let db = migrated_database("relay_replay").await;
+    let redis = test_support::redis_url();
+    let stream = test_support::unique_name("relay-replay");
+    published_rows(&db.pool, 1, 3, "too-old", chrono::Duration::hours(5)).await;
+    published_rows(&db.pool, 100, 4, "a", chrono::Duration::minutes(10)).await;
+    published_rows(&db.pool, 200, 3, "b", chrono::Duration::minutes(5)).await;
+    let mut publisher = Publisher::new(&redis, stream.clone()).expect("publisher");
+
+    let since = Utc::now() - chrono::Duration::hours(1);
+    // Batch of 2: several pages, each one pipeline.
+    let n = relay::replay::replay(&db.pool, &mut publisher, since, None, 2).await.expect("replay");
+    assert_eq!(n, 7);
+    let entries = read_stream(&redis, &stream).await;
+    let got: Vec<(String, i64)> = entries.iter().map(|e| (e.aggregate_id.clone(), e.seq)).collect();
+    let want: Vec<(String, i64)> = [("a", 1), ("a", 2), ("a", 3), ("a", 4), ("b", 1), ("b", 2), ("b", 3)]
+        .iter()
+        .map(|(a, s)| (a.to_string(), *s))
+        .collect();
+    assert_eq!(got, want);
+
+    delete_stream(&redis, &stream).await;
+    let n = relay::replay::replay(&db.pool, &mut publisher, since, Some("b"), 1000).await.expect("replay one");
+    assert_eq!(n, 3);
+    assert!(read_stream(&redis, &stream).await.iter().all(|e| e.aggregate_id == "b"));
+    delete_stream(&redis, &stream).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_out_of_attempts_go_dead_and_can_be_retried() {
+    let db = migrated_database("relay_dead").await;
+    let redis = test_support::redis_url();
+    let stream = test_support::unique_name("relay-dead");
+    let first = append(&db.pool, "o-1", &order_payload("o-1")).await;
+    let second = append(&db.pool, "o-2", &order_payload("o-2")).await;
+
+    // Nothing listens on this port: every attempt fails; one attempt allowed.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
+    let dead_url = format!("redis://{}", closed.local_addr().expect("addr"));
+    drop(closed);
+    let mut cfg = config(&db.url, &dead_url, &stream);
+    cfg.max_attempts = 1;
+    let relay = RunningRelay::start(cfg).await;
+    let dead = test_support::eventually("both rows dead", Duration::from_secs(20), || async {
+        let dead = list_dead(&db.pool).await.expect("list");
+        (dead.len() == 2).then_some(dead)
+    })
+    .await;
+    relay.stop().await;
+    assert_eq!(dead[0].event_id, first.event_id.to_string());
+    assert_eq!((dead[0].seq, dead[0].attempts), (1, 1));
+    assert!(dead.iter().all(|d| d.last_error.as_deref().is_some_and(|e| e.starts_with("redis:"))), "{dead:?}");
+
+    assert_eq!(retry_dead(&db.pool, Retry::One("not-an-event")).await.expect("retry"), 0);
+    assert_eq!(retry_dead(&db.pool, Retry::One(&second.event_id.to_string())).await.expect("retry"), 1);
+    let state: (String, i32) = sqlx::query_as("SELECT status, attempts FROM outbox WHERE event_id = $1")
+        .bind(second.event_id.to_string())
+        .fetch_one(&db.pool)
+        .await
+        .expect("row");
+    assert_eq!(state, ("pending".to_owned(), 0));
+
+    let relay = RunningRelay::start(config(&db.url, &redis, &stream)).await;
+    wait_until_published(&db.pool, 1, Duration::from_secs(20)).await;
+    assert_eq!(retry_dead(&db.pool, Retry::All).await.expect("retry all"), 1);
+    wait_until_published(&db.pool, 2, Duration::from_secs(20)).await;
+    relay.stop().await;
+    let ids: Vec<_> = read_stream(&redis, &stream).await.into_iter().map(|e| e.event_id).collect();
+    assert_eq!(ids, [second.event_id, first.event_id]);
+    assert!(list_dead(&db.pool).await.expect("list").is_empty());
+    delete_stream(&redis, &stream).await;
+}
