@@ -102,9 +102,10 @@ fn json_error(e: serde_path_to_error::Error<serde_json::Error>) -> ApiError {
         Category::Syntax | Category::Eof | Category::Io => ApiError::MalformedJson(inner.to_string()),
         Category::Data => {
             let message = inner.to_string();
+            // The path names the offending field, unknown ones included (`items[0].color`);
+            // a duplicate key is reported at its object, so name the key itself.
             let mut field = if path == "." { String::new() } else { path };
-            // An unknown field is reported at its parent; name the field itself.
-            if let Some(name) = message.strip_prefix("unknown field `").and_then(|m| m.split('`').next()) {
+            if let Some(name) = message.strip_prefix("duplicate field `").and_then(|m| m.split('`').next()) {
                 field = if field.is_empty() { name.to_owned() } else { format!("{field}.{name}") };
             }
             ApiError::Invalid(ValidationError::new(field, strip_position(&message)))

@@ -62,6 +62,10 @@ impl ApiError {
             Self::MalformedJson(_) | Self::BodyUnreadable => {
                 Problem::new(S::BAD_REQUEST, "Bad Request").detail(self.to_string())
             }
+            // An error about the body as a whole (e.g. not an object) names no field.
+            Self::Invalid(e) if e.field.is_empty() => {
+                Problem::new(S::UNPROCESSABLE_ENTITY, "Unprocessable Content").detail(e.message.clone())
+            }
             Self::Invalid(e) => Problem::new(S::UNPROCESSABLE_ENTITY, "Unprocessable Content")
                 .detail(e.to_string())
                 .field(e.field.clone()),

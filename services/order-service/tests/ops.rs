@@ -1,0 +1,165 @@
+//! /healthz, /readyz, /metrics, start-up without a database, graceful shutdown.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{config, problem, spawn_app, start, valid_body};
+use test_support::{eventually, PrivatePostgres};
+
+#[tokio::test]
+async fn healthz_and_readyz_with_a_database() {
+    let app = spawn_app().await;
+    let r = app.get("/healthz").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(app.get("/readyz").await.status(), 200);
+}
+
+#[tokio::test]
+async fn without_a_database_the_service_is_up_but_not_ready() {
+    // Nothing listens on port 1.
+    let app = start(config("postgres://postgres@127.0.0.1:1/orders")).await;
+    assert_eq!(app.get("/healthz").await.status(), 200);
+    let r = app.get("/readyz").await;
+    assert_eq!(r.status(), 503);
+    assert!(r.text().await.unwrap().contains("postgres"));
+    let p = problem(app.post_json("/orders", &valid_body()).await, 503).await;
+    assert!(p["detail"].is_string());
+    problem(app.get(&format!("/orders/{}", ulid::Ulid::new())).await, 503).await;
+    app.stop().await;
+}
+
+/// The database goes away after start-up and comes back: requests get 503 meanwhile, never a
+/// crash, and the service recovers by itself.
+#[tokio::test]
+async fn a_database_outage_is_503_and_recovers() {
+    let mut pg = PrivatePostgres::start();
+    let app = start(config(&test_support::with_database(&pg.url(), "postgres"))).await;
+    app.wait_ready().await;
+    let id = app.create_order().await["id"].as_str().unwrap().to_owned();
+
+    pg.stop_immediate();
+    problem(app.post_json("/orders", &valid_body()).await, 503).await;
+    problem(app.post_empty(&format!("/orders/{id}/confirm")).await, 503).await;
+    problem(app.get(&format!("/orders/{id}")).await, 503).await;
+    assert_eq!(app.get("/readyz").await.status(), 503);
+    assert_eq!(app.get("/healthz").await.status(), 200);
+
+    pg.restart();
+    app.wait_ready().await;
+    let r = eventually("a create after the outage", Duration::from_secs(20), || async {
+        let r = app.post_json("/orders", &valid_body()).await;
+        (r.status() == 201).then_some(r)
+    })
+    .await;
+    assert_eq!(r.status(), 201);
+    assert_eq!(app.post_empty(&format!("/orders/{id}/confirm")).await.status(), 200);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn metrics_are_prometheus_text_with_bounded_labels() {
+    let app = spawn_app().await;
+    let id = app.create_order().await["id"].as_str().unwrap().to_owned();
+    assert_eq!(app.post_empty(&format!("/orders/{id}/confirm")).await.status(), 200);
+    assert_eq!(app.get(&format!("/orders/{}", ulid::Ulid::new())).await.status(), 404);
+    assert_eq!(app.get("/no/such/path").await.status(), 404);
+
+    let r = app.get("/metrics").await;
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    let samples = parse_exposition(&text);
+    let value = |name: &str, labels: &[(&str, &str)]| {
+        samples
+            .iter()
+            .filter(|(n, l, _)| n == name && labels.iter().all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v)))
+            .map(|(_, _, v)| v)
+            .sum::<f64>()
+    };
+    assert_eq!(
+        value("http_server_requests_total", &[("method", "POST"), ("route", "/orders"), ("status", "201")]),
+        1.0
+    );
+    assert_eq!(value("http_server_requests_total", &[("route", "/orders/{id}/confirm"), ("status", "200")]), 1.0);
+    assert_eq!(value("http_server_requests_total", &[("route", "/orders/{id}"), ("status", "404")]), 1.0);
+    assert_eq!(value("http_server_requests_total", &[("route", "unmatched"), ("status", "404")]), 1.0);
+    assert_eq!(value("http_server_request_duration_seconds_count", &[("route", "/orders")]), 1.0);
+    assert_eq!(value("orders_created_total", &[]), 1.0);
+    assert_eq!(value("order_transitions_total", &[("to", "CONFIRMED")]), 1.0);
+    // No label carries a concrete order id.
+    assert!(!text.contains(&id));
+}
+
+/// Checks OpenMetrics text line by line; returns (name, labels, value) samples.
+fn parse_exposition(text: &str) -> Vec<(String, std::collections::HashMap<String, String>, f64)> {
+    assert!(text.ends_with("# EOF\n"), "OpenMetrics text ends with # EOF");
+    let mut samples = Vec::new();
+    for line in text.lines().filter(|l| !l.is_empty()) {
+        if let Some(comment) = line.strip_prefix("# ") {
+            assert!(
+                ["HELP ", "TYPE ", "UNIT ", "EOF"].iter().any(|p| comment.starts_with(p)),
+                "unexpected comment line {line:?}"
+            );
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("sample without value: {line:?}"));
+        let value: f64 = value.parse().unwrap_or_else(|_| panic!("bad value in {line:?}"));
+        let (name, labels) = match series.split_once('{') {
+            Some((name, rest)) => {
+                let body = rest.strip_suffix('}').unwrap_or_else(|| panic!("unclosed labels in {line:?}"));
+                let labels = body
+                    .split("\",")
+                    .filter(|p| !p.is_empty())
+                    .map(|pair| {
+                        let (k, v) = pair.split_once("=\"").unwrap_or_else(|| panic!("bad label in {line:?}"));
+                        (k.to_owned(), v.trim_end_matches('"').to_owned())
+                    })
+                    .collect();
+                (name.to_owned(), labels)
+            }
+            None => (series.to_owned(), Default::default()),
+        };
+        assert!(name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'), "bad metric name {name:?}");
+        samples.push((name, labels, value));
+    }
+    samples
+}
+
+/// Shutdown waits for a request in flight: the request is held on the order's row lock by
+/// the test, shutdown is requested, and the request still completes before the server exits.
+#[tokio::test]
+async fn graceful_shutdown_finishes_in_flight_requests() {
+    let app = spawn_app().await;
+    let id = app.create_order().await["id"].as_str().unwrap().to_owned();
+
+    let mut blocker = app.db.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM orders WHERE id = $1 FOR UPDATE").bind(&id).execute(&mut *blocker).await.unwrap();
+    let in_flight = tokio::spawn({
+        let (client, url) = (app.client.clone(), app.url(&format!("/orders/{id}/confirm")));
+        async move { client.post(url).send().await.map(|r| r.status().as_u16()) }
+    });
+    eventually("the confirm to wait on the row lock", Duration::from_secs(10), || async {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&app.db.pool)
+        .await
+        .ok()?;
+        (waiting > 0).then_some(())
+    })
+    .await;
+
+    app.shutdown.cancel();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!app.server.is_finished(), "the server must wait for the in-flight request");
+    blocker.commit().await.unwrap();
+
+    assert_eq!(in_flight.await.unwrap().unwrap(), 200);
+    let server = &app.app.server;
+    eventually("the server to stop", Duration::from_secs(10), || async { server.is_finished().then_some(()) }).await;
+    let order: String =
+        sqlx::query_scalar("SELECT status FROM orders WHERE id = $1").bind(&id).fetch_one(&app.db.pool).await.unwrap();
+    assert_eq!(order, "CONFIRMED");
+    // New connections are refused once it has stopped.
+    assert!(app.client.get(app.url("/healthz")).send().await.is_err());
+}
