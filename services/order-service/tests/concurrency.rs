@@ -28,20 +28,29 @@ async fn two_hundred_concurrent_creates() {
     assert!(created.iter().all(|(id, seq)| *seq == 1 && ids.contains(id)));
 }
 
+/// Several orders at once, 50 racing confirm/cancel calls each, so a lost race shows up
+/// reliably rather than once in a while.
 #[tokio::test]
 async fn fifty_concurrent_transitions_of_one_order() {
     let app = spawn_app().await;
-    let id = app.create_order().await["id"].as_str().unwrap().to_owned();
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        ids.push(app.create_order().await["id"].as_str().unwrap().to_owned());
+    }
+    let rounds = ids.iter().map(|id| race_transitions(&app, id));
+    futures::future::join_all(rounds).await;
+}
+
+async fn race_transitions(app: &common::TestAppWithDb, id: &str) {
     let mut actions: Vec<&str> = [["confirm"; 25], ["cancel"; 25]].concat();
     actions.shuffle(&mut rand::rng());
     let requests = actions.iter().map(|action| {
         let path = format!("/orders/{id}/{action}");
-        let app = &app;
         async move { (*action, app.post_empty(&path).await.status().as_u16()) }
     });
     let results = futures::future::join_all(requests).await;
 
-    let events = events(&app.db, &id).await;
+    let events = events(&app.db, id).await;
     let seqs: Vec<i64> = events.iter().map(|(s, _)| *s).collect();
     assert_eq!(seqs, (1..=events.len() as i64).collect::<Vec<_>>(), "seqs without gaps");
     let types: Vec<&str> = events.iter().map(|(_, t)| t.as_str()).collect();
@@ -61,9 +70,9 @@ async fn fifty_concurrent_transitions_of_one_order() {
     let order: serde_json::Value = app.get(&format!("/orders/{id}")).await.json().await.unwrap();
     assert_eq!(order["status"], "CANCELLED");
     let last_seq: i64 = sqlx::query_scalar("SELECT last_seq FROM outbox_sequences WHERE aggregate_id = $1")
-        .bind(&id)
+        .bind(id)
         .fetch_one(&app.db.pool)
         .await
-        .unwrap();
+        .expect("read the sequence counter");
     assert_eq!(last_seq, events.len() as i64);
 }
