@@ -81,7 +81,11 @@ impl ServiceProcess {
         let addr = match envs.iter().find(|(k, _)| k == "HTTP_ADDR") {
             Some((_, v)) => {
                 let addr: SocketAddr = v.parse().expect("HTTP_ADDR given to the harness is an ip:port");
-                assert_ne!(addr.port(), 0, "the harness needs a fixed HTTP_ADDR port (omit HTTP_ADDR to get a free one)");
+                assert_ne!(
+                    addr.port(),
+                    0,
+                    "the harness needs a fixed HTTP_ADDR port (omit HTTP_ADDR to get a free one)"
+                );
                 addr
             }
             None => {
@@ -141,7 +145,11 @@ impl ServiceProcess {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait().expect("poll the child process") {
-                panic!("{} exited with {status} before {path} answered 200\n{}", self.name, self.tail(LINES_SHOWN_ON_FAILURE));
+                panic!(
+                    "{} exited with {status} before {path} answered 200\n{}",
+                    self.name,
+                    self.tail(LINES_SHOWN_ON_FAILURE)
+                );
             }
             if let Ok(resp) = self.http.get(self.url(path)).send().await {
                 if resp.status() == reqwest::StatusCode::OK {
@@ -149,7 +157,11 @@ impl ServiceProcess {
                 }
             }
             if tokio::time::Instant::now() >= deadline {
-                panic!("{}: {path} did not answer 200 within {timeout:?}\n{}", self.name, self.tail(LINES_SHOWN_ON_FAILURE));
+                panic!(
+                    "{}: {path} did not answer 200 within {timeout:?}\n{}",
+                    self.name,
+                    self.tail(LINES_SHOWN_ON_FAILURE)
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -182,7 +194,11 @@ impl ServiceProcess {
             Some(status) => status,
             None => {
                 self.kill().await;
-                panic!("{} did not exit within {timeout:?} of SIGTERM\n{}", self.name, self.tail(LINES_SHOWN_ON_FAILURE));
+                panic!(
+                    "{} did not exit within {timeout:?} of SIGTERM\n{}",
+                    self.name,
+                    self.tail(LINES_SHOWN_ON_FAILURE)
+                );
             }
         }
     }
@@ -224,7 +240,11 @@ impl ServiceProcess {
                 return line.clone();
             }
             if tokio::time::Instant::now() >= deadline {
-                panic!("{}: no output line {what} within {timeout:?}\n{}", self.name, self.tail(LINES_SHOWN_ON_FAILURE));
+                panic!(
+                    "{}: no output line {what} within {timeout:?}\n{}",
+                    self.name,
+                    self.tail(LINES_SHOWN_ON_FAILURE)
+                );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

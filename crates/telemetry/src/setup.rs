@@ -3,10 +3,13 @@ use std::str::FromStr;
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
-use opentelemetry_sdk::Resource;
+use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::{EnvFilter, Layer};
+use tracing_subscriber::{EnvFilter, Layer, Registry};
+
+use crate::export::{export_from_env, tracer_provider, Export};
+use crate::json::{DispatchCell, JsonWithTraceIds};
 
 /// `LOG_FORMAT`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -35,79 +38,87 @@ pub enum TelemetryError {
     AlreadyInstalled,
 }
 
-/// Keeps the exporter alive; [`Telemetry::shutdown`] flushes spans still buffered.
+/// Keeps the tracer provider alive; [`Telemetry::shutdown`] flushes spans still buffered.
 #[must_use = "dropping the guard without `shutdown` may lose buffered spans"]
 pub struct Telemetry {
-    provider: Option<SdkTracerProvider>,
+    provider: SdkTracerProvider,
+    exporting: bool,
 }
 
 impl Telemetry {
-    /// Whether spans are exported.
+    /// Whether spans are exported (an OTLP endpoint is configured).
     pub fn exporting(&self) -> bool {
-        self.provider.is_some()
+        self.exporting
     }
 
-    /// Flushes and stops the exporter.
+    /// Exports the spans still buffered and stops the exporter. Blocks until done (bounded by
+    /// the export timeout, `OTEL_EXPORTER_OTLP_TIMEOUT`, default 10 s).
+    ///
+    /// Safe to call from async code on a multi-thread tokio runtime: the wait is moved off
+    /// the runtime's workers, which the grpc exporter needs to make progress.
     pub fn shutdown(self) {
-        if let Some(provider) = self.provider {
+        let provider = self.provider;
+        let flush = move || {
             if let Err(e) = provider.shutdown() {
                 eprintln!("telemetry: flushing spans failed: {e}");
             }
+        };
+        match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+            Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(flush),
+            _ => flush(),
         }
     }
 }
 
-/// Installs the global subscriber: `RUST_LOG` filter (default `info`), logs in `format`, and
-/// OTLP span export when `OTEL_EXPORTER_OTLP_ENDPOINT` (or the traces-specific variable) is set.
+/// Installs the global subscriber: `RUST_LOG` filter (default `info`), logs on stdout in
+/// `format` (JSON lines carry `trace_id`/`span_id`), and an OpenTelemetry layer.
+///
+/// Spans are exported over OTLP when `OTEL_EXPORTER_OTLP_ENDPOINT` (or
+/// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set, with `OTEL_EXPORTER_OTLP_PROTOCOL` `grpc`
+/// (default; then `init` must run inside a tokio runtime) or `http/protobuf`, in batches.
+/// Without an endpoint nothing is exported, but trace context still propagates.
 /// `OTEL_SERVICE_NAME` overrides `default_service_name`.
 pub fn init(default_service_name: &str, format: LogFormat) -> Result<Telemetry, TelemetryError> {
-    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
-    let provider = otlp_provider(default_service_name)?;
+    let export = export_from_env()?;
+    let provider = tracer_provider(&service_name(default_service_name), &export)?;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let fmt = match format {
-        LogFormat::Text => tracing_subscriber::fmt::layer().with_target(false).boxed(),
-        LogFormat::Json => crate::setup::json_layer(),
+    // Colours only for a person watching; files and log collectors get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let subscriber = subscriber(&provider, format, std::io::stdout, ansi).with(filter);
+    if subscriber.try_init().is_err() {
+        let _ = provider.shutdown();
+        return Err(TelemetryError::AlreadyInstalled);
+    }
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+    Ok(Telemetry { provider, exporting: export != Export::None })
+}
+
+/// The layers without a filter, logging to `writer`; `init` installs them globally, tests
+/// use them with `tracing::subscriber::with_default`.
+pub(crate) fn subscriber<W>(
+    provider: &SdkTracerProvider,
+    format: LogFormat,
+    writer: W,
+    ansi: bool,
+) -> impl tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a> + Send + Sync
+where
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
+    let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer("telemetry")).with_tracked_inactivity(false);
+    let dispatch = DispatchCell::default();
+    let fmt: Box<dyn Layer<_> + Send + Sync> = match format {
+        LogFormat::Text => {
+            tracing_subscriber::fmt::layer().with_target(false).with_ansi(ansi).with_writer(writer).boxed()
+        }
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .event_format(JsonWithTraceIds::new(dispatch.clone()))
+            .with_writer(writer)
+            .boxed(),
     };
-    let otel = provider.as_ref().map(|p| {
-        tracing_opentelemetry::layer().with_tracer(p.tracer(service_name(default_service_name))).with_tracked_inactivity(false)
-    });
-    tracing_subscriber::registry()
-        .with(filter)
-        .with(otel)
-        .with(fmt)
-        .try_init()
-        .map_err(|_| TelemetryError::AlreadyInstalled)?;
-    Ok(Telemetry { provider })
+    Registry::default().with(otel).with(fmt).with(dispatch)
 }
 
 fn service_name(default: &str) -> String {
     std::env::var("OTEL_SERVICE_NAME").ok().filter(|s| !s.is_empty()).unwrap_or_else(|| default.to_owned())
-}
-
-fn otlp_provider(default_service_name: &str) -> Result<Option<SdkTracerProvider>, TelemetryError> {
-    let configured = ["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"]
-        .iter()
-        .any(|v| std::env::var(v).is_ok_and(|s| !s.is_empty()));
-    if !configured {
-        return Ok(None);
-    }
-    let protocol = std::env::var("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
-        .or_else(|_| std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL"))
-        .unwrap_or_else(|_| "grpc".to_owned());
-    let exporter = match protocol.as_str() {
-        "grpc" => opentelemetry_otlp::SpanExporter::builder().with_tonic().build(),
-        "http/protobuf" => opentelemetry_otlp::SpanExporter::builder().with_http().build(),
-        other => return Err(TelemetryError::Exporter(format!("unsupported OTEL_EXPORTER_OTLP_PROTOCOL `{other}`"))),
-    }
-    .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
-    let resource = Resource::builder().with_service_name(service_name(default_service_name)).build();
-    Ok(Some(SdkTracerProvider::builder().with_batch_exporter(exporter).with_resource(resource).build()))
-}
-
-/// JSON lines carrying the current span's `trace_id`/`span_id`.
-fn json_layer<S>() -> Box<dyn Layer<S> + Send + Sync>
-where
-    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
-{
-    tracing_subscriber::fmt::layer().json().flatten_event(true).with_current_span(true).with_span_list(false).boxed()
 }
