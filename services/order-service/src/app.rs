@@ -1,5 +1,6 @@
 //! Start-up, the router and serving until shutdown.
 
+use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -58,6 +59,7 @@ pub struct Application {
     router: Router,
     pool: PgPool,
     shutdown: Shutdown,
+    request_timeout: Duration,
 }
 
 impl Application {
@@ -90,7 +92,8 @@ impl Application {
         });
         let state =
             AppState { pool: pool.clone(), notifier, metrics, migrated, request_timeout: config.request_timeout() };
-        Ok(Self { listener, local_addr, router: router(state, readiness, registry), pool, shutdown })
+        let router = router(state, readiness, registry);
+        Ok(Self { listener, local_addr, router, pool, shutdown, request_timeout: config.request_timeout() })
     }
 
     /// The bound address (the real port when configured with port 0).
@@ -103,14 +106,26 @@ impl Application {
         self.router.clone()
     }
 
-    /// Serves until shutdown is requested, then lets in-flight requests finish (each is bounded
-    /// by the request timeout) before returning.
+    /// Serves until shutdown is requested, then lets in-flight requests finish before
+    /// returning. Requests are bounded by the request timeout; connections that stay open longer
+    /// than that (a client stalling mid-request) are abandoned after a further grace period.
     pub async fn run(self) -> Result<(), StartupError> {
         tracing::info!(addr = %self.local_addr, "listening");
-        let served = axum::serve(self.listener, self.router)
-            .with_graceful_shutdown(self.shutdown.cancelled_owned())
-            .await
-            .map_err(StartupError::Serve);
+        let grace = self.request_timeout + Duration::from_secs(5);
+        let serve = axum::serve(self.listener, self.router)
+            .with_graceful_shutdown(self.shutdown.clone().cancelled_owned())
+            .into_future();
+        let deadline = async {
+            self.shutdown.cancelled().await;
+            tokio::time::sleep(grace).await;
+        };
+        let served = tokio::select! {
+            served = serve => served.map_err(StartupError::Serve),
+            () = deadline => {
+                tracing::warn!(grace_ms = grace.as_millis() as u64, "connections still open after the grace period; closing them");
+                Ok(())
+            }
+        };
         // Every request is done; release connections, but never hang on an unresponsive server.
         if tokio::time::timeout(Duration::from_secs(5), self.pool.close()).await.is_err() {
             tracing::warn!("closing database connections timed out");

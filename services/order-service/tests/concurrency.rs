@@ -67,7 +67,7 @@ async fn race_transitions(app: &common::TestAppWithDb, id: &str) {
     assert_eq!(confirms_ok + confirms_conflict, 25, "{results:?}");
     assert_eq!(confirmed, confirms_ok > 0, "a confirm succeeded if and only if OrderConfirmed was written");
 
-    let order: serde_json::Value = app.get(&format!("/orders/{id}")).await.json().await.unwrap();
+    let order: serde_json::Value = app.get(&format!("/orders/{id}")).await.json().await.expect("order JSON");
     assert_eq!(order["status"], "CANCELLED");
     let last_seq: i64 = sqlx::query_scalar("SELECT last_seq FROM outbox_sequences WHERE aggregate_id = $1")
         .bind(id)

@@ -163,3 +163,29 @@ async fn graceful_shutdown_finishes_in_flight_requests() {
     // New connections are refused once it has stopped.
     assert!(app.client.get(app.url("/healthz")).send().await.is_err());
 }
+
+/// A client that stalls mid-body holds neither its request nor shutdown for long: the request
+/// timeout answers 503 and the server still stops.
+#[tokio::test]
+async fn a_stalled_request_times_out_and_does_not_block_shutdown() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let db = test_support::fresh_database("orders_stall").await;
+    let mut cfg = config(&db.url);
+    cfg.request_timeout_ms = 300;
+    let app = start(cfg).await;
+    app.wait_ready().await;
+
+    let mut conn = tokio::net::TcpStream::connect(app.addr).await.expect("connect");
+    let head =
+        "POST /orders HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"cus";
+    conn.write_all(head.as_bytes()).await.expect("send partial request");
+    app.shutdown.cancel();
+    let mut response = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut response)).await;
+    assert!(read.is_ok(), "the stalled request was answered");
+    let response = String::from_utf8_lossy(&response);
+    assert!(response.starts_with("HTTP/1.1 503"), "{response}");
+    assert!(response.contains("application/problem+json"), "{response}");
+    let server = &app.server;
+    eventually("the server to stop", Duration::from_secs(10), || async { server.is_finished().then_some(()) }).await;
+}
