@@ -1,4 +1,4 @@
-use axum::http::StatusCode;
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use domain::{TransitionError, ValidationError};
 use service_kit::Problem;
@@ -90,6 +90,12 @@ impl IntoResponse for ApiError {
             Self::Timeout(_) | Self::NotReady => tracing::warn!(error = %self, "request not served"),
             _ => {}
         }
-        self.problem().into_response()
+        let retry = matches!(self, Self::NotReady | Self::Timeout(_) | Self::Unavailable(_));
+        let mut response = self.problem().into_response();
+        if retry {
+            // The outage is expected to be short; clients should come back soon, not hammer.
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
     }
 }
