@@ -53,7 +53,7 @@ pub struct Stored {
 /// Records `key` for a new order as the transaction's first write. Returns `false` when the key
 /// is already taken; if another transaction holds it uncommitted, this waits for that one to
 /// end, so two requests with one key never both create an order.
-#[tracing::instrument(skip(conn, key, body), fields(db.system = "postgresql"))]
+#[tracing::instrument(skip_all, fields(order_id = order_id, idempotency_key = key.as_str(), db.system = "postgresql"))]
 pub async fn claim(
     conn: &mut PgConnection,
     key: &IdempotencyKey,

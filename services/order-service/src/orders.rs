@@ -26,7 +26,6 @@ fn now() -> chrono::DateTime<Utc> {
 pub async fn create(pool: &PgPool, new: NewOrder, key: Option<(IdempotencyKey, String)>) -> Result<Created, ApiError> {
     let order = Order::create(new, now());
     let span = tracing::Span::current();
-    span.record("order_id", tracing::field::display(order.id));
     let mut tx = pool.begin().await.map_err(store::StoreError::from)?;
     if let Some((key, hash)) = &key {
         span.record("idempotency_key", key.as_str());
@@ -36,6 +35,7 @@ pub async fn create(pool: &PgPool, new: NewOrder, key: Option<(IdempotencyKey, S
             return replay(pool, key, hash).await;
         }
     }
+    span.record("order_id", tracing::field::display(order.id));
     store::insert_order(&mut tx, &order).await?;
     let appended = store::append_event(&mut tx, &EventPayload::created(&order), order.created_at).await?;
     tx.commit().await.map_err(store::StoreError::from)?;
@@ -60,7 +60,7 @@ async fn replay(pool: &PgPool, key: &IdempotencyKey, hash: &str) -> Result<Creat
 
 /// Applies `transition` under the order's row lock. Returns the order and whether it changed
 /// (a no-op transition writes nothing).
-#[tracing::instrument(skip(pool))]
+#[tracing::instrument(skip(pool, order_id), fields(%order_id))]
 pub async fn transition(pool: &PgPool, order_id: OrderId, transition: Transition) -> Result<(Order, bool), ApiError> {
     let mut tx = pool.begin().await.map_err(store::StoreError::from)?;
     let mut order = store::lock_order(&mut tx, order_id).await?.ok_or(ApiError::OrderNotFound)?;

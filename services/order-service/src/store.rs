@@ -91,7 +91,7 @@ pub async fn insert_order(conn: &mut PgConnection, order: &Order) -> Result<(), 
     Ok(())
 }
 
-#[tracing::instrument(skip(pool), fields(db.system = "postgresql"))]
+#[tracing::instrument(skip_all, fields(%order_id, db.system = "postgresql"))]
 pub async fn find_order(pool: &PgPool, order_id: OrderId) -> Result<Option<Order>, StoreError> {
     let row: Option<OrderRow> = sqlx::query_as(&format!("SELECT {COLUMNS} FROM orders WHERE id = $1"))
         .bind(order_id.to_string())
@@ -102,7 +102,7 @@ pub async fn find_order(pool: &PgPool, order_id: OrderId) -> Result<Option<Order
 
 /// Reads the order and locks its row until the transaction ends, so concurrent transitions of
 /// one order run one after another, each seeing the status the previous one committed.
-#[tracing::instrument(skip(conn), fields(db.system = "postgresql"))]
+#[tracing::instrument(skip_all, fields(%order_id, db.system = "postgresql"))]
 pub async fn lock_order(conn: &mut PgConnection, order_id: OrderId) -> Result<Option<Order>, StoreError> {
     let row: Option<OrderRow> = sqlx::query_as(&format!("SELECT {COLUMNS} FROM orders WHERE id = $1 FOR UPDATE"))
         .bind(order_id.to_string())
@@ -111,7 +111,7 @@ pub async fn lock_order(conn: &mut PgConnection, order_id: OrderId) -> Result<Op
     row.map(Order::try_from).transpose()
 }
 
-#[tracing::instrument(skip(conn), fields(db.system = "postgresql"))]
+#[tracing::instrument(skip_all, fields(%order_id, status = status.as_str(), db.system = "postgresql"))]
 pub async fn update_status(
     conn: &mut PgConnection,
     order_id: OrderId,
