@@ -30,7 +30,10 @@ RUN cargo chef prepare --recipe-path recipe.json
 
 FROM chef AS builder
 COPY --from=planner /app/recipe.json recipe.json
-RUN cargo chef cook --release --locked --recipe-path recipe.json
+# Dependencies only, for the same binaries as below: another selection would resolve other
+# features and rebuild shared dependencies in the next step.
+RUN cargo chef cook --release --locked --recipe-path recipe.json \
+    --bin order-service --bin relay --bin inventory-consumer
 COPY . .
 RUN cargo build --release --locked --bin order-service --bin relay --bin inventory-consumer \
  && mkdir -p /out \
