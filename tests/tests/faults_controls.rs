@@ -30,8 +30,15 @@ async fn load(cluster: &Cluster, plan: &Arc<Vec<PlannedOrder>>, seed: u64) -> Lo
 }
 
 async fn settle(cluster: &mut Cluster, plan: &[PlannedOrder], load: LoadOutcome, seed: u64) -> Report {
-    let sampler = RedeliverySampler::start(cluster.redis_client().expect("redis client"), cluster.stream.clone(), cluster.group.clone());
-    let report = settle_and_check(cluster, plan, load, Injected::default(), sampler, seed, Duration::from_secs(60)).await.expect("check");
+    let sampler = RedeliverySampler::start(
+        cluster.redis_client().expect("redis client"),
+        cluster.stream.clone(),
+        cluster.group.clone(),
+        cluster.consumer_ports(),
+    );
+    let report = settle_and_check(cluster, plan, load, Injected::default(), sampler, seed, Duration::from_secs(60))
+        .await
+        .expect("check");
     eprintln!("{report}");
     report
 }
@@ -48,7 +55,8 @@ async fn cache_redis_forgets(seed: u64) -> (Cluster, Arc<Vec<PlannedOrder>>, Loa
     let outcome = load(&cluster, &plan, seed).await;
     assert!(outcome.anomalies.is_empty(), "{:?}", outcome.anomalies);
     test_support::eventually("outbox published in full", Duration::from_secs(60), || async {
-        let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox").fetch_one(&cluster.orders_db).await.ok()?;
+        let pending: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM outbox").fetch_one(&cluster.orders_db).await.ok()?;
         (pending == 0).then_some(())
     })
     .await;
@@ -123,7 +131,14 @@ async fn checker_reports_double_apply_when_the_dedupe_record_is_lost() {
         .expect("wipe the dedupe record");
     let mut conn = cluster.redis_client().expect("redis").get_multiplexed_async_connection().await.expect("redis");
     let again = "inventory-again";
-    redis::cmd("XGROUP").arg("CREATE").arg(&cluster.stream).arg(again).arg("0").query_async::<()>(&mut conn).await.expect("new group");
+    redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(&cluster.stream)
+        .arg(again)
+        .arg("0")
+        .query_async::<()>(&mut conn)
+        .await
+        .expect("new group");
     cluster.group = again.to_owned();
     for c in &mut cluster.consumers {
         c.set_env("CONSUMER_GROUP", again);
@@ -145,7 +160,8 @@ async fn checker_reports_double_apply_when_the_dedupe_record_is_lost() {
 }
 
 async fn first_ledger_statuses(cluster: &Cluster, plan: &[PlannedOrder]) -> Vec<Option<String>> {
-    let rows: Vec<(String, String)> = sqlx::query_as("SELECT customer_id, status FROM orders").fetch_all(&cluster.orders_db).await.expect("orders");
+    let rows: Vec<(String, String)> =
+        sqlx::query_as("SELECT customer_id, status FROM orders").fetch_all(&cluster.orders_db).await.expect("orders");
     let by_customer: std::collections::HashMap<String, String> = rows.into_iter().collect();
     plan.iter().map(|o| by_customer.get(&o.customer_id()).cloned()).collect()
 }

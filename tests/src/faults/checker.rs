@@ -86,33 +86,62 @@ struct Published {
 }
 
 /// Checks the ledger against both databases (the stream only matters through them).
-pub async fn check(plan: &[PlannedOrder], ledger: &[LedgerEntry], orders: &PgPool, inventory: &PgPool, initial: &[(String, i64)]) -> Result<Findings, FaultError> {
+pub async fn check(
+    plan: &[PlannedOrder],
+    ledger: &[LedgerEntry],
+    orders: &PgPool,
+    inventory: &PgPool,
+    initial: &[(String, i64)],
+) -> Result<Findings, FaultError> {
     let mut f = Findings::default();
-    let rows: Vec<(String, String, String)> = sqlx::query_as("SELECT id, customer_id, status FROM orders").fetch_all(orders).await.map_err(pg)?;
+    let rows: Vec<(String, String, String)> =
+        sqlx::query_as("SELECT id, customer_id, status FROM orders").fetch_all(orders).await.map_err(pg)?;
     f.orders_in_database = rows.len();
     let mut by_customer: HashMap<String, Vec<(String, String)>> = HashMap::new();
     for (id, customer, status) in rows {
         by_customer.entry(customer).or_default().push((id, status));
     }
     let mut published: HashMap<String, Vec<Published>> = HashMap::new();
-    let events: Vec<(String, String, i64, String)> =
-        sqlx::query_as("SELECT event_id, aggregate_id, seq, event_type FROM outbox_published ORDER BY aggregate_id, seq").fetch_all(orders).await.map_err(pg)?;
+    let events: Vec<(String, String, i64, String)> = sqlx::query_as(
+        "SELECT event_id, aggregate_id, seq, event_type FROM outbox_published ORDER BY aggregate_id, seq",
+    )
+    .fetch_all(orders)
+    .await
+    .map_err(pg)?;
     f.events_published = events.len();
     let mut published_ids = HashSet::new();
     for (event_id, aggregate, seq, event_type) in events {
         published_ids.insert(event_id.clone());
         published.entry(aggregate).or_default().push(Published { event_id, seq, event_type });
     }
-    (f.outbox_pending_left, f.outbox_dead) = sqlx::query_as("SELECT count(*) FILTER (WHERE status = 'pending'), count(*) FILTER (WHERE status = 'dead') FROM outbox")
-        .fetch_one(orders)
+    (f.outbox_pending_left, f.outbox_dead) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE status = 'pending'), count(*) FILTER (WHERE status = 'dead') FROM outbox",
+    )
+    .fetch_one(orders)
+    .await
+    .map_err(pg)?;
+    let processed: HashSet<String> = sqlx::query_scalar("SELECT event_id FROM processed_messages")
+        .fetch_all(inventory)
         .await
-        .map_err(pg)?;
-    let processed: HashSet<String> = sqlx::query_scalar("SELECT event_id FROM processed_messages").fetch_all(inventory).await.map_err(pg)?.into_iter().collect();
+        .map_err(pg)?
+        .into_iter()
+        .collect();
     f.events_processed = processed.len();
     f.phantom_events = processed.difference(&published_ids).count();
-    let checkpoints: HashMap<String, i64> = sqlx::query_as("SELECT aggregate_id, last_seq FROM aggregate_checkpoints").fetch_all(inventory).await.map_err(pg)?.into_iter().collect();
+    let checkpoints: HashMap<String, i64> = sqlx::query_as("SELECT aggregate_id, last_seq FROM aggregate_checkpoints")
+        .fetch_all(inventory)
+        .await
+        .map_err(pg)?
+        .into_iter()
+        .collect();
     let stock: HashMap<String, (i64, i64)> =
-        sqlx::query_as::<_, (String, i64, i64)>("SELECT sku, on_hand, reserved FROM inventory").fetch_all(inventory).await.map_err(pg)?.into_iter().map(|(s, o, r)| (s, (o, r))).collect();
+        sqlx::query_as::<_, (String, i64, i64)>("SELECT sku, on_hand, reserved FROM inventory")
+            .fetch_all(inventory)
+            .await
+            .map_err(pg)?
+            .into_iter()
+            .map(|(s, o, r)| (s, (o, r)))
+            .collect();
     f.parked_left = sqlx::query_scalar("SELECT count(*) FROM parked_events").fetch_one(inventory).await.map_err(pg)?;
     f.dead_letters = sqlx::query_scalar("SELECT count(*) FROM dead_letters").fetch_one(inventory).await.map_err(pg)?;
 
@@ -176,7 +205,9 @@ fn check_order(
     if steps.is_empty() {
         steps.push(Step::Create);
     }
-    if let Some(step) = entry.unknown.filter(|s| s.status() == status && steps.last().map(|l| l.status()) != Some(status.as_str())) {
+    if let Some(step) =
+        entry.unknown.filter(|s| s.status() == status && steps.last().map(|l| l.status()) != Some(status.as_str()))
+    {
         steps.push(step);
     }
     let path: Vec<&'static str> = steps.iter().map(|s| s.event_type()).collect();
@@ -191,7 +222,10 @@ fn check_order(
         f.note(format!("order {id}: published {types:?}, acknowledged {path:?}"));
     } else if types != path || events.iter().enumerate().any(|(i, e)| e.seq != i as i64 + 1) {
         f.sequence_errors += 1;
-        f.note(format!("order {id}: published {:?}, acknowledged {path:?}", events.iter().map(|e| (e.seq, &e.event_type)).collect::<Vec<_>>()));
+        f.note(format!(
+            "order {id}: published {:?}, acknowledged {path:?}",
+            events.iter().map(|e| (e.seq, &e.event_type)).collect::<Vec<_>>()
+        ));
     }
     let unapplied = events.iter().filter(|e| !processed.contains(&e.event_id)).count();
     if unapplied > 0 {
@@ -213,7 +247,11 @@ fn check_order(
                 Verdict::DoubleApplied => f.double_applied += 1,
                 _ => f.orders_wrong_effects += 1,
             }
-            f.note(format!("order {id}: {verdict:?}: {} (on_hand, reserved) = {own:?} after {path:?}, quantity {}", order.own_sku(), order.own_quantity()));
+            f.note(format!(
+                "order {id}: {verdict:?}: {} (on_hand, reserved) = {own:?} after {path:?}, quantity {}",
+                order.own_sku(),
+                order.own_quantity()
+            ));
         }
     }
     path

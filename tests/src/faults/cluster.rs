@@ -56,7 +56,10 @@ pub struct Cluster {
 }
 
 fn free_port() -> Result<u16, FaultError> {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).map_err(|e| FaultError::Setup(format!("free port: {e}")))
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| FaultError::Setup(format!("free port: {e}")))
 }
 
 fn consumer_name(name: &str, incarnation: u32) -> Vec<(String, String)> {
@@ -73,9 +76,13 @@ impl Cluster {
     pub async fn start(spec: ClusterSpec) -> Result<Self, FaultError> {
         let log_dir = std::env::temp_dir().join(format!("faults-{}", ulid::Ulid::new()));
         std::fs::create_dir_all(&log_dir).map_err(|e| FaultError::Setup(format!("log dir: {e}")))?;
-        let postgres = tokio::task::spawn_blocking(PrivatePostgres::start).await.map_err(|e| FaultError::Setup(format!("postgres: {e}")))?;
+        let postgres = tokio::task::spawn_blocking(PrivatePostgres::start)
+            .await
+            .map_err(|e| FaultError::Setup(format!("postgres: {e}")))?;
         let persistent = spec.redis_persistent;
-        let redis = tokio::task::spawn_blocking(move || PrivateRedis::start(persistent)).await.map_err(|e| FaultError::Setup(format!("redis: {e}")))?;
+        let redis = tokio::task::spawn_blocking(move || PrivateRedis::start(persistent))
+            .await
+            .map_err(|e| FaultError::Setup(format!("redis: {e}")))?;
         let orders = fresh_database_on(&postgres.url(), "orders").await;
         let inventory = fresh_database_on(&postgres.url(), "inventory").await;
         let stream = "orders.events".to_owned();
@@ -88,7 +95,8 @@ impl Cluster {
                 ("RUST_LOG".to_owned(), spec.log_filter.clone()),
             ]
         };
-        let order_service = Service::new("order-service", binary("order-service")?, common(&orders.url), &log_dir, free_port()?);
+        let order_service =
+            Service::new("order-service", binary("order-service")?, common(&orders.url), &log_dir, free_port()?);
         let mut relays = Vec::new();
         for i in 0..spec.relays {
             let mut env = common(&orders.url);
@@ -104,10 +112,14 @@ impl Cluster {
             env.push(("CONSUMER_GROUP".to_owned(), group.clone()));
             env.push(("CLAIM_MIN_IDLE".to_owned(), ms(spec.claim_min_idle)));
             env.push(("MAX_DELIVERIES".to_owned(), spec.max_deliveries.to_string()));
-            let service = Service::new(&format!("consumer-{i}"), binary("inventory-consumer")?, env, &log_dir, free_port()?);
+            let service =
+                Service::new(&format!("consumer-{i}"), binary("inventory-consumer")?, env, &log_dir, free_port()?);
             consumers.push(service.with_per_start(consumer_name));
         }
-        let http = reqwest::Client::builder().pool_max_idle_per_host(64).build().map_err(|e| FaultError::Setup(format!("http client: {e}")))?;
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(64)
+            .build()
+            .map_err(|e| FaultError::Setup(format!("http client: {e}")))?;
         let mut cluster = Self {
             spec,
             postgres,
@@ -141,6 +153,10 @@ impl Cluster {
         std::iter::once(&mut self.order_service).chain(&mut self.relays).chain(&mut self.consumers)
     }
 
+    pub fn consumer_ports(&self) -> Vec<u16> {
+        self.consumers.iter().map(|c| c.http_port).collect()
+    }
+
     pub fn api(&self) -> String {
         format!("http://127.0.0.1:{}", self.order_service.http_port)
     }
@@ -157,8 +173,11 @@ impl Cluster {
         let skus: Vec<&str> = stock.iter().map(|(s, _)| s.as_str()).collect();
         let qty: Vec<i64> = stock.iter().map(|(_, q)| *q).collect();
         for _ in 0..600 {
-            let migrated: Option<String> =
-                sqlx::query_scalar("SELECT to_regclass('inventory')::text").fetch_one(&self.inventory_db).await.ok().flatten();
+            let migrated: Option<String> = sqlx::query_scalar("SELECT to_regclass('inventory')::text")
+                .fetch_one(&self.inventory_db)
+                .await
+                .ok()
+                .flatten();
             if migrated.is_some() {
                 break;
             }

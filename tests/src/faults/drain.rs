@@ -28,13 +28,24 @@ impl Backlog {
     }
 }
 
-pub async fn backlog(orders: &PgPool, inventory: &PgPool, redis: &mut MultiplexedConnection, stream: &str, group: &str) -> Result<Backlog, FaultError> {
+pub async fn backlog(
+    orders: &PgPool,
+    inventory: &PgPool,
+    redis: &mut MultiplexedConnection,
+    stream: &str,
+    group: &str,
+) -> Result<Backlog, FaultError> {
     let pg = |e: sqlx::Error| FaultError::Postgres(e.to_string());
     let rd = |e: redis::RedisError| FaultError::Redis(e.to_string());
-    let outbox_pending = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE status = 'pending'").fetch_one(orders).await.map_err(pg)?;
+    let outbox_pending = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE status = 'pending'")
+        .fetch_one(orders)
+        .await
+        .map_err(pg)?;
     let parked = sqlx::query_scalar("SELECT count(*) FROM parked_events").fetch_one(inventory).await.map_err(pg)?;
-    let groups: Vec<HashMap<String, redis::Value>> = redis::cmd("XINFO").arg("GROUPS").arg(stream).query_async(redis).await.map_err(rd)?;
-    let group = groups.iter().find(|g| matches!(g.get("name"), Some(redis::Value::BulkString(n)) if n == group.as_bytes()));
+    let groups: Vec<HashMap<String, redis::Value>> =
+        redis::cmd("XINFO").arg("GROUPS").arg(stream).query_async(redis).await.map_err(rd)?;
+    let group =
+        groups.iter().find(|g| matches!(g.get("name"), Some(redis::Value::BulkString(n)) if n == group.as_bytes()));
     let int = |key: &str| match group.and_then(|g| g.get(key)) {
         Some(redis::Value::Int(n)) => Some(*n),
         _ => None,
@@ -48,7 +59,14 @@ pub async fn backlog(orders: &PgPool, inventory: &PgPool, redis: &mut Multiplexe
 }
 
 /// Waits (at most `timeout`) until nothing is pending anywhere; returns the last backlog seen.
-pub async fn drain(orders: &PgPool, inventory: &PgPool, redis: &redis::Client, stream: &str, group: &str, timeout: Duration) -> (Backlog, Duration) {
+pub async fn drain(
+    orders: &PgPool,
+    inventory: &PgPool,
+    redis: &redis::Client,
+    stream: &str,
+    group: &str,
+    timeout: Duration,
+) -> (Backlog, Duration) {
     let began = Instant::now();
     let mut last = Backlog { outbox_pending: -1, ..Backlog::default() };
     while began.elapsed() < timeout {
@@ -64,42 +82,101 @@ pub async fn drain(orders: &PgPool, inventory: &PgPool, redis: &redis::Client, s
     (last, began.elapsed())
 }
 
-/// Samples `XPENDING` while the run goes on and remembers every entry seen delivered more
-/// than once. A lower bound of redeliveries: an entry redelivered and acknowledged between
-/// two samples is not seen.
+/// Samples, while the run goes on, what tells of redelivery: entries `XPENDING` shows
+/// delivered more than once, and the consumers' `consumer_events_total{result="duplicate"}`
+/// (summed over process incarnations: a counter that went down belongs to a new process).
+/// Both are lower bounds: what happens between two samples, or after the last sample of a
+/// killed process, is not seen.
 pub struct RedeliverySampler {
     seen: Arc<Mutex<HashSet<String>>>,
+    duplicates: Arc<Mutex<HashMap<u16, (f64, f64)>>>,
     stop: Arc<AtomicBool>,
     task: tokio::task::JoinHandle<()>,
 }
 
+/// What the sampler saw.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Redeliveries {
+    pub entries_seen_redelivered: usize,
+    pub duplicates_skipped: u64,
+}
+
 impl RedeliverySampler {
-    pub fn start(redis: redis::Client, stream: String, group: String) -> Self {
+    pub fn start(redis: redis::Client, stream: String, group: String, consumer_ports: Vec<u16>) -> Self {
         let seen = Arc::new(Mutex::new(HashSet::new()));
+        let duplicates = Arc::new(Mutex::new(HashMap::new()));
         let stop = Arc::new(AtomicBool::new(false));
+        let http = reqwest::Client::new();
         let task = tokio::spawn({
-            let (seen, stop) = (seen.clone(), stop.clone());
+            let (seen, duplicates, stop) = (seen.clone(), duplicates.clone(), stop.clone());
             async move {
                 while !stop.load(Ordering::Relaxed) {
-                    if let Ok(Ok(mut conn)) = tokio::time::timeout(Duration::from_secs(1), redis.get_multiplexed_async_connection()).await {
-                        let pending: Result<Vec<(String, String, u64, u64)>, _> =
-                            redis::cmd("XPENDING").arg(&stream).arg(&group).arg("-").arg("+").arg(5_000).query_async(&mut conn).await;
+                    if let Ok(Ok(mut conn)) =
+                        tokio::time::timeout(Duration::from_secs(1), redis.get_multiplexed_async_connection()).await
+                    {
+                        let pending: Result<Vec<(String, String, u64, u64)>, _> = redis::cmd("XPENDING")
+                            .arg(&stream)
+                            .arg(&group)
+                            .arg("-")
+                            .arg("+")
+                            .arg(5_000)
+                            .query_async(&mut conn)
+                            .await;
                         if let (Ok(pending), Ok(mut seen)) = (pending, seen.lock()) {
                             seen.extend(pending.into_iter().filter(|p| p.3 > 1).map(|p| p.0));
+                        }
+                    }
+                    for port in &consumer_ports {
+                        let Some(now) = scrape(&http, *port, "consumer_events_total", "result=\"duplicate\"").await
+                        else {
+                            continue;
+                        };
+                        if let Ok(mut d) = duplicates.lock() {
+                            let (earlier, last) = d.entry(*port).or_insert((0.0, 0.0));
+                            if now < *last {
+                                *earlier += *last;
+                            }
+                            *last = now;
                         }
                     }
                     tokio::time::sleep(Duration::from_millis(250)).await;
                 }
             }
         });
-        Self { seen, stop, task }
+        Self { seen, duplicates, stop, task }
     }
 
-    pub async fn finish(self) -> usize {
+    pub async fn finish(self) -> Redeliveries {
         self.stop.store(true, Ordering::Relaxed);
         let _ = self.task.await;
-        self.seen.lock().map(|s| s.len()).unwrap_or(0)
+        Redeliveries {
+            entries_seen_redelivered: self.seen.lock().map(|s| s.len()).unwrap_or(0),
+            duplicates_skipped: self
+                .duplicates
+                .lock()
+                .map(|d| d.values().map(|(a, b)| a + b).sum::<f64>() as u64)
+                .unwrap_or(0),
+        }
     }
+}
+
+/// One sample (summed over matching label sets) from a service's `/metrics`.
+async fn scrape(http: &reqwest::Client, port: u16, name: &str, label: &str) -> Option<f64> {
+    let text = http
+        .get(format!("http://127.0.0.1:{port}/metrics"))
+        .timeout(Duration::from_millis(500))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    let values: Vec<f64> = text
+        .lines()
+        .filter(|l| l.split(['{', ' ']).next() == Some(name) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .collect();
+    (!values.is_empty()).then(|| values.iter().sum())
 }
 
 /// `(entries, distinct event_ids)` on the stream, read in pages.
@@ -108,7 +185,8 @@ pub async fn stream_census(conn: &mut MultiplexedConnection, stream: &str) -> Re
     let mut distinct = HashSet::new();
     let mut from = "-".to_owned();
     loop {
-        let page: redis::streams::StreamRangeReply = conn.xrange_count(stream, &from, "+", 5_000).await.map_err(|e| FaultError::Redis(e.to_string()))?;
+        let page: redis::streams::StreamRangeReply =
+            conn.xrange_count(stream, &from, "+", 5_000).await.map_err(|e| FaultError::Redis(e.to_string()))?;
         let Some(last) = page.ids.last().map(|e| e.id.clone()) else { break };
         for e in &page.ids {
             entries += 1;

@@ -24,7 +24,13 @@ pub struct Injected {
 
 impl Injected {
     pub fn process_kills(&self) -> usize {
-        self.by_kind.iter().filter(|(k, _)| k.starts_with("kill -9 relay") || k.starts_with("kill -9 consumer") || k.starts_with("consumer crash")).map(|(_, n)| n).sum()
+        self.by_kind
+            .iter()
+            .filter(|(k, _)| {
+                k.starts_with("kill -9 relay") || k.starts_with("kill -9 consumer") || k.starts_with("consumer crash")
+            })
+            .map(|(_, n)| n)
+            .sum()
     }
 }
 
@@ -98,25 +104,39 @@ async fn fire(cluster: &mut Cluster, fault: &Fault, injected: &mut Injected) -> 
 ///
 /// The consumer has no failpoint reachable from outside its process, so the window is forced
 /// from Redis: `CLIENT PAUSE … WRITE` holds every XACK (and XREADGROUP) while the database
-/// commits of batches already read go through; the consumer is killed while it waits, then
-/// the pause is lifted. Returns how many of its pending entries were already applied.
+/// commits of batches already read go through. If the consumer then holds entries it has
+/// applied but not acknowledged, it is killed while it waits; otherwise the pause is lifted
+/// and the attempt repeated (bounded), and in the end it is killed regardless. Returns how
+/// many of its pending entries were already applied when it died.
 async fn crash_after_commit(cluster: &mut Cluster, index: usize) -> Result<usize, FaultError> {
+    let rd = |e: redis::RedisError| FaultError::Redis(e.to_string());
     let client = cluster.redis_client()?;
-    let mut conn = client.get_multiplexed_async_connection().await.map_err(|e| FaultError::Redis(e.to_string()))?;
-    redis::cmd("CLIENT").arg("PAUSE").arg(5_000).arg("WRITE").query_async::<()>(&mut conn).await.map_err(|e| FaultError::Redis(e.to_string()))?;
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    let service = &mut cluster.consumers[index];
-    let name = format!("{}-{}", service.name, service.incarnation);
-    service.kill().await;
-    redis::cmd("CLIENT").arg("UNPAUSE").query_async::<()>(&mut conn).await.map_err(|e| FaultError::Redis(e.to_string()))?;
-    let applied = applied_but_pending(cluster, &mut conn, &name).await.unwrap_or(0);
+    let mut conn = client.get_multiplexed_async_connection().await.map_err(rd)?;
+    let name = format!("{}-{}", cluster.consumers[index].name, cluster.consumers[index].incarnation);
+    let mut applied = 0;
+    for attempt in 1..=20 {
+        redis::cmd("CLIENT").arg("PAUSE").arg(5_000).arg("WRITE").query_async::<()>(&mut conn).await.map_err(rd)?;
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        applied = applied_but_pending(cluster, &mut conn, &name).await.unwrap_or(0);
+        if applied > 0 || attempt == 20 {
+            cluster.consumers[index].kill().await;
+            redis::cmd("CLIENT").arg("UNPAUSE").query_async::<()>(&mut conn).await.map_err(rd)?;
+            break;
+        }
+        redis::cmd("CLIENT").arg("UNPAUSE").query_async::<()>(&mut conn).await.map_err(rd)?;
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
     eprintln!("  {name} died with {applied} applied-but-unacknowledged entries");
     tokio::time::sleep(Duration::from_millis(300)).await;
     cluster.consumers[index].start()?;
     Ok(applied)
 }
 
-async fn applied_but_pending(cluster: &Cluster, conn: &mut redis::aio::MultiplexedConnection, consumer: &str) -> Result<usize, FaultError> {
+async fn applied_but_pending(
+    cluster: &Cluster,
+    conn: &mut redis::aio::MultiplexedConnection,
+    consumer: &str,
+) -> Result<usize, FaultError> {
     let pending: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
         .arg(&cluster.stream)
         .arg(&cluster.group)
@@ -129,7 +149,8 @@ async fn applied_but_pending(cluster: &Cluster, conn: &mut redis::aio::Multiplex
         .map_err(|e| FaultError::Redis(e.to_string()))?;
     let mut event_ids = Vec::new();
     for (id, ..) in pending {
-        let entries: redis::streams::StreamRangeReply = conn.xrange(&cluster.stream, &id, &id).await.map_err(|e| FaultError::Redis(e.to_string()))?;
+        let entries: redis::streams::StreamRangeReply =
+            conn.xrange(&cluster.stream, &id, &id).await.map_err(|e| FaultError::Redis(e.to_string()))?;
         for e in entries.ids {
             if let Some(event_id) = e.get::<String>("event_id") {
                 event_ids.push(event_id);

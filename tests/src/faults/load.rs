@@ -88,10 +88,12 @@ impl Worker {
                 req = req.json(b);
             }
             match req.send().await {
-                Ok(r) if r.status().is_success() => match r.json::<Value>().await {
-                    Ok(v) => return Answer::Acked(v),
-                    Err(_) => {} // cut off mid-body: unknown, retry
-                },
+                Ok(r) if r.status().is_success() => {
+                    // A body cut off mid-way leaves the outcome unknown: retry.
+                    if let Ok(v) = r.json::<Value>().await {
+                        return Answer::Acked(v);
+                    }
+                }
                 Ok(r) if r.status().is_client_error() && ![408, 429].contains(&r.status().as_u16()) => {
                     let status = r.status().as_u16();
                     return Answer::Refused(status, r.text().await.unwrap_or_default());
@@ -111,7 +113,8 @@ impl Worker {
     async fn order(&mut self, seed: u64, order: &PlannedOrder, anomalies: &Mutex<Vec<String>>) -> LedgerEntry {
         let mut entry = LedgerEntry::default();
         let key = format!("faults-{seed}-{}", order.index);
-        let items: Vec<Value> = order.items.iter().map(|(sku, q)| json!({"sku": sku, "quantity": q, "unit_price_cents": 100})).collect();
+        let items: Vec<Value> =
+            order.items.iter().map(|(sku, q)| json!({"sku": sku, "quantity": q, "unit_price_cents": 100})).collect();
         let body = json!({"customer_id": order.customer_id(), "items": items});
         let anomaly = |what: String| anomalies.lock().map(|mut a| a.push(what)).unwrap_or(());
         let creates = if order.retry_create { 2 } else { 1 };
@@ -120,7 +123,9 @@ impl Worker {
                 Answer::Acked(v) => {
                     let id = v["id"].as_str().unwrap_or_default().to_owned();
                     match &entry.order_id {
-                        Some(first) if *first != id => anomaly(format!("order {}: Idempotency-Key retry gave id {id}, first {first}", order.index)),
+                        Some(first) if *first != id => {
+                            anomaly(format!("order {}: Idempotency-Key retry gave id {id}, first {first}", order.index))
+                        }
                         _ => entry.order_id = Some(id),
                     }
                     if entry.acked.is_empty() {
@@ -171,14 +176,22 @@ impl Worker {
 }
 
 /// Drives `plan` through the API at `api`.
-pub async fn drive(http: reqwest::Client, api: String, plan: Arc<Vec<PlannedOrder>>, spec: LoadSpec, gate: Arc<Gate>) -> LoadOutcome {
+pub async fn drive(
+    http: reqwest::Client,
+    api: String,
+    plan: Arc<Vec<PlannedOrder>>,
+    spec: LoadSpec,
+    gate: Arc<Gate>,
+) -> LoadOutcome {
     let began = Instant::now();
     let ledger = Arc::new(Mutex::new(vec![LedgerEntry::default(); plan.len()]));
     let anomalies = Arc::new(Mutex::new(Vec::new()));
     let mut tasks = Vec::new();
     for _ in 0..spec.concurrency.max(1) {
-        let (plan, gate, ledger, anomalies, spec) = (plan.clone(), gate.clone(), ledger.clone(), anomalies.clone(), spec.clone());
-        let mut worker = Worker { http: http.clone(), api: api.clone(), deadline: spec.step_deadline, requests: 0, retries: 0 };
+        let (plan, gate, ledger, anomalies, spec) =
+            (plan.clone(), gate.clone(), ledger.clone(), anomalies.clone(), spec.clone());
+        let mut worker =
+            Worker { http: http.clone(), api: api.clone(), deadline: spec.step_deadline, requests: 0, retries: 0 };
         tasks.push(tokio::spawn(async move {
             loop {
                 let index = gate.started.fetch_add(1, Ordering::SeqCst);

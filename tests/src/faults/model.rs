@@ -58,7 +58,11 @@ pub type Stock = (i64, i64);
 ///
 /// The plan keeps outcomes independent of how orders interleave (see `plan`), so applying
 /// each order's events in turn gives the one correct final stock.
-pub fn expected_stock(plan: &[PlannedOrder], paths: &[Vec<&'static str>], initial: &[(String, i64)]) -> HashMap<String, Stock> {
+pub fn expected_stock(
+    plan: &[PlannedOrder],
+    paths: &[Vec<&'static str>],
+    initial: &[(String, i64)],
+) -> HashMap<String, Stock> {
     let mut stock: HashMap<String, Stock> = initial.iter().map(|(s, q)| (s.clone(), (*q, 0))).collect();
     for (order, path) in plan.iter().zip(paths) {
         if order.doomed() {
@@ -114,7 +118,8 @@ pub fn judge_own_sku(order: &PlannedOrder, path: &[&'static str], observed: Stoc
         }
         let own = [(order.own_sku(), q)];
         let single = PlannedOrder { index: order.index, items: own.to_vec(), fate: order.fate, retry_create: false };
-        let stock = expected_stock(std::slice::from_ref(&single), &[path[..upto].to_vec()], &[(order.own_sku(), OWN_STOCK)]);
+        let stock =
+            expected_stock(std::slice::from_ref(&single), &[path[..upto].to_vec()], &[(order.own_sku(), OWN_STOCK)]);
         stock.get(&order.own_sku()).copied().unwrap_or((OWN_STOCK, 0))
     };
     if observed == states(path.len()) {
@@ -136,7 +141,12 @@ mod tests {
     use super::*;
 
     fn order(items: &[(&str, i64)]) -> PlannedOrder {
-        PlannedOrder { index: 0, items: items.iter().map(|(s, q)| ((*s).to_owned(), *q)).collect(), fate: Fate::Confirm, retry_create: false }
+        PlannedOrder {
+            index: 0,
+            items: items.iter().map(|(s, q)| ((*s).to_owned(), *q)).collect(),
+            fate: Fate::Confirm,
+            retry_create: false,
+        }
     }
 
     const C: &str = "OrderCreated";

@@ -20,7 +20,10 @@ pub fn binary(name: &str) -> Result<PathBuf, FaultError> {
             return Ok(candidate);
         }
     }
-    Err(FaultError::Setup(format!("binary `{name}` not found next to {} (run `cargo build --workspace --bins` first)", exe.display())))
+    Err(FaultError::Setup(format!(
+        "binary `{name}` not found next to {} (run `cargo build --workspace --bins` first)",
+        exe.display()
+    )))
 }
 
 /// A service process: its command line stays the same across restarts.
@@ -42,7 +45,16 @@ fn nothing(_: &str, _: u32) -> Vec<(String, String)> {
 
 impl Service {
     pub fn new(name: &str, bin: PathBuf, env: Vec<(String, String)>, log_dir: &Path, http_port: u16) -> Self {
-        Self { name: name.to_owned(), bin, env, log: log_dir.join(format!("{name}.log")), per_start: nothing, child: None, incarnation: 0, http_port }
+        Self {
+            name: name.to_owned(),
+            bin,
+            env,
+            log: log_dir.join(format!("{name}.log")),
+            per_start: nothing,
+            child: None,
+            incarnation: 0,
+            http_port,
+        }
     }
 
     pub fn with_per_start(mut self, f: fn(&str, u32) -> Vec<(String, String)>) -> Self {
@@ -65,7 +77,11 @@ impl Service {
             return Ok(());
         }
         self.incarnation += 1;
-        let log = OpenOptions::new().create(true).append(true).open(&self.log).map_err(|e| FaultError::Setup(format!("log {}: {e}", self.log.display())))?;
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .map_err(|e| FaultError::Setup(format!("log {}: {e}", self.log.display())))?;
         let err = log.try_clone().map_err(|e| FaultError::Setup(e.to_string()))?;
         let child = Command::new(&self.bin)
             .envs(self.env.iter().cloned())
@@ -96,7 +112,10 @@ impl Service {
     /// Sends `SIGSTOP` (`freeze`) or `SIGCONT`.
     pub fn signal(&self, signal: &str) -> Result<(), FaultError> {
         let pid = self.pid().ok_or_else(|| FaultError::Setup(format!("{} is not running", self.name)))?;
-        let status = std::process::Command::new("kill").args(["-s", signal, &pid.to_string()]).status().map_err(|e| FaultError::Setup(format!("kill: {e}")))?;
+        let status = std::process::Command::new("kill")
+            .args(["-s", signal, &pid.to_string()])
+            .status()
+            .map_err(|e| FaultError::Setup(format!("kill: {e}")))?;
         if status.success() {
             Ok(())
         } else {
@@ -130,22 +149,13 @@ impl Service {
                 }
             }
             if tokio::time::Instant::now() > deadline {
-                return Err(FaultError::Setup(format!("{} not ready after {timeout:?} (log: {})", self.name, self.log.display())));
+                return Err(FaultError::Setup(format!(
+                    "{} not ready after {timeout:?} (log: {})",
+                    self.name,
+                    self.log.display()
+                )));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-    }
-
-    /// Reads a counter or gauge from `/metrics` (sum over label sets); `None` if unreachable.
-    pub async fn metric(&self, http: &reqwest::Client, name: &str) -> Option<f64> {
-        let url = format!("http://127.0.0.1:{}/metrics", self.http_port);
-        let text = http.get(&url).timeout(Duration::from_secs(1)).send().await.ok()?.text().await.ok()?;
-        let values: Vec<f64> = text
-            .lines()
-            .filter(|l| !l.starts_with('#'))
-            .filter(|l| l.split(['{', ' ']).next() == Some(name))
-            .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
-            .collect();
-        (!values.is_empty()).then(|| values.iter().sum())
     }
 }

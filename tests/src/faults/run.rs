@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use super::checker::{check, Findings};
 use super::cluster::{Cluster, ClusterSpec};
-use super::drain::{drain, stream_census, Backlog, RedeliverySampler};
+use super::drain::{drain, stream_census, Backlog, Redeliveries, RedeliverySampler};
 use super::inject::{restart_crashed, run_schedule, Injected};
 use super::load::{drive, Gate, LoadSpec};
 use super::plan::{self, PlannedOrder};
@@ -64,7 +64,7 @@ pub struct Report {
     pub injected: Injected,
     pub stream_entries: usize,
     pub stream_distinct_events: usize,
-    pub redeliveries_seen: usize,
+    pub redeliveries: Redeliveries,
     pub anomalies: Vec<String>,
     pub findings: Findings,
 }
@@ -76,7 +76,10 @@ impl Report {
 
     /// Nothing lost, nothing applied twice, order kept, and the API kept its word.
     pub fn holds(&self) -> bool {
-        self.findings.holds() && self.anomalies.is_empty() && self.drained.is_empty() && self.injected.unexpected_exits.is_empty()
+        self.findings.holds()
+            && self.anomalies.is_empty()
+            && self.drained.is_empty()
+            && self.injected.unexpected_exits.is_empty()
     }
 }
 
@@ -85,15 +88,27 @@ impl fmt::Display for Report {
         let f = &self.findings;
         writeln!(out, "fault run, seed {} (FAULT_SEED={} reproduces it)", self.seed, self.seed)?;
         writeln!(out, "  load: {} orders planned, {} acknowledged, {} in database, {} requests ({} retries), {} unknown steps, {:.1}s", self.orders_planned, f.orders_acknowledged, f.orders_in_database, self.requests, self.request_retries, f.unknown_steps, self.load_time.as_secs_f64())?;
-        writeln!(out, "  events: {} published, {} applied; stream {} entries, {} duplicates; {} entries seen redelivered", f.events_published, f.events_processed, self.stream_entries, self.duplicate_entries(), self.redeliveries_seen)?;
+        writeln!(out, "  events: {} published, {} applied; stream {} entries, {} duplicate entries; redeliveries: {} entries seen redelivered in XPENDING, {} duplicates skipped by consumers", f.events_published, f.events_processed, self.stream_entries, self.duplicate_entries(), self.redeliveries.entries_seen_redelivered, self.redeliveries.duplicates_skipped)?;
         writeln!(out, "  faults: {} process kills", self.injected.process_kills())?;
         for (kind, n) in &self.injected.by_kind {
             writeln!(out, "    {n:>4} × {kind}")?;
         }
-        writeln!(out, "    applied-but-unacknowledged entries at consumer crashes: {}", self.injected.applied_unacked_at_crash)?;
+        writeln!(
+            out,
+            "    applied-but-unacknowledged entries at consumer crashes: {}",
+            self.injected.applied_unacked_at_crash
+        )?;
         writeln!(out, "    services that exited by themselves: {:?}", self.injected.unexpected_exits)?;
         writeln!(out, "  drain: {:.1}s, left {:?}", self.drain_time.as_secs_f64(), self.drained)?;
-        writeln!(out, "  lost: {} (orders {}, events not published {}, events not applied {}, orders missing effects {})", f.lost(), f.lost_orders, f.missing_events, f.unapplied_events, f.orders_missing_effects)?;
+        writeln!(
+            out,
+            "  lost: {} (orders {}, events not published {}, events not applied {}, orders missing effects {})",
+            f.lost(),
+            f.lost_orders,
+            f.missing_events,
+            f.unapplied_events,
+            f.orders_missing_effects
+        )?;
         writeln!(out, "  double-applied: {}; wrong effects: {}; checkpoint mismatches: {}; status mismatches: {}; sequence errors: {}", f.double_applied, f.orders_wrong_effects, f.checkpoint_mismatches, f.status_mismatches, f.sequence_errors)?;
         writeln!(out, "  shared-SKU mismatches: {}; phantom events: {}; parked left: {}; outbox pending {} dead {}; dead letters: {}", f.inventory_mismatches, f.phantom_events, f.parked_left, f.outbox_pending_left, f.outbox_dead, f.dead_letters)?;
         for a in self.anomalies.iter().take(10) {
@@ -107,12 +122,21 @@ impl fmt::Display for Report {
 }
 
 /// Drains, then checks and counts: the end of every run, with or without faults.
-pub async fn settle_and_check(cluster: &mut Cluster, plan: &[PlannedOrder], load: super::load::LoadOutcome, injected: Injected, sampler: RedeliverySampler, seed: u64, drain_timeout: Duration) -> Result<Report, FaultError> {
+pub async fn settle_and_check(
+    cluster: &mut Cluster,
+    plan: &[PlannedOrder],
+    load: super::load::LoadOutcome,
+    injected: Injected,
+    sampler: RedeliverySampler,
+    seed: u64,
+    drain_timeout: Duration,
+) -> Result<Report, FaultError> {
     let mut injected = injected;
     restart_crashed(cluster, &mut injected)?;
     let redis = cluster.redis_client()?;
-    let (drained, drain_time) = drain(&cluster.orders_db, &cluster.inventory_db, &redis, &cluster.stream, &cluster.group, drain_timeout).await;
-    let redeliveries_seen = sampler.finish().await;
+    let (drained, drain_time) =
+        drain(&cluster.orders_db, &cluster.inventory_db, &redis, &cluster.stream, &cluster.group, drain_timeout).await;
+    let redeliveries = sampler.finish().await;
     let mut conn = redis.get_multiplexed_async_connection().await.map_err(|e| FaultError::Redis(e.to_string()))?;
     let (stream_entries, stream_distinct_events) = stream_census(&mut conn, &cluster.stream).await?;
     let initial = plan::initial_stock(plan);
@@ -128,7 +152,7 @@ pub async fn settle_and_check(cluster: &mut Cluster, plan: &[PlannedOrder], load
         injected,
         stream_entries,
         stream_distinct_events,
-        redeliveries_seen,
+        redeliveries,
         anomalies: load.anomalies,
         findings,
     })
@@ -161,9 +185,19 @@ pub async fn run(spec: &RunSpec) -> Result<(Report, Cluster), FaultError> {
     );
     let mut cluster = start_cluster(spec.cluster.clone(), &plan).await?;
     eprintln!("services' logs: {}", cluster.log_dir.display());
-    let sampler = RedeliverySampler::start(cluster.redis_client()?, cluster.stream.clone(), cluster.group.clone());
+    let sampler = RedeliverySampler::start(
+        cluster.redis_client()?,
+        cluster.stream.clone(),
+        cluster.group.clone(),
+        cluster.consumer_ports(),
+    );
     let gate = Gate::new(schedule.first().map_or(usize::MAX, |s| s.at_order + 1));
-    let load_spec = LoadSpec { seed: spec.seed, concurrency: spec.concurrency, step_deadline: Duration::from_secs(60), spread_over: spec.spread_over };
+    let load_spec = LoadSpec {
+        seed: spec.seed,
+        concurrency: spec.concurrency,
+        step_deadline: Duration::from_secs(60),
+        spread_over: spec.spread_over,
+    };
     let load = tokio::spawn(drive(cluster.http.clone(), cluster.api(), plan.clone(), load_spec, gate.clone()));
     let injected = run_schedule(&mut cluster, &schedule, &gate).await;
     gate.open_to(usize::MAX);

@@ -94,7 +94,10 @@ pub fn generate(seed: u64, spec: &ScheduleSpec) -> Vec<Scheduled> {
     }
     for _ in 0..spec.relay_freezes {
         let extra = Duration::from_millis(rng.random_range(500..=1_500));
-        faults.push(Fault::FreezeRelay { relay: rng.random_range(0..spec.relays.max(1)), frozen_for: spec.relay_lease + extra });
+        faults.push(Fault::FreezeRelay {
+            relay: rng.random_range(0..spec.relays.max(1)),
+            frozen_for: spec.relay_lease + extra,
+        });
     }
     for _ in 0..spec.redis_crashes {
         faults.push(Fault::RedisCrash { down_for: Duration::from_millis(rng.random_range(300..=2_000)) });
@@ -162,7 +165,9 @@ mod tests {
             match &f.fault {
                 Fault::FreezeRelay { relay, frozen_for } => assert!(*relay < 2 && *frozen_for > Duration::from_secs(2)),
                 Fault::Kill { target: Target::Relay(i), .. } => assert!(*i < 2),
-                Fault::Kill { target: Target::Consumer(i), .. } | Fault::ConsumerCrashAfterCommit { consumer: i } => assert!(*i < 3),
+                Fault::Kill { target: Target::Consumer(i), .. } | Fault::ConsumerCrashAfterCommit { consumer: i } => {
+                    assert!(*i < 3)
+                }
                 _ => {}
             }
         }
