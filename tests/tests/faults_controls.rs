@@ -82,9 +82,16 @@ async fn checker_reports_loss_when_a_cache_redis_forgets_and_nothing_replays() {
     let report = settle(&mut cluster, &plan, outcome, seed).await;
     let f = &report.findings;
     assert!(f.events_published > ORDERS, "the load published its events");
-    assert_eq!(f.events_processed, 0, "frozen consumers applied nothing before the crash");
-    assert_eq!(f.unapplied_events, f.events_published, "every published event is reported lost\n{report}");
-    assert!(f.lost() >= f.events_published && !report.holds());
+    // Only what the frozen consumers' blocked reads had already been handed before the crash
+    // (at most one read each) can have been applied; every other event is gone.
+    assert!(f.events_processed <= 3 * 256, "{report}");
+    assert_eq!(
+        f.unapplied_events,
+        f.events_published - f.events_processed,
+        "every unapplied event is reported lost\n{report}"
+    );
+    assert!(f.unapplied_events > f.events_published / 2, "{report}");
+    assert!(f.lost() >= f.unapplied_events && !report.holds());
     assert_eq!(f.double_applied, 0);
     cluster.discard_logs();
 }
