@@ -167,7 +167,9 @@ impl Consumer {
             }
         }
         let spans: Vec<tracing::Span> = incoming.iter().map(|i| self.entry_span(i)).collect();
-        let applied = self.apply(&incoming, &dead).await;
+        let (applied, dead_recorded) = self.apply(&incoming, &dead).await;
+        // Unrecorded dead letters stay pending, to be retried like any other entry.
+        let dead = if dead_recorded { dead } else { Vec::new() };
         if c.crash_after_commit && !applied.is_empty() {
             return Err(ConsumerError::CrashedAfterCommit.into());
         }
@@ -190,7 +192,7 @@ impl Consumer {
     /// The committed outcome of each incoming event (by index) and what it released. Entries
     /// missing from the answer stay pending: they are retried after `CLAIM_MIN_IDLE` and
     /// dead-lettered after `MAX_DELIVERIES`.
-    async fn apply(&self, incoming: &[Incoming], dead: &[DeadLetter]) -> Vec<(usize, Outcome, BatchResult)> {
+    async fn apply(&self, incoming: &[Incoming], dead: &[DeadLetter]) -> (Vec<(usize, Outcome, BatchResult)>, bool) {
         let mut delay = Duration::from_millis(100);
         let mut conflicts = 0;
         loop {
@@ -202,12 +204,12 @@ impl Consumer {
                     if let Some(first) = out.first_mut() {
                         first.2 = r;
                     }
-                    return out;
+                    return (out, true);
                 }
                 Err(e) if is_unavailable(&e) && !self.shutdown.is_cancelled() => {
                     tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "database unavailable");
                     tokio::select! {
-                        () = self.shutdown.cancelled() => return Vec::new(),
+                        () = self.shutdown.cancelled() => return (Vec::new(), false),
                         () = tokio::time::sleep(delay) => {}
                     }
                     delay = (delay * 2).min(MAX_BACKOFF);
@@ -222,18 +224,25 @@ impl Consumer {
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "entry not applied; left pending");
-                    return Vec::new();
+                    return (Vec::new(), false);
                 }
             }
         }
     }
 
-    async fn apply_one_by_one(&self, incoming: &[Incoming], dead: &[DeadLetter]) -> Vec<(usize, Outcome, BatchResult)> {
-        if !dead.is_empty() {
-            if let Err(e) = apply_batch(&self.pool, &[], dead).await {
-                tracing::error!(error = %e, "dead letters not recorded; left pending");
-            }
-        }
+    async fn apply_one_by_one(
+        &self,
+        incoming: &[Incoming],
+        dead: &[DeadLetter],
+    ) -> (Vec<(usize, Outcome, BatchResult)>, bool) {
+        let dead_recorded = dead.is_empty()
+            || match apply_batch(&self.pool, &[], dead).await {
+                Ok(_) => true,
+                Err(e) => {
+                    tracing::error!(error = %e, "dead letters not recorded; left pending");
+                    false
+                }
+            };
         let mut out = Vec::new();
         for (i, entry) in incoming.iter().enumerate() {
             match apply_batch(&self.pool, std::slice::from_ref(entry), &[]).await {
@@ -246,7 +255,7 @@ impl Consumer {
                     "entry not applied; left pending"),
             }
         }
-        out
+        (out, dead_recorded)
     }
 
     async fn delivery_counts(
@@ -302,8 +311,7 @@ impl Consumer {
             counts[slot] += 1;
             if let Some(span) = spans.get(*i) {
                 span.record("result", label);
-                let _ =
-                    span.in_scope(|| tracing::debug!(entry_id = %incoming[*i].stream_id, result = label, "handled"));
+                span.in_scope(|| tracing::debug!(entry_id = %incoming[*i].stream_id, result = label, "handled"));
             }
             for a in &result.applied {
                 m.end_to_end_latency.observe((now - a.occurred_at).num_microseconds().unwrap_or(0).max(0) as f64 / 1e6);

@@ -1,4 +1,5 @@
 //! Integration tests against the real Postgres and Redis.
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 mod common;
 mod failures;
