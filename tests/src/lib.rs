@@ -3,7 +3,9 @@
 //! The binaries are looked up next to the test executable (`target/<profile>/`), so
 //! `cargo build --workspace --bins` must run before `cargo test` (as `scripts/test` does).
 
+pub mod exposition;
 pub mod faults;
 pub mod process;
+pub mod system;
 
 pub use process::{binary_path, free_local_addr, ServiceProcess};

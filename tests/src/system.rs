@@ -1,0 +1,163 @@
+//! The whole pipeline as real processes: order-service and relay on a fresh orders database,
+//! inventory-consumer on a fresh inventory database, all on one unique stream.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use test_support::TestDatabase;
+
+use crate::ServiceProcess;
+
+pub struct System {
+    pub orders: TestDatabase,
+    pub inventory: TestDatabase,
+    pub stream: String,
+    pub order_service: ServiceProcess,
+    pub relay: ServiceProcess,
+    pub consumer: ServiceProcess,
+}
+
+/// Extra environment: for every service, then per service.
+#[derive(Default, Clone)]
+pub struct Env {
+    pub all: Vec<(String, String)>,
+    pub order_service: Vec<(String, String)>,
+    pub relay: Vec<(String, String)>,
+    pub consumer: Vec<(String, String)>,
+}
+
+impl Env {
+    pub fn all(mut self, key: &str, value: impl Into<String>) -> Self {
+        self.all.push((key.to_owned(), value.into()));
+        self
+    }
+}
+
+impl System {
+    /// Starts the three services and waits until each reports ready.
+    pub async fn start(env: Env) -> Self {
+        let orders = test_support::fresh_database("sys_orders").await;
+        let inventory = test_support::fresh_database("sys_inventory").await;
+        let stream = test_support::unique_name("sys-stream");
+        let redis = test_support::redis_url();
+        let with = |own: &[(String, String)], base: Vec<(String, String)>| {
+            base.into_iter().chain(env.all.iter().cloned()).chain(own.iter().cloned()).collect::<Vec<_>>()
+        };
+        let kv = |k: &str, v: &str| (k.to_owned(), v.to_owned());
+        let mut order_service =
+            ServiceProcess::spawn("order-service", with(&env.order_service, vec![kv("DATABASE_URL", &orders.url)]));
+        let mut relay = ServiceProcess::spawn(
+            "relay",
+            with(
+                &env.relay,
+                vec![kv("DATABASE_URL", &orders.url), kv("REDIS_URL", &redis), kv("REDIS_STREAM", &stream)],
+            ),
+        );
+        let mut consumer = ServiceProcess::spawn(
+            "inventory-consumer",
+            with(
+                &env.consumer,
+                vec![
+                    kv("DATABASE_URL", &inventory.url),
+                    kv("REDIS_URL", &redis),
+                    kv("REDIS_STREAM", &stream),
+                    kv("CONSUMER_GROUP", &test_support::unique_name("inventory")),
+                    kv("CONSUMER_NAME", "consumer-1"),
+                ],
+            ),
+        );
+        let ready = Duration::from_secs(60);
+        order_service.wait_ready(ready).await;
+        relay.wait_ready(ready).await;
+        consumer.wait_ready(ready).await;
+        Self { orders, inventory, stream, order_service, relay, consumer }
+    }
+
+    /// SIGTERM to all three, and each must exit successfully within 30 s.
+    pub async fn stop(&mut self) {
+        for process in [&self.order_service, &self.relay, &self.consumer] {
+            process.terminate();
+        }
+        for process in [&mut self.order_service, &mut self.relay, &mut self.consumer] {
+            let Some(status) = process.wait_exit(Duration::from_secs(30)).await else {
+                process.kill().await;
+                panic!("{} did not exit within 30 s of SIGTERM\n{}", process.name(), process.tail(50));
+            };
+            assert!(status.success(), "{} exited with {status} after SIGTERM\n{}", process.name(), process.tail(50));
+        }
+    }
+}
+
+/// Requests the tests make. They panic with the response when it is not a success.
+impl System {
+    /// `PUT /inventory/{sku}` on the consumer.
+    pub async fn set_stock(&self, sku: &str, on_hand: i64) {
+        let consumer = &self.consumer;
+        let resp = consumer
+            .http()
+            .put(consumer.url(&format!("/inventory/{sku}")))
+            .json(&serde_json::json!({ "on_hand": on_hand }))
+            .send()
+            .await
+            .expect("PUT /inventory");
+        assert!(resp.status().is_success(), "PUT /inventory/{sku}: {}", resp.status());
+    }
+
+    /// Waits until the consumer shows `(on_hand, reserved)` for `sku`.
+    pub async fn wait_for_stock(&self, sku: &str, expected: (i64, i64), timeout: Duration) {
+        let consumer = &self.consumer;
+        test_support::eventually(&format!("{sku} stock (on_hand, reserved) = {expected:?}"), timeout, || async {
+            let resp = consumer.http().get(consumer.url(&format!("/inventory/{sku}"))).send().await.ok()?;
+            let body: serde_json::Value = resp.json().await.ok()?;
+            (body["on_hand"].as_i64()? == expected.0 && body["reserved"].as_i64()? == expected.1).then_some(())
+        })
+        .await;
+    }
+
+    /// `POST {path}` on order-service with a `traceparent` header; returns the JSON body.
+    pub async fn post(&self, path: &str, body: Option<serde_json::Value>, traceparent: &str) -> serde_json::Value {
+        let service = &self.order_service;
+        let mut request = service.http().post(service.url(path)).header("traceparent", traceparent);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let resp = request.send().await.unwrap_or_else(|e| panic!("POST {path}: {e}"));
+        let status = resp.status();
+        let body: serde_json::Value = resp.json().await.expect("JSON body");
+        assert!(status.is_success(), "POST {path}: {status} {body}");
+        body
+    }
+
+    /// Creates an order of `quantity` × `sku`; returns its id.
+    pub async fn create_order(&self, sku: &str, quantity: u32, traceparent: &str) -> String {
+        let body = serde_json::json!({
+            "customer_id": "c-system",
+            "items": [{ "sku": sku, "quantity": quantity, "unit_price_cents": 1250 }],
+        });
+        let order = self.post("/orders", Some(body), traceparent).await;
+        order["id"].as_str().expect("order id in the response").to_owned()
+    }
+
+    /// The stream entries of `order_id`, as field maps, in stream order.
+    pub async fn stream_entries(&self, order_id: &str) -> Vec<HashMap<String, String>> {
+        let mut redis = test_support::redis_connection().await;
+        let reply: redis::streams::StreamRangeReply =
+            redis::cmd("XRANGE").arg(&self.stream).arg("-").arg("+").query_async(&mut redis).await.expect("XRANGE");
+        reply
+            .ids
+            .iter()
+            .map(|e| e.map.keys().filter_map(|k| e.get::<String>(k).map(|v| (k.clone(), v))).collect::<HashMap<_, _>>())
+            .filter(|fields| fields.get("aggregate_id").map(String::as_str) == Some(order_id))
+            .collect()
+    }
+}
+
+/// `00-{trace}-{span}-{01|00}`.
+pub fn traceparent(trace: &str, span: &str, sampled: bool) -> String {
+    format!("00-{trace}-{span}-{}", if sampled { "01" } else { "00" })
+}
+
+/// A random lower-case hex id of `bytes` bytes (16 for a trace id, 8 for a span id).
+pub fn hex_id(bytes: usize) -> String {
+    (0..bytes).map(|_| format!("{:02x}", rand::random::<u8>())).collect()
+}
