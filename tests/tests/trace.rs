@@ -40,7 +40,7 @@ async fn stream_events(system: &System, order_id: &str) -> HashMap<String, (Stri
 }
 
 /// `/metrics` parses as Prometheus text, has samples, and no label carries an id.
-async fn check_metrics(service: &ServiceProcess, ids: &[&str]) {
+async fn check_metrics(service: &ServiceProcess, ids: &[&str]) -> String {
     let resp = service.http().get(service.url("/metrics")).send().await.expect("GET /metrics");
     assert_eq!(resp.status(), 200);
     let text = resp.text().await.expect("metrics body");
@@ -54,6 +54,33 @@ async fn check_metrics(service: &ServiceProcess, ids: &[&str]) {
             service.name(),
             family.name
         );
+        if let Some(unit) = &family.unit {
+            assert!(family.name.ends_with(&format!("_{unit}")), "{}: {} has unit {unit}", service.name(), family.name);
+        }
+        match family.kind.as_str() {
+            "counter" => assert!(
+                family.samples.iter().all(|s| s.name.ends_with("_total") || s.name.ends_with("_created")),
+                "{}: counter {} without _total",
+                service.name(),
+                family.name
+            ),
+            "histogram" if !family.samples.is_empty() => {
+                let has = |suffix: &str| family.samples.iter().any(|s| s.name == format!("{}{suffix}", family.name));
+                assert!(
+                    has("_sum") && has("_count"),
+                    "{}: histogram {} lacks _sum/_count",
+                    service.name(),
+                    family.name
+                );
+                assert!(
+                    family.samples.iter().any(|s| s.labels.get("le").map(String::as_str) == Some("+Inf")),
+                    "{}: histogram {} lacks the +Inf bucket",
+                    service.name(),
+                    family.name
+                );
+            }
+            _ => {}
+        }
         for sample in &family.samples {
             for value in sample.labels.values() {
                 assert!(
@@ -64,6 +91,7 @@ async fn check_metrics(service: &ServiceProcess, ids: &[&str]) {
             }
         }
     }
+    text
 }
 
 struct Spans<'a>(&'a [CollectedSpan]);
@@ -109,13 +137,19 @@ async fn one_trace_links_order_service_relay_and_consumer() {
     let events = stream_events(&system, &order_id).await;
     let ids: Vec<&str> = std::iter::once(order_id.as_str()).chain(events.values().map(|(id, _)| id.as_str())).collect();
     for service in [&system.order_service, &system.relay, &system.consumer] {
-        check_metrics(service, &ids).await;
+        let text = check_metrics(service, &ids).await;
+        if std::env::var_os("SYSTEM_TESTS_SHOW_METRICS").is_some() {
+            eprintln!("--- {} /metrics ---\n{text}", service.name());
+        }
     }
     // Graceful shutdown flushes whatever the exporters still hold.
     system.stop().await;
 
     let all = collector.spans();
     let spans = Spans(&all);
+    if std::env::var_os("SYSTEM_TESTS_SHOW_SPANS").is_some() {
+        eprintln!("{}", spans.show());
+    }
     let in_trace: Vec<&CollectedSpan> = all.iter().filter(|s| s.trace_id == trace).collect();
     for service in ["order-service", "relay", "inventory-consumer"] {
         assert!(
