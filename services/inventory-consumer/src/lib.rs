@@ -20,6 +20,7 @@ pub mod rules;
 pub mod stream;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -75,10 +76,26 @@ impl Service {
     /// migrations when Postgres is reachable, then consumes until `shutdown`.
     pub async fn run(self, shutdown: Shutdown) -> Result<(), StartError> {
         let metrics = metrics::Metrics::register(&self.registry);
-        let readiness = Readiness::new().postgres(self.pool.clone()).check("redis", {
-            let client = self.redis.clone();
-            move || redis_ping(client.clone())
-        });
+        let migrated = Arc::new(AtomicBool::new(false));
+        let readiness = Readiness::new()
+            .postgres(self.pool.clone())
+            .check("redis", {
+                let client = self.redis.clone();
+                move || redis_ping(client.clone())
+            })
+            .check("migrations", {
+                let migrated = migrated.clone();
+                move || {
+                    let done = migrated.load(Ordering::Relaxed);
+                    async move {
+                        if done {
+                            Ok(())
+                        } else {
+                            Err("not applied yet".to_owned())
+                        }
+                    }
+                }
+            });
         let app = http::router(self.pool.clone()).merge(ops_router(readiness, self.registry.clone()));
         // The server stops after the consumer, so in-flight work is visible to the end.
         let stop_http = Shutdown::new();
@@ -87,6 +104,7 @@ impl Service {
         let consumed = match service_kit::startup::migrate_with_retry(&self.pool, &MIGRATOR, &shutdown).await {
             None => Ok(()),
             Some(()) => {
+                migrated.store(true, Ordering::Relaxed);
                 let consumer = consumer::Consumer {
                     config: self.config,
                     pool: self.pool.clone(),
