@@ -8,6 +8,7 @@ use domain::{Event, StreamEntry};
 use redis::aio::MultiplexedConnection;
 use sqlx::PgPool;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::apply::{apply_batch, BatchResult, DeadLetter, Incoming, Outcome};
 use crate::metrics::{EventResult, Metrics};
@@ -167,7 +168,13 @@ impl Consumer {
             }
         }
         let spans: Vec<tracing::Span> = incoming.iter().map(|i| self.entry_span(i)).collect();
-        let (applied, dead_recorded) = self.apply(&incoming, &dead).await;
+        // One transaction applies the whole batch; its span links to every entry's span so each
+        // order's trace leads to the database work done for it.
+        let batch_span = tracing::info_span!("apply entries", entries = incoming.len(), dead = dead.len());
+        for span in &spans {
+            telemetry::propagation::add_link(&batch_span, span);
+        }
+        let (applied, dead_recorded) = self.apply(&incoming, &dead).instrument(batch_span).await;
         // Unrecorded dead letters stay pending, to be retried like any other entry.
         let dead = if dead_recorded { dead } else { Vec::new() };
         if c.crash_after_commit && !applied.is_empty() {

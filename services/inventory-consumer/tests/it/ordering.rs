@@ -92,3 +92,23 @@ async fn a_gap_in_one_order_does_not_hold_up_others() {
     assert_eq!(h.count("SELECT count(*) FROM parked_events").await, 0);
     running.stop().await;
 }
+
+#[tokio::test]
+async fn the_replay_demo_shows_a_replayed_entry_skipped_as_a_duplicate() {
+    let h = Harness::new("replay").await;
+    h.set_stock("SKU-1", 10).await;
+    let order = OrderId::new();
+    let first = h.xadd(&created(order, &[("SKU-1", 3)])).await;
+    let running = h.start("c1").await;
+    h.drained().await;
+    let mut conn = h.redis.clone();
+    let config = h.config("demo");
+    let timeout = std::time::Duration::from_secs(30);
+    let report = inventory_consumer::replay::replay(h.pool(), &mut conn, &config, Some(&first), timeout).await.unwrap();
+    assert_ne!(report.copy_entry_id, first);
+    assert_eq!((report.processed_rows, report.checkpoint_before, report.checkpoint_after), (1, 1, 1));
+    assert!(report.to_string().contains("duplicate"), "{report}");
+    assert_eq!(h.stock("SKU-1").await, (10, 3), "no second effect");
+    assert_eq!(h.entries(&h.stream).await.len(), 2, "the copy was added to the stream");
+    running.stop().await;
+}
