@@ -18,6 +18,7 @@ pub struct Schedule {
     max_orders: u64,
     interval: Option<Duration>,
     next: AtomicU64,
+    handed_out: AtomicU64,
 }
 
 /// One order slot handed to a client.
@@ -37,6 +38,7 @@ impl Schedule {
             max_orders: max_orders.unwrap_or(u64::MAX),
             interval: rate.map(|r| Duration::from_secs_f64(1.0 / r)),
             next: AtomicU64::new(0),
+            handed_out: AtomicU64::new(0),
         }
     }
 
@@ -54,12 +56,16 @@ impl Schedule {
             Some(interval) => self.start + interval.mul_f64(index as f64),
             None => now,
         };
-        (due < self.deadline).then_some(Slot { index, due })
+        if due >= self.deadline {
+            return None;
+        }
+        self.handed_out.fetch_add(1, Ordering::Relaxed);
+        Some(Slot { index, due })
     }
 
-    /// Slots handed out so far (capped at the order limit).
+    /// Slots handed out so far.
     pub fn taken(&self) -> u64 {
-        self.next.load(Ordering::Relaxed).min(self.max_orders)
+        self.handed_out.load(Ordering::Relaxed)
     }
 }
 
@@ -84,6 +90,7 @@ mod tests {
         let n = std::iter::from_fn(|| s.take(start)).count();
         assert_eq!(n, 50);
         assert!(s.take(start).is_none(), "stays over");
+        assert_eq!(s.taken(), 50, "refused slots are not counted");
     }
 
     #[test]
@@ -102,5 +109,6 @@ mod tests {
         let s = Schedule::new(start, Duration::from_secs(1), None, None);
         assert!(s.take(start).is_some());
         assert!(s.take(start + Duration::from_secs(1)).is_none());
+        assert_eq!(s.taken(), 1);
     }
 }
