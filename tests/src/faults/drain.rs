@@ -53,8 +53,18 @@ pub async fn backlog(
     let Some(stream_pending) = int("pending") else {
         return Err(FaultError::Redis(format!("no consumer group `{group:?}` on `{stream}` yet")));
     };
-    // `lag` is nil when Redis cannot tell (e.g. after XDEL); then count it as unknown, not done.
-    let stream_undelivered = int("lag").unwrap_or(1);
+    // The group has read everything when its last delivered id is the stream's last id.
+    // `lag` alone is not enough: Redis 7.0 reports a stale non-zero lag once its
+    // `entries-read` counter went wrong (seen after restarts), and nil when it cannot tell.
+    let info: HashMap<String, redis::Value> =
+        redis::cmd("XINFO").arg("STREAM").arg(stream).query_async(redis).await.map_err(rd)?;
+    let text = |v: Option<&redis::Value>| match v {
+        Some(redis::Value::BulkString(b)) => Some(String::from_utf8_lossy(b).into_owned()),
+        Some(redis::Value::SimpleString(s)) => Some(s.clone()),
+        _ => None,
+    };
+    let caught_up = text(group.and_then(|g| g.get("last-delivered-id"))) == text(info.get("last-generated-id"));
+    let stream_undelivered = if caught_up { 0 } else { int("lag").unwrap_or(1).max(1) };
     Ok(Backlog { outbox_pending, stream_pending, stream_undelivered, parked })
 }
 
