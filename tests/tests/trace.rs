@@ -203,6 +203,14 @@ async fn one_trace_links_order_service_relay_and_consumer() {
         assert_eq!(process.parent_span_id, publish.span_id, "the consumer span is a child of the publish span");
         assert_eq!(process.attribute("messaging.system"), Some("redis"));
         assert_eq!(process.attribute("messaging.destination.name"), Some(system.stream.as_str()));
+        let link = (trace.clone(), process.span_id.clone());
+        let batch = spans.find(&format!("consumer database work linked to {event_type}"), |s| {
+            s.service_name == "inventory-consumer" && s.links.contains(&link)
+        });
+        assert!(
+            all.iter().any(|s| s.name == "apply batch" && s.parent_span_id == batch.span_id),
+            "the batch transaction runs under the linked span {batch}"
+        );
         assert!(
             process.attribute("time_in_stream_ms").and_then(|v| v.parse::<i64>().ok()).is_some(),
             "time in the stream: {process}"

@@ -47,3 +47,14 @@ pub fn trace_ids(span: &tracing::Span) -> Option<(String, String)> {
     let sc = cx.span().span_context().clone();
     sc.is_valid().then(|| (sc.trace_id().to_string(), sc.span_id().to_string()))
 }
+
+/// Links `span` to `to` (OpenTelemetry span link), for work done once on behalf of several
+/// traced items, such as one database transaction for a batch of stream entries. Call it
+/// before `span` is first entered. Nothing happens when `to` has no valid context.
+pub fn add_link(span: &tracing::Span, to: &tracing::Span) {
+    let cx = to.context();
+    let target = cx.span().span_context().clone();
+    if target.is_valid() {
+        span.add_link(target);
+    }
+}

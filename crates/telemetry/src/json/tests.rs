@@ -117,3 +117,33 @@ fn text_logs_are_not_json() {
     let text = String::from_utf8(out.0.lock().expect("capture lock").clone()).expect("utf-8");
     assert!(text.contains("created") && text.contains("order_id=\"o-1\"") && !text.starts_with('{'), "{text}");
 }
+
+#[test]
+fn add_link_links_a_batch_span_to_each_item_span() {
+    use opentelemetry_sdk::trace::InMemorySpanExporter;
+
+    let exporter = InMemorySpanExporter::default();
+    let provider = SdkTracerProvider::builder().with_simple_exporter(exporter.clone()).build();
+    let (items, batch_ids) =
+        tracing::subscriber::with_default(subscriber(&provider, LogFormat::Json, Captured::default(), false), || {
+            let items: Vec<tracing::Span> = (0..2).map(|i| tracing::info_span!("item", i)).collect();
+            let batch = tracing::info_span!("batch");
+            for item in &items {
+                crate::propagation::add_link(&batch, item);
+            }
+            let ids: Vec<_> = items.iter().map(|s| trace_ids(s).expect("item ids")).collect();
+            let batch_ids = trace_ids(&batch).expect("batch ids");
+            batch.in_scope(|| {});
+            (ids, batch_ids)
+        });
+    let _ = provider.force_flush();
+    let spans = exporter.get_finished_spans().expect("finished spans");
+    let batch = spans.iter().find(|s| s.name == "batch").expect("batch span exported");
+    assert_eq!(batch.span_context.span_id().to_string(), batch_ids.1);
+    let linked: Vec<(String, String)> = batch
+        .links
+        .iter()
+        .map(|l| (l.span_context.trace_id().to_string(), l.span_context.span_id().to_string()))
+        .collect();
+    assert_eq!(linked, items);
+}
