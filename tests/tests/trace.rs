@@ -14,11 +14,12 @@ const SKU: &str = "SKU-TRACE";
 const WAIT: Duration = Duration::from_secs(30);
 
 /// Services export to the collector: order-service and consumer over grpc, the relay over
-/// http/protobuf, with a short batch delay so spans leave while the test waits.
+/// http/protobuf. The batch delay is far longer than a test, so spans reach the collector
+/// only through the flush each binary does on SIGTERM: the tests prove that flush too.
 fn exporting_to(collector: &Collector) -> Env {
     let mut env = Env::default()
         .all("OTEL_EXPORTER_OTLP_ENDPOINT", collector.grpc_endpoint())
-        .all("OTEL_BSP_SCHEDULE_DELAY", "200");
+        .all("OTEL_BSP_SCHEDULE_DELAY", "600000");
     env.relay = vec![
         ("OTEL_EXPORTER_OTLP_ENDPOINT".to_owned(), collector.http_endpoint()),
         ("OTEL_EXPORTER_OTLP_PROTOCOL".to_owned(), "http/protobuf".to_owned()),
