@@ -16,6 +16,7 @@ pub mod dead_letters;
 pub mod http;
 pub mod metrics;
 pub mod replay;
+pub mod rows;
 pub mod rules;
 pub mod stream;
 
