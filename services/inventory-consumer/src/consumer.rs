@@ -45,7 +45,12 @@ impl Consumer {
     pub async fn run(self) -> Result<(), ConsumerError> {
         let mut delay = Duration::from_millis(100);
         while !self.shutdown.is_cancelled() {
-            let conn = self.redis.get_multiplexed_async_connection().await;
+            // Bounded waits: a read blocks at most BLOCK on the server; a Redis that stops
+            // answering is treated as down after a further 10 s.
+            let limits = redis::AsyncConnectionConfig::new()
+                .set_connection_timeout(Duration::from_secs(5))
+                .set_response_timeout(self.config.block + Duration::from_secs(10));
+            let conn = self.redis.get_multiplexed_async_connection_with_config(&limits).await;
             let outcome = match conn {
                 Ok(mut conn) => self.session(&mut conn).await,
                 Err(e) => Err(e.into()),
