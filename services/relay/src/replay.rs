@@ -43,7 +43,19 @@ pub async fn replay(
         after = last.id;
         // Rows got here by being published, so they encode; a limit of usize::MAX skips the
         // size check that applies to new events.
-        let entries: Vec<StreamEntry> = rows.iter().filter_map(|r| r.to_entry(usize::MAX).ok()).collect();
+        let mut entries: Vec<StreamEntry> = Vec::with_capacity(rows.len());
+        for row in &rows {
+            match row.to_entry(usize::MAX) {
+                Ok(entry) => entries.push(entry),
+                Err(reason) => tracing::warn!(
+                    event_id = row.event_id,
+                    aggregate_id = row.aggregate_id,
+                    seq = row.seq,
+                    reason,
+                    "retained event cannot be encoded; skipped"
+                ),
+            }
+        }
         publisher.publish(&entries).await?;
         total += entries.len() as u64;
         tracing::info!(replayed = total, last_id = after, "replayed a batch");
