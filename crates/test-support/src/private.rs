@@ -168,7 +168,8 @@ fn pg_bin(tool: &str) -> PathBuf {
         .find(|p| p.exists());
     on_path
         .or_else(|| {
-            let mut versions: Vec<_> = std::fs::read_dir("/usr/lib/postgresql").ok()?.flatten().map(|e| e.path()).collect();
+            let mut versions: Vec<_> =
+                std::fs::read_dir("/usr/lib/postgresql").ok()?.flatten().map(|e| e.path()).collect();
             versions.sort();
             versions.into_iter().rev().map(|v| v.join("bin").join(tool)).find(|p| Path::new(p).exists())
         })

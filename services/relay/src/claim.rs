@@ -59,7 +59,7 @@ const CLAIM_SQL: &str = concat!(
 /// Claims run one at a time (advisory lock): the claim's statement snapshot, taken after the
 /// lock, sees the leases of every earlier claim, so two relays can never take rows of one
 /// aggregate out of order. A claim holds the lock for a few milliseconds only.
-#[tracing::instrument(name = "outbox claim", skip(pool), fields(claimed = tracing::field::Empty))]
+#[tracing::instrument(name = "outbox claim", level = "debug", skip(pool), fields(claimed = tracing::field::Empty))]
 pub async fn claim_batch(pool: &PgPool, lease: Duration, limit: u32) -> Result<Claim, sqlx::Error> {
     let token = Uuid::new_v4();
     let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
