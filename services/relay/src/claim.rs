@@ -20,13 +20,21 @@ pub struct Claim {
 }
 
 /// A row is "free" when it is pending, due and not leased (or its lease expired).
+///
+/// A row never attempted is always due. Its `next_attempt_at` defaults to its writer's
+/// transaction start, which can be later than this claim's `now()` (the claim's transaction
+/// starts before it waits for the advisory lock) even though the row committed before the
+/// claim's snapshot; judging such a row "not due" would let its aggregate's next row, written
+/// by a transaction that started earlier, go out ahead of it.
 macro_rules! free {
     ($t:literal) => {
         concat!(
             $t,
-            ".status = 'pending' AND ",
+            ".status = 'pending' AND (",
             $t,
-            ".next_attempt_at <= now() AND (",
+            ".attempts = 0 OR ",
+            $t,
+            ".next_attempt_at <= now()) AND (",
             $t,
             ".lease_expires_at IS NULL OR ",
             $t,

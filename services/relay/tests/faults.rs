@@ -175,6 +175,23 @@ async fn an_orders_later_events_wait_while_an_earlier_one_is_leased_or_backing_o
     assert_eq!(got, [(a1.event_id.to_string(), 1), (a2.event_id.to_string(), 2)], "both, in seq order, once a1 is due");
 }
 
+#[tokio::test]
+async fn a_fresh_row_stamped_after_the_claim_began_still_goes_out_before_its_successor() {
+    // A writer whose transaction started after the claim's began, and committed before the
+    // claim's snapshot, leaves a row whose default next_attempt_at is later than the claim's
+    // now(). Its successor, from a writer that started earlier, must not overtake it.
+    let db = migrated_database("relay_fresh").await;
+    let a1 = append(&db.pool, "a", &order_payload("a")).await;
+    let a2 = append(&db.pool, "a", &order_payload("a")).await;
+    sqlx::query("UPDATE outbox SET next_attempt_at = now() + interval '1 hour' WHERE seq = 1")
+        .execute(&db.pool)
+        .await
+        .expect("stamp a1 late");
+    let claim = claim_batch(&db.pool, Duration::from_secs(30), 10).await.expect("claim");
+    let got: Vec<(String, i64)> = claim.rows.iter().map(|r| (r.event_id.clone(), r.seq)).collect();
+    assert_eq!(got, [(a1.event_id.to_string(), 1), (a2.event_id.to_string(), 2)], "never a2 without a1");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_between_xadd_and_marking_republishes_after_the_lease() {
     let db = migrated_database("relay_crash").await;
