@@ -12,11 +12,15 @@ use crate::Shutdown;
 /// A pool that connects on first use, so a service starts (and reports not-ready) while
 /// Postgres is down.
 pub fn lazy_pool(url: &str, max_connections: u32) -> Result<PgPool, sqlx::Error> {
-    let options: PgConnectOptions = url.parse()?;
-    Ok(PgPoolOptions::new()
+    Ok(lazy_pool_with(url.parse()?, max_connections))
+}
+
+/// [`lazy_pool`] with explicit connection options (e.g. session settings).
+pub fn lazy_pool_with(options: PgConnectOptions, max_connections: u32) -> PgPool {
+    PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(5))
-        .connect_lazy_with(options))
+        .connect_lazy_with(options)
 }
 
 /// Applies `migrator`, retrying with backoff (capped at 10 s) while the database is

@@ -58,7 +58,16 @@ const POOL_SIZE: u32 = 6;
 impl Relay {
     /// Binds `HTTP_ADDR` (port 0 picks a free port) and prepares a lazy database pool.
     pub async fn bind(config: Config) -> Result<Self, RelayError> {
-        let pool = service_kit::startup::lazy_pool(&config.database_url, POOL_SIZE).map_err(RelayError::DatabaseUrl)?;
+        // The relay's commits (leases, moves to outbox_published) need not wait for the WAL
+        // flush: if a database crash loses them, the rows come back as pending and are published
+        // again, which consumers deduplicate. The events themselves were committed durably by
+        // their writers.
+        let options = config
+            .database_url
+            .parse::<sqlx::postgres::PgConnectOptions>()
+            .map_err(RelayError::DatabaseUrl)?
+            .options([("synchronous_commit", "off")]);
+        let pool = service_kit::startup::lazy_pool_with(options, POOL_SIZE);
         let listener = TcpListener::bind(config.http_addr)
             .await
             .map_err(|source| RelayError::Bind { addr: config.http_addr, source })?;
