@@ -2,11 +2,13 @@
 //! RFC 9457 problem responses, and start-up that waits for its dependencies instead of
 //! crash-looping.
 
+pub mod duration;
 pub mod health;
 pub mod problem;
 pub mod shutdown;
 pub mod startup;
 
+pub use duration::parse_duration;
 pub use health::{ops_router, Readiness};
 pub use problem::Problem;
 pub use shutdown::{shutdown_signal, Shutdown};

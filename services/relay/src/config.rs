@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use clap::{Args, Parser, Subcommand};
+use service_kit::parse_duration;
 use telemetry::LogFormat;
 
 /// Postgres outbox → Redis stream relay.
@@ -93,23 +94,6 @@ pub struct Config {
     pub log_format: LogFormat,
 }
 
-/// Parses "500ms", "30s", "15m", "24h", "7d" (a bare number is seconds).
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (digits, unit) = s.split_at(split);
-    let n: u64 = digits.parse().map_err(|_| format!("`{s}` is not a duration like 500ms, 30s, 15m, 24h"))?;
-    let per_unit_ms: u64 = match unit {
-        "ms" => 1,
-        "" | "s" => 1_000,
-        "m" => 60_000,
-        "h" => 3_600_000,
-        "d" => 86_400_000,
-        _ => return Err(format!("unknown unit in `{s}` (use ms, s, m, h or d)")),
-    };
-    n.checked_mul(per_unit_ms).map(Duration::from_millis).ok_or_else(|| format!("`{s}` is too long"))
-}
-
 /// The start of a replay window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Since {
@@ -139,18 +123,6 @@ pub fn parse_since(s: &str) -> Result<Since, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
-        assert_eq!(parse_duration("15m"), Ok(Duration::from_secs(900)));
-        assert_eq!(parse_duration("24h"), Ok(Duration::from_secs(86_400)));
-        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
-        for bad in ["", "m", "5x", "-1s", "1.5s", "99999999999999999999h"] {
-            assert!(parse_duration(bad).is_err(), "{bad}");
-        }
-    }
 
     #[test]
     fn since_accepts_times_and_durations() {
