@@ -73,7 +73,7 @@ pub struct Config {
     #[arg(long, env = "MAX_DELIVERIES", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_deliveries: u32,
     /// Entries read (and applied in one transaction) at a time.
-    #[arg(long, env = "BATCH_SIZE", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    #[arg(long, env = "BATCH_SIZE", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub batch_size: u32,
     /// How long one read waits for new entries, e.g. `1s`.
     #[arg(long, env = "BLOCK", default_value = "1s", value_parser = parse_duration)]
