@@ -1,4 +1,4 @@
-//! One batch: claim, publish in one pipeline, record the outcome under the claim's token.
+//! One batch: claim, publish in one pipeline, commit the claim (or record why not).
 
 use std::time::{Duration, Instant};
 
@@ -9,7 +9,7 @@ use sqlx::PgPool;
 
 use crate::backoff::retry_delay;
 use crate::claim::{claim_batch, Claim};
-use crate::finish::{mark_dead, mark_published, record_failures, release, Failure};
+use crate::finish::{mark_dead, record_failures, Failure, Poison};
 use crate::metrics::Metrics;
 use crate::publish::Publisher;
 use crate::row::OutboxRow;
@@ -42,12 +42,24 @@ impl From<&Config> for Settings {
 /// What a batch did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct BatchReport {
+    /// Rows locked by the claim, including rows left for later because an earlier row of
+    /// their order was in another relay's batch.
+    pub locked: usize,
+    /// Rows taken for publishing.
     pub claimed: usize,
     pub published: usize,
     pub failed: usize,
     pub dead: usize,
-    /// The lease ran out before publishing, so the rows were left to the next claim.
+    /// Nothing was recorded (the lease ran out, or the batch was given back to dead-letter a
+    /// poison row); the rows are claimed again.
     pub abandoned: bool,
+}
+
+impl BatchReport {
+    /// Rows that were locked but left for later.
+    pub fn waiting(&self) -> usize {
+        self.locked.saturating_sub(self.claimed)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -76,29 +88,31 @@ impl Worker {
     /// Claims one batch and publishes it.
     pub async fn process_batch(&mut self) -> Result<BatchReport, BatchError> {
         let claimed_at = Instant::now();
-        let claim = claim_batch(&self.pool, self.settings.lease, self.settings.batch_size).await?;
-        if claim.rows.is_empty() {
-            return Ok(BatchReport::default());
+        let mut claim = claim_batch(&self.pool, self.settings.batch_size).await?;
+        let rows = std::mem::take(&mut claim.rows);
+        let locked = claim.locked;
+        if rows.is_empty() {
+            claim.rollback().await?;
+            return Ok(BatchReport { locked, ..BatchReport::default() });
         }
-        let in_flight = i64::try_from(claim.rows.len()).unwrap_or(i64::MAX);
+        let in_flight = i64::try_from(rows.len()).unwrap_or(i64::MAX);
         self.metrics.in_flight.inc_by(in_flight);
-        let report = self.publish_claim(claim, claimed_at).await;
+        let report = self.publish_claim(claim, &rows, claimed_at).await;
         self.metrics.in_flight.dec_by(in_flight);
-        report
+        report.map(|r| BatchReport { locked, ..r })
     }
 
-    async fn publish_claim(&mut self, claim: Claim, claimed_at: Instant) -> Result<BatchReport, BatchError> {
-        let mut report = BatchReport { claimed: claim.rows.len(), ..BatchReport::default() };
+    async fn publish_claim(
+        &mut self,
+        claim: Claim,
+        rows: &[OutboxRow],
+        claimed_at: Instant,
+    ) -> Result<BatchReport, BatchError> {
+        let mut report = BatchReport { claimed: rows.len(), ..BatchReport::default() };
         let mut poison = Vec::new();
-        let mut sending: Vec<(&OutboxRow, tracing::Span)> = Vec::with_capacity(claim.rows.len());
-        let mut entries: Vec<StreamEntry> = Vec::with_capacity(claim.rows.len());
-        // Rows behind a dead-lettered row of the same aggregate must not overtake it.
-        let mut held_back = Vec::new();
-        for row in &claim.rows {
-            if poison.iter().any(|(_, agg, _): &(i64, &str, String)| *agg == row.aggregate_id) {
-                held_back.push(row.id);
-                continue;
-            }
+        let mut sending: Vec<(&OutboxRow, tracing::Span)> = Vec::with_capacity(rows.len());
+        let mut entries: Vec<StreamEntry> = Vec::with_capacity(rows.len());
+        for row in rows {
             match row.to_entry(self.settings.max_payload_bytes) {
                 Ok(mut entry) => {
                     let span = producer_span(self.publisher.stream(), row);
@@ -110,33 +124,38 @@ impl Worker {
                     entries.push(entry);
                     sending.push((row, span));
                 }
-                Err(reason) => poison.push((row.id, row.aggregate_id.as_str(), reason)),
+                Err(reason) => poison.push(Poison { id: row.id, attempts: row.attempts, reason }),
             }
         }
-        let poison: Vec<(i64, String)> = poison.into_iter().map(|(id, _, reason)| (id, reason)).collect();
-        report.dead = self.dead_letter(&claim, poison).await?;
-        if !held_back.is_empty() {
-            release(&self.pool, claim.token, &held_back).await?;
+        if !poison.is_empty() {
+            // Nothing is published: the batch goes back, the poison rows become dead, and the
+            // next claim takes the rest (an order's rows behind a dead one then wait).
+            claim.rollback().await?;
+            report.dead = self.dead_letter(rows, &poison).await?;
+            report.abandoned = true;
+            return Ok(report);
         }
         if claimed_at.elapsed() >= self.settings.lease {
-            // Another relay may own these rows by now; publishing would only duplicate.
+            // The database may have ended the claim already; publishing would only duplicate.
             tracing::warn!(
                 rows = sending.len(),
                 "lease expired before publishing; leaving the batch to the next claim"
             );
+            // Rolling back a transaction the database already ended fails harmlessly.
+            let _ = claim.rollback().await;
             report.abandoned = true;
             return Ok(report);
         }
         match self.publisher.publish(&entries).await {
             Ok(()) => {
-                let ids: Vec<i64> = sending.iter().map(|(row, _)| row.id).collect();
-                let moved = mark_published(&self.pool, claim.token, &ids).await?;
-                if moved < ids.len() as u64 {
+                if let Err(e) = claim.commit().await {
                     tracing::warn!(
-                        published = ids.len(),
-                        recorded = moved,
-                        "lease lost before marking; others will publish again"
+                        rows = sending.len(),
+                        error = %e,
+                        "published, but the claim ended before it was recorded; the batch will be published again"
                     );
+                    report.abandoned = true;
+                    return Ok(report);
                 }
                 let now = Utc::now();
                 for (row, span) in &sending {
@@ -152,33 +171,29 @@ impl Worker {
                         );
                     });
                 }
-                self.metrics.published.inc_by(ids.len() as u64);
-                report.published = ids.len();
+                self.metrics.published.inc_by(sending.len() as u64);
+                report.published = sending.len();
             }
             Err(e) => {
+                let _ = claim.rollback().await;
                 let error = format!("redis: {e}");
-                report.failed = self.record_failure(&claim, &sending, &error).await?;
+                report.failed = self.record_failure(&sending, &error).await?;
             }
         }
         Ok(report)
     }
 
-    async fn record_failure(
-        &self,
-        claim: &Claim,
-        sending: &[(&OutboxRow, tracing::Span)],
-        error: &str,
-    ) -> Result<usize, BatchError> {
+    async fn record_failure(&self, sending: &[(&OutboxRow, tracing::Span)], error: &str) -> Result<usize, BatchError> {
         let failures: Vec<Failure> = sending
             .iter()
             .map(|(row, _)| {
                 let jitter: f64 = rand::rng().random();
                 let attempts = u32::try_from(row.attempts).unwrap_or(0).saturating_add(1);
                 let retry_in = retry_delay(attempts, self.settings.backoff_base, self.settings.backoff_max, jitter);
-                Failure { id: row.id, retry_in }
+                Failure { id: row.id, attempts: row.attempts, retry_in }
             })
             .collect();
-        let outcomes = record_failures(&self.pool, claim.token, &failures, error, self.settings.max_attempts).await?;
+        let outcomes = record_failures(&self.pool, &failures, error, self.settings.max_attempts).await?;
         self.metrics.publish_failures.inc_by(sending.len() as u64);
         for (row, span) in sending {
             span.record("otel.status_code", "ERROR");
@@ -199,26 +214,23 @@ impl Worker {
         Ok(sending.len())
     }
 
-    async fn dead_letter(&self, claim: &Claim, poison: Vec<(i64, String)>) -> Result<usize, BatchError> {
-        if poison.is_empty() {
-            return Ok(0);
-        }
-        mark_dead(&self.pool, claim.token, &poison).await?;
-        self.metrics.dead_lettered.inc_by(poison.len() as u64);
-        for (id, reason) in &poison {
-            if let Some(row) = claim.rows.iter().find(|r| r.id == *id) {
+    async fn dead_letter(&self, rows: &[OutboxRow], poison: &[Poison]) -> Result<usize, BatchError> {
+        let marked = mark_dead(&self.pool, poison).await?;
+        self.metrics.dead_lettered.inc_by(marked);
+        for p in poison {
+            if let Some(row) = rows.iter().find(|r| r.id == p.id) {
                 tracing::warn!(
                     event_id = row.event_id,
                     aggregate_id = row.aggregate_id,
                     seq = row.seq,
                     attempt = row.attempts + 1,
                     status = "dead",
-                    reason,
+                    reason = p.reason,
                     "event can never be published; dead-lettered"
                 );
             }
         }
-        Ok(poison.len())
+        Ok(usize::try_from(marked).unwrap_or(usize::MAX))
     }
 }
 

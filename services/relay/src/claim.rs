@@ -1,93 +1,129 @@
-//! Claiming due rows under a lease.
+//! Claiming due rows: a transaction that holds their row locks while the batch is published.
+//!
+//! A claim is a lease. Its rows are locked by the claim's transaction, which no other relay can
+//! take over while it lives, and the database ends it (rolling back, so the rows are free again)
+//! once it has sat idle for the lease: every relay connection runs with
+//! `idle_in_transaction_session_timeout` set to `OUTBOX_LEASE` ([`connect_options`]). Recording
+//! a batch as published is the commit of that same transaction, so a relay that was paused past
+//! its lease cannot record anything: its transaction is gone. Failures are recorded after the
+//! rollback, fenced by row lock and attempt count ([`crate::finish`]).
 
 use std::time::Duration;
 
-use sqlx::PgPool;
-use uuid::Uuid;
+use sqlx::postgres::{PgConnectOptions, PgRow};
+use sqlx::{FromRow, PgPool, Postgres, Row, Transaction};
 
-use crate::row::{OutboxRow, EVENT_COLUMNS};
+use crate::row::OutboxRow;
 
-/// Serialises claims (transaction-scoped advisory lock; the value spells "outbox").
-const CLAIM_LOCK: i64 = 0x6f75_7462_6f78;
-
-/// Rows leased to one claim. `token` fences every later update: only rows still leased to it
-/// are touched.
-#[derive(Debug)]
-pub struct Claim {
-    pub token: Uuid,
-    /// In id order; an aggregate's rows are in seq order.
-    pub rows: Vec<OutboxRow>,
+/// Options of every relay connection: relay commits need not wait for the WAL flush (if a
+/// crash loses one, its rows come back and are published again, which consumers deduplicate;
+/// the events themselves were committed durably by their writers), a claim's transaction ends
+/// once it sits idle for `lease`, and no JIT (the claim's estimated cost triggers JIT
+/// compilation, which costs far more than the claim itself).
+pub fn connect_options(database_url: &str, lease: Duration) -> Result<PgConnectOptions, sqlx::Error> {
+    let lease_ms = lease.as_millis().max(1).to_string();
+    Ok(database_url.parse::<PgConnectOptions>()?.options([
+        ("synchronous_commit", "off"),
+        ("jit", "off"),
+        ("idle_in_transaction_session_timeout", lease_ms.as_str()),
+    ]))
 }
 
-/// A row is "free" when it is pending, due and not leased (or its lease expired).
+/// A row is "free" when it is pending and due.
 ///
 /// A row never attempted is always due. Its `next_attempt_at` defaults to its writer's
-/// transaction start, which can be later than this claim's `now()` (the claim's transaction
-/// starts before it waits for the advisory lock) even though the row committed before the
-/// claim's snapshot; judging such a row "not due" would let its aggregate's next row, written
-/// by a transaction that started earlier, go out ahead of it.
+/// transaction start, which can be later than this claim's `now()` even though the row
+/// committed before the claim's snapshot; judging such a row "not due" would let its
+/// aggregate's next row, written by a transaction that started earlier, go out ahead of it.
 macro_rules! free {
     ($t:literal) => {
-        concat!(
-            $t,
-            ".status = 'pending' AND (",
-            $t,
-            ".attempts = 0 OR ",
-            $t,
-            ".next_attempt_at <= now()) AND (",
-            $t,
-            ".lease_expires_at IS NULL OR ",
-            $t,
-            ".lease_expires_at < now())"
-        )
+        concat!($t, ".status = 'pending' AND (", $t, ".attempts = 0 OR ", $t, ".next_attempt_at <= now())")
     };
 }
 
-/// The claim. A row is taken only if every earlier row of its aggregate still in the outbox
-/// is free too (and so, being earlier in id order, taken in the same batch or already moved):
-/// an aggregate's later events wait while an earlier one is in flight elsewhere, backing off
-/// or dead, which keeps each aggregate's events in seq order on the stream.
+/// The claim, in one statement:
 ///
-/// The check probes the `(aggregate_id, seq)` unique index for the candidate's earlier rows
-/// (an order rarely has more than a few in the outbox). No index mentions the lease columns, so
-/// leasing a row is a HOT update (`outbox` keeps free space on its pages). It is written as a
-/// scalar subquery rather than `NOT EXISTS` so the planner keeps it a per-row probe instead of
-/// materialising every blocking row and comparing each candidate against all of them.
+/// - `locked`: free rows in id order, skipping rows another claim holds, and rows with an
+///   earlier row of their aggregate that is not free (backing off or dead). Each carries the
+///   number of its aggregate's earlier rows still in the outbox, as this statement sees them.
+/// - `accepted`: a row is taken only if every one of those earlier rows is locked here too, so
+///   it goes out after them in this batch. A row whose earlier row is in another claim's batch
+///   (in flight) is left alone; it stays locked until this transaction ends and is claimed
+///   again after that batch is done.
+/// - `moved`: accepted rows move to `outbox_published` inside the claim's transaction. The
+///   move becomes visible only if the batch is published and the transaction commits.
+///
+/// Each returned row also carries the number of rows locked, so a batch filled with rows that
+/// had to wait still counts as full. The earlier-row checks probe the `(aggregate_id, seq)`
+/// unique index (an order rarely has more than a few rows in the outbox); they are scalar
+/// subqueries so the planner keeps them per-row probes.
 const CLAIM_SQL: &str = concat!(
-    "UPDATE outbox SET lease_owner = $1, lease_expires_at = now() + $2 * interval '1 millisecond' \
-     WHERE id IN (SELECT o.id FROM outbox o WHERE ",
+    "WITH locked AS ( \
+       SELECT o.id, o.aggregate_id, o.seq, \
+              (SELECT count(*) FROM outbox e WHERE e.aggregate_id = o.aggregate_id AND e.seq < o.seq) AS earlier \
+       FROM outbox o WHERE ",
     free!("o"),
-    " AND (SELECT 1 FROM outbox e WHERE e.aggregate_id = o.aggregate_id AND e.seq < o.seq \
-       AND NOT (",
+    "  AND (SELECT 1 FROM outbox e WHERE e.aggregate_id = o.aggregate_id AND e.seq < o.seq AND NOT (",
     free!("e"),
-    ") LIMIT 1) IS NULL ORDER BY o.id LIMIT $3 FOR UPDATE SKIP LOCKED) RETURNING "
+    ") LIMIT 1) IS NULL \
+       ORDER BY o.id LIMIT $1 FOR UPDATE SKIP LOCKED), \
+     accepted AS ( \
+       SELECT id FROM (SELECT id, earlier, \
+                              row_number() OVER (PARTITION BY aggregate_id ORDER BY seq) - 1 AS locked_before \
+                       FROM locked) l \
+       WHERE earlier = locked_before), \
+     moved AS ( \
+       DELETE FROM outbox WHERE id IN (SELECT id FROM accepted) \
+       RETURNING id, event_id, aggregate_type, aggregate_id, seq, event_type, payload, occurred_at, \
+                 traceparent, tracestate, attempts, created_at), \
+     published AS ( \
+       INSERT INTO outbox_published (id, event_id, aggregate_type, aggregate_id, seq, event_type, payload, \
+                                     occurred_at, traceparent, tracestate, attempts, created_at) \
+       SELECT * FROM moved) \
+     SELECT n.locked, m.id, m.event_id, m.aggregate_type, m.aggregate_id, m.seq, m.event_type, \
+            m.payload::text AS payload, m.occurred_at, m.traceparent, m.tracestate, m.attempts, m.created_at \
+     FROM (SELECT count(*) AS locked FROM locked) n LEFT JOIN moved m ON true"
 );
 
-/// Leases up to `limit` due rows for `lease` (database clock) under a fresh token.
-///
-/// Claims run one at a time (advisory lock): the claim's statement snapshot, taken after the
-/// lock, sees the leases of every earlier claim, so two relays can never take rows of one
-/// aggregate out of order. A claim holds the lock for a few milliseconds only.
+/// Rows claimed by one transaction. Dropping a claim rolls it back.
+#[derive(Debug)]
+pub struct Claim {
+    tx: Transaction<'static, Postgres>,
+    /// In id order; an aggregate's rows are in seq order.
+    pub rows: Vec<OutboxRow>,
+    /// Rows locked, including rows left for later because an earlier row of their aggregate
+    /// was in another claim's batch.
+    pub locked: usize,
+}
+
+impl Claim {
+    /// Records the batch as published. Fails if the lease ran out (the transaction is gone and
+    /// the rows are someone else's now).
+    pub async fn commit(self) -> Result<(), sqlx::Error> {
+        self.tx.commit().await
+    }
+
+    /// Gives the rows back unchanged.
+    pub async fn rollback(self) -> Result<(), sqlx::Error> {
+        self.tx.rollback().await
+    }
+}
+
+/// Claims up to `limit` due rows.
 #[tracing::instrument(name = "outbox claim", level = "debug", skip(pool), fields(claimed = tracing::field::Empty))]
-pub async fn claim_batch(pool: &PgPool, lease: Duration, limit: u32) -> Result<Claim, sqlx::Error> {
-    let token = Uuid::new_v4();
-    let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
+pub async fn claim_batch(pool: &PgPool, limit: u32) -> Result<Claim, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    // The planner's estimate for this statement is high enough to trigger JIT compilation,
-    // which costs far more than the claim itself.
-    sqlx::query("SELECT set_config('jit', 'off', true), pg_advisory_xact_lock($1)")
-        .bind(CLAIM_LOCK)
-        .execute(&mut *tx)
-        .await?;
-    let mut rows: Vec<OutboxRow> = sqlx::query_as(&format!("{CLAIM_SQL}{EVENT_COLUMNS}"))
-        .bind(token)
-        .bind(lease_ms as f64)
-        .bind(i64::from(limit))
-        .fetch_all(&mut *tx)
-        .await?;
-    tx.commit().await?;
-    // RETURNING does not keep the subquery's order.
+    let found: Vec<PgRow> = sqlx::query(CLAIM_SQL).bind(i64::from(limit)).fetch_all(&mut *tx).await?;
+    let mut locked = 0_i64;
+    let mut rows = Vec::with_capacity(found.len());
+    for row in &found {
+        locked = row.try_get("locked")?;
+        if row.try_get::<Option<i64>, _>("id")?.is_some() {
+            rows.push(OutboxRow::from_row(row)?);
+        }
+    }
+    // RETURNING keeps no order.
     rows.sort_unstable_by_key(|r| r.id);
     tracing::Span::current().record("claimed", rows.len());
-    Ok(Claim { token, rows })
+    Ok(Claim { tx, rows, locked: usize::try_from(locked).unwrap_or(0) })
 }

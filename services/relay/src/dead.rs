@@ -34,8 +34,7 @@ pub async fn retry_dead(pool: &PgPool, which: Retry<'_>) -> Result<u64, sqlx::Er
         Retry::All => None,
     };
     let done = sqlx::query(
-        "UPDATE outbox SET status = 'pending', attempts = 0, next_attempt_at = now(), \
-             lease_owner = NULL, lease_expires_at = NULL \
+        "UPDATE outbox SET status = 'pending', attempts = 0, next_attempt_at = now() \
          WHERE status = 'dead' AND ($1::text IS NULL OR event_id = $1)",
     )
     .bind(event_id)

@@ -1,9 +1,10 @@
 //! The relay: moves events from the Postgres outbox to a Redis stream, at least once, in
 //! seq order per aggregate, safely with any number of relays.
 //!
-//! A batch is claimed under a lease with a fencing token ([`claim::claim_batch`]), published
-//! in one pipeline ([`publish::Publisher`]) and recorded only for rows the claim still owns
-//! ([`finish`]). Relays wake on `NOTIFY`, on a fallback poll, and when a backing-off row
+//! A batch is claimed by a transaction that holds its rows' locks, and that the database ends
+//! if it sits idle past the lease ([`claim`]). The batch is published in one pipeline
+//! ([`publish::Publisher`]) and recorded by committing that transaction; failures are
+//! recorded after it rolled back, fenced against relays that took over ([`finish`]). Relays wake on `NOTIFY`, on a fallback poll, and when a backing-off row
 //! becomes due ([`wake`]).
 
 pub mod backoff;
@@ -58,15 +59,7 @@ const POOL_SIZE: u32 = 6;
 impl Relay {
     /// Binds `HTTP_ADDR` (port 0 picks a free port) and prepares a lazy database pool.
     pub async fn bind(config: Config) -> Result<Self, RelayError> {
-        // The relay's commits (leases, moves to outbox_published) need not wait for the WAL
-        // flush: if a database crash loses them, the rows come back as pending and are published
-        // again, which consumers deduplicate. The events themselves were committed durably by
-        // their writers.
-        let options = config
-            .database_url
-            .parse::<sqlx::postgres::PgConnectOptions>()
-            .map_err(RelayError::DatabaseUrl)?
-            .options([("synchronous_commit", "off")]);
+        let options = claim::connect_options(&config.database_url, config.lease).map_err(RelayError::DatabaseUrl)?;
         let pool = service_kit::startup::lazy_pool_with(options, POOL_SIZE);
         let listener = TcpListener::bind(config.http_addr)
             .await

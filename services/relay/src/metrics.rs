@@ -42,7 +42,11 @@ impl Default for Metrics {
 impl Metrics {
     pub fn register(&self, registry: &mut Registry) {
         registry.register("outbox_pending", "Pending rows in the outbox (sampled)", self.pending.clone());
-        registry.register("outbox_in_flight", "Rows leased by this relay and not yet finished", self.in_flight.clone());
+        registry.register(
+            "outbox_in_flight",
+            "Rows claimed by this relay and not yet finished",
+            self.in_flight.clone(),
+        );
         registry.register("outbox_dead", "Dead rows in the outbox (sampled)", self.dead.clone());
         registry.register(
             "outbox_oldest_pending_age_seconds",

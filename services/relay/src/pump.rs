@@ -10,16 +10,26 @@ use tokio::sync::Notify;
 use crate::batch::Worker;
 use crate::wake::next_due_in;
 
+/// First wait for rows held back behind another relay's batch.
+const WAITING_DELAY: Duration = Duration::from_millis(2);
+
 /// Runs until shutdown. The batch in flight when shutdown is requested is finished
 /// (published and recorded) before returning; no new batch is claimed after it.
 pub async fn pump(mut worker: Worker, pool: PgPool, wake: Arc<Notify>, poll_interval: Duration, shutdown: Shutdown) {
     let mut error_delay = Duration::from_millis(100);
+    let mut waiting_delay = WAITING_DELAY;
     while !shutdown.is_cancelled() {
         let full = worker.settings().batch_size as usize;
         let mut wakeable = true;
         let wait = match worker.process_batch().await {
-            Ok(report) if report.claimed >= full && !report.abandoned => {
+            Ok(report) if report.dead > 0 && report.failed == 0 => {
+                // The batch was given back to dead-letter a poison row: claim the rest now.
                 error_delay = Duration::from_millis(100);
+                continue;
+            }
+            Ok(report) if report.locked >= full && !report.abandoned => {
+                error_delay = Duration::from_millis(100);
+                waiting_delay = WAITING_DELAY;
                 continue;
             }
             Ok(report) => {
@@ -28,7 +38,15 @@ pub async fn pump(mut worker: Worker, pool: PgPool, wake: Arc<Notify>, poll_inte
                     // Redis is failing: do not retry on every notification.
                     wakeable = false;
                     poll_interval
+                } else if report.waiting() > 0 {
+                    // Rows wait for another relay's batch with earlier rows of their orders,
+                    // which takes milliseconds; look again soon, less often while it lasts.
+                    let wait = waiting_delay.min(poll_interval);
+                    waiting_delay =
+                        if report.claimed == 0 { (waiting_delay * 2).min(poll_interval) } else { WAITING_DELAY };
+                    wait
                 } else {
+                    waiting_delay = WAITING_DELAY;
                     match next_due_in(&pool).await {
                         Ok(Some(due)) => due.min(poll_interval),
                         _ => poll_interval,

@@ -164,7 +164,7 @@ async fn idle_relay_publishes_a_notified_event_and_exports_metrics() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shutdown_finishes_work_and_leaves_no_lease() {
+async fn shutdown_finishes_work_and_leaves_nothing_claimed() {
     let db = migrated_database("relay_shutdown").await;
     let redis = test_support::redis_url();
     let stream = test_support::unique_name("relay-shutdown");
@@ -175,10 +175,11 @@ async fn shutdown_finishes_work_and_leaves_no_lease() {
         append(&db.pool, &format!("o-{}", i % 20), &order_payload("x")).await;
     }
     notify(&db.pool).await;
-    // Stop mid-drain: whatever was claimed is finished, nothing stays leased.
+    // Stop mid-drain: whatever was claimed is finished, nothing stays claimed.
     relay.stop().await;
-    let leased = count(&db.pool, "SELECT count(*) FROM outbox WHERE lease_owner IS NOT NULL").await;
-    assert_eq!(leased, 0, "no row is left leased by a stopped relay");
+    let free = count(&db.pool, "SELECT count(*) FROM (SELECT id FROM outbox FOR UPDATE SKIP LOCKED) f").await;
+    let left = count(&db.pool, "SELECT count(*) FROM outbox").await;
+    assert_eq!(free, left, "no row is left locked by a stopped relay");
     let published = count(&db.pool, "SELECT count(*) FROM outbox_published").await;
     assert_eq!(
         stream_len(&redis, &stream).await as i64,

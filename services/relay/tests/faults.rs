@@ -1,4 +1,4 @@
-//! Outages, poison rows, expired leases and crashes.
+//! Outages, poison rows, claims that outlive their lease, and crashes.
 
 mod common;
 
@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use common::*;
 use relay::claim::claim_batch;
-use relay::finish::{mark_dead, mark_published, record_failures, release, Failure};
+use relay::finish::{mark_dead, record_failures, Failure, Poison};
 use relay::publish::Publisher;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -111,67 +111,106 @@ async fn a_poison_row_goes_dead_and_other_orders_keep_flowing() {
 }
 
 #[tokio::test]
-async fn an_expired_lease_cannot_touch_the_new_owners_rows() {
+async fn a_claim_that_outlived_its_lease_cannot_touch_the_new_owners_rows() {
     let db = migrated_database("relay_fencing").await;
     for i in 0..3 {
         append(&db.pool, &format!("o-{i}"), &order_payload("x")).await;
     }
-    let a = claim_batch(&db.pool, Duration::from_millis(200), 10).await.expect("claim A");
-    assert_eq!(a.rows.len(), 3);
-    assert_eq!(
-        claim_batch(&db.pool, Duration::from_secs(30), 10).await.expect("claim").rows.len(),
-        0,
-        "leased rows are not claimed twice"
-    );
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    let b = claim_batch(&db.pool, Duration::from_secs(30), 10).await.expect("claim B");
-    assert_eq!(b.rows.len(), 3, "an expired lease is claimed again");
+    let short = claim_pool(&db.url, Duration::from_millis(300)).await;
+    let pool = claim_pool(&db.url, Duration::from_secs(30)).await;
+    let mut a = claim_batch(&short, 10).await.expect("claim A");
+    let a_rows = std::mem::take(&mut a.rows);
+    assert_eq!(a_rows.len(), 3);
+    let other = claim_batch(&pool, 10).await.expect("claim");
+    assert_eq!((other.rows.len(), other.locked), (0, 0), "claimed rows are not claimed twice");
+    other.rollback().await.expect("rollback");
 
-    // The paused owner of A wakes up and tries every kind of finish.
-    let ids: Vec<i64> = a.rows.iter().map(|r| r.id).collect();
-    assert_eq!(mark_published(&db.pool, a.token, &ids).await.expect("mark"), 0);
-    let failures: Vec<Failure> = ids.iter().map(|&id| Failure { id, retry_in: Duration::from_secs(60) }).collect();
-    assert!(record_failures(&db.pool, a.token, &failures, "stale", 1).await.expect("fail").is_empty());
-    let dead: Vec<(i64, String)> = ids.iter().map(|&id| (id, "stale".to_owned())).collect();
-    assert_eq!(mark_dead(&db.pool, a.token, &dead).await.expect("dead"), 0);
-    assert_eq!(release(&db.pool, a.token, &ids).await.expect("release"), 0);
-    let owned_by_b = count(
-        &db.pool,
-        &format!(
-            "SELECT count(*) FROM outbox WHERE lease_owner = '{}' AND status = 'pending' AND attempts = 0",
-            b.token
-        ),
-    )
-    .await;
-    assert_eq!(owned_by_b, 3, "B still owns untouched rows");
-    assert_eq!(mark_published(&db.pool, b.token, &ids).await.expect("mark B"), 3);
-    assert_eq!(count(&db.pool, "SELECT count(*) FROM outbox_published").await, 3);
+    // A is paused past its lease: the database ends its transaction and B takes the rows.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let b = claim_batch(&pool, 10).await.expect("claim B");
+    assert_eq!(b.rows.len(), 3, "an ended claim's rows are claimed again");
+
+    // A wakes up and tries every kind of finish while B holds the rows.
+    assert!(a.commit().await.is_err(), "a claim the database ended cannot be committed");
+    let failures: Vec<Failure> =
+        a_rows.iter().map(|r| Failure { id: r.id, attempts: r.attempts, retry_in: Duration::from_secs(60) }).collect();
+    let poison: Vec<Poison> =
+        a_rows.iter().map(|r| Poison { id: r.id, attempts: r.attempts, reason: "stale".to_owned() }).collect();
+    assert!(record_failures(&pool, &failures, "stale", 1).await.expect("fail").is_empty(), "rows B holds are skipped");
+    assert_eq!(mark_dead(&pool, &poison).await.expect("dead"), 0);
+
+    // B's publish fails and B records it; A's stale outcome still changes nothing.
+    b.rollback().await.expect("rollback B");
+    assert_eq!(record_failures(&pool, &failures, "redis: down", 10).await.expect("B's failure").len(), 3);
+    assert!(record_failures(&pool, &failures, "stale", 1).await.expect("fail").is_empty(), "attempts moved on");
+    assert_eq!(mark_dead(&pool, &poison).await.expect("dead"), 0);
+    assert_eq!(
+        count(
+            &db.pool,
+            "SELECT count(*) FROM outbox WHERE status = 'pending' AND attempts = 1 AND last_error = 'redis: down'"
+        )
+        .await,
+        3,
+        "only B's outcome is recorded"
+    );
 }
 
 #[tokio::test]
-async fn an_orders_later_events_wait_while_an_earlier_one_is_leased_or_backing_off() {
+async fn a_committed_claim_moves_its_rows_and_a_rolled_back_one_leaves_them() {
+    let db = migrated_database("relay_commit").await;
+    for i in 0..4 {
+        append(&db.pool, &format!("o-{i}"), &order_payload("x")).await;
+    }
+    let pool = claim_pool(&db.url, Duration::from_secs(30)).await;
+    let claim = claim_batch(&pool, 2).await.expect("claim");
+    assert_eq!(claim.rows.len(), 2);
+    assert_eq!(count(&db.pool, "SELECT count(*) FROM outbox_published").await, 0, "nothing is visible before commit");
+    claim.rollback().await.expect("rollback");
+    assert_eq!(count(&db.pool, "SELECT count(*) FROM outbox").await, 4, "a rolled-back claim leaves its rows");
+    let claim = claim_batch(&pool, 10).await.expect("claim");
+    assert_eq!(claim.rows.len(), 4);
+    claim.commit().await.expect("commit");
+    assert_eq!(count(&db.pool, "SELECT count(*) FROM outbox").await, 0);
+    assert_eq!(count(&db.pool, "SELECT count(*) FROM outbox_published").await, 4);
+}
+
+#[tokio::test]
+async fn an_orders_later_events_wait_while_an_earlier_one_is_in_flight_or_backing_off() {
     let db = migrated_database("relay_order").await;
     let a1 = append(&db.pool, "a", &order_payload("a")).await;
     let a2 = append(&db.pool, "a", &order_payload("a")).await;
     let b1 = append(&db.pool, "b", &order_payload("b")).await;
-    let first = claim_batch(&db.pool, Duration::from_secs(30), 1).await.expect("claim");
+    let pool = claim_pool(&db.url, Duration::from_secs(30)).await;
+    let mut first = claim_batch(&pool, 1).await.expect("claim");
     assert_eq!(first.rows.iter().map(|r| r.event_id.clone()).collect::<Vec<_>>(), [a1.event_id.to_string()]);
-    let second = claim_batch(&db.pool, Duration::from_secs(30), 10).await.expect("claim");
+    let second = claim_batch(&pool, 10).await.expect("claim");
     assert_eq!(
         second.rows.iter().map(|r| r.event_id.clone()).collect::<Vec<_>>(),
         [b1.event_id.to_string()],
-        "a2 waits for a1"
+        "a2 waits for a1, which is in flight"
     );
-    let failure = [Failure { id: first.rows[0].id, retry_in: Duration::from_secs(3600) }];
-    record_failures(&db.pool, first.token, &failure, "redis: down", 10).await.expect("fail a1");
-    let third = claim_batch(&db.pool, Duration::from_secs(30), 10).await.expect("claim");
-    assert!(third.rows.is_empty(), "a2 waits while a1 backs off");
+    assert_eq!(second.locked, 2, "a2 was locked, and left");
+    second.rollback().await.expect("rollback");
+
+    let a1_row = first.rows.remove(0);
+    first.rollback().await.expect("rollback");
+    let failure = [Failure { id: a1_row.id, attempts: a1_row.attempts, retry_in: Duration::from_secs(3600) }];
+    assert_eq!(record_failures(&pool, &failure, "redis: down", 10).await.expect("fail a1").len(), 1);
+    let third = claim_batch(&pool, 10).await.expect("claim");
+    assert_eq!(
+        (third.rows.iter().map(|r| r.event_id.clone()).collect::<Vec<_>>(), third.locked),
+        (vec![b1.event_id.to_string()], 1),
+        "a2 is not even locked while a1 backs off"
+    );
+    third.rollback().await.expect("rollback");
+
     sqlx::query("UPDATE outbox SET next_attempt_at = now() WHERE aggregate_id = 'a'")
         .execute(&db.pool)
         .await
         .expect("due");
-    let fourth = claim_batch(&db.pool, Duration::from_secs(30), 10).await.expect("claim");
-    let got: Vec<(String, i64)> = fourth.rows.iter().map(|r| (r.event_id.clone(), r.seq)).collect();
+    let fourth = claim_batch(&pool, 10).await.expect("claim");
+    let got: Vec<(String, i64)> =
+        fourth.rows.iter().filter(|r| r.aggregate_id == "a").map(|r| (r.event_id.clone(), r.seq)).collect();
     assert_eq!(got, [(a1.event_id.to_string(), 1), (a2.event_id.to_string(), 2)], "both, in seq order, once a1 is due");
 }
 
@@ -187,24 +226,26 @@ async fn a_fresh_row_stamped_after_the_claim_began_still_goes_out_before_its_suc
         .execute(&db.pool)
         .await
         .expect("stamp a1 late");
-    let claim = claim_batch(&db.pool, Duration::from_secs(30), 10).await.expect("claim");
+    let claim = claim_batch(&db.pool, 10).await.expect("claim");
     let got: Vec<(String, i64)> = claim.rows.iter().map(|r| (r.event_id.clone(), r.seq)).collect();
     assert_eq!(got, [(a1.event_id.to_string(), 1), (a2.event_id.to_string(), 2)], "never a2 without a1");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_crash_between_xadd_and_marking_republishes_after_the_lease() {
+async fn a_crash_between_xadd_and_commit_republishes() {
     let db = migrated_database("relay_crash").await;
     let redis = test_support::redis_url();
     let stream = test_support::unique_name("relay-crash");
     let a = append(&db.pool, "o-1", &order_payload("o-1")).await;
     let b = append(&db.pool, "o-1", &order_payload("o-1")).await;
 
-    // A relay claims and publishes, then dies before recording anything.
-    let claim = claim_batch(&db.pool, Duration::from_millis(500), 10).await.expect("claim");
+    // A relay claims and publishes, then hangs before committing; the database ends its claim
+    // after the lease (a crashed relay's connection closes, which ends it at once).
+    let crashed = claim_pool(&db.url, Duration::from_millis(300)).await;
+    let claim = claim_batch(&crashed, 10).await.expect("claim");
     let entries: Vec<_> = claim.rows.iter().map(|r| r.to_entry(usize::MAX).expect("entry")).collect();
     Publisher::new(&redis, stream.clone()).expect("publisher").publish(&entries).await.expect("publish");
-    drop(claim);
+    std::mem::forget(claim);
     assert_eq!(stream_len(&redis, &stream).await, 2);
 
     let mut cfg = config(&db.url, &redis, &stream);

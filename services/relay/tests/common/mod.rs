@@ -129,3 +129,9 @@ pub async fn wait_until_published(pool: &PgPool, expected: i64, timeout: Duratio
     })
     .await;
 }
+
+/// A pool with the relay's connection settings, its claims ending after `lease` idle.
+pub async fn claim_pool(url: &str, lease: Duration) -> PgPool {
+    let options = relay::claim::connect_options(url, lease).expect("options");
+    sqlx::postgres::PgPoolOptions::new().max_connections(4).connect_with(options).await.expect("claim pool")
+}
