@@ -1,5 +1,7 @@
 use chrono::{DateTime, Utc};
-use sqlx::PgConnection;
+use sqlx::postgres::PgArguments;
+use sqlx::query::Query;
+use sqlx::{PgConnection, PgExecutor, Postgres, Row};
 use ulid::Ulid;
 
 /// An event to append; `payload` is JSON.
@@ -25,12 +27,24 @@ pub enum OutboxError {
     Database(#[from] sqlx::Error),
 }
 
+/// Parameters a caller's own rows take in [`append_with`]: `$9` onwards.
+pub const FIRST_CALLER_PARAM: usize = 9;
+
 /// Appends `event` inside the caller's transaction.
 ///
 /// The aggregate's counter row is bumped first; its row lock is held until the caller commits,
 /// so a second writer to the same aggregate waits, then reads the committed value: seqs are
 /// 1, 2, 3 … without gaps in commit order, and the outbox `id` (taken after the lock) grows
 /// with `seq`. The trace context of the current span is stored with the event.
+pub async fn append(conn: &mut PgConnection, event: NewEvent<'_>) -> Result<Appended, OutboxError> {
+    append_with(conn, event, None, |q| q).await
+}
+
+/// [`append`], with the caller's own write in the same statement: `cte` is a data-modifying
+/// common table expression (e.g. `created AS (INSERT INTO orders … VALUES ($9, $10 …))`)
+/// whose parameters, from [`FIRST_CALLER_PARAM`] on, `bind` adds. One statement is atomic on
+/// its own, so a caller with nothing else to write needs no explicit transaction: the state
+/// change and its event commit together in one round trip.
 #[tracing::instrument(
     name = "outbox append",
     skip_all,
@@ -44,32 +58,40 @@ pub enum OutboxError {
         db.collection.name = "outbox",
     )
 )]
-pub async fn append(conn: &mut PgConnection, event: NewEvent<'_>) -> Result<Appended, OutboxError> {
+pub async fn append_with<'c, E, F>(
+    executor: E,
+    event: NewEvent<'_>,
+    cte: Option<&str>,
+    bind: F,
+) -> Result<Appended, OutboxError>
+where
+    E: PgExecutor<'c>,
+    F: for<'q> FnOnce(Query<'q, Postgres, PgArguments>) -> Query<'q, Postgres, PgArguments>,
+{
     let event_id = Ulid::new();
     let (traceparent, tracestate) = telemetry::propagation::current_context_headers();
-    let seq: i64 = sqlx::query_scalar(
-        "INSERT INTO outbox_sequences (aggregate_id, last_seq) VALUES ($1, 1) \
-         ON CONFLICT (aggregate_id) DO UPDATE SET last_seq = outbox_sequences.last_seq + 1 \
-         RETURNING last_seq",
-    )
-    .bind(event.aggregate_id)
-    .fetch_one(&mut *conn)
-    .await?;
-    sqlx::query(
-        "INSERT INTO outbox (event_id, aggregate_type, aggregate_id, seq, event_type, payload, occurred_at, \
-         traceparent, tracestate) VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9)",
-    )
-    .bind(event_id.to_string())
-    .bind(event.aggregate_type)
-    .bind(event.aggregate_id)
-    .bind(seq)
-    .bind(event.event_type)
-    .bind(event.payload)
-    .bind(event.occurred_at)
-    .bind(traceparent)
-    .bind(tracestate)
-    .execute(&mut *conn)
-    .await?;
+    let caller = cte.map(|c| format!("{c}, ")).unwrap_or_default();
+    // The outer INSERT pulls the counter row from `bumped` before it evaluates its own row, so
+    // the outbox id is taken after the counter's lock.
+    let sql = format!(
+        "WITH {caller}bumped AS (INSERT INTO outbox_sequences (aggregate_id, last_seq) VALUES ($3, 1) \
+           ON CONFLICT (aggregate_id) DO UPDATE SET last_seq = outbox_sequences.last_seq + 1 \
+           RETURNING last_seq) \
+         INSERT INTO outbox (event_id, aggregate_type, aggregate_id, seq, event_type, payload, occurred_at, \
+                             traceparent, tracestate) \
+         SELECT $1, $2, $3, bumped.last_seq, $4, $5::jsonb, $6, $7, $8 FROM bumped \
+         RETURNING seq"
+    );
+    let query = sqlx::query(&sql)
+        .bind(event_id.to_string())
+        .bind(event.aggregate_type)
+        .bind(event.aggregate_id)
+        .bind(event.event_type)
+        .bind(event.payload)
+        .bind(event.occurred_at)
+        .bind(traceparent)
+        .bind(tracestate);
+    let seq: i64 = bind(query).fetch_one(executor).await?.try_get(0)?;
     let span = tracing::Span::current();
     span.record("event_id", tracing::field::display(event_id));
     span.record("seq", seq);

@@ -26,19 +26,26 @@ fn now() -> chrono::DateTime<Utc> {
 pub async fn create(pool: &PgPool, new: NewOrder, key: Option<(IdempotencyKey, String)>) -> Result<Created, ApiError> {
     let order = Order::create(new, now());
     let span = tracing::Span::current();
-    let mut tx = pool.begin().await.map_err(store::StoreError::from)?;
-    if let Some((key, hash)) = &key {
-        span.record("idempotency_key", key.as_str());
-        let body = serde_json::to_value(&order).map_err(store::StoreError::from)?;
-        if !idempotency::claim(&mut tx, key, hash, &order.id.to_string(), &body).await? {
-            tx.rollback().await.map_err(store::StoreError::from)?;
-            return replay(pool, key, hash).await;
+    let appended = match &key {
+        Some((key, hash)) => {
+            span.record("idempotency_key", key.as_str());
+            let mut tx = pool.begin().await.map_err(store::StoreError::from)?;
+            let body = serde_json::to_value(&order).map_err(store::StoreError::from)?;
+            if !idempotency::claim(&mut tx, key, hash, &order.id.to_string(), &body).await? {
+                tx.rollback().await.map_err(store::StoreError::from)?;
+                return replay(pool, key, hash).await;
+            }
+            span.record("order_id", tracing::field::display(order.id));
+            let appended = store::insert_order(&mut *tx, &order).await?;
+            tx.commit().await.map_err(store::StoreError::from)?;
+            appended
         }
-    }
-    span.record("order_id", tracing::field::display(order.id));
-    store::insert_order(&mut tx, &order).await?;
-    let appended = store::append_event(&mut tx, &EventPayload::created(&order), order.created_at).await?;
-    tx.commit().await.map_err(store::StoreError::from)?;
+        None => {
+            span.record("order_id", tracing::field::display(order.id));
+            // One statement: the order and its event commit together, in one round trip.
+            store::insert_order(pool, &order).await?
+        }
+    };
     tracing::info!(order_id = %order.id, event_id = %appended.event_id, seq = appended.seq, "order created");
     Ok(Created::New(order))
 }

@@ -3,7 +3,7 @@
 use chrono::{DateTime, Utc};
 use domain::{EventPayload, LineItem, Order, OrderId, OrderStatus};
 use sqlx::types::Json;
-use sqlx::{PgConnection, PgPool};
+use sqlx::{PgConnection, PgExecutor, PgPool};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -73,22 +73,43 @@ impl TryFrom<OrderRow> for Order {
 
 const COLUMNS: &str = "id, customer_id, status, items, total_cents, created_at, updated_at";
 
+/// Inserts a new order and its `OrderCreated` event in one statement: atomic by itself, so
+/// `executor` may be the pool (one round trip, no explicit transaction) or a transaction.
 #[tracing::instrument(skip_all, fields(order_id = %order.id, db.system = "postgresql"))]
-pub async fn insert_order(conn: &mut PgConnection, order: &Order) -> Result<(), StoreError> {
-    sqlx::query(
-        "INSERT INTO orders (id, customer_id, status, items, total_cents, created_at, updated_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7)",
-    )
-    .bind(order.id.to_string())
-    .bind(order.customer_id.as_str())
-    .bind(order.status.as_str())
-    .bind(Json(&order.items))
-    .bind(order.total_cents)
-    .bind(order.created_at)
-    .bind(order.updated_at)
-    .execute(conn)
+pub async fn insert_order<'c>(executor: impl PgExecutor<'c>, order: &Order) -> Result<outbox::Appended, StoreError> {
+    let p = outbox::FIRST_CALLER_PARAM;
+    let created = format!(
+        "created AS (INSERT INTO orders (id, customer_id, status, items, total_cents, created_at, updated_at) \
+         VALUES (${}, ${}, ${}, ${}, ${}, ${}, ${}))",
+        p,
+        p + 1,
+        p + 2,
+        p + 3,
+        p + 4,
+        p + 5,
+        p + 6
+    );
+    let payload = EventPayload::created(order);
+    let aggregate_id = order.id.to_string();
+    let json = payload.to_json();
+    let event = outbox::NewEvent {
+        aggregate_type: domain::AGGREGATE_TYPE,
+        aggregate_id: &aggregate_id,
+        event_type: payload.event_type().as_str(),
+        payload: &json,
+        occurred_at: order.created_at,
+    };
+    let appended = outbox::append_with(executor, event, Some(&created), |q| {
+        q.bind(order.id.to_string())
+            .bind(order.customer_id.as_str().to_owned())
+            .bind(order.status.as_str())
+            .bind(Json(order.items.clone()))
+            .bind(order.total_cents)
+            .bind(order.created_at)
+            .bind(order.updated_at)
+    })
     .await?;
-    Ok(())
+    Ok(appended)
 }
 
 #[tracing::instrument(skip_all, fields(%order_id, db.system = "postgresql"))]

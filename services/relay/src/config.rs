@@ -68,7 +68,8 @@ pub struct Config {
     /// Rows claimed (and published in one pipeline) per batch.
     #[arg(long, env = "OUTBOX_BATCH_SIZE", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub batch_size: u32,
-    /// How long a claim owns its rows before another relay may take them.
+    /// How long a claim may wait between its statements (e.g. a relay paused while publishing)
+    /// before the database ends it, freeing its rows for other relays.
     #[arg(long, env = "OUTBOX_LEASE", default_value = "30s", value_parser = parse_duration)]
     pub lease: Duration,
     /// Fallback poll interval when no notification arrives.
