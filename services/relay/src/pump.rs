@@ -1,7 +1,7 @@
 //! The relay loop: process batches while they come back full, then wait for a wake-up.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use service_kit::Shutdown;
 use sqlx::PgPool;
@@ -18,6 +18,8 @@ const WAITING_DELAY: Duration = Duration::from_millis(2);
 pub async fn pump(mut worker: Worker, pool: PgPool, wake: Arc<Notify>, poll_interval: Duration, shutdown: Shutdown) {
     let mut error_delay = Duration::from_millis(100);
     let mut waiting_delay = WAITING_DELAY;
+    let mut next_due: Option<Instant> = None;
+    let mut due_checked: Option<Instant> = None;
     while !shutdown.is_cancelled() {
         let full = worker.settings().batch_size as usize;
         let mut wakeable = true;
@@ -47,9 +49,25 @@ pub async fn pump(mut worker: Worker, pool: PgPool, wake: Arc<Notify>, poll_inte
                     wait
                 } else {
                     waiting_delay = WAITING_DELAY;
-                    match next_due_in(&pool).await {
-                        Ok(Some(due)) => due.min(poll_interval),
-                        _ => poll_interval,
+                    // When the earliest backing-off row is due, looked up at most once per poll
+                    // interval (a row that starts backing off meanwhile is found by the poll).
+                    if due_checked.is_none_or(|at: Instant| at.elapsed() >= poll_interval) {
+                        next_due = match next_due_in(&pool).await {
+                            Ok(Some(due)) => Some(Instant::now() + due),
+                            _ => None,
+                        };
+                        due_checked = Some(Instant::now());
+                    }
+                    match next_due {
+                        Some(at) => {
+                            let wait = at.saturating_duration_since(Instant::now());
+                            if wait.is_zero() {
+                                // Due now: this wake-up is spent on it.
+                                next_due = None;
+                            }
+                            wait.min(poll_interval)
+                        }
+                        None => poll_interval,
                     }
                 }
             }
