@@ -34,8 +34,10 @@ async fn published_rows(pool: &PgPool, first_id: i64, n: i64, aggregate: &str, a
 #[tokio::test]
 async fn retention_deletes_only_old_rows_in_bounded_batches() {
     let db = migrated_database("relay_retention").await;
-    published_rows(&db.pool, 1, 25, "old", chrono::Duration::hours(30)).await;
-    published_rows(&db.pool, 1000, 5, "recent", chrono::Duration::hours(2)).await;
+    // A row published late (a retry) sits below the old ones in id order.
+    published_rows(&db.pool, 1, 1, "recent", chrono::Duration::hours(2)).await;
+    published_rows(&db.pool, 2, 25, "old", chrono::Duration::hours(30)).await;
+    published_rows(&db.pool, 1000, 4, "recent", chrono::Duration::hours(2)).await;
     let shutdown = Shutdown::new();
     let day = Duration::from_secs(24 * 3600);
     let report = trim_published(&db.pool, day, 10, Duration::from_millis(1), &shutdown).await.expect("trim");
