@@ -44,10 +44,11 @@ macro_rules! free {
 /// The claim, in one statement:
 ///
 /// - `locked`: free rows in id order, skipping rows another claim holds, and rows with an
-///   earlier row of their aggregate that is not free (backing off or dead). Each carries the
-///   number of its aggregate's earlier rows still in the outbox, as this statement sees them.
-/// - `accepted`: a row is taken only if every one of those earlier rows is locked here too, so
-///   it goes out after them in this batch. A row whose earlier row is in another claim's batch
+///   earlier row of their aggregate that is not free (backing off or dead).
+/// - `accepted`: a row is taken only if every earlier row of its aggregate still in the outbox
+///   (as this statement sees it) is locked here too, so it goes out after them in this batch.
+///   That count is taken for locked rows only: rows skipped because another claim holds them
+///   cost one index probe, not two. A row whose earlier row is in another claim's batch
 ///   (in flight) is left alone; it stays locked until this transaction ends and is claimed
 ///   again after that batch is done.
 /// - `moved`: accepted rows move to `outbox_published` inside the claim's transaction. The
@@ -59,18 +60,18 @@ macro_rules! free {
 /// subqueries so the planner keeps them per-row probes.
 const CLAIM_SQL: &str = concat!(
     "WITH locked AS ( \
-       SELECT o.id, o.aggregate_id, o.seq, \
-              (SELECT count(*) FROM outbox e WHERE e.aggregate_id = o.aggregate_id AND e.seq < o.seq) AS earlier \
-       FROM outbox o WHERE ",
+       SELECT o.id, o.aggregate_id, o.seq FROM outbox o WHERE ",
     free!("o"),
     "  AND (SELECT 1 FROM outbox e WHERE e.aggregate_id = o.aggregate_id AND e.seq < o.seq AND NOT (",
     free!("e"),
     ") LIMIT 1) IS NULL \
        ORDER BY o.id LIMIT $1 FOR UPDATE SKIP LOCKED), \
      accepted AS ( \
-       SELECT id FROM (SELECT id, earlier, \
-                              row_number() OVER (PARTITION BY aggregate_id ORDER BY seq) - 1 AS locked_before \
-                       FROM locked) l \
+       SELECT id FROM (SELECT l.id, \
+                              (SELECT count(*) FROM outbox e \
+                               WHERE e.aggregate_id = l.aggregate_id AND e.seq < l.seq) AS earlier, \
+                              row_number() OVER (PARTITION BY l.aggregate_id ORDER BY l.seq) - 1 AS locked_before \
+                       FROM locked l) c \
        WHERE earlier = locked_before), \
      moved AS ( \
        DELETE FROM outbox WHERE id IN (SELECT id FROM accepted) \

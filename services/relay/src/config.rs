@@ -68,6 +68,10 @@ pub struct Config {
     /// Rows claimed (and published in one pipeline) per batch.
     #[arg(long, env = "OUTBOX_BATCH_SIZE", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub batch_size: u32,
+    /// Batches in flight at once in this relay: while one is being published, the next is
+    /// claimed (each is its own claim, so order per aggregate holds as across relays).
+    #[arg(long, env = "OUTBOX_WORKERS", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=32))]
+    pub workers: u32,
     /// How long a claim may wait between its statements (e.g. a relay paused while publishing)
     /// before the database ends it, freeing its rows for other relays.
     #[arg(long, env = "OUTBOX_LEASE", default_value = "30s", value_parser = parse_duration)]
@@ -139,6 +143,7 @@ mod tests {
         let cli = Cli::try_parse_from(["relay", "--database-url", "postgres://x/y", "dead", "retry", "--all"]).unwrap();
         assert!(matches!(cli.command, Some(Command::Dead(DeadCommand::Retry { event_id: None, all: true }))));
         assert_eq!(cli.config.batch_size, 1000);
+        assert_eq!(cli.config.workers, 2);
         assert_eq!(cli.config.lease, Duration::from_secs(30));
         assert!(Cli::try_parse_from(["relay", "--database-url", "x", "dead", "retry"]).is_err());
         let cli =

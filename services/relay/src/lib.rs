@@ -53,14 +53,15 @@ pub struct Relay {
     addr: SocketAddr,
 }
 
-/// Connections: one per batch in flight, the listener, the gauge sampler, retention, readiness.
-const POOL_SIZE: u32 = 6;
+/// Connections besides one per batch in flight: the listener, the gauge sampler, retention,
+/// readiness, and the follow-up statements of a failed batch.
+const SPARE_CONNECTIONS: u32 = 5;
 
 impl Relay {
     /// Binds `HTTP_ADDR` (port 0 picks a free port) and prepares a lazy database pool.
     pub async fn bind(config: Config) -> Result<Self, RelayError> {
         let options = claim::connect_options(&config.database_url, config.lease).map_err(RelayError::DatabaseUrl)?;
-        let pool = service_kit::startup::lazy_pool_with(options, POOL_SIZE);
+        let pool = service_kit::startup::lazy_pool_with(options, config.workers + SPARE_CONNECTIONS);
         let listener = TcpListener::bind(config.http_addr)
             .await
             .map_err(|source| RelayError::Bind { addr: config.http_addr, source })?;
@@ -77,8 +78,10 @@ impl Relay {
     pub async fn run(self, shutdown: Shutdown) -> Result<(), RelayError> {
         let Self { config, pool, listener, addr } = self;
         let redis = redis::Client::open(config.redis_url.as_str()).map_err(RelayError::RedisUrl)?;
-        let publisher =
-            publish::Publisher::new(&config.redis_url, config.redis_stream.clone()).map_err(RelayError::RedisUrl)?;
+        let publishers = (0..config.workers)
+            .map(|_| publish::Publisher::new(&config.redis_url, config.redis_stream.clone()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(RelayError::RedisUrl)?;
         let metrics = metrics::Metrics::default();
         let mut registry = Registry::default();
         metrics.register(&mut registry);
@@ -105,8 +108,14 @@ impl Relay {
                     shutdown.clone(),
                 )),
             ];
-            let worker = batch::Worker::new(pool.clone(), publisher, batch::Settings::from(&config), metrics);
-            pump::pump(worker, pool.clone(), wake, config.poll_interval, shutdown.clone()).await;
+            let pumps = publishers.into_iter().map(|publisher| {
+                let worker =
+                    batch::Worker::new(pool.clone(), publisher, batch::Settings::from(&config), metrics.clone());
+                tokio::spawn(pump::pump(worker, pool.clone(), wake.clone(), config.poll_interval, shutdown.clone()))
+            });
+            for pump in pumps.collect::<Vec<_>>() {
+                let _ = pump.await;
+            }
             for task in tasks {
                 let _ = task.await;
             }

@@ -26,6 +26,7 @@ pub fn config(database_url: &str, redis_url: &str, stream: &str) -> Config {
         redis_stream: stream.to_owned(),
         http_addr: "127.0.0.1:0".parse().expect("address"),
         batch_size: 1000,
+        workers: 2,
         lease: Duration::from_secs(30),
         poll_interval: Duration::from_millis(200),
         max_attempts: 10,
