@@ -4,8 +4,8 @@
 //! A batch is claimed by a transaction that holds its rows' locks, and that the database ends
 //! if it sits idle past the lease ([`claim`]). The batch is published in one pipeline
 //! ([`publish::Publisher`]) and recorded by committing that transaction; failures are
-//! recorded after it rolled back, fenced against relays that took over ([`finish`]). Relays wake on `NOTIFY`, on a fallback poll, and when a backing-off row
-//! becomes due ([`wake`]).
+//! recorded after it rolled back, fenced against relays that took over ([`finish`]). Relays
+//! wake on `NOTIFY`, on a fallback poll, and when a backing-off row becomes due ([`wake`]).
 
 pub mod backoff;
 pub mod batch;

@@ -10,7 +10,7 @@ use tokio::sync::Notify;
 use crate::batch::Worker;
 use crate::wake::next_due_in;
 
-/// First wait for rows held back behind another relay's batch.
+/// First wait for rows held back behind another claim's batch.
 const WAITING_DELAY: Duration = Duration::from_millis(2);
 
 /// Runs until shutdown. The batch in flight when shutdown is requested is finished
@@ -41,7 +41,7 @@ pub async fn pump(mut worker: Worker, pool: PgPool, wake: Arc<Notify>, poll_inte
                     wakeable = false;
                     poll_interval
                 } else if report.waiting() > 0 {
-                    // Rows wait for another relay's batch with earlier rows of their orders,
+                    // Rows wait for another claim's batch with earlier rows of their orders,
                     // which takes milliseconds; look again soon, less often while it lasts.
                     let wait = waiting_delay.min(poll_interval);
                     waiting_delay =
