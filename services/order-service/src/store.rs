@@ -73,22 +73,17 @@ impl TryFrom<OrderRow> for Order {
 
 const COLUMNS: &str = "id, customer_id, status, items, total_cents, created_at, updated_at";
 
+/// The order row of [`insert_order`], written in the outbox append's statement; its
+/// parameters follow the append's own.
+const CREATED_CTE: &str = "created AS (INSERT INTO orders \
+     (id, customer_id, status, items, total_cents, created_at, updated_at) \
+     VALUES ($9, $10, $11, $12, $13, $14, $15))";
+const _: () = assert!(outbox::FIRST_CALLER_PARAM == 9, "CREATED_CTE numbers its parameters from $9");
+
 /// Inserts a new order and its `OrderCreated` event in one statement: atomic by itself, so
 /// `executor` may be the pool (one round trip, no explicit transaction) or a transaction.
 #[tracing::instrument(skip_all, fields(order_id = %order.id, db.system = "postgresql"))]
 pub async fn insert_order<'c>(executor: impl PgExecutor<'c>, order: &Order) -> Result<outbox::Appended, StoreError> {
-    let p = outbox::FIRST_CALLER_PARAM;
-    let created = format!(
-        "created AS (INSERT INTO orders (id, customer_id, status, items, total_cents, created_at, updated_at) \
-         VALUES (${}, ${}, ${}, ${}, ${}, ${}, ${}))",
-        p,
-        p + 1,
-        p + 2,
-        p + 3,
-        p + 4,
-        p + 5,
-        p + 6
-    );
     let payload = EventPayload::created(order);
     let aggregate_id = order.id.to_string();
     let json = payload.to_json();
@@ -99,7 +94,7 @@ pub async fn insert_order<'c>(executor: impl PgExecutor<'c>, order: &Order) -> R
         payload: &json,
         occurred_at: order.created_at,
     };
-    let appended = outbox::append_with(executor, event, Some(&created), |q| {
+    let appended = outbox::append_with(executor, event, Some(CREATED_CTE), |q| {
         q.bind(order.id.to_string())
             .bind(order.customer_id.as_str().to_owned())
             .bind(order.status.as_str())
