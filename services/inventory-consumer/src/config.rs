@@ -80,6 +80,10 @@ pub struct Config {
     pub block: Duration,
     #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 8)]
     pub database_max_connections: u32,
+    /// How often the consumer checks whether its tables need a vacuum or an analyze, and runs
+    /// it ("0" turns this off and leaves them to autovacuum).
+    #[arg(long, env = "DB_UPKEEP_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    pub upkeep_interval: Duration,
     #[arg(long, env = "LOG_FORMAT", default_value = "text")]
     pub log_format: LogFormat,
     /// Test hook: stop right after the first committed batch without acknowledging it, as a

@@ -59,6 +59,10 @@ pub struct Service {
     registry: Arc<Mutex<Registry>>,
 }
 
+/// The tables every applied event writes ([`service_kit::upkeep`]).
+pub const UPKEEP_TABLES: &[&str] =
+    &["processed_messages", "aggregate_checkpoints", "order_reservations", "inventory", "parked_events"];
+
 impl Service {
     pub async fn bind(config: Config) -> Result<Self, StartError> {
         let pool = service_kit::startup::lazy_pool(&config.database_url, config.database_max_connections)
@@ -106,6 +110,12 @@ impl Service {
             None => Ok(()),
             Some(()) => {
                 migrated.store(true, Ordering::Relaxed);
+                let upkeep = tokio::spawn(service_kit::upkeep::upkeep_loop(
+                    self.pool.clone(),
+                    UPKEEP_TABLES,
+                    self.config.upkeep_interval,
+                    shutdown.clone(),
+                ));
                 let consumer = consumer::Consumer {
                     config: self.config,
                     pool: self.pool.clone(),
@@ -113,7 +123,11 @@ impl Service {
                     metrics,
                     shutdown: shutdown.clone(),
                 };
-                consumer.run().await
+                let consumed = consumer.run().await;
+                // The consumer stops on shutdown or on its crash hook; upkeep goes with it.
+                upkeep.abort();
+                let _ = upkeep.await;
+                consumed
             }
         };
         stop_http.cancel();

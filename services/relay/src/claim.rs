@@ -55,16 +55,23 @@ macro_rules! free {
 ///   move becomes visible only if the batch is published and the transaction commits.
 ///
 /// Each returned row also carries the number of rows locked, so a batch filled with rows that
-/// had to wait still counts as full. The earlier-row checks probe the `(aggregate_id, seq)`
-/// unique index (an order rarely has more than a few rows in the outbox); they are scalar
-/// subqueries so the planner keeps them per-row probes.
-const CLAIM_SQL: &str = concat!(
+/// had to wait still counts as full.
+///
+/// The plan must not depend on how fresh the table's statistics are: a claim that scans and
+/// sorts the whole outbox costs milliseconds per call and grows with the table. The claim runs
+/// without sequential scans ([`BEGIN_CLAIM`]), so `ORDER BY id LIMIT` walks the primary key and
+/// stops after the batch. The held-back check is an anti-join probing the tiny
+/// `outbox_held_back_idx` (migration 0007). The earlier-row count of `accepted` probes the
+/// `(aggregate_id, seq)` index once per locked row (an order rarely has more than a few rows in
+/// the outbox).
+pub const CLAIM_SQL: &str = concat!(
     "WITH locked AS ( \
        SELECT o.id, o.aggregate_id, o.seq FROM outbox o WHERE ",
     free!("o"),
-    "  AND (SELECT 1 FROM outbox e WHERE e.aggregate_id = o.aggregate_id AND e.seq < o.seq AND NOT (",
+    "  AND NOT EXISTS (SELECT 1 FROM outbox e WHERE e.aggregate_id = o.aggregate_id AND e.seq < o.seq \
+                       AND (e.status <> 'pending' OR e.attempts > 0) AND NOT (",
     free!("e"),
-    ") LIMIT 1) IS NULL \
+    ")) \
        ORDER BY o.id LIMIT $1 FOR UPDATE SKIP LOCKED), \
      accepted AS ( \
        SELECT id FROM (SELECT l.id, \
@@ -85,6 +92,12 @@ const CLAIM_SQL: &str = concat!(
             m.payload::text AS payload, m.occurred_at, m.traceparent, m.tracestate, m.attempts, m.created_at \
      FROM (SELECT count(*) AS locked FROM locked) n LEFT JOIN moved m ON true"
 );
+
+/// Starts a claim's transaction, in the same round trip as `BEGIN`: the claim must walk the
+/// primary key whatever the statistics say ([`CLAIM_SQL`]). A planner that believes the outbox
+/// is small (statistics taken when it was, and not refreshed since) otherwise scans and sorts
+/// the whole table on every claim, however many rows it has by now.
+pub const BEGIN_CLAIM: &str = "BEGIN; SET LOCAL enable_seqscan = off";
 
 /// Rows claimed by one transaction. Dropping a claim rolls it back.
 #[derive(Debug)]
@@ -113,7 +126,7 @@ impl Claim {
 /// Claims up to `limit` due rows.
 #[tracing::instrument(name = "outbox claim", level = "debug", skip(pool), fields(claimed = tracing::field::Empty))]
 pub async fn claim_batch(pool: &PgPool, limit: u32) -> Result<Claim, sqlx::Error> {
-    let mut tx = pool.begin().await?;
+    let mut tx = pool.begin_with(BEGIN_CLAIM).await?;
     let found: Vec<PgRow> = sqlx::query(CLAIM_SQL).bind(i64::from(limit)).fetch_all(&mut *tx).await?;
     let mut locked = 0_i64;
     let mut rows = Vec::with_capacity(found.len());

@@ -94,6 +94,10 @@ pub struct Config {
     /// Payloads larger than this are dead-lettered instead of published.
     #[arg(long, env = "OUTBOX_MAX_PAYLOAD_BYTES", default_value_t = 1024 * 1024)]
     pub max_payload_bytes: usize,
+    /// How often the relay checks whether `outbox` and `outbox_published` need a vacuum or an
+    /// analyze, and runs it ("0" turns this off and leaves both to autovacuum).
+    #[arg(long, env = "DB_UPKEEP_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    pub upkeep_interval: Duration,
     /// `text` or `json`.
     #[arg(long, env = "LOG_FORMAT", default_value = "text")]
     pub log_format: LogFormat,

@@ -54,8 +54,11 @@ pub struct Relay {
 }
 
 /// Connections besides one per batch in flight: the listener, the gauge sampler, retention,
-/// readiness, and the follow-up statements of a failed batch.
-const SPARE_CONNECTIONS: u32 = 5;
+/// table upkeep, readiness, and the follow-up statements of a failed batch.
+const SPARE_CONNECTIONS: u32 = 6;
+
+/// The tables whose rows the relays turn over ([`service_kit::upkeep`]).
+pub const UPKEEP_TABLES: &[&str] = &["outbox", "outbox_published"];
 
 impl Relay {
     /// Binds `HTTP_ADDR` (port 0 picks a free port) and prepares a lazy database pool.
@@ -105,6 +108,12 @@ impl Relay {
                     pool.clone(),
                     config.retention,
                     Duration::from_secs(60),
+                    shutdown.clone(),
+                )),
+                tokio::spawn(service_kit::upkeep::upkeep_loop(
+                    pool.clone(),
+                    UPKEEP_TABLES,
+                    config.upkeep_interval,
                     shutdown.clone(),
                 )),
             ];

@@ -51,11 +51,12 @@ pub async fn listen(pool: PgPool, wake: Arc<Notify>, shutdown: Shutdown) {
     }
 }
 
-/// How long until the earliest backing-off row is due, if any is.
+/// How long until the earliest backing-off row is due, if any is. Only attempted rows back off;
+/// they are in the small `outbox_held_back_idx`.
 pub async fn next_due_in(pool: &PgPool) -> Result<Option<Duration>, sqlx::Error> {
     let secs: Option<f64> = sqlx::query_scalar(
         "SELECT EXTRACT(EPOCH FROM min(next_attempt_at) - now())::float8 FROM outbox \
-         WHERE status = 'pending' AND next_attempt_at > now()",
+         WHERE status = 'pending' AND attempts > 0 AND next_attempt_at > now()",
     )
     .fetch_one(pool)
     .await?;

@@ -10,10 +10,15 @@ use relay::dead::{list_dead, retry_dead, Retry};
 use relay::publish::Publisher;
 use relay::retention::trim_published;
 use service_kit::Shutdown;
-use sqlx::PgPool;
 
 /// Inserts published rows directly, `age` old.
-async fn published_rows(pool: &PgPool, first_id: i64, n: i64, aggregate: &str, age: chrono::Duration) {
+async fn published_rows<'c>(
+    pool: impl sqlx::PgExecutor<'c>,
+    first_id: i64,
+    n: i64,
+    aggregate: &str,
+    age: chrono::Duration,
+) {
     let event_ids: Vec<String> = (0..n).map(|_| ulid::Ulid::new().to_string()).collect();
     sqlx::query(
         "INSERT INTO outbox_published (id, event_id, aggregate_type, aggregate_id, seq, event_type, payload, occurred_at, \
@@ -130,4 +135,83 @@ async fn events_out_of_attempts_go_dead_and_can_be_retried() {
     assert_eq!(ids, [second.event_id, first.event_id]);
     assert!(list_dead(&db.pool).await.expect("list").is_empty());
     delete_stream(&redis, &stream).await;
+}
+
+/// Inserts `n` pending rows, two per order, straight into the outbox.
+async fn pending_rows<'c>(pool: impl sqlx::PgExecutor<'c>, n: i64) {
+    sqlx::query(
+        "INSERT INTO outbox (event_id, aggregate_type, aggregate_id, seq, event_type, payload, occurred_at) \
+         SELECT 'ev-' || g, 'order', 'order-' || (g / 2), 1 + g % 2, 'OrderCreated', '{}', now() \
+         FROM generate_series(0, $1 - 1) g",
+    )
+    .bind(n)
+    .execute(pool)
+    .await
+    .expect("insert pending rows");
+}
+
+#[tokio::test]
+async fn claims_walk_the_primary_key_even_with_stale_statistics() {
+    let db = migrated_database("relay_claim_plan").await;
+    // Statistics taken while the outbox was empty, never refreshed: the planner believes the
+    // table is tiny, and would scan and sort all of it on every claim.
+    sqlx::query("ANALYZE outbox").execute(&db.pool).await.expect("analyze");
+    pending_rows(&db.pool, 20_000).await;
+    let pool = claim_pool(&db.url, Duration::from_secs(30)).await;
+    let mut tx = pool.begin_with(relay::claim::BEGIN_CLAIM).await.expect("begin");
+    let plan: Vec<String> = sqlx::query_scalar(&format!("EXPLAIN {}", relay::claim::CLAIM_SQL))
+        .bind(1000_i64)
+        .fetch_all(&mut *tx)
+        .await
+        .expect("explain");
+    tx.rollback().await.expect("rollback");
+    let plan = plan.join("\n");
+    assert!(plan.contains("Index Scan using outbox_pkey on outbox o"), "{plan}");
+    assert!(!plan.contains("Seq Scan on outbox"), "{plan}");
+}
+
+#[tokio::test]
+async fn upkeep_vacuums_and_analyzes_tables_past_their_thresholds() {
+    use service_kit::upkeep::{upkeep_once, Action, LOCK_NAMESPACE};
+    let db = migrated_database("relay_upkeep").await;
+    let tables = relay::UPKEEP_TABLES;
+    assert!(upkeep_once(&db.pool, tables).await.expect("upkeep").is_empty(), "fresh tables need nothing");
+
+    // 3 000 dead rows in the outbox; 600 new rows in outbox_published. A backend reports its
+    // counters at most once a second unless told to: the writer is told to after its writes.
+    let mut writer = db.pool.acquire().await.expect("connection");
+    pending_rows(&mut *writer, 3_000).await;
+    sqlx::query("DELETE FROM outbox").execute(&mut *writer).await.expect("delete");
+    published_rows(&mut *writer, 1, 600, "order-x", chrono::Duration::hours(1)).await;
+    sqlx::query("SELECT pg_stat_force_next_flush()").execute(&mut *writer).await.expect("flush");
+    drop(writer);
+
+    // Another process is vacuuming the outbox: this round leaves it alone.
+    let mut holder = db.pool.acquire().await.expect("connection");
+    sqlx::query("SELECT pg_advisory_lock($1, hashtext('outbox'))")
+        .bind(LOCK_NAMESPACE)
+        .execute(&mut *holder)
+        .await
+        .expect("lock");
+    let done = upkeep_once(&db.pool, tables).await.expect("upkeep");
+    assert!(done.contains(&("outbox".to_owned(), Action::Skipped)), "{done:?}");
+    assert!(done.contains(&("outbox_published".to_owned(), Action::Analyzed)), "{done:?}");
+    sqlx::query("SELECT pg_advisory_unlock($1, hashtext('outbox'))")
+        .bind(LOCK_NAMESPACE)
+        .execute(&mut *holder)
+        .await
+        .expect("unlock");
+    drop(holder);
+
+    let done = upkeep_once(&db.pool, tables).await.expect("upkeep");
+    assert_eq!(done, vec![("outbox".to_owned(), Action::Vacuumed)]);
+    let (vacuumed, analyzed): (bool, bool) = sqlx::query_as(
+        "SELECT last_vacuum IS NOT NULL, last_analyze IS NOT NULL FROM pg_stat_user_tables WHERE relname = 'outbox'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .expect("stats");
+    assert!(vacuumed && analyzed);
+    // Done is done: the counters were reset, so the next round has nothing to do.
+    assert!(upkeep_once(&db.pool, tables).await.expect("upkeep").is_empty());
 }

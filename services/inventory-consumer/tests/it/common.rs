@@ -48,6 +48,7 @@ impl Harness {
             batch_size: 256,
             block: Duration::from_millis(100),
             database_max_connections: 4,
+            upkeep_interval: Duration::from_secs(5),
             log_format: telemetry::LogFormat::Text,
             crash_after_commit: false,
         }

@@ -34,6 +34,7 @@ pub fn config(database_url: &str, redis_url: &str, stream: &str) -> Config {
         backoff_max: Duration::from_secs(15 * 60),
         retention: Duration::from_secs(24 * 3600),
         max_payload_bytes: 1024 * 1024,
+        upkeep_interval: Duration::from_secs(5),
         log_format: telemetry::LogFormat::Text,
     }
 }
