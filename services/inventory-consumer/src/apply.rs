@@ -4,16 +4,13 @@
 //! Locks are taken in one global order — checkpoint rows by aggregate id, then inventory rows
 //! by sku — so concurrent replicas wait for each other instead of deadlocking.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 
 use chrono::{DateTime, Utc};
 use domain::Event;
 use sqlx::{PgConnection, PgPool, Row};
 
-use crate::rows::{
-    load_parked, load_reservations, lock_stock, park, record_dead_letters, record_processed, write_reservations,
-    write_stock, ProcessedRow,
-};
+use crate::rows::{load, lock_stock, record_dead_letters, write, Loaded, ProcessedRow, Writes};
 use crate::rules::{self, Reservation, Stock};
 
 /// A decoded entry, with its fields as read (kept for parking).
@@ -109,15 +106,7 @@ async fn apply_events(tx: &mut PgConnection, events: &[Incoming]) -> Result<Batc
     let original_checkpoints = checkpoints.clone();
 
     let event_ids: Vec<String> = events.iter().map(|e| e.event.event_id.to_string()).collect();
-    let mut seen: HashSet<String> =
-        sqlx::query_scalar("SELECT event_id FROM processed_messages WHERE event_id = ANY($1)")
-            .bind(&event_ids)
-            .fetch_all(&mut *tx)
-            .await?
-            .into_iter()
-            .collect();
-    let mut parked = load_parked(tx, &aggregates).await?;
-    let mut reservations = load_reservations(tx, &aggregates).await?;
+    let Loaded { mut seen, mut parked, mut reservations } = load(tx, &event_ids, &aggregates).await?;
     let original_reservations = reservations.clone();
     let mut stock = lock_stock(tx, events, &parked, &reservations).await?;
     let original_stock = stock.clone();
@@ -170,28 +159,15 @@ async fn apply_events(tx: &mut PgConnection, events: &[Incoming]) -> Result<Batc
         result.outcomes.push(outcome);
     }
 
-    write_stock(tx, &stock, &original_stock).await?;
-    write_reservations(tx, &reservations, &original_reservations).await?;
-    let changed: Vec<(&String, &i64)> =
-        checkpoints.iter().filter(|(k, v)| original_checkpoints.get(*k) != Some(*v)).collect();
-    sqlx::query(
-        "UPDATE aggregate_checkpoints c SET last_seq = u.last_seq, updated_at = now() \
-         FROM unnest($1::text[], $2::bigint[]) AS u(aggregate_id, last_seq) WHERE c.aggregate_id = u.aggregate_id",
-    )
-    .bind(changed.iter().map(|(k, _)| (*k).clone()).collect::<Vec<_>>())
-    .bind(changed.iter().map(|(_, v)| **v).collect::<Vec<_>>())
-    .execute(&mut *tx)
-    .await?;
-    record_processed(tx, &processed).await?;
-    park(tx, &to_park).await?;
-    sqlx::query(
-        "DELETE FROM parked_events p USING unnest($1::text[], $2::bigint[]) AS r(aggregate_id, seq) \
-         WHERE p.aggregate_id = r.aggregate_id AND p.seq = r.seq",
-    )
-    .bind(released.iter().map(|(a, _)| a.clone()).collect::<Vec<_>>())
-    .bind(released.iter().map(|(_, s)| *s).collect::<Vec<_>>())
-    .execute(&mut *tx)
-    .await?;
+    let writes = Writes {
+        stock: stock.iter().filter(|(k, v)| original_stock.get(*k) != Some(*v)).collect(),
+        reservations: reservations.iter().filter(|(k, v)| original_reservations.get(*k) != Some(*v)).collect(),
+        checkpoints: checkpoints.iter().filter(|(k, v)| original_checkpoints.get(*k) != Some(*v)).collect(),
+        processed: &processed,
+        parked: &to_park,
+        released: &released,
+    };
+    write(tx, &writes).await?;
     Ok(result)
 }
 

@@ -1,7 +1,8 @@
 //! Reading and writing the rows a batch touches, set-based (`unnest` arrays) so a batch costs
-//! a dozen statements whatever its size.
+//! the same handful of statements whatever its size: lock checkpoints, read, lock stock,
+//! write.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use domain::{Event, EventPayload};
 use sqlx::{PgConnection, Row};
@@ -9,52 +10,66 @@ use sqlx::{PgConnection, Row};
 use crate::apply::{fields_from_json, fields_json, DeadLetter, Incoming, Parked};
 use crate::rules::{Reservation, ReservationStatus, ReservedItem, Stock};
 
-pub(crate) async fn load_parked(
+/// What a batch reads once its checkpoints are locked.
+pub(crate) struct Loaded {
+    /// Event ids of the batch already applied.
+    pub(crate) seen: HashSet<String>,
+    pub(crate) parked: BTreeMap<(String, i64), Parked>,
+    pub(crate) reservations: HashMap<String, Reservation>,
+}
+
+/// Reads, in one round trip, which of `event_ids` were applied already, and the parked events
+/// and reservations of `aggregates`. Runs after the aggregates' checkpoints are locked, which
+/// guard their parked events and reservations.
+pub(crate) async fn load(
     tx: &mut PgConnection,
+    event_ids: &[String],
     aggregates: &[String],
-) -> Result<BTreeMap<(String, i64), Parked>, sqlx::Error> {
+) -> Result<Loaded, sqlx::Error> {
+    // One row shape for the three tables: kind, key, seq, text, jsonb, text.
     let rows = sqlx::query(
-        "SELECT aggregate_id, seq, stream_entry_id, fields FROM parked_events WHERE aggregate_id = ANY($1)",
+        "SELECT 0 AS kind, event_id AS key, NULL::bigint AS seq, NULL::text AS a, NULL::jsonb AS j, NULL::text AS b \
+           FROM processed_messages WHERE event_id = ANY($1) \
+         UNION ALL SELECT 1, aggregate_id, seq, stream_entry_id, fields, NULL FROM parked_events \
+           WHERE aggregate_id = ANY($2) \
+         UNION ALL SELECT 2, order_id, NULL, status, items, reason FROM order_reservations WHERE order_id = ANY($2)",
     )
+    .bind(event_ids)
     .bind(aggregates)
     .fetch_all(&mut *tx)
     .await?;
-    let mut out = BTreeMap::new();
+    let mut loaded = Loaded { seen: HashSet::new(), parked: BTreeMap::new(), reservations: HashMap::new() };
     for row in rows {
-        let (aggregate, seq): (String, i64) = (row.try_get(0)?, row.try_get(1)?);
-        let fields = fields_from_json(&row.try_get::<serde_json::Value, _>(3)?);
-        // Parked entries decoded once already; a row that no longer does is left alone.
-        let decoded =
-            domain::StreamEntry::from_fields(fields.iter().map(|(k, v)| (k, v))).and_then(|e| Event::try_from(&e));
-        match decoded {
-            Ok(event) => {
-                let incoming = Incoming { stream_id: row.try_get(2)?, event, fields };
-                out.insert((aggregate, seq), Parked { incoming, stored: true });
+        let key: String = row.try_get(1)?;
+        match row.try_get::<i32, _>(0)? {
+            0 => {
+                loaded.seen.insert(key);
             }
-            Err(e) => tracing::error!(aggregate_id = %aggregate, seq, error = %e, "parked event no longer decodes"),
+            1 => {
+                let seq: i64 = row.try_get(2)?;
+                let fields = fields_from_json(&row.try_get::<serde_json::Value, _>(4)?);
+                // Parked entries decoded once already; a row that no longer does is left alone.
+                let decoded = domain::StreamEntry::from_fields(fields.iter().map(|(k, v)| (k, v)))
+                    .and_then(|e| Event::try_from(&e));
+                match decoded {
+                    Ok(event) => {
+                        let incoming = Incoming { stream_id: row.try_get(3)?, event, fields };
+                        loaded.parked.insert((key, seq), Parked { incoming, stored: true });
+                    }
+                    Err(e) => tracing::error!(aggregate_id = %key, seq, error = %e, "parked event no longer decodes"),
+                }
+            }
+            _ => {
+                let status: String = row.try_get(3)?;
+                let status = ReservationStatus::parse(&status)
+                    .ok_or_else(|| sqlx::Error::Decode(format!("unknown reservation status {status}").into()))?;
+                let items: Vec<ReservedItem> =
+                    serde_json::from_value(row.try_get(4)?).map_err(|e| sqlx::Error::Decode(e.into()))?;
+                loaded.reservations.insert(key, Reservation { status, items, reason: row.try_get(5)? });
+            }
         }
     }
-    Ok(out)
-}
-
-pub(crate) async fn load_reservations(
-    tx: &mut PgConnection,
-    aggregates: &[String],
-) -> Result<HashMap<String, Reservation>, sqlx::Error> {
-    let rows = sqlx::query("SELECT order_id, status, items, reason FROM order_reservations WHERE order_id = ANY($1)")
-        .bind(aggregates)
-        .fetch_all(&mut *tx)
-        .await?;
-    let mut out = HashMap::with_capacity(rows.len());
-    for row in rows {
-        let status: String = row.try_get(1)?;
-        let status = ReservationStatus::parse(&status)
-            .ok_or_else(|| sqlx::Error::Decode(format!("unknown reservation status {status}").into()))?;
-        let items: Vec<ReservedItem> =
-            serde_json::from_value(row.try_get(2)?).map_err(|e| sqlx::Error::Decode(e.into()))?;
-        out.insert(row.try_get(0)?, Reservation { status, items, reason: row.try_get(3)? });
-    }
-    Ok(out)
+    Ok(loaded)
 }
 
 /// Locks (sorted by sku) the inventory rows every event of the batch may touch.
@@ -84,51 +99,6 @@ pub(crate) async fn lock_stock(
         .collect()
 }
 
-pub(crate) async fn write_stock(
-    tx: &mut PgConnection,
-    stock: &HashMap<String, Stock>,
-    original: &HashMap<String, Stock>,
-) -> Result<(), sqlx::Error> {
-    let changed: Vec<(&String, &Stock)> = stock.iter().filter(|(k, v)| original.get(*k) != Some(*v)).collect();
-    if changed.is_empty() {
-        return Ok(());
-    }
-    sqlx::query(
-        "UPDATE inventory i SET on_hand = u.on_hand, reserved = u.reserved, updated_at = now() \
-         FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS u(sku, on_hand, reserved) WHERE i.sku = u.sku",
-    )
-    .bind(changed.iter().map(|(k, _)| (*k).clone()).collect::<Vec<_>>())
-    .bind(changed.iter().map(|(_, s)| s.on_hand).collect::<Vec<_>>())
-    .bind(changed.iter().map(|(_, s)| s.reserved).collect::<Vec<_>>())
-    .execute(&mut *tx)
-    .await
-    .map(|_| ())
-}
-
-pub(crate) async fn write_reservations(
-    tx: &mut PgConnection,
-    now: &HashMap<String, Reservation>,
-    original: &HashMap<String, Reservation>,
-) -> Result<(), sqlx::Error> {
-    let changed: Vec<(&String, &Reservation)> = now.iter().filter(|(k, v)| original.get(*k) != Some(*v)).collect();
-    if changed.is_empty() {
-        return Ok(());
-    }
-    let items = changed.iter().map(|(_, r)| serde_json::to_value(&r.items)).collect::<Result<Vec<_>, _>>();
-    sqlx::query(
-        "INSERT INTO order_reservations (order_id, status, items, reason) \
-         SELECT * FROM unnest($1::text[], $2::text[], $3::jsonb[], $4::text[]) \
-         ON CONFLICT (order_id) DO UPDATE SET status = excluded.status, updated_at = now()",
-    )
-    .bind(changed.iter().map(|(k, _)| (*k).clone()).collect::<Vec<_>>())
-    .bind(changed.iter().map(|(_, r)| r.status.as_str()).collect::<Vec<_>>())
-    .bind(items.map_err(|e| sqlx::Error::Encode(e.into()))?)
-    .bind(changed.iter().map(|(_, r)| r.reason.clone()).collect::<Vec<_>>())
-    .execute(&mut *tx)
-    .await
-    .map(|_| ())
-}
-
 pub(crate) struct ProcessedRow {
     event_id: String,
     aggregate_id: String,
@@ -147,34 +117,65 @@ impl ProcessedRow {
     }
 }
 
-pub(crate) async fn record_processed(tx: &mut PgConnection, applied: &[ProcessedRow]) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO processed_messages (event_id, aggregate_id, seq, event_type) \
-         SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[]) ON CONFLICT (event_id) DO NOTHING",
-    )
-    .bind(applied.iter().map(|e| e.event_id.as_str()).collect::<Vec<_>>())
-    .bind(applied.iter().map(|e| e.aggregate_id.as_str()).collect::<Vec<_>>())
-    .bind(applied.iter().map(|e| e.seq).collect::<Vec<_>>())
-    .bind(applied.iter().map(|e| e.event_type).collect::<Vec<_>>())
-    .execute(&mut *tx)
-    .await
-    .map(|_| ())
+/// Everything a batch writes besides dead letters.
+pub(crate) struct Writes<'a> {
+    pub(crate) stock: Vec<(&'a String, &'a Stock)>,
+    pub(crate) reservations: Vec<(&'a String, &'a Reservation)>,
+    pub(crate) checkpoints: Vec<(&'a String, &'a i64)>,
+    pub(crate) processed: &'a [ProcessedRow],
+    pub(crate) parked: &'a [&'a Incoming],
+    /// Parked events applied by this batch, whose rows go.
+    pub(crate) released: &'a [(String, i64)],
 }
 
-pub(crate) async fn park(tx: &mut PgConnection, parked: &[&Incoming]) -> Result<(), sqlx::Error> {
-    if parked.is_empty() {
-        return Ok(());
-    }
+/// Writes a batch's changes in one statement, one data-modifying CTE per table: the stock rows
+/// and checkpoints were locked earlier in the transaction, and no two CTEs touch the same row
+/// (an event parked and released by the same batch is never written).
+pub(crate) async fn write(tx: &mut PgConnection, w: &Writes<'_>) -> Result<(), sqlx::Error> {
+    let items = w.reservations.iter().map(|(_, r)| serde_json::to_value(&r.items)).collect::<Result<Vec<_>, _>>();
     sqlx::query(
-        "INSERT INTO parked_events (aggregate_id, seq, event_id, stream_entry_id, fields) \
-         SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::jsonb[]) \
-         ON CONFLICT ON CONSTRAINT parked_events_pkey DO NOTHING",
+        "WITH stock AS ( \
+           UPDATE inventory i SET on_hand = u.on_hand, reserved = u.reserved, updated_at = now() \
+           FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS u(sku, on_hand, reserved) WHERE i.sku = u.sku), \
+         reservations AS ( \
+           INSERT INTO order_reservations (order_id, status, items, reason) \
+           SELECT * FROM unnest($4::text[], $5::text[], $6::jsonb[], $7::text[]) \
+           ON CONFLICT (order_id) DO UPDATE SET status = excluded.status, updated_at = now()), \
+         checkpoints AS ( \
+           UPDATE aggregate_checkpoints c SET last_seq = u.last_seq, updated_at = now() \
+           FROM unnest($8::text[], $9::bigint[]) AS u(aggregate_id, last_seq) WHERE c.aggregate_id = u.aggregate_id), \
+         processed AS ( \
+           INSERT INTO processed_messages (event_id, aggregate_id, seq, event_type) \
+           SELECT * FROM unnest($10::text[], $11::text[], $12::bigint[], $13::text[]) ON CONFLICT (event_id) DO NOTHING), \
+         parked AS ( \
+           INSERT INTO parked_events (aggregate_id, seq, event_id, stream_entry_id, fields) \
+           SELECT * FROM unnest($14::text[], $15::bigint[], $16::text[], $17::text[], $18::jsonb[]) \
+           ON CONFLICT ON CONSTRAINT parked_events_pkey DO NOTHING), \
+         released AS ( \
+           DELETE FROM parked_events p USING unnest($19::text[], $20::bigint[]) AS r(aggregate_id, seq) \
+           WHERE p.aggregate_id = r.aggregate_id AND p.seq = r.seq) \
+         SELECT 1",
     )
-    .bind(parked.iter().map(|i| i.event.aggregate_id.to_string()).collect::<Vec<_>>())
-    .bind(parked.iter().map(|i| i.event.seq).collect::<Vec<_>>())
-    .bind(parked.iter().map(|i| i.event.event_id.to_string()).collect::<Vec<_>>())
-    .bind(parked.iter().map(|i| i.stream_id.clone()).collect::<Vec<_>>())
-    .bind(parked.iter().map(|i| fields_json(&i.fields)).collect::<Vec<_>>())
+    .bind(w.stock.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>())
+    .bind(w.stock.iter().map(|(_, s)| s.on_hand).collect::<Vec<_>>())
+    .bind(w.stock.iter().map(|(_, s)| s.reserved).collect::<Vec<_>>())
+    .bind(w.reservations.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>())
+    .bind(w.reservations.iter().map(|(_, r)| r.status.as_str()).collect::<Vec<_>>())
+    .bind(items.map_err(|e| sqlx::Error::Encode(e.into()))?)
+    .bind(w.reservations.iter().map(|(_, r)| r.reason.clone()).collect::<Vec<_>>())
+    .bind(w.checkpoints.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>())
+    .bind(w.checkpoints.iter().map(|(_, v)| **v).collect::<Vec<_>>())
+    .bind(w.processed.iter().map(|e| e.event_id.as_str()).collect::<Vec<_>>())
+    .bind(w.processed.iter().map(|e| e.aggregate_id.as_str()).collect::<Vec<_>>())
+    .bind(w.processed.iter().map(|e| e.seq).collect::<Vec<_>>())
+    .bind(w.processed.iter().map(|e| e.event_type).collect::<Vec<_>>())
+    .bind(w.parked.iter().map(|i| i.event.aggregate_id.to_string()).collect::<Vec<_>>())
+    .bind(w.parked.iter().map(|i| i.event.seq).collect::<Vec<_>>())
+    .bind(w.parked.iter().map(|i| i.event.event_id.to_string()).collect::<Vec<_>>())
+    .bind(w.parked.iter().map(|i| i.stream_id.as_str()).collect::<Vec<_>>())
+    .bind(w.parked.iter().map(|i| fields_json(&i.fields)).collect::<Vec<_>>())
+    .bind(w.released.iter().map(|(a, _)| a.as_str()).collect::<Vec<_>>())
+    .bind(w.released.iter().map(|(_, s)| *s).collect::<Vec<_>>())
     .execute(&mut *tx)
     .await
     .map(|_| ())
