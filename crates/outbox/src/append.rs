@@ -1,5 +1,6 @@
 use chrono::{DateTime, Utc};
 use sqlx::postgres::PgArguments;
+use sqlx::postgres::PgRow;
 use sqlx::query::Query;
 use sqlx::{PgConnection, PgExecutor, Postgres, Row};
 use ulid::Ulid;
@@ -68,21 +69,88 @@ where
     E: PgExecutor<'c>,
     F: for<'q> FnOnce(Query<'q, Postgres, PgArguments>) -> Query<'q, Postgres, PgArguments>,
 {
+    let caller = cte.map(|c| format!("{c}, ")).unwrap_or_default();
+    let sql = format!("WITH {caller}{} {INSERT_EVENT} RETURNING seq", bump_sql(None));
+    let (event_id, query) = bind_event(sqlx::query(&sql), &event);
+    let seq: i64 = bind(query).fetch_one(executor).await?.try_get(0)?;
+    let span = tracing::Span::current();
+    span.record("event_id", tracing::field::display(event_id));
+    span.record("seq", seq);
+    Ok(Appended { event_id, seq })
+}
+
+/// [`append_with`] for a change that may not happen: the event is written only if the caller's
+/// common table expression named `gate` (one of `ctes`, yielding at most one row) yields a row,
+/// e.g. an `UPDATE … WHERE status = …` that matched. The statement ends with the caller's
+/// `select`, which may read the caller's CTEs and `appended` (the outbox row's `seq`, if
+/// written); its first row is returned, with the event's id and seq if the event was written.
+/// A caller whose gate locks the aggregate's row first keeps every writer of that aggregate
+/// in line, as [`append`]'s counter lock does.
+#[tracing::instrument(
+    name = "outbox append",
+    skip_all,
+    fields(
+        aggregate_id = event.aggregate_id,
+        event_type = event.event_type,
+        event_id = tracing::field::Empty,
+        seq = tracing::field::Empty,
+        db.system = "postgresql",
+        db.operation.name = "INSERT",
+        db.collection.name = "outbox",
+    )
+)]
+pub async fn append_gated<'c, E, F>(
+    executor: E,
+    event: NewEvent<'_>,
+    ctes: &str,
+    gate: &str,
+    select: &str,
+    bind: F,
+) -> Result<(Option<Appended>, PgRow), OutboxError>
+where
+    E: PgExecutor<'c>,
+    F: for<'q> FnOnce(Query<'q, Postgres, PgArguments>) -> Query<'q, Postgres, PgArguments>,
+{
+    let sql = format!("WITH {ctes}, {}, appended AS ({INSERT_EVENT} RETURNING seq) {select}", bump_sql(Some(gate)));
+    let (event_id, query) = bind_event(sqlx::query(&sql), &event);
+    let row = bind(query).fetch_one(executor).await?;
+    let seq: Option<i64> = row.try_get("seq")?;
+    let appended = seq.map(|seq| {
+        let span = tracing::Span::current();
+        span.record("event_id", tracing::field::display(event_id));
+        span.record("seq", seq);
+        Appended { event_id, seq }
+    });
+    Ok((appended, row))
+}
+
+/// The counter bump, as the CTE `bumped`; with a gate, only if the gate yields a row.
+fn bump_sql(gate: Option<&str>) -> String {
+    let row = match gate {
+        None => "VALUES ($3, 1)".to_owned(),
+        Some(gate) => format!("SELECT $3, 1 FROM {gate}"),
+    };
+    format!(
+        "bumped AS (INSERT INTO outbox_sequences (aggregate_id, last_seq) {row} \
+           ON CONFLICT (aggregate_id) DO UPDATE SET last_seq = outbox_sequences.last_seq + 1 \
+           RETURNING last_seq)"
+    )
+}
+
+/// The outbox row, numbered by `bumped`. The INSERT pulls the counter row from `bumped` before
+/// it evaluates its own row, so the outbox id is taken after the counter's lock.
+const INSERT_EVENT: &str = "INSERT INTO outbox (event_id, aggregate_type, aggregate_id, seq, event_type, payload, \
+                                  occurred_at, traceparent, tracestate) \
+     SELECT $1, $2, $3, bumped.last_seq, $4, $5::jsonb, $6, $7, $8 FROM bumped";
+
+/// Binds `$1`..`$8`: a new event id, the event, and the current span's trace context.
+fn bind_event<'q>(
+    query: Query<'q, Postgres, PgArguments>,
+    event: &NewEvent<'q>,
+) -> (Ulid, Query<'q, Postgres, PgArguments>) {
     let event_id = Ulid::new();
     let (traceparent, tracestate) = telemetry::propagation::current_context_headers();
-    let caller = cte.map(|c| format!("{c}, ")).unwrap_or_default();
-    // The outer INSERT pulls the counter row from `bumped` before it evaluates its own row, so
-    // the outbox id is taken after the counter's lock.
-    let sql = format!(
-        "WITH {caller}bumped AS (INSERT INTO outbox_sequences (aggregate_id, last_seq) VALUES ($3, 1) \
-           ON CONFLICT (aggregate_id) DO UPDATE SET last_seq = outbox_sequences.last_seq + 1 \
-           RETURNING last_seq) \
-         INSERT INTO outbox (event_id, aggregate_type, aggregate_id, seq, event_type, payload, occurred_at, \
-                             traceparent, tracestate) \
-         SELECT $1, $2, $3, bumped.last_seq, $4, $5::jsonb, $6, $7, $8 FROM bumped \
-         RETURNING seq"
-    );
-    let query = sqlx::query(&sql)
+    let query = query
         .bind(event_id.to_string())
         .bind(event.aggregate_type)
         .bind(event.aggregate_id)
@@ -91,9 +159,5 @@ where
         .bind(event.occurred_at)
         .bind(traceparent)
         .bind(tracestate);
-    let seq: i64 = bind(query).fetch_one(executor).await?.try_get(0)?;
-    let span = tracing::Span::current();
-    span.record("event_id", tracing::field::display(event_id));
-    span.record("seq", seq);
-    Ok(Appended { event_id, seq })
+    (event_id, query)
 }

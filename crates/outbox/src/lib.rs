@@ -8,7 +8,7 @@
 mod append;
 mod notify;
 
-pub use append::{append, append_with, Appended, NewEvent, OutboxError, FIRST_CALLER_PARAM};
+pub use append::{append, append_gated, append_with, Appended, NewEvent, OutboxError, FIRST_CALLER_PARAM};
 pub use notify::{Notifier, CHANNEL};
 
 /// Migrations of the orders database (orders, idempotency keys, outbox).

@@ -1,7 +1,7 @@
 //! The order workflows: each state change and its event in one transaction.
 
 use chrono::{SubsecRound, Utc};
-use domain::{EventPayload, NewOrder, Order, OrderCancelled, OrderConfirmed, OrderId, Transition, ValidationError};
+use domain::{NewOrder, Order, OrderId, Transition, ValidationError};
 use sqlx::PgPool;
 
 use crate::error::ApiError;
@@ -65,30 +65,35 @@ async fn replay(pool: &PgPool, key: &IdempotencyKey, hash: &str) -> Result<Creat
     Ok(Created::Replayed { order_id: stored.order_id, body: stored.body })
 }
 
-/// Applies `transition` under the order's row lock. Returns the order and whether it changed
-/// (a no-op transition writes nothing).
+/// Applies `transition` under the order's row lock, in one statement. Returns the order and
+/// whether it changed (a no-op transition writes nothing).
 #[tracing::instrument(skip(pool, order_id), fields(%order_id))]
 pub async fn transition(pool: &PgPool, order_id: OrderId, transition: Transition) -> Result<(Order, bool), ApiError> {
-    let mut tx = pool.begin().await.map_err(store::StoreError::from)?;
-    let mut order = store::lock_order(&mut tx, order_id).await?.ok_or(ApiError::OrderNotFound)?;
-    let Some(next) = order.status.apply(transition)? else {
-        // Nothing to write; ending the transaction now releases the row lock for the next one.
-        tx.rollback().await.map_err(store::StoreError::from)?;
-        return Ok((order, false));
-    };
-    let at = now().max(order.updated_at);
-    store::update_status(&mut tx, order_id, next, at).await?;
-    let payload = match transition {
-        Transition::Confirm => EventPayload::OrderConfirmed(OrderConfirmed { order_id }),
-        Transition::Cancel => EventPayload::OrderCancelled(OrderCancelled { order_id }),
-    };
-    let appended = store::append_event(&mut tx, &payload, at).await?;
-    tx.commit().await.map_err(store::StoreError::from)?;
-    tracing::info!(
-        %order_id, from = order.status.as_str(), to = next.as_str(), event_id = %appended.event_id, seq = appended.seq,
-        "order transitioned"
-    );
-    order.status = next;
-    order.updated_at = at;
-    Ok((order, true))
+    let mut at = now();
+    // Bounded: a second round runs at a time no earlier than the order's `updated_at`, which
+    // only a transition of this very order (serialised by its row lock) could move on.
+    for _ in 0..3 {
+        let found = store::transition_order(pool, order_id, transition, at).await?.ok_or(ApiError::OrderNotFound)?;
+        let mut order = found.before;
+        let Some(next) = order.status.apply(transition)? else {
+            return Ok((order, false));
+        };
+        let Some(appended) = found.appended else {
+            // The order's `updated_at` is later than `at` (this clock is behind the last
+            // writer's): keep time moving forward for the order, as the event's time.
+            at = at.max(order.updated_at);
+            continue;
+        };
+        tracing::info!(
+            %order_id, from = order.status.as_str(), to = next.as_str(), event_id = %appended.event_id, seq = appended.seq,
+            "order transitioned"
+        );
+        order.status = next;
+        order.updated_at = at;
+        return Ok((order, true));
+    }
+    Err(ApiError::Internal(store::StoreError::Corrupt {
+        id: order_id.to_string(),
+        reason: "transition kept finding a newer updated_at".into(),
+    }))
 }

@@ -1,9 +1,9 @@
 //! SQL on the `orders` table and the outbox write of an order event.
 
 use chrono::{DateTime, Utc};
-use domain::{EventPayload, LineItem, Order, OrderId, OrderStatus};
+use domain::{EventPayload, LineItem, Order, OrderCancelled, OrderConfirmed, OrderId, OrderStatus, Transition};
 use sqlx::types::Json;
-use sqlx::{PgConnection, PgExecutor, PgPool};
+use sqlx::{FromRow, PgExecutor, PgPool};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -116,51 +116,67 @@ pub async fn find_order(pool: &PgPool, order_id: OrderId) -> Result<Option<Order
     row.map(Order::try_from).transpose()
 }
 
-/// Reads the order and locks its row until the transaction ends, so concurrent transitions of
-/// one order run one after another, each seeing the status the previous one committed.
+/// The transition of [`transition_order`]: lock the order (`cur`, the latest committed version),
+/// and move it to the status its current one leads to (`$10` from-statuses, `$11` their next
+/// statuses), unless its `updated_at` is later than the new one (`$6`, the event time; a clock
+/// behind the last writer's). Parameters follow the append's own.
+const TRANSITION_CTES: &str = "cur AS (SELECT id, customer_id, status, items, total_cents, created_at, updated_at \
+       FROM orders WHERE id = $9 FOR UPDATE), \
+     moved AS (UPDATE orders o SET status = m.next, updated_at = $6 \
+       FROM cur JOIN unnest($10::text[], $11::text[]) AS m(from_status, next) ON m.from_status = cur.status \
+       WHERE o.id = cur.id AND cur.updated_at <= $6 RETURNING o.id)";
+const _: () = assert!(outbox::FIRST_CALLER_PARAM == 9, "TRANSITION_CTES numbers its parameters from $9");
+
+/// What [`transition_order`] found and did.
+pub struct Transitioned {
+    /// The order as it was, locked, before the statement changed it.
+    pub before: Order,
+    /// The event, if the order moved.
+    pub appended: Option<outbox::Appended>,
+}
+
+/// Moves the order along `transition` and appends its event, in one autocommit statement: the
+/// order row is locked, updated if its status allows, and the event written only if it was.
+/// `None` if there is no such order. The caller checks `before` against the state machine: a
+/// transition that should have happened but did not means `at` is older than the order's
+/// `updated_at`, and is retried with a later time.
 #[tracing::instrument(skip_all, fields(%order_id, db.system = "postgresql"))]
-pub async fn lock_order(conn: &mut PgConnection, order_id: OrderId) -> Result<Option<Order>, StoreError> {
-    let row: Option<OrderRow> = sqlx::query_as(&format!("SELECT {COLUMNS} FROM orders WHERE id = $1 FOR UPDATE"))
-        .bind(order_id.to_string())
-        .fetch_optional(conn)
-        .await?;
-    row.map(Order::try_from).transpose()
-}
-
-#[tracing::instrument(skip_all, fields(%order_id, status = status.as_str(), db.system = "postgresql"))]
-pub async fn update_status(
-    conn: &mut PgConnection,
+pub async fn transition_order(
+    pool: &PgPool,
     order_id: OrderId,
-    status: OrderStatus,
+    transition: Transition,
     at: DateTime<Utc>,
-) -> Result<(), StoreError> {
-    sqlx::query("UPDATE orders SET status = $2, updated_at = $3 WHERE id = $1")
-        .bind(order_id.to_string())
-        .bind(status.as_str())
-        .bind(at)
-        .execute(conn)
-        .await?;
-    Ok(())
-}
-
-/// Appends the order event to the outbox in the caller's transaction.
-pub async fn append_event(
-    conn: &mut PgConnection,
-    payload: &EventPayload,
-    occurred_at: DateTime<Utc>,
-) -> Result<outbox::Appended, StoreError> {
-    let aggregate_id = payload.order_id().to_string();
+) -> Result<Option<Transitioned>, StoreError> {
+    let (from, next): (Vec<&str>, Vec<&str>) = OrderStatus::ALL
+        .iter()
+        .filter_map(|s| match s.apply(transition) {
+            Ok(Some(next)) => Some((s.as_str(), next.as_str())),
+            _ => None,
+        })
+        .unzip();
+    let payload = match transition {
+        Transition::Confirm => EventPayload::OrderConfirmed(OrderConfirmed { order_id }),
+        Transition::Cancel => EventPayload::OrderCancelled(OrderCancelled { order_id }),
+    };
+    let aggregate_id = order_id.to_string();
     let json = payload.to_json();
-    let appended = outbox::append(
-        conn,
-        outbox::NewEvent {
-            aggregate_type: domain::AGGREGATE_TYPE,
-            aggregate_id: &aggregate_id,
-            event_type: payload.event_type().as_str(),
-            payload: &json,
-            occurred_at,
-        },
-    )
-    .await?;
-    Ok(appended)
+    let event = outbox::NewEvent {
+        aggregate_type: domain::AGGREGATE_TYPE,
+        aggregate_id: &aggregate_id,
+        event_type: payload.event_type().as_str(),
+        payload: &json,
+        occurred_at: at,
+    };
+    let select = format!("SELECT {COLUMNS}, (SELECT seq FROM appended) AS seq FROM cur");
+    let found = outbox::append_gated(pool, event, TRANSITION_CTES, "moved", &select, |q| {
+        q.bind(aggregate_id.clone()).bind(from).bind(next)
+    })
+    .await;
+    let (appended, row) = match found {
+        Ok(found) => found,
+        Err(outbox::OutboxError::Database(sqlx::Error::RowNotFound)) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let before = Order::try_from(OrderRow::from_row(&row)?)?;
+    Ok(Some(Transitioned { before, appended }))
 }

@@ -141,3 +141,32 @@ async fn unknown_routes_and_methods_are_problems() {
     // Creating with GET semantics on the collection is not a route either.
     problem(app.get("/orders").await, 405).await;
 }
+
+#[tokio::test]
+async fn a_transition_never_moves_updated_at_backwards() {
+    let app = spawn_app().await;
+    let id = app.create_order().await["id"].as_str().unwrap().to_owned();
+    // The last writer's clock was an hour ahead of this one.
+    let ahead: chrono::DateTime<chrono::Utc> = sqlx::query_scalar(
+        "UPDATE orders SET updated_at = date_trunc('milliseconds', now()) + interval '1 hour' \
+                            WHERE id = $1 RETURNING updated_at",
+    )
+    .bind(&id)
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap();
+    let confirmed: serde_json::Value = app.post_empty(&format!("/orders/{id}/confirm")).await.json().await.unwrap();
+    assert_eq!(confirmed["status"], "CONFIRMED");
+    let updated_at: chrono::DateTime<chrono::Utc> = confirmed["updated_at"].as_str().unwrap().parse().unwrap();
+    assert_eq!(updated_at, ahead);
+    let (stored, occurred): (chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>) = sqlx::query_as(
+        "SELECT o.updated_at, e.occurred_at FROM orders o JOIN outbox e ON e.aggregate_id = o.id AND e.seq = 2 \
+         WHERE o.id = $1",
+    )
+    .bind(&id)
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap();
+    assert_eq!((stored, occurred), (ahead, ahead));
+    assert_eq!(events(&app.db, &id).await, vec![(1, "OrderCreated".into()), (2, "OrderConfirmed".into())]);
+}
