@@ -46,7 +46,7 @@ pub async fn create(pool: &PgPool, new: NewOrder, key: Option<(IdempotencyKey, S
             store::insert_order(pool, &order).await?
         }
     };
-    tracing::info!(order_id = %order.id, event_id = %appended.event_id, seq = appended.seq, "order created");
+    tracing::debug!(order_id = %order.id, event_id = %appended.event_id, seq = appended.seq, "order created");
     Ok(Created::New(order))
 }
 
@@ -84,7 +84,7 @@ pub async fn transition(pool: &PgPool, order_id: OrderId, transition: Transition
             at = at.max(order.updated_at);
             continue;
         };
-        tracing::info!(
+        tracing::debug!(
             %order_id, from = order.status.as_str(), to = next.as_str(), event_id = %appended.event_id, seq = appended.seq,
             "order transitioned"
         );
