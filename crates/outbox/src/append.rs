@@ -46,19 +46,6 @@ pub async fn append(conn: &mut PgConnection, event: NewEvent<'_>) -> Result<Appe
 /// whose parameters, from [`FIRST_CALLER_PARAM`] on, `bind` adds. One statement is atomic on
 /// its own, so a caller with nothing else to write needs no explicit transaction: the state
 /// change and its event commit together in one round trip.
-#[tracing::instrument(
-    name = "outbox append",
-    skip_all,
-    fields(
-        aggregate_id = event.aggregate_id,
-        event_type = event.event_type,
-        event_id = tracing::field::Empty,
-        seq = tracing::field::Empty,
-        db.system = "postgresql",
-        db.operation.name = "INSERT",
-        db.collection.name = "outbox",
-    )
-)]
 pub async fn append_with<'c, E, F>(
     executor: E,
     event: NewEvent<'_>,
@@ -71,12 +58,9 @@ where
 {
     let caller = cte.map(|c| format!("{c}, ")).unwrap_or_default();
     let sql = format!("WITH {caller}{} {INSERT_EVENT} RETURNING seq", bump_sql(None));
-    let (event_id, query) = bind_event(sqlx::query(&sql), &event);
-    let seq: i64 = bind(query).fetch_one(executor).await?.try_get(0)?;
-    let span = tracing::Span::current();
-    span.record("event_id", tracing::field::display(event_id));
-    span.record("seq", seq);
-    Ok(Appended { event_id, seq })
+    let (appended, _) = execute(executor, &event, &sql, bind).await?;
+    // The statement returns the new row's seq, so an event was written.
+    appended.ok_or(OutboxError::Database(sqlx::Error::RowNotFound))
 }
 
 /// [`append_with`] for a change that may not happen: the event is written only if the caller's
@@ -86,19 +70,6 @@ where
 /// written); its first row is returned, with the event's id and seq if the event was written.
 /// A caller whose gate locks the aggregate's row first keeps every writer of that aggregate
 /// in line, as [`append`]'s counter lock does.
-#[tracing::instrument(
-    name = "outbox append",
-    skip_all,
-    fields(
-        aggregate_id = event.aggregate_id,
-        event_type = event.event_type,
-        event_id = tracing::field::Empty,
-        seq = tracing::field::Empty,
-        db.system = "postgresql",
-        db.operation.name = "INSERT",
-        db.collection.name = "outbox",
-    )
-)]
 pub async fn append_gated<'c, E, F>(
     executor: E,
     event: NewEvent<'_>,
@@ -112,7 +83,35 @@ where
     F: for<'q> FnOnce(Query<'q, Postgres, PgArguments>) -> Query<'q, Postgres, PgArguments>,
 {
     let sql = format!("WITH {ctes}, {}, appended AS ({INSERT_EVENT} RETURNING seq) {select}", bump_sql(Some(gate)));
-    let (event_id, query) = bind_event(sqlx::query(&sql), &event);
+    execute(executor, &event, &sql, bind).await
+}
+
+/// Runs an append statement whose first row has a `seq` column (null when no event was
+/// written), in the span every append reports.
+#[tracing::instrument(
+    name = "outbox append",
+    skip_all,
+    fields(
+        aggregate_id = event.aggregate_id,
+        event_type = event.event_type,
+        event_id = tracing::field::Empty,
+        seq = tracing::field::Empty,
+        db.system = "postgresql",
+        db.operation.name = "INSERT",
+        db.collection.name = "outbox",
+    )
+)]
+async fn execute<'c, E, F>(
+    executor: E,
+    event: &NewEvent<'_>,
+    sql: &str,
+    bind: F,
+) -> Result<(Option<Appended>, PgRow), OutboxError>
+where
+    E: PgExecutor<'c>,
+    F: for<'q> FnOnce(Query<'q, Postgres, PgArguments>) -> Query<'q, Postgres, PgArguments>,
+{
+    let (event_id, query) = bind_event(sqlx::query(sql), event);
     let row = bind(query).fetch_one(executor).await?;
     let seq: Option<i64> = row.try_get("seq")?;
     let appended = seq.map(|seq| {

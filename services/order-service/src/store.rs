@@ -80,6 +80,22 @@ const CREATED_CTE: &str = "created AS (INSERT INTO orders \
      VALUES ($9, $10, $11, $12, $13, $14, $15))";
 const _: () = assert!(outbox::FIRST_CALLER_PARAM == 9, "CREATED_CTE numbers its parameters from $9");
 
+/// The outbox event of `payload`, for the order `aggregate_id`, its JSON being `json`.
+fn order_event<'a>(
+    payload: &EventPayload,
+    aggregate_id: &'a str,
+    json: &'a str,
+    occurred_at: DateTime<Utc>,
+) -> outbox::NewEvent<'a> {
+    outbox::NewEvent {
+        aggregate_type: domain::AGGREGATE_TYPE,
+        aggregate_id,
+        event_type: payload.event_type().as_str(),
+        payload: json,
+        occurred_at,
+    }
+}
+
 /// Inserts a new order and its `OrderCreated` event in one statement: atomic by itself, so
 /// `executor` may be the pool (one round trip, no explicit transaction) or a transaction.
 #[tracing::instrument(skip_all, fields(order_id = %order.id, db.system = "postgresql"))]
@@ -87,13 +103,7 @@ pub async fn insert_order<'c>(executor: impl PgExecutor<'c>, order: &Order) -> R
     let payload = EventPayload::created(order);
     let aggregate_id = order.id.to_string();
     let json = payload.to_json();
-    let event = outbox::NewEvent {
-        aggregate_type: domain::AGGREGATE_TYPE,
-        aggregate_id: &aggregate_id,
-        event_type: payload.event_type().as_str(),
-        payload: &json,
-        occurred_at: order.created_at,
-    };
+    let event = order_event(&payload, &aggregate_id, &json, order.created_at);
     let appended = outbox::append_with(executor, event, Some(CREATED_CTE), |q| {
         q.bind(order.id.to_string())
             .bind(order.customer_id.as_str().to_owned())
@@ -160,13 +170,7 @@ pub async fn transition_order(
     };
     let aggregate_id = order_id.to_string();
     let json = payload.to_json();
-    let event = outbox::NewEvent {
-        aggregate_type: domain::AGGREGATE_TYPE,
-        aggregate_id: &aggregate_id,
-        event_type: payload.event_type().as_str(),
-        payload: &json,
-        occurred_at: at,
-    };
+    let event = order_event(&payload, &aggregate_id, &json, at);
     let select = format!("SELECT {COLUMNS}, (SELECT seq FROM appended) AS seq FROM cur");
     let found = outbox::append_gated(pool, event, TRANSITION_CTES, "moved", &select, |q| {
         q.bind(aggregate_id.clone()).bind(from).bind(next)
