@@ -2,6 +2,7 @@
 //! RFC 9457 problem responses, and start-up that waits for its dependencies instead of
 //! crash-looping, and upkeep of the busiest tables.
 
+pub mod connections;
 pub mod duration;
 pub mod health;
 pub mod problem;

@@ -8,7 +8,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use chrono::{DateTime, Utc};
 use domain::Event;
-use sqlx::{PgConnection, PgPool, Row};
+use sqlx::{Connection, PgConnection, Row};
 
 use crate::rows::{load, lock_stock, record_dead_letters, write, Loaded, ProcessedRow, Writes};
 use crate::rules::{self, Reservation, Stock};
@@ -75,8 +75,12 @@ pub(crate) struct Parked {
 }
 
 #[tracing::instrument(name = "apply batch", skip_all, fields(events = events.len(), dead = dead.len()))]
-pub async fn apply_batch(pool: &PgPool, events: &[Incoming], dead: &[DeadLetter]) -> Result<BatchResult, sqlx::Error> {
-    let mut tx = pool.begin().await?;
+pub async fn apply_batch(
+    conn: &mut PgConnection,
+    events: &[Incoming],
+    dead: &[DeadLetter],
+) -> Result<BatchResult, sqlx::Error> {
+    let mut tx = conn.begin().await?;
     record_dead_letters(&mut tx, dead).await?;
     let result = if events.is_empty() { BatchResult::default() } else { apply_events(&mut tx, events).await? };
     tx.commit().await?;

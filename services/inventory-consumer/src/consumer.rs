@@ -6,7 +6,7 @@ use std::time::Duration;
 use chrono::Utc;
 use domain::{Event, StreamEntry};
 use redis::aio::MultiplexedConnection;
-use sqlx::PgPool;
+use service_kit::connections::Connections;
 use tokio::time::Instant;
 use tracing::Instrument;
 
@@ -32,7 +32,8 @@ enum SessionError {
 
 pub struct Consumer {
     pub config: Config,
-    pub pool: PgPool,
+    /// Batches are applied on a connection of these (one at a time).
+    pub db: Connections,
     pub redis: redis::Client,
     pub metrics: Metrics,
     pub shutdown: Shutdown,
@@ -208,7 +209,7 @@ impl Consumer {
         let mut delay = Duration::from_millis(100);
         let mut conflicts = 0;
         loop {
-            match apply_batch(&self.pool, incoming, dead).await {
+            match self.apply_batch(incoming, dead).await {
                 Ok(mut r) => {
                     let outcomes = std::mem::take(&mut r.outcomes);
                     let mut out: Vec<_> =
@@ -248,7 +249,7 @@ impl Consumer {
         dead: &[DeadLetter],
     ) -> (Vec<(usize, Outcome, BatchResult)>, bool) {
         let dead_recorded = dead.is_empty()
-            || match apply_batch(&self.pool, &[], dead).await {
+            || match self.apply_batch(&[], dead).await {
                 Ok(_) => true,
                 Err(e) => {
                     tracing::error!(error = %e, "dead letters not recorded; left pending");
@@ -257,7 +258,7 @@ impl Consumer {
             };
         let mut out = Vec::new();
         for (i, entry) in incoming.iter().enumerate() {
-            match apply_batch(&self.pool, std::slice::from_ref(entry), &[]).await {
+            match self.apply_batch(std::slice::from_ref(entry), &[]).await {
                 Ok(mut r) => {
                     let outcome = r.outcomes.pop().unwrap_or(Outcome::Duplicate);
                     out.push((i, outcome, r));
@@ -268,6 +269,17 @@ impl Consumer {
             }
         }
         (out, dead_recorded)
+    }
+
+    /// [`apply_batch`] on a connection of `db`, which is kept unless it failed itself.
+    async fn apply_batch(&self, incoming: &[Incoming], dead: &[DeadLetter]) -> Result<BatchResult, sqlx::Error> {
+        let mut conn = self.db.acquire().await?;
+        let applied = apply_batch(&mut conn, incoming, dead).await;
+        match &applied {
+            Ok(_) => conn.release(),
+            Err(e) => conn.release_after(e),
+        }
+        applied
     }
 
     async fn delivery_counts(

@@ -26,6 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prometheus_client::registry::Registry;
+use service_kit::connections::Connections;
 use service_kit::{ops_router, Readiness};
 use sqlx::migrate::Migrator;
 use sqlx::PgPool;
@@ -58,6 +59,10 @@ pub struct Service {
     listener: tokio::net::TcpListener,
     registry: Arc<Mutex<Registry>>,
 }
+
+/// Connections the consumer loop applies batches on, besides the pool (HTTP API, readiness,
+/// migrations, upkeep): the loop applies one batch at a time.
+const APPLY_CONNECTIONS: u32 = 1;
 
 /// The tables every applied event writes ([`service_kit::upkeep`]).
 pub const UPKEEP_TABLES: &[&str] =
@@ -116,14 +121,20 @@ impl Service {
                     self.config.upkeep_interval,
                     shutdown.clone(),
                 ));
+                let db = Connections::new(
+                    self.pool.connect_options().as_ref().clone(),
+                    APPLY_CONNECTIONS,
+                    Duration::from_secs(5),
+                );
                 let consumer = consumer::Consumer {
                     config: self.config,
-                    pool: self.pool.clone(),
+                    db: db.clone(),
                     redis: self.redis,
                     metrics,
                     shutdown: shutdown.clone(),
                 };
                 let consumed = consumer.run().await;
+                db.close().await;
                 // The consumer stops on shutdown or on its crash hook; upkeep goes with it.
                 upkeep.abort();
                 let _ = upkeep.await;
