@@ -1,7 +1,8 @@
 //! Idle commit-to-publish latency, for scripts/bench-relay.
 //!
-//! Appends one event at a time (its own transaction, then `pg_notify` like the order-service's
-//! notifier), and waits with `XREAD BLOCK` until a running relay has put it on the stream.
+//! Appends one event at a time, in its own transaction that wakes the relays at commit (as an
+//! order-service write at rest does), and waits with `XREAD BLOCK` until a running relay has
+//! put it on the stream.
 //! Usage: bench_latency <database_url> <redis_url> <stream> <events>
 
 use std::time::{Duration, Instant};
@@ -34,12 +35,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 event_type: "OrderConfirmed",
                 payload,
                 occurred_at: chrono::Utc::now(),
+                notify: true,
             },
         )
         .await?;
         tx.commit().await?;
         let committed = Instant::now();
-        sqlx::query("SELECT pg_notify($1, '')").bind(outbox::CHANNEL).execute(&pool).await?;
         let wanted = appended.event_id.to_string();
         'wait: loop {
             let options = StreamReadOptions::default().block(5000).count(100);

@@ -8,7 +8,7 @@ use rand::Rng;
 use sqlx::PgPool;
 
 use crate::backoff::retry_delay;
-use crate::claim::{claim_batch, Claim};
+use crate::claim::{claim_batch, Claim, ClaimConnection};
 use crate::finish::{mark_dead, record_failures, Failure, Poison};
 use crate::metrics::Metrics;
 use crate::publish::Publisher;
@@ -68,9 +68,15 @@ pub enum BatchError {
     Database(#[from] sqlx::Error),
 }
 
+/// How long opening the claim connection may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Moves batches from the outbox to the stream.
 pub struct Worker {
+    /// Failures and dead letters are recorded through the pool; claims run on a connection of
+    /// the worker's own.
     pool: PgPool,
+    conn: Option<ClaimConnection>,
     publisher: Publisher,
     settings: Settings,
     metrics: Metrics,
@@ -78,7 +84,25 @@ pub struct Worker {
 
 impl Worker {
     pub fn new(pool: PgPool, publisher: Publisher, settings: Settings, metrics: Metrics) -> Self {
-        Self { pool, publisher, settings, metrics }
+        Self { pool, conn: None, publisher, settings, metrics }
+    }
+
+    /// The claim connection, opened (with the pool's options) if there is none.
+    async fn connection(&mut self) -> Result<ClaimConnection, sqlx::Error> {
+        if let Some(conn) = self.conn.take() {
+            return Ok(conn);
+        }
+        let options = self.pool.connect_options();
+        match tokio::time::timeout(CONNECT_TIMEOUT, ClaimConnection::connect(&options)).await {
+            Ok(connected) => connected,
+            Err(_) => Err(sqlx::Error::PoolTimedOut),
+        }
+    }
+
+    /// Ends `claim` with a rollback, keeping its connection if that worked.
+    async fn give_back(&mut self, claim: Claim) -> Result<(), sqlx::Error> {
+        self.conn = Some(claim.rollback().await?);
+        Ok(())
     }
 
     pub fn settings(&self) -> &Settings {
@@ -88,11 +112,12 @@ impl Worker {
     /// Claims one batch and publishes it.
     pub async fn process_batch(&mut self) -> Result<BatchReport, BatchError> {
         let claimed_at = Instant::now();
-        let mut claim = claim_batch(&self.pool, self.settings.batch_size).await?;
+        let conn = self.connection().await?;
+        let mut claim = claim_batch(conn, self.settings.batch_size).await?;
         let rows = std::mem::take(&mut claim.rows);
         let locked = claim.locked;
         if rows.is_empty() {
-            claim.rollback().await?;
+            self.give_back(claim).await?;
             return Ok(BatchReport { locked, ..BatchReport::default() });
         }
         let in_flight = i64::try_from(rows.len()).unwrap_or(i64::MAX);
@@ -130,7 +155,7 @@ impl Worker {
         if !poison.is_empty() {
             // Nothing is published: the batch goes back, the poison rows become dead, and the
             // next claim takes the rest (an order's rows behind a dead one then wait).
-            claim.rollback().await?;
+            self.give_back(claim).await?;
             report.dead = self.dead_letter(rows, &poison).await?;
             report.abandoned = true;
             return Ok(report);
@@ -142,20 +167,23 @@ impl Worker {
                 "lease expired before publishing; leaving the batch to the next claim"
             );
             // Rolling back a transaction the database already ended fails harmlessly.
-            let _ = claim.rollback().await;
+            let _ = self.give_back(claim).await;
             report.abandoned = true;
             return Ok(report);
         }
         match self.publisher.publish(&entries).await {
             Ok(()) => {
-                if let Err(e) = claim.commit().await {
-                    tracing::warn!(
-                        rows = sending.len(),
-                        error = %e,
-                        "published, but the claim ended before it was recorded; the batch will be published again"
-                    );
-                    report.abandoned = true;
-                    return Ok(report);
+                match claim.commit().await {
+                    Ok(conn) => self.conn = Some(conn),
+                    Err(e) => {
+                        tracing::warn!(
+                            rows = sending.len(),
+                            error = %e,
+                            "published, but the claim ended before it was recorded; the batch will be published again"
+                        );
+                        report.abandoned = true;
+                        return Ok(report);
+                    }
                 }
                 let now = Utc::now();
                 for (row, span) in &sending {
@@ -175,7 +203,7 @@ impl Worker {
                 report.published = sending.len();
             }
             Err(e) => {
-                let _ = claim.rollback().await;
+                let _ = self.give_back(claim).await;
                 let error = format!("redis: {e}");
                 report.failed = self.record_failure(&sending, &error).await?;
             }

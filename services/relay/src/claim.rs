@@ -11,7 +11,7 @@
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgRow};
-use sqlx::{FromRow, PgPool, Postgres, Row, Transaction};
+use sqlx::{Connection, Executor, FromRow, PgConnection, Row};
 
 use crate::row::OutboxRow;
 
@@ -99,10 +99,30 @@ pub const CLAIM_SQL: &str = concat!(
 /// the whole table on every claim, however many rows it has by now.
 pub const BEGIN_CLAIM: &str = "BEGIN; SET LOCAL enable_seqscan = off";
 
-/// Rows claimed by one transaction. Dropping a claim rolls it back.
+/// The name [`CLAIM_SQL`] is prepared under on every claim connection.
+const PREPARED_CLAIM: &str = "outbox_claim";
+
+/// A connection that claims: opened with the relay's settings ([`connect_options`]), with
+/// [`CLAIM_SQL`] prepared on the server, so that a claim is one round trip: `BEGIN`, the
+/// planner setting and the claim travel as one simple query. A finished claim hands its
+/// connection back; one that failed or was dropped closes it, which ends its transaction.
+#[derive(Debug)]
+pub struct ClaimConnection(PgConnection);
+
+impl ClaimConnection {
+    /// Connects and prepares the claim.
+    pub async fn connect(options: &PgConnectOptions) -> Result<Self, sqlx::Error> {
+        let mut conn = PgConnection::connect_with(options).await?;
+        conn.execute(format!("PREPARE {PREPARED_CLAIM}(bigint) AS {CLAIM_SQL}").as_str()).await?;
+        Ok(Self(conn))
+    }
+}
+
+/// Rows claimed by one transaction. Dropping a claim closes its connection, which rolls it
+/// back.
 #[derive(Debug)]
 pub struct Claim {
-    tx: Transaction<'static, Postgres>,
+    conn: ClaimConnection,
     /// In id order; an aggregate's rows are in seq order.
     pub rows: Vec<OutboxRow>,
     /// Rows locked, including rows left for later because an earlier row of their aggregate
@@ -113,21 +133,28 @@ pub struct Claim {
 impl Claim {
     /// Records the batch as published. Fails if the lease ran out (the transaction is gone and
     /// the rows are someone else's now).
-    pub async fn commit(self) -> Result<(), sqlx::Error> {
-        self.tx.commit().await
+    pub async fn commit(self) -> Result<ClaimConnection, sqlx::Error> {
+        self.end("COMMIT").await
     }
 
     /// Gives the rows back unchanged.
-    pub async fn rollback(self) -> Result<(), sqlx::Error> {
-        self.tx.rollback().await
+    pub async fn rollback(self) -> Result<ClaimConnection, sqlx::Error> {
+        self.end("ROLLBACK").await
+    }
+
+    async fn end(self, statement: &'static str) -> Result<ClaimConnection, sqlx::Error> {
+        let mut conn = self.conn;
+        conn.0.execute(statement).await?;
+        Ok(conn)
     }
 }
 
-/// Claims up to `limit` due rows.
-#[tracing::instrument(name = "outbox claim", level = "debug", skip(pool), fields(claimed = tracing::field::Empty))]
-pub async fn claim_batch(pool: &PgPool, limit: u32) -> Result<Claim, sqlx::Error> {
-    let mut tx = pool.begin_with(BEGIN_CLAIM).await?;
-    let found: Vec<PgRow> = sqlx::query(CLAIM_SQL).bind(i64::from(limit)).fetch_all(&mut *tx).await?;
+/// Claims up to `limit` due rows on `conn`, in one round trip.
+#[tracing::instrument(name = "outbox claim", level = "debug", skip(conn), fields(claimed = tracing::field::Empty))]
+pub async fn claim_batch(mut conn: ClaimConnection, limit: u32) -> Result<Claim, sqlx::Error> {
+    let sql = format!("{BEGIN_CLAIM}; EXECUTE {PREPARED_CLAIM}({limit})");
+    // A simple query: the rows come back as text, which decodes to the same types.
+    let found: Vec<PgRow> = conn.0.fetch_all(sql.as_str()).await?;
     let mut locked = 0_i64;
     let mut rows = Vec::with_capacity(found.len());
     for row in &found {
@@ -139,5 +166,5 @@ pub async fn claim_batch(pool: &PgPool, limit: u32) -> Result<Claim, sqlx::Error
     // RETURNING keeps no order.
     rows.sort_unstable_by_key(|r| r.id);
     tracing::Span::current().record("claimed", rows.len());
-    Ok(Claim { tx, rows, locked: usize::try_from(locked).unwrap_or(0) })
+    Ok(Claim { conn, rows, locked: usize::try_from(locked).unwrap_or(0) })
 }

@@ -27,6 +27,7 @@ async fn a_row_committed_late_is_still_published() {
             event_type: "OrderConfirmed",
             payload: &order_payload("late-order"),
             occurred_at: chrono::Utc::now(),
+            notify: false,
         },
     )
     .await

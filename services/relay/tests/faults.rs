@@ -118,16 +118,16 @@ async fn a_claim_that_outlived_its_lease_cannot_touch_the_new_owners_rows() {
     }
     let short = claim_pool(&db.url, Duration::from_millis(300)).await;
     let pool = claim_pool(&db.url, Duration::from_secs(30)).await;
-    let mut a = claim_batch(&short, 10).await.expect("claim A");
+    let mut a = claim_batch(claim_conn(&short).await, 10).await.expect("claim A");
     let a_rows = std::mem::take(&mut a.rows);
     assert_eq!(a_rows.len(), 3);
-    let other = claim_batch(&pool, 10).await.expect("claim");
+    let other = claim_batch(claim_conn(&pool).await, 10).await.expect("claim");
     assert_eq!((other.rows.len(), other.locked), (0, 0), "claimed rows are not claimed twice");
     other.rollback().await.expect("rollback");
 
     // A is paused past its lease: the database ends its transaction and B takes the rows.
     tokio::time::sleep(Duration::from_millis(700)).await;
-    let b = claim_batch(&pool, 10).await.expect("claim B");
+    let b = claim_batch(claim_conn(&pool).await, 10).await.expect("claim B");
     assert_eq!(b.rows.len(), 3, "an ended claim's rows are claimed again");
 
     // A wakes up and tries every kind of finish while B holds the rows.
@@ -162,12 +162,12 @@ async fn a_committed_claim_moves_its_rows_and_a_rolled_back_one_leaves_them() {
         append(&db.pool, &format!("o-{i}"), &order_payload("x")).await;
     }
     let pool = claim_pool(&db.url, Duration::from_secs(30)).await;
-    let claim = claim_batch(&pool, 2).await.expect("claim");
+    let claim = claim_batch(claim_conn(&pool).await, 2).await.expect("claim");
     assert_eq!(claim.rows.len(), 2);
     assert_eq!(count(&db.pool, "SELECT count(*) FROM outbox_published").await, 0, "nothing is visible before commit");
     claim.rollback().await.expect("rollback");
     assert_eq!(count(&db.pool, "SELECT count(*) FROM outbox").await, 4, "a rolled-back claim leaves its rows");
-    let claim = claim_batch(&pool, 10).await.expect("claim");
+    let claim = claim_batch(claim_conn(&pool).await, 10).await.expect("claim");
     assert_eq!(claim.rows.len(), 4);
     claim.commit().await.expect("commit");
     assert_eq!(count(&db.pool, "SELECT count(*) FROM outbox").await, 0);
@@ -181,9 +181,9 @@ async fn an_orders_later_events_wait_while_an_earlier_one_is_in_flight_or_backin
     let a2 = append(&db.pool, "a", &order_payload("a")).await;
     let b1 = append(&db.pool, "b", &order_payload("b")).await;
     let pool = claim_pool(&db.url, Duration::from_secs(30)).await;
-    let mut first = claim_batch(&pool, 1).await.expect("claim");
+    let mut first = claim_batch(claim_conn(&pool).await, 1).await.expect("claim");
     assert_eq!(first.rows.iter().map(|r| r.event_id.clone()).collect::<Vec<_>>(), [a1.event_id.to_string()]);
-    let second = claim_batch(&pool, 10).await.expect("claim");
+    let second = claim_batch(claim_conn(&pool).await, 10).await.expect("claim");
     assert_eq!(
         second.rows.iter().map(|r| r.event_id.clone()).collect::<Vec<_>>(),
         [b1.event_id.to_string()],
@@ -196,7 +196,7 @@ async fn an_orders_later_events_wait_while_an_earlier_one_is_in_flight_or_backin
     first.rollback().await.expect("rollback");
     let failure = [Failure { id: a1_row.id, attempts: a1_row.attempts, retry_in: Duration::from_secs(3600) }];
     assert_eq!(record_failures(&pool, &failure, "redis: down", 10).await.expect("fail a1").len(), 1);
-    let third = claim_batch(&pool, 10).await.expect("claim");
+    let third = claim_batch(claim_conn(&pool).await, 10).await.expect("claim");
     assert_eq!(
         (third.rows.iter().map(|r| r.event_id.clone()).collect::<Vec<_>>(), third.locked),
         (vec![b1.event_id.to_string()], 1),
@@ -208,7 +208,7 @@ async fn an_orders_later_events_wait_while_an_earlier_one_is_in_flight_or_backin
         .execute(&db.pool)
         .await
         .expect("due");
-    let fourth = claim_batch(&pool, 10).await.expect("claim");
+    let fourth = claim_batch(claim_conn(&pool).await, 10).await.expect("claim");
     let got: Vec<(String, i64)> =
         fourth.rows.iter().filter(|r| r.aggregate_id == "a").map(|r| (r.event_id.clone(), r.seq)).collect();
     assert_eq!(got, [(a1.event_id.to_string(), 1), (a2.event_id.to_string(), 2)], "both, in seq order, once a1 is due");
@@ -226,7 +226,7 @@ async fn a_fresh_row_stamped_after_the_claim_began_still_goes_out_before_its_suc
         .execute(&db.pool)
         .await
         .expect("stamp a1 late");
-    let claim = claim_batch(&db.pool, 10).await.expect("claim");
+    let claim = claim_batch(claim_conn(&db.pool).await, 10).await.expect("claim");
     let got: Vec<(String, i64)> = claim.rows.iter().map(|r| (r.event_id.clone(), r.seq)).collect();
     assert_eq!(got, [(a1.event_id.to_string(), 1), (a2.event_id.to_string(), 2)], "never a2 without a1");
 }
@@ -242,7 +242,7 @@ async fn a_crash_between_xadd_and_commit_republishes() {
     // A relay claims and publishes, then hangs before committing; the database ends its claim
     // after the lease (a crashed relay's connection closes, which ends it at once).
     let crashed = claim_pool(&db.url, Duration::from_millis(300)).await;
-    let claim = claim_batch(&crashed, 10).await.expect("claim");
+    let claim = claim_batch(claim_conn(&crashed).await, 10).await.expect("claim");
     let entries: Vec<_> = claim.rows.iter().map(|r| r.to_entry(usize::MAX).expect("entry")).collect();
     Publisher::new(&redis, stream.clone()).expect("publisher").publish(&entries).await.expect("publish");
     std::mem::forget(claim);

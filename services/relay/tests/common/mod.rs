@@ -73,6 +73,7 @@ pub async fn append(pool: &PgPool, aggregate_id: &str, payload: &str) -> outbox:
             event_type: "OrderConfirmed",
             payload,
             occurred_at: Utc::now(),
+            notify: false,
         },
     )
     .await
@@ -130,6 +131,11 @@ pub async fn wait_until_published(pool: &PgPool, expected: i64, timeout: Duratio
         (count(pool, "SELECT count(*) FROM outbox_published").await == expected).then_some(())
     })
     .await;
+}
+
+/// A claim connection with `pool`'s settings.
+pub async fn claim_conn(pool: &PgPool) -> relay::claim::ClaimConnection {
+    relay::claim::ClaimConnection::connect(&pool.connect_options()).await.expect("claim connection")
 }
 
 /// A pool with the relay's connection settings, its claims ending after `lease` idle.
