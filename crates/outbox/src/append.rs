@@ -13,6 +13,9 @@ pub struct NewEvent<'a> {
     pub event_type: &'a str,
     pub payload: &'a str,
     pub occurred_at: DateTime<Utc>,
+    /// Whether the event's transaction wakes the relays (a `NOTIFY` on [`crate::CHANNEL`] at
+    /// its commit); see [`crate::Wake::carries`].
+    pub notify: bool,
 }
 
 /// What [`append`] assigned.
@@ -57,7 +60,7 @@ where
     F: for<'q> FnOnce(Query<'q, Postgres, PgArguments>) -> Query<'q, Postgres, PgArguments>,
 {
     let caller = cte.map(|c| format!("{c}, ")).unwrap_or_default();
-    let sql = format!("WITH {caller}{} {INSERT_EVENT} RETURNING seq", bump_sql(None));
+    let sql = format!("WITH {caller}{} {INSERT_EVENT} {}", bump_sql(None), returning(&event));
     let (appended, _) = execute(executor, &event, &sql, bind).await?;
     // The statement returns the new row's seq, so an event was written.
     appended.ok_or(OutboxError::Database(sqlx::Error::RowNotFound))
@@ -82,7 +85,8 @@ where
     E: PgExecutor<'c>,
     F: for<'q> FnOnce(Query<'q, Postgres, PgArguments>) -> Query<'q, Postgres, PgArguments>,
 {
-    let sql = format!("WITH {ctes}, {}, appended AS ({INSERT_EVENT} RETURNING seq) {select}", bump_sql(Some(gate)));
+    let sql =
+        format!("WITH {ctes}, {}, appended AS ({INSERT_EVENT} {}) {select}", bump_sql(Some(gate)), returning(&event));
     execute(executor, &event, &sql, bind).await
 }
 
@@ -141,6 +145,16 @@ fn bump_sql(gate: Option<&str>) -> String {
 const INSERT_EVENT: &str = "INSERT INTO outbox (event_id, aggregate_type, aggregate_id, seq, event_type, payload, \
                                   occurred_at, traceparent, tracestate) \
      SELECT $1, $2, $3, bumped.last_seq, $4, $5::jsonb, $6, $7, $8 FROM bumped";
+
+/// The outbox row's `RETURNING`: its seq, and the relays' notification if the event carries
+/// it (evaluated only if the row is written, so it is sent only with the event).
+fn returning(event: &NewEvent<'_>) -> &'static str {
+    if event.notify {
+        concat!("RETURNING seq, pg_notify('", channel!(), "', '') AS notified")
+    } else {
+        "RETURNING seq"
+    }
+}
 
 /// Binds `$1`..`$8`: a new event id, the event, and the current span's trace context.
 fn bind_event<'q>(

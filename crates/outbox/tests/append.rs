@@ -18,6 +18,7 @@ fn event(aggregate_id: &str) -> NewEvent<'_> {
         event_type: "OrderConfirmed",
         payload: r#"{"order_id":"x"}"#,
         occurred_at: Utc::now(),
+        notify: false,
     }
 }
 

@@ -28,6 +28,7 @@ async fn the_current_trace_context_is_stored_with_the_event() {
             event_type: "OrderCreated",
             payload: "{}",
             occurred_at: Utc::now(),
+            notify: false,
         };
         append(&mut tx, event).await.expect("append");
         tx.commit().await.expect("commit");

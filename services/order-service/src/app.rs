@@ -9,6 +9,7 @@ use std::time::Duration;
 use axum::middleware;
 use axum::Router;
 use prometheus_client::registry::Registry;
+use service_kit::connections::Connections;
 use service_kit::{Readiness, Shutdown};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
@@ -16,13 +17,17 @@ use tokio::net::TcpListener;
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
+use crate::orders::Orders;
 use crate::{observe, routes};
+
+/// Connections besides the API's: migrations and readiness checks. (The outbox notifier keeps
+/// one more of its own.)
+const SPARE_CONNECTIONS: u32 = 2;
 
 /// What handlers share.
 #[derive(Clone)]
 pub struct AppState {
-    pub pool: PgPool,
-    pub notifier: outbox::Notifier,
+    pub orders: Orders,
     pub metrics: Metrics,
     /// Set once the orders schema is migrated; API requests get 503 until then.
     pub migrated: Arc<AtomicBool>,
@@ -58,6 +63,7 @@ pub struct Application {
     local_addr: SocketAddr,
     router: Router,
     pool: PgPool,
+    db: Connections,
     shutdown: Shutdown,
     request_timeout: Duration,
 }
@@ -70,8 +76,15 @@ impl Application {
             .map_err(|source| StartupError::Bind { addr: config.http_addr, source })?;
         let local_addr =
             listener.local_addr().map_err(|source| StartupError::Bind { addr: config.http_addr, source })?;
-        let pool = service_kit::startup::lazy_pool(&config.database_url, config.database_max_connections)
+        // Migrations and readiness checks have a small pool of their own, so a saturated API
+        // neither delays them nor is delayed by them.
+        let pool = service_kit::startup::lazy_pool(&config.database_url, SPARE_CONNECTIONS)
             .map_err(StartupError::DatabaseUrl)?;
+        let db = Connections::new(
+            pool.connect_options().as_ref().clone(),
+            config.database_max_connections,
+            Duration::from_secs(5),
+        );
 
         let migrated = Arc::new(AtomicBool::new(false));
         tokio::spawn(migrate(pool.clone(), migrated.clone(), shutdown.clone()));
@@ -90,10 +103,14 @@ impl Application {
                 }
             }
         });
-        let state =
-            AppState { pool: pool.clone(), notifier, metrics, migrated, request_timeout: config.request_timeout() };
+        let state = AppState {
+            orders: Orders::new(db.clone(), notifier),
+            metrics,
+            migrated,
+            request_timeout: config.request_timeout(),
+        };
         let router = router(state, readiness, registry);
-        Ok(Self { listener, local_addr, router, pool, shutdown, request_timeout: config.request_timeout() })
+        Ok(Self { listener, local_addr, router, pool, db, shutdown, request_timeout: config.request_timeout() })
     }
 
     /// The bound address (the real port when configured with port 0).
@@ -127,7 +144,8 @@ impl Application {
             }
         };
         // Every request is done; release connections, but never hang on an unresponsive server.
-        if tokio::time::timeout(Duration::from_secs(5), self.pool.close()).await.is_err() {
+        let closed = async { tokio::join!(self.db.close(), self.pool.close()) };
+        if tokio::time::timeout(Duration::from_secs(5), closed).await.is_err() {
             tracing::warn!("closing database connections timed out");
         }
         tracing::info!("stopped");

@@ -4,7 +4,7 @@
 use axum::http::HeaderMap;
 use domain::ValidationError;
 use sha2::{Digest, Sha256};
-use sqlx::{PgConnection, PgPool};
+use sqlx::PgConnection;
 
 use crate::store::StoreError;
 
@@ -77,11 +77,11 @@ pub async fn claim(
 
 /// The committed response stored under `key`.
 #[tracing::instrument(skip_all, fields(db.system = "postgresql"))]
-pub async fn stored(pool: &PgPool, key: &IdempotencyKey) -> Result<Option<Stored>, StoreError> {
+pub async fn stored(conn: &mut PgConnection, key: &IdempotencyKey) -> Result<Option<Stored>, StoreError> {
     let row: Option<(String, String, serde_json::Value)> =
         sqlx::query_as("SELECT request_hash, order_id, response_body FROM idempotency_keys WHERE key = $1")
             .bind(key.as_str())
-            .fetch_optional(pool)
+            .fetch_optional(conn)
             .await?;
     Ok(row.map(|(request_hash, order_id, body)| Stored { request_hash, order_id, body }))
 }

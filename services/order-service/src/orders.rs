@@ -2,11 +2,13 @@
 
 use chrono::{SubsecRound, Utc};
 use domain::{NewOrder, Order, OrderId, Transition, ValidationError};
-use sqlx::PgPool;
+use outbox::{Notifier, Wake};
+use service_kit::connections::{keeps_connection, Connections, Lease};
+use sqlx::{Connection as _, PgConnection};
 
 use crate::error::ApiError;
 use crate::idempotency::{self, IdempotencyKey};
-use crate::store;
+use crate::store::{self, StoreError};
 
 /// The result of a create request.
 pub enum Created {
@@ -21,39 +23,115 @@ fn now() -> chrono::DateTime<Utc> {
     Utc::now().trunc_subsecs(6)
 }
 
-/// Creates an order, or replays the stored response of an earlier request with the same key.
-#[tracing::instrument(skip_all, fields(order_id = tracing::field::Empty, idempotency_key = tracing::field::Empty))]
-pub async fn create(pool: &PgPool, new: NewOrder, key: Option<(IdempotencyKey, String)>) -> Result<Created, ApiError> {
-    let order = Order::create(new, now());
+/// The order workflows on the API's connections, waking relays after each event.
+#[derive(Clone, Debug)]
+pub struct Orders {
+    db: Connections,
+    notifier: Notifier,
+}
+
+impl Orders {
+    pub fn new(db: Connections, notifier: Notifier) -> Self {
+        Self { db, notifier }
+    }
+
+    /// Creates an order, or replays the stored response of an earlier request with the same
+    /// key.
+    #[tracing::instrument(skip_all, fields(order_id = tracing::field::Empty, idempotency_key = tracing::field::Empty))]
+    pub async fn create(&self, new: NewOrder, key: Option<(IdempotencyKey, String)>) -> Result<Created, ApiError> {
+        let order = Order::create(new, now());
+        let mut conn = self.db.acquire().await.map_err(StoreError::from)?;
+        let wake = self.notifier.write();
+        let created = create_on(&mut conn, order, key, wake.carries()).await;
+        finish(wake, &created, |c| matches!(c, Created::New(_)));
+        give_back(conn, &created);
+        created
+    }
+
+    /// The order `order_id`.
+    pub async fn find(&self, order_id: OrderId) -> Result<Order, ApiError> {
+        let mut conn = self.db.acquire().await.map_err(StoreError::from)?;
+        let found = match store::find_order(&mut conn, order_id).await {
+            Ok(order) => order.ok_or(ApiError::OrderNotFound),
+            Err(e) => Err(e.into()),
+        };
+        give_back(conn, &found);
+        found
+    }
+
+    /// Applies `transition` under the order's row lock, in one statement. Returns the order and
+    /// whether it changed (a no-op transition writes nothing).
+    #[tracing::instrument(skip(self, order_id), fields(%order_id))]
+    pub async fn transition(&self, order_id: OrderId, transition: Transition) -> Result<(Order, bool), ApiError> {
+        let mut conn = self.db.acquire().await.map_err(StoreError::from)?;
+        let wake = self.notifier.write();
+        let moved = transition_on(&mut conn, order_id, transition, wake.carries()).await;
+        finish(wake, &moved, |(_, changed)| *changed);
+        give_back(conn, &moved);
+        moved
+    }
+}
+
+/// Tells `wake` whether the write that ended with `result` committed an event: `appended` for
+/// a success, no for a statement the database refused, unknown if the connection failed (it
+/// may have failed after the commit).
+fn finish<T>(wake: Wake, result: &Result<T, ApiError>, appended: impl FnOnce(&T) -> bool) {
+    match result {
+        Ok(done) => wake.finished(appended(done)),
+        Err(ApiError::Internal(e) | ApiError::Unavailable(e)) if e.database().is_some_and(|e| !keeps_connection(e)) => {
+        }
+        Err(_) => wake.finished(false),
+    }
+}
+
+/// Gives `conn` back after work that ended with `result`, unless the connection itself failed.
+fn give_back<T>(conn: Lease, result: &Result<T, ApiError>) {
+    let failed = match result {
+        Err(ApiError::Internal(e) | ApiError::Unavailable(e)) => e.database(),
+        _ => None,
+    };
+    match failed {
+        Some(e) => conn.release_after(e),
+        None => conn.release(),
+    }
+}
+
+/// `notify`: the event's transaction wakes the relays.
+async fn create_on(
+    conn: &mut PgConnection,
+    order: Order,
+    key: Option<(IdempotencyKey, String)>,
+    notify: bool,
+) -> Result<Created, ApiError> {
     let span = tracing::Span::current();
     let appended = match &key {
         Some((key, hash)) => {
             span.record("idempotency_key", key.as_str());
-            let mut tx = pool.begin().await.map_err(store::StoreError::from)?;
-            let body = serde_json::to_value(&order).map_err(store::StoreError::from)?;
+            let mut tx = conn.begin().await.map_err(StoreError::from)?;
+            let body = serde_json::to_value(&order).map_err(StoreError::from)?;
             if !idempotency::claim(&mut tx, key, hash, &order.id.to_string(), &body).await? {
-                tx.rollback().await.map_err(store::StoreError::from)?;
-                return replay(pool, key, hash).await;
+                tx.rollback().await.map_err(StoreError::from)?;
+                return replay(conn, key, hash).await;
             }
             span.record("order_id", tracing::field::display(order.id));
-            let appended = store::insert_order(&mut *tx, &order).await?;
-            tx.commit().await.map_err(store::StoreError::from)?;
+            let appended = store::insert_order(&mut *tx, &order, notify).await?;
+            tx.commit().await.map_err(StoreError::from)?;
             appended
         }
         None => {
             span.record("order_id", tracing::field::display(order.id));
             // One statement: the order and its event commit together, in one round trip.
-            store::insert_order(pool, &order).await?
+            store::insert_order(conn, &order, notify).await?
         }
     };
     tracing::debug!(order_id = %order.id, event_id = %appended.event_id, seq = appended.seq, "order created");
     Ok(Created::New(order))
 }
 
-async fn replay(pool: &PgPool, key: &IdempotencyKey, hash: &str) -> Result<Created, ApiError> {
-    let stored = idempotency::stored(pool, key).await?.ok_or_else(|| {
+async fn replay(conn: &mut PgConnection, key: &IdempotencyKey, hash: &str) -> Result<Created, ApiError> {
+    let stored = idempotency::stored(conn, key).await?.ok_or_else(|| {
         // Keys are never deleted, so a conflict without a committed row cannot happen.
-        ApiError::Internal(store::StoreError::Corrupt { id: key.as_str().to_owned(), reason: "key vanished".into() })
+        ApiError::Internal(StoreError::Corrupt { id: key.as_str().to_owned(), reason: "key vanished".into() })
     })?;
     if stored.request_hash != hash {
         return Err(ApiError::Invalid(ValidationError::new(
@@ -65,15 +143,19 @@ async fn replay(pool: &PgPool, key: &IdempotencyKey, hash: &str) -> Result<Creat
     Ok(Created::Replayed { order_id: stored.order_id, body: stored.body })
 }
 
-/// Applies `transition` under the order's row lock, in one statement. Returns the order and
-/// whether it changed (a no-op transition writes nothing).
-#[tracing::instrument(skip(pool, order_id), fields(%order_id))]
-pub async fn transition(pool: &PgPool, order_id: OrderId, transition: Transition) -> Result<(Order, bool), ApiError> {
+async fn transition_on(
+    conn: &mut PgConnection,
+    order_id: OrderId,
+    transition: Transition,
+    notify: bool,
+) -> Result<(Order, bool), ApiError> {
     let mut at = now();
     // Bounded: a second round runs at a time no earlier than the order's `updated_at`, which
     // only a transition of this very order (serialised by its row lock) could move on.
     for _ in 0..3 {
-        let found = store::transition_order(pool, order_id, transition, at).await?.ok_or(ApiError::OrderNotFound)?;
+        let found = store::transition_order(&mut *conn, order_id, transition, at, notify)
+            .await?
+            .ok_or(ApiError::OrderNotFound)?;
         let mut order = found.before;
         let Some(next) = order.status.apply(transition)? else {
             return Ok((order, false));
@@ -92,7 +174,7 @@ pub async fn transition(pool: &PgPool, order_id: OrderId, transition: Transition
         order.updated_at = at;
         return Ok((order, true));
     }
-    Err(ApiError::Internal(store::StoreError::Corrupt {
+    Err(ApiError::Internal(StoreError::Corrupt {
         id: order_id.to_string(),
         reason: "transition kept finding a newer updated_at".into(),
     }))

@@ -13,8 +13,7 @@ use crate::app::AppState;
 use crate::body::{parse_create, read_limited, require_json};
 use crate::error::ApiError;
 use crate::idempotency::{request_hash, IdempotencyKey};
-use crate::orders::{self, Created};
-use crate::store;
+use crate::orders::Created;
 
 pub fn api() -> Router<AppState> {
     Router::new()
@@ -30,9 +29,8 @@ async fn create_order(State(state): State<AppState>, headers: HeaderMap, body: B
     let bytes = read_limited(&headers, body).await?;
     let request = parse_create(&bytes)?;
     let key = key.map(|key| (key, request_hash(&request.canonical)));
-    Ok(match orders::create(&state.pool, request.order, key).await? {
+    Ok(match state.orders.create(request.order, key).await? {
         Created::New(order) => {
-            state.notifier.committed();
             state.metrics.order_created();
             created(&order.id.to_string(), Json(order).into_response(), false)
         }
@@ -64,8 +62,7 @@ async fn get_order(
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Order>, ApiError> {
     let id = order_id(path)?;
-    let order = store::find_order(&state.pool, id).await?.ok_or(ApiError::OrderNotFound)?;
-    Ok(Json(order))
+    Ok(Json(state.orders.find(id).await?))
 }
 
 async fn confirm_order(
@@ -83,9 +80,8 @@ async fn cancel_order(
 }
 
 async fn transition(state: AppState, id: OrderId, transition: Transition) -> Result<Json<Order>, ApiError> {
-    let (order, changed) = orders::transition(&state.pool, id, transition).await?;
+    let (order, changed) = state.orders.transition(id, transition).await?;
     if changed {
-        state.notifier.committed();
         state.metrics.order_transitioned(order.status);
     }
     Ok(Json(order))

@@ -3,7 +3,7 @@
 use chrono::{DateTime, Utc};
 use domain::{EventPayload, LineItem, Order, OrderCancelled, OrderConfirmed, OrderId, OrderStatus, Transition};
 use sqlx::types::Json;
-use sqlx::{FromRow, PgExecutor, PgPool};
+use sqlx::{FromRow, PgConnection, PgExecutor};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -18,13 +18,18 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// The database driver's error, if the failure came from it.
+    pub fn database(&self) -> Option<&sqlx::Error> {
+        match self {
+            Self::Database(e) | Self::Outbox(outbox::OutboxError::Database(e)) => Some(e),
+            Self::Corrupt { .. } | Self::Encode(_) => None,
+        }
+    }
+
     /// Whether the failure is the database being unreachable or overloaded (worth a retry by
     /// the client) rather than a fault in this service.
     pub fn is_unavailable(&self) -> bool {
-        let e = match self {
-            Self::Database(e) | Self::Outbox(outbox::OutboxError::Database(e)) => e,
-            Self::Corrupt { .. } | Self::Encode(_) => return false,
-        };
+        let Some(e) = self.database() else { return false };
         match e {
             sqlx::Error::PoolTimedOut
             | sqlx::Error::PoolClosed
@@ -86,6 +91,7 @@ fn order_event<'a>(
     aggregate_id: &'a str,
     json: &'a str,
     occurred_at: DateTime<Utc>,
+    notify: bool,
 ) -> outbox::NewEvent<'a> {
     outbox::NewEvent {
         aggregate_type: domain::AGGREGATE_TYPE,
@@ -93,17 +99,23 @@ fn order_event<'a>(
         event_type: payload.event_type().as_str(),
         payload: json,
         occurred_at,
+        notify,
     }
 }
 
 /// Inserts a new order and its `OrderCreated` event in one statement: atomic by itself, so
-/// `executor` may be the pool (one round trip, no explicit transaction) or a transaction.
+/// `executor` may be a connection (one round trip, no explicit transaction) or a transaction.
+/// `notify`: the transaction wakes the relays at its commit.
 #[tracing::instrument(skip_all, fields(order_id = %order.id, db.system = "postgresql"))]
-pub async fn insert_order<'c>(executor: impl PgExecutor<'c>, order: &Order) -> Result<outbox::Appended, StoreError> {
+pub async fn insert_order<'c>(
+    executor: impl PgExecutor<'c>,
+    order: &Order,
+    notify: bool,
+) -> Result<outbox::Appended, StoreError> {
     let payload = EventPayload::created(order);
     let aggregate_id = order.id.to_string();
     let json = payload.to_json();
-    let event = order_event(&payload, &aggregate_id, &json, order.created_at);
+    let event = order_event(&payload, &aggregate_id, &json, order.created_at, notify);
     let appended = outbox::append_with(executor, event, Some(CREATED_CTE), |q| {
         q.bind(order.id.to_string())
             .bind(order.customer_id.as_str().to_owned())
@@ -118,10 +130,10 @@ pub async fn insert_order<'c>(executor: impl PgExecutor<'c>, order: &Order) -> R
 }
 
 #[tracing::instrument(skip_all, fields(%order_id, db.system = "postgresql"))]
-pub async fn find_order(pool: &PgPool, order_id: OrderId) -> Result<Option<Order>, StoreError> {
+pub async fn find_order(conn: &mut PgConnection, order_id: OrderId) -> Result<Option<Order>, StoreError> {
     let row: Option<OrderRow> = sqlx::query_as(&format!("SELECT {COLUMNS} FROM orders WHERE id = $1"))
         .bind(order_id.to_string())
-        .fetch_optional(pool)
+        .fetch_optional(conn)
         .await?;
     row.map(Order::try_from).transpose()
 }
@@ -146,16 +158,18 @@ pub struct Transitioned {
 }
 
 /// Moves the order along `transition` and appends its event, in one autocommit statement: the
-/// order row is locked, updated if its status allows, and the event written only if it was.
+/// order row is locked, updated if its status allows, and the event written only if it was
+/// (`notify`: with the relays' wake-up).
 /// `None` if there is no such order. The caller checks `before` against the state machine: a
 /// transition that should have happened but did not means `at` is older than the order's
 /// `updated_at`, and is retried with a later time.
 #[tracing::instrument(skip_all, fields(%order_id, db.system = "postgresql"))]
 pub async fn transition_order(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     order_id: OrderId,
     transition: Transition,
     at: DateTime<Utc>,
+    notify: bool,
 ) -> Result<Option<Transitioned>, StoreError> {
     let (from, next): (Vec<&str>, Vec<&str>) = OrderStatus::ALL
         .iter()
@@ -170,9 +184,9 @@ pub async fn transition_order(
     };
     let aggregate_id = order_id.to_string();
     let json = payload.to_json();
-    let event = order_event(&payload, &aggregate_id, &json, at);
+    let event = order_event(&payload, &aggregate_id, &json, at, notify);
     let select = format!("SELECT {COLUMNS}, (SELECT seq FROM appended) AS seq FROM cur");
-    let found = outbox::append_gated(pool, event, TRANSITION_CTES, "moved", &select, |q| {
+    let found = outbox::append_gated(conn, event, TRANSITION_CTES, "moved", &select, |q| {
         q.bind(aggregate_id.clone()).bind(from).bind(next)
     })
     .await;
