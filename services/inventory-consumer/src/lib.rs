@@ -133,7 +133,12 @@ impl Service {
                     metrics,
                     shutdown: shutdown.clone(),
                 };
-                let consumed = consumer.run().await;
+                // On the runtime's workers, next to the I/O driver: awaited here, on the thread
+                // that blocks on `main`, every reply would need a wake-up across threads.
+                let consumed = match tokio::spawn(consumer.run()).await {
+                    Ok(consumed) => consumed,
+                    Err(e) => std::panic::resume_unwind(e.into_panic()),
+                };
                 db.close().await;
                 // The consumer stops on shutdown or on its crash hook; upkeep goes with it.
                 upkeep.abort();
