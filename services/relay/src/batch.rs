@@ -116,6 +116,10 @@ impl Worker {
         let mut claim = claim_batch(conn, self.settings.batch_size).await?;
         let rows = std::mem::take(&mut claim.rows);
         let locked = claim.locked;
+        self.metrics.claims.inc();
+        if locked == 0 {
+            self.metrics.empty_claims.inc();
+        }
         if rows.is_empty() {
             self.give_back(claim).await?;
             return Ok(BatchReport { locked, ..BatchReport::default() });

@@ -18,6 +18,8 @@ pub struct Metrics {
     pub dead: Gauge,
     pub oldest_pending_age_seconds: Gauge<f64, AtomicU64>,
     pub published: Counter,
+    pub claims: Counter,
+    pub empty_claims: Counter,
     pub publish_failures: Counter,
     pub dead_lettered: Counter,
     pub publish_lag_seconds: Histogram,
@@ -31,6 +33,8 @@ impl Default for Metrics {
             dead: Gauge::default(),
             oldest_pending_age_seconds: Gauge::default(),
             published: Counter::default(),
+            claims: Counter::default(),
+            empty_claims: Counter::default(),
             publish_failures: Counter::default(),
             dead_lettered: Counter::default(),
             // 0.5 ms … ~9 min.
@@ -54,6 +58,12 @@ impl Metrics {
             self.oldest_pending_age_seconds.clone(),
         );
         registry.register("outbox_published", "Events published", self.published.clone());
+        registry.register("outbox_claims", "Claims run", self.claims.clone());
+        registry.register(
+            "outbox_empty_claims",
+            "Claims that found no row at all (another claim had taken them, or none were due)",
+            self.empty_claims.clone(),
+        );
         registry.register(
             "outbox_publish_failures",
             "Failed publish attempts (per event)",

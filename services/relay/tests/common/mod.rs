@@ -64,6 +64,11 @@ impl RunningRelay {
 
 /// Appends one event for `aggregate_id` in its own transaction.
 pub async fn append(pool: &PgPool, aggregate_id: &str, payload: &str) -> outbox::Appended {
+    append_with(pool, aggregate_id, payload, false).await
+}
+
+/// [`append`]; `notify`: the transaction wakes the relays at its commit.
+pub async fn append_with(pool: &PgPool, aggregate_id: &str, payload: &str, notify: bool) -> outbox::Appended {
     let mut tx = pool.begin().await.expect("begin");
     let appended = outbox::append(
         &mut tx,
@@ -73,13 +78,26 @@ pub async fn append(pool: &PgPool, aggregate_id: &str, payload: &str) -> outbox:
             event_type: "OrderConfirmed",
             payload,
             occurred_at: Utc::now(),
-            notify: false,
+            notify,
         },
     )
     .await
     .expect("append");
     tx.commit().await.expect("commit");
     appended
+}
+
+/// The value of the counter `name` (without `_total`) on a relay's `/metrics`.
+pub async fn counter(relay: &RunningRelay, name: &str) -> f64 {
+    let text =
+        reqwest::get(format!("http://{}/metrics", relay.addr)).await.expect("metrics").text().await.expect("body");
+    let line = format!("{name}_total ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&line))
+        .unwrap_or_else(|| panic!("no {name}_total in\n{text}"))
+        .trim()
+        .parse()
+        .expect("a number")
 }
 
 pub fn order_payload(aggregate_id: &str) -> String {
