@@ -13,15 +13,6 @@ use crate::wake::next_due_in;
 /// First wait for rows held back behind another claim's batch.
 const WAITING_DELAY: Duration = Duration::from_millis(2);
 
-/// How long a pump sits out notifications after one of them led it to an empty outbox: another
-/// pump, of this relay or another, claimed the events first. Every relay hears every
-/// notification; without this, each would run a claim per notification, all but one for
-/// nothing. A trickle of events is then followed by the pump that last found some, while the
-/// others sit out in turns (each loses at most one claim per pause); under load claims find
-/// rows and every pump stays in. The last winner is always listening, so no event waits for a
-/// pause to end.
-pub const OUTRUN_PAUSE: Duration = Duration::from_millis(100);
-
 /// Runs until shutdown. The batch in flight when shutdown is requested is finished
 /// (published and recorded) before returning; no new batch is claimed after it.
 pub async fn pump(mut worker: Worker, pool: PgPool, wake: Arc<Notify>, poll_interval: Duration, shutdown: Shutdown) {
@@ -29,11 +20,9 @@ pub async fn pump(mut worker: Worker, pool: PgPool, wake: Arc<Notify>, poll_inte
     let mut waiting_delay = WAITING_DELAY;
     let mut next_due: Option<Instant> = None;
     let mut due_checked: Option<Instant> = None;
-    let mut notified = false;
     while !shutdown.is_cancelled() {
         let full = worker.settings().batch_size as usize;
         let mut wakeable = true;
-        let mut outrun = false;
         let wait = match worker.process_batch().await {
             Ok(report) if report.dead > 0 && report.failed == 0 => {
                 // The batch was given back to dead-letter a poison row: claim the rest now.
@@ -47,7 +36,6 @@ pub async fn pump(mut worker: Worker, pool: PgPool, wake: Arc<Notify>, poll_inte
             }
             Ok(report) => {
                 error_delay = Duration::from_millis(100);
-                outrun = notified && report.locked == 0;
                 if report.failed > 0 {
                     // Redis is failing: do not retry on every notification.
                     wakeable = false;
@@ -91,17 +79,11 @@ pub async fn pump(mut worker: Worker, pool: PgPool, wake: Arc<Notify>, poll_inte
                 wait
             }
         };
-        if outrun {
-            tokio::select! {
-                () = shutdown.cancelled() => break,
-                () = tokio::time::sleep(OUTRUN_PAUSE) => {}
-            }
-        }
-        notified = tokio::select! {
+        tokio::select! {
             () = shutdown.cancelled() => break,
-            () = wake.notified(), if wakeable => true,
-            () = tokio::time::sleep(wait) => false,
-        };
+            () = wake.notified(), if wakeable => {}
+            () = tokio::time::sleep(wait) => {}
+        }
     }
     tracing::info!("relay loop stopped");
 }
