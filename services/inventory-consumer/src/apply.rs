@@ -8,9 +8,9 @@ use std::collections::{BTreeSet, HashMap};
 
 use chrono::{DateTime, Utc};
 use domain::Event;
-use sqlx::{Connection, PgConnection, Row};
+use sqlx::{Connection, PgConnection};
 
-use crate::rows::{load, lock_stock, record_dead_letters, write, Loaded, ProcessedRow, Writes};
+use crate::rows::{load_and_lock_stock, lock_checkpoints, record_dead_letters, write, Loaded, ProcessedRow, Writes};
 use crate::rules::{self, Reservation, Stock};
 
 /// A decoded entry, with its fields as read (kept for parking).
@@ -90,29 +90,12 @@ pub async fn apply_batch(
 async fn apply_events(tx: &mut PgConnection, events: &[Incoming]) -> Result<BatchResult, sqlx::Error> {
     let aggregates: Vec<String> =
         events.iter().map(|e| e.event.aggregate_id.to_string()).collect::<BTreeSet<_>>().into_iter().collect();
-    sqlx::query(
-        "INSERT INTO aggregate_checkpoints (aggregate_id, last_seq) SELECT id, 0 FROM unnest($1::text[]) AS id \
-         ON CONFLICT (aggregate_id) DO NOTHING",
-    )
-    .bind(&aggregates)
-    .execute(&mut *tx)
-    .await?;
-    let mut checkpoints: HashMap<String, i64> = sqlx::query(
-        "SELECT aggregate_id, last_seq FROM aggregate_checkpoints WHERE aggregate_id = ANY($1) \
-         ORDER BY aggregate_id FOR UPDATE",
-    )
-    .bind(&aggregates)
-    .fetch_all(&mut *tx)
-    .await?
-    .into_iter()
-    .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
-    .collect::<Result<_, sqlx::Error>>()?;
+    let mut checkpoints = lock_checkpoints(tx, &aggregates).await?;
     let original_checkpoints = checkpoints.clone();
 
-    let event_ids: Vec<String> = events.iter().map(|e| e.event.event_id.to_string()).collect();
-    let Loaded { mut seen, mut parked, mut reservations } = load(tx, &event_ids, &aggregates).await?;
+    let Loaded { mut seen, mut parked, mut reservations, mut stock } =
+        load_and_lock_stock(tx, events, &aggregates).await?;
     let original_reservations = reservations.clone();
-    let mut stock = lock_stock(tx, events, &parked, &reservations).await?;
     let original_stock = stock.clone();
 
     let mut result = BatchResult::default();

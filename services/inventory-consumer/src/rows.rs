@@ -1,6 +1,5 @@
 //! Reading and writing the rows a batch touches, set-based (`unnest` arrays) so a batch costs
-//! the same handful of statements whatever its size: lock checkpoints, read, lock stock,
-//! write.
+//! the same three statements whatever its size: lock checkpoints; read and lock stock; write.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
@@ -10,35 +9,94 @@ use sqlx::{PgConnection, Row};
 use crate::apply::{fields_from_json, fields_json, DeadLetter, Incoming, Parked};
 use crate::rules::{Reservation, ReservationStatus, ReservedItem, Stock};
 
+/// Locks the checkpoints of `aggregates` (sorted), creating those that do not exist yet, and
+/// returns their `last_seq`. One statement: the new rows are inserted (and so held), then the
+/// existing ones locked in order. A row another transaction committed after this statement's
+/// snapshot is neither inserted nor seen; those few are locked by a second statement.
+pub(crate) async fn lock_checkpoints(
+    tx: &mut PgConnection,
+    aggregates: &[String],
+) -> Result<HashMap<String, i64>, sqlx::Error> {
+    let rows = sqlx::query(
+        "WITH created AS ( \
+           INSERT INTO aggregate_checkpoints (aggregate_id, last_seq) SELECT id, 0 FROM unnest($1::text[]) AS id \
+           ON CONFLICT (aggregate_id) DO NOTHING RETURNING aggregate_id, last_seq), \
+         locked AS ( \
+           SELECT aggregate_id, last_seq FROM aggregate_checkpoints WHERE aggregate_id = ANY($1) \
+           ORDER BY aggregate_id FOR UPDATE) \
+         SELECT aggregate_id, last_seq FROM created UNION ALL SELECT aggregate_id, last_seq FROM locked",
+    )
+    .bind(aggregates)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut checkpoints = rows
+        .into_iter()
+        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+        .collect::<Result<HashMap<String, i64>, sqlx::Error>>()?;
+    let unseen: Vec<&String> = aggregates.iter().filter(|a| !checkpoints.contains_key(*a)).collect();
+    if !unseen.is_empty() {
+        let rows = sqlx::query(
+            "SELECT aggregate_id, last_seq FROM aggregate_checkpoints WHERE aggregate_id = ANY($1) \
+             ORDER BY aggregate_id FOR UPDATE",
+        )
+        .bind(unseen)
+        .fetch_all(&mut *tx)
+        .await?;
+        for r in rows {
+            checkpoints.insert(r.try_get(0)?, r.try_get(1)?);
+        }
+    }
+    Ok(checkpoints)
+}
+
 /// What a batch reads once its checkpoints are locked.
 pub(crate) struct Loaded {
     /// Event ids of the batch already applied.
     pub(crate) seen: HashSet<String>,
     pub(crate) parked: BTreeMap<(String, i64), Parked>,
     pub(crate) reservations: HashMap<String, Reservation>,
+    /// The inventory rows the batch may touch, locked.
+    pub(crate) stock: HashMap<String, Stock>,
 }
 
-/// Reads, in one round trip, which of `event_ids` were applied already, and the parked events
-/// and reservations of `aggregates`. Runs after the aggregates' checkpoints are locked, which
-/// guard their parked events and reservations.
-pub(crate) async fn load(
+/// Reads, in one statement, which of `event_ids` were applied already, the parked events and
+/// reservations of `aggregates`, and locks (sorted by sku) the inventory rows of the batch's
+/// orders: the skus of `events` and of the reservations read. Runs after the aggregates'
+/// checkpoints are locked, which guard their parked events and reservations; the stock rows'
+/// values are the latest committed, as rows locked by the statement are re-read.
+pub(crate) async fn load_and_lock_stock(
     tx: &mut PgConnection,
-    event_ids: &[String],
+    events: &[Incoming],
     aggregates: &[String],
 ) -> Result<Loaded, sqlx::Error> {
-    // One row shape for the three tables: kind, key, seq, text, jsonb, text.
+    let event_ids: Vec<String> = events.iter().map(|e| e.event.event_id.to_string()).collect();
+    let skus: Vec<String> = created_skus(events.iter().map(|i| &i.event)).into_iter().collect();
+    // One row shape for the four tables: kind, key, seq, text, jsonb, text, bigint, bigint.
     let rows = sqlx::query(
-        "SELECT 0 AS kind, event_id AS key, NULL::bigint AS seq, NULL::text AS a, NULL::jsonb AS j, NULL::text AS b \
-           FROM processed_messages WHERE event_id = ANY($1) \
-         UNION ALL SELECT 1, aggregate_id, seq, stream_entry_id, fields, NULL FROM parked_events \
-           WHERE aggregate_id = ANY($2) \
-         UNION ALL SELECT 2, order_id, NULL, status, items, reason FROM order_reservations WHERE order_id = ANY($2)",
+        "WITH loaded AS ( \
+           SELECT 0 AS kind, event_id AS key, NULL::bigint AS seq, NULL::text AS a, NULL::jsonb AS j, \
+                  NULL::text AS b \
+             FROM processed_messages WHERE event_id = ANY($1) \
+           UNION ALL SELECT 1, aggregate_id, seq, stream_entry_id, fields, NULL FROM parked_events \
+             WHERE aggregate_id = ANY($2) \
+           UNION ALL SELECT 2, order_id, NULL, status, items, reason FROM order_reservations \
+             WHERE order_id = ANY($2)), \
+         stock AS ( \
+           SELECT i.sku, i.on_hand, i.reserved FROM inventory i \
+           WHERE i.sku IN (SELECT unnest($3::text[]) \
+                           UNION SELECT item->>'sku' FROM loaded l, jsonb_array_elements(l.j) AS item \
+                           WHERE l.kind = 2) \
+           ORDER BY i.sku FOR UPDATE OF i) \
+         SELECT kind, key, seq, a, j, b, NULL::bigint AS on_hand, NULL::bigint AS reserved FROM loaded \
+         UNION ALL SELECT 3, sku, NULL, NULL, NULL, NULL, on_hand, reserved FROM stock",
     )
-    .bind(event_ids)
+    .bind(&event_ids)
     .bind(aggregates)
+    .bind(&skus)
     .fetch_all(&mut *tx)
     .await?;
-    let mut loaded = Loaded { seen: HashSet::new(), parked: BTreeMap::new(), reservations: HashMap::new() };
+    let mut loaded =
+        Loaded { seen: HashSet::new(), parked: BTreeMap::new(), reservations: HashMap::new(), stock: HashMap::new() };
     for row in rows {
         let key: String = row.try_get(1)?;
         match row.try_get::<i32, _>(0)? {
@@ -59,7 +117,7 @@ pub(crate) async fn load(
                     Err(e) => tracing::error!(aggregate_id = %key, seq, error = %e, "parked event no longer decodes"),
                 }
             }
-            _ => {
+            2 => {
                 let status: String = row.try_get(3)?;
                 let status = ReservationStatus::parse(&status)
                     .ok_or_else(|| sqlx::Error::Decode(format!("unknown reservation status {status}").into()))?;
@@ -67,31 +125,40 @@ pub(crate) async fn load(
                     serde_json::from_value(row.try_get(4)?).map_err(|e| sqlx::Error::Decode(e.into()))?;
                 loaded.reservations.insert(key, Reservation { status, items, reason: row.try_get(5)? });
             }
+            _ => {
+                loaded.stock.insert(key, Stock { on_hand: row.try_get(6)?, reserved: row.try_get(7)? });
+            }
         }
+    }
+    // A parked event is a confirm or a cancel, whose skus are its reservation's; one that
+    // creates an order (a producer numbering it past 1) brings skus of its own.
+    let parked_skus: Vec<String> = created_skus(loaded.parked.values().map(|p| &p.incoming.event))
+        .into_iter()
+        .filter(|sku| {
+            !skus.contains(sku) && !loaded.reservations.values().any(|r| r.items.iter().any(|i| &i.sku == sku))
+        })
+        .collect();
+    if !parked_skus.is_empty() {
+        loaded.stock.extend(lock_stock(tx, &parked_skus).await?);
     }
     Ok(loaded)
 }
 
-/// Locks (sorted by sku) the inventory rows every event of the batch may touch.
-pub(crate) async fn lock_stock(
-    tx: &mut PgConnection,
-    events: &[Incoming],
-    parked: &BTreeMap<(String, i64), Parked>,
-    reservations: &HashMap<String, Reservation>,
-) -> Result<HashMap<String, Stock>, sqlx::Error> {
+/// The skus of the orders `events` create, sorted.
+fn created_skus<'a>(events: impl Iterator<Item = &'a Event>) -> BTreeSet<String> {
     let mut skus = BTreeSet::new();
-    let created = events.iter().map(|i| &i.event).chain(parked.values().map(|p| &p.incoming.event));
-    for event in created {
+    for event in events {
         if let EventPayload::OrderCreated(c) = &event.payload {
             skus.extend(c.items.iter().map(|i| i.sku.as_str().to_owned()));
         }
     }
-    for r in reservations.values() {
-        skus.extend(r.items.iter().map(|i| i.sku.clone()));
-    }
-    let skus: Vec<String> = skus.into_iter().collect();
+    skus
+}
+
+/// Locks (sorted by sku) the inventory rows `skus`.
+async fn lock_stock(tx: &mut PgConnection, skus: &[String]) -> Result<HashMap<String, Stock>, sqlx::Error> {
     sqlx::query("SELECT sku, on_hand, reserved FROM inventory WHERE sku = ANY($1) ORDER BY sku FOR UPDATE")
-        .bind(&skus)
+        .bind(skus)
         .fetch_all(&mut *tx)
         .await?
         .into_iter()

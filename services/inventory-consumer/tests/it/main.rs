@@ -1,6 +1,7 @@
 //! Integration tests against the real Postgres and Redis.
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
+mod batch;
 mod common;
 mod failures;
 mod http_api;
