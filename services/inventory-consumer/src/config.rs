@@ -78,6 +78,8 @@ pub struct Config {
     /// How long one read waits for new entries, e.g. `1s`.
     #[arg(long, env = "BLOCK", default_value = "1s", value_parser = parse_duration)]
     pub block: Duration,
+    /// Postgres pool size (inventory API, readiness, upkeep); batches are applied on one more
+    /// connection of their own.
     #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 8)]
     pub database_max_connections: u32,
     /// How often the consumer checks whether its tables need a vacuum or an analyze, and runs

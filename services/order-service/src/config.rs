@@ -19,7 +19,8 @@ pub struct Config {
     #[arg(long, env = "LOG_FORMAT", default_value = "text")]
     pub log_format: LogFormat,
 
-    /// Maximum number of Postgres connections.
+    /// Postgres connections for API requests (up to 3 more are opened: migrations, readiness
+    /// checks, relay wake-ups).
     #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
     pub database_max_connections: u32,
 

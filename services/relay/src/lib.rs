@@ -53,9 +53,10 @@ pub struct Relay {
     addr: SocketAddr,
 }
 
-/// Connections besides one per batch in flight: the listener, the gauge sampler, retention,
-/// table upkeep, readiness, and the follow-up statements of a failed batch.
-const SPARE_CONNECTIONS: u32 = 6;
+/// The pool's connections: the listener, the gauge sampler, retention, table upkeep, readiness,
+/// and the follow-up statements of a failed batch. Each worker claims on a connection of its
+/// own besides ([`claim::ClaimConnection`]).
+const POOL_CONNECTIONS: u32 = 6;
 
 /// The tables whose rows the relays turn over ([`service_kit::upkeep`]).
 pub const UPKEEP_TABLES: &[&str] = &["outbox", "outbox_published"];
@@ -64,7 +65,7 @@ impl Relay {
     /// Binds `HTTP_ADDR` (port 0 picks a free port) and prepares a lazy database pool.
     pub async fn bind(config: Config) -> Result<Self, RelayError> {
         let options = claim::connect_options(&config.database_url, config.lease).map_err(RelayError::DatabaseUrl)?;
-        let pool = service_kit::startup::lazy_pool_with(options, config.workers + SPARE_CONNECTIONS);
+        let pool = service_kit::startup::lazy_pool_with(options, POOL_CONNECTIONS);
         let listener = TcpListener::bind(config.http_addr)
             .await
             .map_err(|source| RelayError::Bind { addr: config.http_addr, source })?;
