@@ -1,8 +1,19 @@
 //! The HTTP calls the load is made of.
+//!
+//! The order calls go over one keep-alive HTTP/1.1 connection per client ([`OrderConnection`]),
+//! with no pool, redirect or per-request URL handling: the load generator runs on the machine
+//! it measures, so the less CPU each request costs it, the more of the machine goes to the
+//! system under test. Everything else (seeding stock, reading metrics) uses reqwest.
 
 use std::time::Duration;
 
+use bytes::Bytes;
+use http::{header, Method, Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
 use serde::Deserialize;
+use tokio::net::TcpStream;
 
 use crate::mix::OrderBody;
 
@@ -25,10 +36,107 @@ impl Failure {
     }
 }
 
+/// One client's connection to the order API, opened on first use and again after an error.
+pub struct OrderConnection {
+    /// `host:port`.
+    authority: String,
+    /// The URL's path, without a trailing slash (usually empty).
+    base: String,
+    timeout: Duration,
+    sender: Option<SendRequest<Full<Bytes>>>,
+}
+
+impl OrderConnection {
+    /// For the order API at `order_url` (`http://host:port`).
+    pub fn new(order_url: &str, timeout: Duration) -> Result<Self, String> {
+        let uri: Uri = order_url.parse().map_err(|e| format!("{order_url}: {e}"))?;
+        if uri.scheme_str() != Some("http") {
+            return Err(format!("{order_url}: only http:// is supported"));
+        }
+        let authority = uri.authority().ok_or_else(|| format!("{order_url}: no host"))?;
+        let authority = match authority.port_u16() {
+            Some(_) => authority.to_string(),
+            None => format!("{}:80", authority.host()),
+        };
+        Ok(Self { authority, base: uri.path().trim_end_matches('/').to_owned(), timeout, sender: None })
+    }
+
+    /// `POST /orders`; returns the new order's id.
+    pub async fn create(&mut self, body: &OrderBody, idempotency_key: Option<&str>) -> Result<String, Failure> {
+        let json = serde_json::to_vec(body).map_err(|_| Failure("bad body".to_owned()))?;
+        let mut request = Request::builder()
+            .method(Method::POST)
+            .uri(format!("{}/orders", self.base))
+            .header(header::HOST, &self.authority)
+            .header(header::CONTENT_TYPE, "application/json");
+        if let Some(key) = idempotency_key {
+            request = request.header("idempotency-key", key);
+        }
+        let request = request.body(Full::new(Bytes::from(json))).map_err(|_| Failure("bad request".to_owned()))?;
+        let (status, body) = self.send(request).await?;
+        if status != StatusCode::CREATED {
+            return Err(Failure(status.as_u16().to_string()));
+        }
+        let order: CreatedOrder = serde_json::from_slice(&body).map_err(|_| Failure("bad body".to_owned()))?;
+        Ok(order.id)
+    }
+
+    /// `POST /orders/{id}/confirm` or `/cancel`.
+    pub async fn transition(&mut self, order_id: &str, action: &str) -> Result<(), Failure> {
+        let request = Request::builder()
+            .method(Method::POST)
+            .uri(format!("{}/orders/{order_id}/{action}", self.base))
+            .header(header::HOST, &self.authority)
+            .body(Full::new(Bytes::new()))
+            .map_err(|_| Failure("bad request".to_owned()))?;
+        let (status, _) = self.send(request).await?;
+        if status != StatusCode::OK {
+            return Err(Failure(status.as_u16().to_string()));
+        }
+        Ok(())
+    }
+
+    /// Sends `request` and reads the whole response, within the timeout. Any failure drops the
+    /// connection; the next request opens a new one.
+    async fn send(&mut self, request: Request<Full<Bytes>>) -> Result<(StatusCode, Bytes), Failure> {
+        let exchange = async {
+            let sender = match &mut self.sender {
+                Some(sender) => sender,
+                None => self.sender.insert(connect(&self.authority).await?),
+            };
+            sender.ready().await.map_err(|_| Failure("transport".to_owned()))?;
+            let response = sender.send_request(request).await.map_err(|_| Failure("transport".to_owned()))?;
+            let status = response.status();
+            let body = response.into_body().collect().await.map_err(|_| Failure("bad body".to_owned()))?;
+            Ok((status, body.to_bytes()))
+        };
+        let result = match tokio::time::timeout(self.timeout, exchange).await {
+            Ok(result) => result,
+            Err(_) => Err(Failure("timeout".to_owned())),
+        };
+        if result.is_err() {
+            self.sender = None;
+        }
+        result
+    }
+}
+
+async fn connect(authority: &str) -> Result<SendRequest<Full<Bytes>>, Failure> {
+    let stream = TcpStream::connect(authority).await.map_err(|_| Failure("connect".to_owned()))?;
+    stream.set_nodelay(true).map_err(|_| Failure("connect".to_owned()))?;
+    let (sender, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|_| Failure("connect".to_owned()))?;
+    // Drives the connection until it closes (the sender is dropped, or the server hangs up).
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(sender)
+}
+
+/// The calls besides the order load: seeding stock, reading relays' metrics.
 #[derive(Debug, Clone)]
 pub struct Api {
     http: reqwest::Client,
-    order_url: String,
     inventory_url: String,
 }
 
@@ -38,44 +146,9 @@ struct CreatedOrder {
 }
 
 impl Api {
-    pub fn new(order_url: &str, inventory_url: &str, timeout: Duration, pool: usize) -> Result<Self, reqwest::Error> {
-        let http = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(timeout)
-            .pool_max_idle_per_host(pool)
-            .tcp_nodelay(true)
-            .build()?;
-        Ok(Self {
-            http,
-            order_url: order_url.trim_end_matches('/').to_owned(),
-            inventory_url: inventory_url.trim_end_matches('/').to_owned(),
-        })
-    }
-
-    /// `POST /orders`; returns the new order's id.
-    pub async fn create(&self, body: &OrderBody, idempotency_key: Option<&str>) -> Result<String, Failure> {
-        let mut request = self.http.post(format!("{}/orders", self.order_url)).json(body);
-        if let Some(key) = idempotency_key {
-            request = request.header("Idempotency-Key", key);
-        }
-        let response = request.send().await.map_err(|e| Failure::from_reqwest(&e))?;
-        if response.status() != reqwest::StatusCode::CREATED {
-            return Err(Self::status_failure(response).await);
-        }
-        let order: CreatedOrder = response.json().await.map_err(|e| Failure::from_reqwest(&e))?;
-        Ok(order.id)
-    }
-
-    /// `POST /orders/{id}/confirm` or `/cancel`.
-    pub async fn transition(&self, order_id: &str, action: &str) -> Result<(), Failure> {
-        let url = format!("{}/orders/{order_id}/{action}", self.order_url);
-        let response = self.http.post(url).send().await.map_err(|e| Failure::from_reqwest(&e))?;
-        if response.status() != reqwest::StatusCode::OK {
-            return Err(Self::status_failure(response).await);
-        }
-        // Read the body so the connection goes back to the pool.
-        response.bytes().await.map_err(|e| Failure::from_reqwest(&e))?;
-        Ok(())
+    pub fn new(inventory_url: &str, timeout: Duration) -> Result<Self, reqwest::Error> {
+        let http = reqwest::Client::builder().timeout(timeout).connect_timeout(timeout).tcp_nodelay(true).build()?;
+        Ok(Self { http, inventory_url: inventory_url.trim_end_matches('/').to_owned() })
     }
 
     /// `PUT /inventory/{sku}` with `{"on_hand": n}`.

@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 pub use config::Config;
 pub use report::Report;
 
-use client::Api;
+use client::{Api, OrderConnection};
 use mix::Mix;
 use schedule::Schedule;
 use stats::{Kind, Live, Recorder};
@@ -44,7 +44,7 @@ pub enum LoadError {
 /// Runs the load until the duration or order count is reached, or `shutdown` fires.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Report, LoadError> {
     config.validate()?;
-    let api = Api::new(&config.order_url, &config.inventory_url, config.request_timeout, config.concurrency)?;
+    let api = Api::new(&config.inventory_url, config.request_timeout)?;
     let mix = Arc::new(Mix {
         sku_prefix: config.sku_prefix.clone(),
         skus: config.skus,
@@ -55,6 +55,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Report, 
     if let Some(on_hand) = config.seed_stock {
         seed_stock(&api, &mix, on_hand).await?;
     }
+    // Checked once here: every client connects to the same URL.
+    OrderConnection::new(&config.order_url, config.request_timeout)
+        .map_err(|reason| LoadError::Config { field: "order-url", reason })?;
     let relays_before = relays::snapshot(&api, &config.relay_metrics).await;
 
     let schedule = Arc::new(Schedule::new(Instant::now(), config.duration, config.orders, config.rate));
@@ -69,7 +72,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Report, 
         .map(|k| {
             let client = Client {
                 index: k,
-                api: api.clone(),
+                order_url: config.order_url.clone(),
+                request_timeout: config.request_timeout,
                 mix: mix.clone(),
                 schedule: schedule.clone(),
                 live: live.clone(),
@@ -118,7 +122,8 @@ async fn seed_stock(api: &Api, mix: &Mix, on_hand: i64) -> Result<(), LoadError>
 
 struct Client {
     index: usize,
-    api: Api,
+    order_url: String,
+    request_timeout: std::time::Duration,
     mix: Arc<Mix>,
     schedule: Arc<Schedule>,
     live: Arc<Live>,
@@ -133,6 +138,9 @@ impl Client {
         let mut recorder = Recorder::default();
         let mut order_ids = Vec::new();
         let mut sessions = self.mix.sessions(self.seed, self.index);
+        let Ok(mut conn) = OrderConnection::new(&self.order_url, self.request_timeout) else {
+            return (recorder, order_ids);
+        };
         while !shutdown.is_cancelled() {
             let Some(slot) = self.schedule.take(Instant::now()) else { break };
             let session = sessions.next_session();
@@ -141,7 +149,7 @@ impl Client {
                 () = tokio::time::sleep_until(slot.due) => {}
             }
             let key = self.idempotency_run.map(|run| format!("load-{run}-{}", slot.index));
-            let id = match self.api.create(&session.body, key.as_deref()).await {
+            let id = match conn.create(&session.body, key.as_deref()).await {
                 Ok(id) => {
                     recorder.success(Kind::Create, slot.due.elapsed(), &self.live);
                     id
@@ -158,7 +166,7 @@ impl Client {
                     continue;
                 }
                 let sent = Instant::now();
-                match self.api.transition(&id, action).await {
+                match conn.transition(&id, action).await {
                     Ok(()) => recorder.success(kind, sent.elapsed(), &self.live),
                     Err(f) => recorder.failure(kind, &f.0, &self.live),
                 }
