@@ -78,15 +78,16 @@ if api_path.exists():
 relay_path = out / "relay.txt"
 if relay_path.exists():
     text = relay_path.read_text()
-    raw = number(r"raw SQL drain.*?: (\d+) rows/s", text)
+    raw = number(r"^raw SQL drain.*?: (\d+) rows/s", text)
     xadd = number(r"redis-benchmark pipelined XADD.*?: (\d+) entries/s", text)
-    relay = {"raw_sql_drain": raw, "redis_benchmark_xadd": xadd}
+    relay = {"raw_sql_drain": raw, "redis_benchmark_xadd": xadd,
+             "rounds": re.findall(r"^(round \d+: .*)$", text, re.MULTILINE)}
     for n in (1, 3):
-        rate = number(rf"relay x{n}: (\d+) events/s", text)
+        rate = number(rf"^relay x{n}: (\d+) events/s", text)
         relay[f"relay_x{n}"] = rate
         if rate and raw:
             rows.append((
-                f"relay drain, {n} relay{'s' if n > 1 else ''}",
+                f"relay drain, {n} relay{'s' if n > 1 else ''} (median of {len(relay['rounds']) or 1} rounds)",
                 f"{rate:.0f} events/s",
                 f"raw SQL drain {raw:.0f} rows/s; redis-benchmark XADD {xadd:.0f}/s" if xadd else f"raw SQL drain {raw:.0f} rows/s",
                 f"{rate / raw:.2f} of SQL" + (f", {rate / xadd:.2f} of XADD" if xadd else ""),
@@ -102,7 +103,7 @@ if relay_path.exists():
 consumer_path = out / "consumer.txt"
 if consumer_path.exists():
     text = consumer_path.read_text()
-    consumer = {}
+    consumer = {"rounds": re.findall(r"^(round \d+: .*)$", text, re.MULTILINE)}
     for n, word in ((1, "replica"), (3, "replicas")):
         rate = number(rf"consumer, {n} {word}\s+(\d+)", text)
         base = number(rf"pgbench per-event SQL, {n} clients?\s+(\d+)", text)
@@ -110,7 +111,7 @@ if consumer_path.exists():
         consumer[f"pgbench_{n}_clients"] = base
         if rate:
             rows.append((
-                f"consumer, {n} {word}",
+                f"consumer, {n} {word} (median of {len(consumer['rounds']) or 1} rounds)",
                 f"{rate:.0f} events/s",
                 f"pgbench per-event SQL, {n} client{'s' if n > 1 else ''}: {base:.0f} tps" if base else "",
                 f"{rate / base:.1f}" if base else "",
@@ -130,6 +131,9 @@ lines = [
     "|---|---|---|---|---|---|",
 ]
 lines += ["| " + " | ".join(r) + " |" for r in rows]
+for part in ("relay", "consumer"):
+    if summary.get(part, {}).get("rounds"):
+        lines += ["", f"{part} rounds:", ""] + [f"- {r}" for r in summary[part]["rounds"]]
 (out / "summary.md").write_text("\n".join(lines) + "\n")
 summary["rows"] = [dict(zip(("measurement", "result", "baseline", "ratio", "target", "met"), r)) for r in rows]
 (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
