@@ -14,7 +14,7 @@ use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use sqlx::postgres::PgConnectOptions;
+use sqlx::postgres::{PgConnectOptions, PgDatabaseError, PgSeverity};
 use sqlx::{Connection as _, PgConnection};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
@@ -127,9 +127,9 @@ impl Connections {
     pub async fn close(&self) {
         self.inner.permits.close();
         let idle: Vec<Idle> = std::mem::take(&mut *self.inner.idle());
-        for Idle { conn, .. } in idle {
-            let _ = tokio::time::timeout(Duration::from_secs(1), conn.close()).await;
-        }
+        let closing =
+            idle.into_iter().map(|Idle { conn, .. }| tokio::time::timeout(Duration::from_secs(1), conn.close()));
+        futures::future::join_all(closing).await;
     }
 
     /// Connections open and not in use.
@@ -169,12 +169,19 @@ impl Lease {
     }
 }
 
-/// Whether a connection that returned `error` can serve the next user.
+/// Whether a connection that returned `error` can serve the next user: not after a transport
+/// or protocol error, nor after an error the server ends the session with (a `FATAL` one, such
+/// as a terminated backend or an idle-in-transaction timeout).
 pub fn keeps_connection(error: &sqlx::Error) -> bool {
+    if let sqlx::Error::Database(e) = error {
+        let fatal = e
+            .try_downcast_ref::<PgDatabaseError>()
+            .is_some_and(|pg| matches!(pg.severity(), PgSeverity::Fatal | PgSeverity::Panic));
+        return !fatal;
+    }
     matches!(
         error,
-        sqlx::Error::Database(_)
-            | sqlx::Error::RowNotFound
+        sqlx::Error::RowNotFound
             | sqlx::Error::TypeNotFound { .. }
             | sqlx::Error::ColumnNotFound(_)
             | sqlx::Error::ColumnIndexOutOfBounds { .. }

@@ -73,13 +73,16 @@ impl Orders {
 }
 
 /// Tells `wake` whether the write that ended with `result` committed an event: `appended` for
-/// a success, no for a statement the database refused, unknown if the connection failed (it
-/// may have failed after the commit).
+/// a success, none for a statement the database refused; if the connection failed, the write
+/// may have committed before it did, and `wake` is left to assume so.
 fn finish<T>(wake: Wake, result: &Result<T, ApiError>, appended: impl FnOnce(&T) -> bool) {
+    let connection_failed = matches!(
+        result,
+        Err(ApiError::Internal(e) | ApiError::Unavailable(e)) if e.database().is_some_and(|e| !keeps_connection(e))
+    );
     match result {
         Ok(done) => wake.finished(appended(done)),
-        Err(ApiError::Internal(e) | ApiError::Unavailable(e)) if e.database().is_some_and(|e| !keeps_connection(e)) => {
-        }
+        Err(_) if connection_failed => drop(wake),
         Err(_) => wake.finished(false),
     }
 }
