@@ -11,12 +11,18 @@ use crate::rules::{Reservation, ReservationStatus, ReservedItem, Stock};
 
 /// Locks the checkpoints of `aggregates` (sorted), creating those that do not exist yet, and
 /// returns their `last_seq`. One statement: the new rows are inserted (and so held), then the
-/// existing ones locked in order. A row another transaction committed after this statement's
-/// snapshot is neither inserted nor seen; those few are locked by a second statement.
+/// existing ones locked in order, so replicas lock in one order and wait rather than deadlock.
+///
+/// A row another transaction inserted and committed after this statement's snapshot is
+/// neither inserted nor seen (another replica applying the same new order). Then `None`: the
+/// caller starts over in a new transaction, which sees it; or, with `lock_late`, it is locked
+/// by a second statement, out of that order (a deadlock this may cause is detected by
+/// Postgres and the batch retried).
 pub(crate) async fn lock_checkpoints(
     tx: &mut PgConnection,
     aggregates: &[String],
-) -> Result<HashMap<String, i64>, sqlx::Error> {
+    lock_late: bool,
+) -> Result<Option<HashMap<String, i64>>, sqlx::Error> {
     let rows = sqlx::query(
         "WITH created AS ( \
            INSERT INTO aggregate_checkpoints (aggregate_id, last_seq) SELECT id, 0 FROM unnest($1::text[]) AS id \
@@ -34,6 +40,9 @@ pub(crate) async fn lock_checkpoints(
         .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
         .collect::<Result<HashMap<String, i64>, sqlx::Error>>()?;
     let unseen: Vec<&String> = aggregates.iter().filter(|a| !checkpoints.contains_key(*a)).collect();
+    if !unseen.is_empty() && !lock_late {
+        return Ok(None);
+    }
     if !unseen.is_empty() {
         let rows = sqlx::query(
             "SELECT aggregate_id, last_seq FROM aggregate_checkpoints WHERE aggregate_id = ANY($1) \
@@ -46,7 +55,7 @@ pub(crate) async fn lock_checkpoints(
             checkpoints.insert(r.try_get(0)?, r.try_get(1)?);
         }
     }
-    Ok(checkpoints)
+    Ok(Some(checkpoints))
 }
 
 /// What a batch reads once its checkpoints are locked.
