@@ -74,47 +74,23 @@ pub(crate) struct Parked {
     pub(crate) stored: bool,
 }
 
-/// Transactions a batch starts over in when a checkpoint it needs was created by another
-/// transaction that committed after its snapshot; past them it locks such checkpoints late.
-const RESTARTS: usize = 3;
-
 #[tracing::instrument(name = "apply batch", skip_all, fields(events = events.len(), dead = dead.len()))]
 pub async fn apply_batch(
     conn: &mut PgConnection,
     events: &[Incoming],
     dead: &[DeadLetter],
 ) -> Result<BatchResult, sqlx::Error> {
-    for attempt in 0..=RESTARTS {
-        let mut tx = conn.begin().await?;
-        record_dead_letters(&mut tx, dead).await?;
-        if events.is_empty() {
-            tx.commit().await?;
-            return Ok(BatchResult::default());
-        }
-        match apply_events(&mut tx, events, attempt == RESTARTS).await? {
-            Some(result) => {
-                tx.commit().await?;
-                return Ok(result);
-            }
-            // Starting over releases every lock taken, and the new snapshot sees the row.
-            None => tx.rollback().await?,
-        }
-    }
-    unreachable!("the last attempt locks late instead of starting over")
+    let mut tx = conn.begin().await?;
+    record_dead_letters(&mut tx, dead).await?;
+    let result = if events.is_empty() { BatchResult::default() } else { apply_events(&mut tx, events).await? };
+    tx.commit().await?;
+    Ok(result)
 }
 
-/// Applies `events`, or returns `None` (having written nothing) if a checkpoint they need is
-/// not visible to this transaction's snapshot, unless `lock_late`.
-async fn apply_events(
-    tx: &mut PgConnection,
-    events: &[Incoming],
-    lock_late: bool,
-) -> Result<Option<BatchResult>, sqlx::Error> {
+async fn apply_events(tx: &mut PgConnection, events: &[Incoming]) -> Result<BatchResult, sqlx::Error> {
     let aggregates: Vec<String> =
         events.iter().map(|e| e.event.aggregate_id.to_string()).collect::<BTreeSet<_>>().into_iter().collect();
-    let Some(mut checkpoints) = lock_checkpoints(tx, &aggregates, lock_late).await? else {
-        return Ok(None);
-    };
+    let mut checkpoints = lock_checkpoints(tx, &aggregates).await?;
     let original_checkpoints = checkpoints.clone();
 
     let Loaded { mut seen, mut parked, mut reservations, mut stock } =
@@ -179,7 +155,7 @@ async fn apply_events(
         released: &released,
     };
     write(tx, &writes).await?;
-    Ok(Some(result))
+    Ok(result)
 }
 
 fn effect(event: &Event, reservations: &mut HashMap<String, Reservation>, stock: &mut HashMap<String, Stock>) {

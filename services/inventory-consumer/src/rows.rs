@@ -10,52 +10,26 @@ use crate::apply::{fields_from_json, fields_json, DeadLetter, Incoming, Parked};
 use crate::rules::{Reservation, ReservationStatus, ReservedItem, Stock};
 
 /// Locks the checkpoints of `aggregates` (sorted), creating those that do not exist yet, and
-/// returns their `last_seq`. One statement: the new rows are inserted (and so held), then the
-/// existing ones locked in order, so replicas lock in one order and wait rather than deadlock.
-///
-/// A row another transaction inserted and committed after this statement's snapshot is
-/// neither inserted nor seen (another replica applying the same new order). Then `None`: the
-/// caller starts over in a new transaction, which sees it; or, with `lock_late`, it is locked
-/// by a second statement, out of that order (a deadlock this may cause is detected by
-/// Postgres and the batch retried).
+/// returns their `last_seq`, in one statement. An existing row is locked by a no-op update,
+/// which (unlike a read) acts on the latest committed version even if it was created after the
+/// statement's snapshot, by another replica applying the same new order. Rows are locked in
+/// the array's order, so replicas lock in one order and wait for each other rather than
+/// deadlock.
 pub(crate) async fn lock_checkpoints(
     tx: &mut PgConnection,
     aggregates: &[String],
-    lock_late: bool,
-) -> Result<Option<HashMap<String, i64>>, sqlx::Error> {
-    let rows = sqlx::query(
-        "WITH created AS ( \
-           INSERT INTO aggregate_checkpoints (aggregate_id, last_seq) SELECT id, 0 FROM unnest($1::text[]) AS id \
-           ON CONFLICT (aggregate_id) DO NOTHING RETURNING aggregate_id, last_seq), \
-         locked AS ( \
-           SELECT aggregate_id, last_seq FROM aggregate_checkpoints WHERE aggregate_id = ANY($1) \
-           ORDER BY aggregate_id FOR UPDATE) \
-         SELECT aggregate_id, last_seq FROM created UNION ALL SELECT aggregate_id, last_seq FROM locked",
+) -> Result<HashMap<String, i64>, sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO aggregate_checkpoints (aggregate_id, last_seq) SELECT id, 0 FROM unnest($1::text[]) AS id \
+         ON CONFLICT (aggregate_id) DO UPDATE SET last_seq = aggregate_checkpoints.last_seq \
+         RETURNING aggregate_id, last_seq",
     )
     .bind(aggregates)
     .fetch_all(&mut *tx)
-    .await?;
-    let mut checkpoints = rows
-        .into_iter()
-        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
-        .collect::<Result<HashMap<String, i64>, sqlx::Error>>()?;
-    let unseen: Vec<&String> = aggregates.iter().filter(|a| !checkpoints.contains_key(*a)).collect();
-    if !unseen.is_empty() && !lock_late {
-        return Ok(None);
-    }
-    if !unseen.is_empty() {
-        let rows = sqlx::query(
-            "SELECT aggregate_id, last_seq FROM aggregate_checkpoints WHERE aggregate_id = ANY($1) \
-             ORDER BY aggregate_id FOR UPDATE",
-        )
-        .bind(unseen)
-        .fetch_all(&mut *tx)
-        .await?;
-        for r in rows {
-            checkpoints.insert(r.try_get(0)?, r.try_get(1)?);
-        }
-    }
-    Ok(Some(checkpoints))
+    .await?
+    .into_iter()
+    .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+    .collect()
 }
 
 /// What a batch reads once its checkpoints are locked.

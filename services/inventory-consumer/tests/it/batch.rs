@@ -26,8 +26,8 @@ async fn a_checkpoint_created_by_a_transaction_committing_mid_batch_is_locked_an
         .await
         .unwrap();
 
-    // The batch's snapshot is taken while that row is uncommitted: its insert waits for it,
-    // finds it committed, and cannot see it.
+    // The batch's statement starts while that row is uncommitted: it waits for it, then must
+    // lock and read the committed row, which its snapshot does not show.
     let incoming = incoming(confirmed(order, 2), "1-0");
     let url = h.db.url.clone();
     let batch = tokio::spawn(async move {
