@@ -147,10 +147,11 @@ const INSERT_EVENT: &str = "INSERT INTO outbox (event_id, aggregate_type, aggreg
      SELECT $1, $2, $3, bumped.last_seq, $4, $5::jsonb, $6, $7, $8 FROM bumped";
 
 /// The outbox row's `RETURNING`: its seq, and the relays' notification if the event carries
-/// it (evaluated only if the row is written, so it is sent only with the event).
+/// it (evaluated only if the row is written, so it is sent only with the event). The
+/// notification's payload is the row's id, so that relays can tell which of them takes it.
 fn returning(event: &NewEvent<'_>) -> &'static str {
     if event.notify {
-        concat!("RETURNING seq, pg_notify('", channel!(), "', '') AS notified")
+        concat!("RETURNING seq, pg_notify('", channel!(), "', id::text) AS notified")
     } else {
         "RETURNING seq"
     }

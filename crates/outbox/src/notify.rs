@@ -20,7 +20,8 @@ use std::time::Duration;
 use sqlx::{Connection, PgConnection, PgPool};
 use tokio::sync::Notify;
 
-/// The channel relays LISTEN on.
+/// The channel relays LISTEN on. A notification's payload is the outbox id of the event whose
+/// transaction sent it, or empty when sent on its own (by the background task).
 pub const CHANNEL: &str = channel!();
 
 /// Writes in flight that carry the notification.

@@ -82,6 +82,7 @@ impl Relay {
     pub async fn run(self, shutdown: Shutdown) -> Result<(), RelayError> {
         let Self { config, pool, listener, addr } = self;
         let redis = redis::Client::open(config.redis_url.as_str()).map_err(RelayError::RedisUrl)?;
+        let responder_client = redis.clone();
         let publishers = (0..config.workers)
             .map(|_| publish::Publisher::new(&config.redis_url, config.redis_stream.clone()))
             .collect::<Result<Vec<_>, _>>()
@@ -102,8 +103,10 @@ impl Relay {
 
         if service_kit::startup::migrate_with_retry(&pool, &outbox::MIGRATOR, &shutdown).await.is_some() {
             let wake = Arc::new(Notify::new());
+            let database = pool.connect_options().get_database().unwrap_or_default().to_owned();
+            let responder = wake::Responder::new(responder_client, &database, &config.redis_stream);
             let tasks = [
-                tokio::spawn(wake::listen(pool.clone(), wake.clone(), shutdown.clone())),
+                tokio::spawn(wake::listen(pool.clone(), responder, wake.clone(), shutdown.clone())),
                 tokio::spawn(metrics.clone().sample_outbox(pool.clone(), Duration::from_secs(5), shutdown.clone())),
                 tokio::spawn(retention::retention_loop(
                     pool.clone(),

@@ -4,15 +4,74 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, RedisError};
 use service_kit::Shutdown;
 use sqlx::postgres::PgListener;
 use sqlx::PgPool;
 use tokio::sync::Notify;
 
-/// Listens on [`outbox::CHANNEL`] and pokes `wake` per notification, until shutdown. A lost
-/// connection is re-established with capped backoff; `wake` is poked after each (re)connect
-/// because notifications sent meanwhile are lost.
-pub async fn listen(pool: PgPool, wake: Arc<Notify>, shutdown: Shutdown) {
+/// How long a relay's answer to a notification is remembered: far longer than the other relays
+/// take to hear the same notification.
+const ANSWER_TTL: Duration = Duration::from_secs(5);
+
+/// Decides which relay answers a notification that names an event (its payload is the outbox
+/// id): the first to mark it in Redis. Every relay hears every notification; without this,
+/// each would run a claim for it and all but one would find nothing. A notification that names
+/// no event (sent on its own, for writes that committed without one) is answered by every
+/// relay, and so is any notification while Redis does not answer.
+pub struct Responder {
+    client: redis::Client,
+    conn: Option<MultiplexedConnection>,
+    prefix: String,
+}
+
+impl Responder {
+    /// Marks go under keys named after the outbox's database and the stream, so relays of
+    /// other outboxes sharing the Redis never answer for these.
+    pub fn new(client: redis::Client, database: &str, stream: &str) -> Self {
+        Self { client, conn: None, prefix: format!("outbox-answered:{database}:{stream}:") }
+    }
+
+    /// Whether this relay answers the notification whose payload is `payload`.
+    pub async fn answers(&mut self, payload: &str) -> bool {
+        let Ok(id) = payload.parse::<i64>() else { return true };
+        match self.mark(id).await {
+            Ok(first) => first,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot mark a notification answered; answering it");
+                self.conn = None;
+                true
+            }
+        }
+    }
+
+    async fn mark(&mut self, id: i64) -> Result<bool, RedisError> {
+        let conn = match &mut self.conn {
+            Some(conn) => conn,
+            None => {
+                let limits = AsyncConnectionConfig::new()
+                    .set_connection_timeout(Duration::from_secs(1))
+                    .set_response_timeout(Duration::from_secs(1));
+                self.conn.insert(self.client.get_multiplexed_async_connection_with_config(&limits).await?)
+            }
+        };
+        let set: Option<String> = redis::cmd("SET")
+            .arg(format!("{}{id}", self.prefix))
+            .arg(1)
+            .arg("NX")
+            .arg("PX")
+            .arg(ANSWER_TTL.as_millis() as u64)
+            .query_async(conn)
+            .await?;
+        Ok(set.is_some())
+    }
+}
+
+/// Listens on [`outbox::CHANNEL`] and pokes `wake` per notification this relay answers, until
+/// shutdown. A lost connection is re-established with capped backoff; `wake` is poked after
+/// each (re)connect because notifications sent meanwhile are lost.
+pub async fn listen(pool: PgPool, mut responder: Responder, wake: Arc<Notify>, shutdown: Shutdown) {
     let mut delay = Duration::from_millis(100);
     while !shutdown.is_cancelled() {
         let connected = async {
@@ -32,7 +91,11 @@ pub async fn listen(pool: PgPool, wake: Arc<Notify>, shutdown: Shutdown) {
                     tokio::select! {
                         () = shutdown.cancelled() => return,
                         n = listener.try_recv() => match n {
-                            Ok(Some(_)) => wake.notify_one(),
+                            Ok(Some(n)) => {
+                                if responder.answers(n.payload()).await {
+                                    wake.notify_one();
+                                }
+                            }
                             Ok(None) => { wake.notify_one(); tracing::info!("outbox listener reconnecting"); }
                             Err(e) => { tracing::warn!(error = %e, "outbox listener lost; polling covers the gap"); break; }
                         }

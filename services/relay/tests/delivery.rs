@@ -195,3 +195,36 @@ async fn shutdown_finishes_work_and_leaves_nothing_claimed() {
     assert_eq!(stream_len(&redis, &stream).await, 500);
     delete_stream(&redis, &stream).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn each_notification_is_answered_by_one_relay_not_by_a_claim_per_relay() {
+    const EVENTS: usize = 60;
+    let db = migrated_database("relay_trickle").await;
+    let redis = test_support::redis_url();
+    let stream = test_support::unique_name("relay-trickle");
+    let cfg = config(&db.url, &redis, &stream);
+    let relays = [RunningRelay::start(cfg.clone()).await, RunningRelay::start(cfg).await];
+    // Both relays listening and past their first claims.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = empty_claims(&relays).await;
+
+    // Each event's transaction notifies at its commit, as an order-service write at rest does.
+    for i in 0..EVENTS {
+        append_with(&db.pool, &format!("o-{i}"), &order_payload("x"), true).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    wait_until_published(&db.pool, EVENTS as i64, Duration::from_secs(20)).await;
+
+    // Both relays hear every notification; were both to answer it, one of the two claims
+    // would find nothing, every time.
+    let wasted = empty_claims(&relays).await - before;
+    assert!(wasted < (EVENTS / 4) as f64, "{wasted} empty claims for {EVENTS} events");
+    for relay in relays {
+        relay.stop().await;
+    }
+    delete_stream(&redis, &stream).await;
+}
+
+async fn empty_claims(relays: &[RunningRelay]) -> f64 {
+    futures::future::join_all(relays.iter().map(|r| counter(r, "outbox_empty_claims"))).await.iter().sum()
+}

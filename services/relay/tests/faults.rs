@@ -257,3 +257,23 @@ async fn a_crash_between_xadd_and_commit_republishes() {
     assert_eq!(ids, [(a.event_id, 1), (b.event_id, 2), (a.event_id, 1), (b.event_id, 2)], "published again, in order");
     delete_stream(&redis, &stream).await;
 }
+
+#[tokio::test]
+async fn one_relay_answers_a_notification_and_every_relay_answers_without_redis() {
+    use relay::wake::Responder;
+    let client = redis::Client::open(test_support::redis_url()).expect("redis url");
+    let stream = test_support::unique_name("relay-answer");
+    let mut first = Responder::new(client.clone(), "db", &stream);
+    let mut second = Responder::new(client.clone(), "db", &stream);
+    let mut other_outbox = Responder::new(client, "other_db", &stream);
+    assert!(first.answers("42").await, "the first to hear it answers");
+    assert!(!second.answers("42").await, "the second does not");
+    assert!(second.answers("43").await);
+    assert!(other_outbox.answers("42").await, "another outbox's event 42 is another event");
+    assert!(first.answers("").await && second.answers("").await, "a notification naming no event wakes every relay");
+
+    // Nothing listens on this port: the mark cannot be made, and the relay answers anyway.
+    let unreachable = redis::Client::open("redis://127.0.0.1:9/").expect("redis url");
+    let mut lost = Responder::new(unreachable, "db", &stream);
+    assert!(lost.answers("42").await, "without Redis every relay answers, as before");
+}
