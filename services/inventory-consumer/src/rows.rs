@@ -4,7 +4,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use domain::{Event, EventPayload};
-use sqlx::{PgConnection, Row};
+use sqlx::postgres::PgArguments;
+use sqlx::{Arguments, PgConnection, Postgres, Row};
 
 use crate::apply::{fields_from_json, fields_json, DeadLetter, Incoming, Parked};
 use crate::rules::{Reservation, ReservationStatus, ReservedItem, Stock};
@@ -178,57 +179,101 @@ pub(crate) struct Writes<'a> {
     pub(crate) released: &'a [(String, i64)],
 }
 
-/// Writes a batch's changes in one statement, one data-modifying CTE per table: the stock rows
+/// Writes a batch's changes in one statement, one data-modifying CTE per table with something
+/// to write (a table with nothing costs the statement its opening all the same): the stock rows
 /// and checkpoints were locked earlier in the transaction, and no two CTEs touch the same row
-/// (an event parked and released by the same batch is never written).
+/// (an event parked and released by the same batch is never written). A batch of duplicates
+/// writes nothing and sends no statement.
 pub(crate) async fn write(tx: &mut PgConnection, w: &Writes<'_>) -> Result<(), sqlx::Error> {
-    let items = w.reservations.iter().map(|(_, r)| serde_json::to_value(&r.items)).collect::<Result<Vec<_>, _>>();
-    sqlx::query(
-        "WITH stock AS ( \
-           UPDATE inventory i SET on_hand = u.on_hand, reserved = u.reserved, updated_at = now() \
-           FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS u(sku, on_hand, reserved) WHERE i.sku = u.sku), \
-         reservations AS ( \
-           INSERT INTO order_reservations (order_id, status, items, reason) \
-           SELECT * FROM unnest($4::text[], $5::text[], $6::jsonb[], $7::text[]) \
-           ON CONFLICT (order_id) DO UPDATE SET status = excluded.status, updated_at = now()), \
-         checkpoints AS ( \
-           UPDATE aggregate_checkpoints c SET last_seq = u.last_seq, updated_at = now() \
-           FROM unnest($8::text[], $9::bigint[]) AS u(aggregate_id, last_seq) WHERE c.aggregate_id = u.aggregate_id), \
-         processed AS ( \
-           INSERT INTO processed_messages (event_id, aggregate_id, seq, event_type) \
-           SELECT * FROM unnest($10::text[], $11::text[], $12::bigint[], $13::text[]) ON CONFLICT (event_id) DO NOTHING), \
-         parked AS ( \
-           INSERT INTO parked_events (aggregate_id, seq, event_id, stream_entry_id, fields) \
-           SELECT * FROM unnest($14::text[], $15::bigint[], $16::text[], $17::text[], $18::jsonb[]) \
-           ON CONFLICT ON CONSTRAINT parked_events_pkey DO NOTHING), \
-         released AS ( \
-           DELETE FROM parked_events p USING unnest($19::text[], $20::bigint[]) AS r(aggregate_id, seq) \
-           WHERE p.aggregate_id = r.aggregate_id AND p.seq = r.seq) \
-         SELECT 1",
-    )
-    .bind(w.stock.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>())
-    .bind(w.stock.iter().map(|(_, s)| s.on_hand).collect::<Vec<_>>())
-    .bind(w.stock.iter().map(|(_, s)| s.reserved).collect::<Vec<_>>())
-    .bind(w.reservations.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>())
-    .bind(w.reservations.iter().map(|(_, r)| r.status.as_str()).collect::<Vec<_>>())
-    .bind(items.map_err(|e| sqlx::Error::Encode(e.into()))?)
-    .bind(w.reservations.iter().map(|(_, r)| r.reason.clone()).collect::<Vec<_>>())
-    .bind(w.checkpoints.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>())
-    .bind(w.checkpoints.iter().map(|(_, v)| **v).collect::<Vec<_>>())
-    .bind(w.processed.iter().map(|e| e.event_id.as_str()).collect::<Vec<_>>())
-    .bind(w.processed.iter().map(|e| e.aggregate_id.as_str()).collect::<Vec<_>>())
-    .bind(w.processed.iter().map(|e| e.seq).collect::<Vec<_>>())
-    .bind(w.processed.iter().map(|e| e.event_type).collect::<Vec<_>>())
-    .bind(w.parked.iter().map(|i| i.event.aggregate_id.to_string()).collect::<Vec<_>>())
-    .bind(w.parked.iter().map(|i| i.event.seq).collect::<Vec<_>>())
-    .bind(w.parked.iter().map(|i| i.event.event_id.to_string()).collect::<Vec<_>>())
-    .bind(w.parked.iter().map(|i| i.stream_id.as_str()).collect::<Vec<_>>())
-    .bind(w.parked.iter().map(|i| fields_json(&i.fields)).collect::<Vec<_>>())
-    .bind(w.released.iter().map(|(a, _)| a.as_str()).collect::<Vec<_>>())
-    .bind(w.released.iter().map(|(_, s)| *s).collect::<Vec<_>>())
-    .execute(&mut *tx)
-    .await
-    .map(|_| ())
+    let mut s = Statement::default();
+    if !w.stock.is_empty() {
+        let sku = s.arg(w.stock.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>())?;
+        let on_hand = s.arg(w.stock.iter().map(|(_, st)| st.on_hand).collect::<Vec<_>>())?;
+        let reserved = s.arg(w.stock.iter().map(|(_, st)| st.reserved).collect::<Vec<_>>())?;
+        s.ctes.push(format!(
+            "stock AS (UPDATE inventory i SET on_hand = u.on_hand, reserved = u.reserved, updated_at = now() \
+             FROM unnest({sku}::text[], {on_hand}::bigint[], {reserved}::bigint[]) AS u(sku, on_hand, reserved) \
+             WHERE i.sku = u.sku)"
+        ));
+    }
+    if !w.reservations.is_empty() {
+        let items = w.reservations.iter().map(|(_, r)| serde_json::to_value(&r.items)).collect::<Result<Vec<_>, _>>();
+        let order = s.arg(w.reservations.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>())?;
+        let status = s.arg(w.reservations.iter().map(|(_, r)| r.status.as_str()).collect::<Vec<_>>())?;
+        let items = s.arg(items.map_err(|e| sqlx::Error::Encode(e.into()))?)?;
+        let reason = s.arg(w.reservations.iter().map(|(_, r)| r.reason.clone()).collect::<Vec<_>>())?;
+        s.ctes.push(format!(
+            "reservations AS (INSERT INTO order_reservations (order_id, status, items, reason) \
+             SELECT * FROM unnest({order}::text[], {status}::text[], {items}::jsonb[], {reason}::text[]) \
+             ON CONFLICT (order_id) DO UPDATE SET status = excluded.status, updated_at = now())"
+        ));
+    }
+    if !w.checkpoints.is_empty() {
+        let aggregate = s.arg(w.checkpoints.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>())?;
+        let last_seq = s.arg(w.checkpoints.iter().map(|(_, v)| **v).collect::<Vec<_>>())?;
+        s.ctes.push(format!(
+            "checkpoints AS (UPDATE aggregate_checkpoints c SET last_seq = u.last_seq, updated_at = now() \
+             FROM unnest({aggregate}::text[], {last_seq}::bigint[]) AS u(aggregate_id, last_seq) \
+             WHERE c.aggregate_id = u.aggregate_id)"
+        ));
+    }
+    if !w.processed.is_empty() {
+        let event = s.arg(w.processed.iter().map(|e| e.event_id.as_str()).collect::<Vec<_>>())?;
+        let aggregate = s.arg(w.processed.iter().map(|e| e.aggregate_id.as_str()).collect::<Vec<_>>())?;
+        let seq = s.arg(w.processed.iter().map(|e| e.seq).collect::<Vec<_>>())?;
+        let kind = s.arg(w.processed.iter().map(|e| e.event_type).collect::<Vec<_>>())?;
+        s.ctes.push(format!(
+            "processed AS (INSERT INTO processed_messages (event_id, aggregate_id, seq, event_type) \
+             SELECT * FROM unnest({event}::text[], {aggregate}::text[], {seq}::bigint[], {kind}::text[]) \
+             ON CONFLICT (event_id) DO NOTHING)"
+        ));
+    }
+    if !w.parked.is_empty() {
+        let aggregate = s.arg(w.parked.iter().map(|i| i.event.aggregate_id.to_string()).collect::<Vec<_>>())?;
+        let seq = s.arg(w.parked.iter().map(|i| i.event.seq).collect::<Vec<_>>())?;
+        let event = s.arg(w.parked.iter().map(|i| i.event.event_id.to_string()).collect::<Vec<_>>())?;
+        let entry = s.arg(w.parked.iter().map(|i| i.stream_id.as_str()).collect::<Vec<_>>())?;
+        let fields = s.arg(w.parked.iter().map(|i| fields_json(&i.fields)).collect::<Vec<_>>())?;
+        s.ctes.push(format!(
+            "parked AS (INSERT INTO parked_events (aggregate_id, seq, event_id, stream_entry_id, fields) \
+             SELECT * FROM unnest({aggregate}::text[], {seq}::bigint[], {event}::text[], {entry}::text[], \
+                                  {fields}::jsonb[]) \
+             ON CONFLICT ON CONSTRAINT parked_events_pkey DO NOTHING)"
+        ));
+    }
+    if !w.released.is_empty() {
+        let aggregate = s.arg(w.released.iter().map(|(a, _)| a.as_str()).collect::<Vec<_>>())?;
+        let seq = s.arg(w.released.iter().map(|(_, sq)| *sq).collect::<Vec<_>>())?;
+        s.ctes.push(format!(
+            "released AS (DELETE FROM parked_events p USING unnest({aggregate}::text[], {seq}::bigint[]) \
+             AS r(aggregate_id, seq) WHERE p.aggregate_id = r.aggregate_id AND p.seq = r.seq)"
+        ));
+    }
+    if s.ctes.is_empty() {
+        return Ok(());
+    }
+    let sql = format!("WITH {} SELECT 1", s.ctes.join(", "));
+    sqlx::query_with(&sql, s.args).execute(&mut *tx).await.map(|_| ())
+}
+
+/// A statement assembled from the parts a batch needs, numbering its parameters as they come.
+#[derive(Default)]
+struct Statement {
+    ctes: Vec<String>,
+    args: PgArguments,
+    count: usize,
+}
+
+impl Statement {
+    /// Adds `value` as the next parameter; returns its placeholder (`$n`).
+    fn arg<'q, T>(&mut self, value: T) -> Result<String, sqlx::Error>
+    where
+        T: 'q + sqlx::Encode<'q, Postgres> + sqlx::Type<Postgres>,
+    {
+        self.args.add(value).map_err(sqlx::Error::Encode)?;
+        self.count += 1;
+        Ok(format!("${}", self.count))
+    }
 }
 
 pub(crate) async fn record_dead_letters(tx: &mut PgConnection, dead: &[DeadLetter]) -> Result<(), sqlx::Error> {
