@@ -84,15 +84,18 @@ if relay_path.exists():
              "rounds": re.findall(r"^(round \d+: .*)$", text, re.MULTILINE)}
     for n in (1, 3):
         rate = number(rf"^relay x{n}: (\d+) events/s", text)
+        # The median of the rounds' own ratios, as the script prints it.
+        share = number(rf"^relay x{n}: \d+ events/s \(([\d.]+) of raw SQL drain\)", text)
         relay[f"relay_x{n}"] = rate
-        if rate and raw:
+        relay[f"relay_x{n}_share_of_sql"] = share
+        if rate and share:
             rows.append((
                 f"relay drain, {n} relay{'s' if n > 1 else ''} (median of {len(relay['rounds']) or 1} rounds)",
                 f"{rate:.0f} events/s",
                 f"raw SQL drain {raw:.0f} rows/s; redis-benchmark XADD {xadd:.0f}/s" if xadd else f"raw SQL drain {raw:.0f} rows/s",
-                f"{rate / raw:.2f} of SQL" + (f", {rate / xadd:.2f} of XADD" if xadd else ""),
+                f"{share:.2f} of SQL" + (f", {rate / xadd:.2f} of XADD" if xadd else ""),
                 ">= 50000/s and >= 0.33 of SQL",
-                met(rate >= 50000 and rate / raw >= 1 / 3),
+                met(rate >= 50000 and share >= 1 / 3),
             ))
     idle = re.search(r"idle commit-to-publish (.*)", text)
     if idle:
@@ -106,6 +109,7 @@ if consumer_path.exists():
     consumer = {"rounds": re.findall(r"^(round \d+: .*)$", text, re.MULTILINE)}
     for n, word in ((1, "replica"), (3, "replicas")):
         rate = number(rf"consumer, {n} {word}\s+(\d+)", text)
+        times = number(rf"consumer, {n} {word}\s+\d+\s+([\d.]+)x", text)
         base = number(rf"pgbench per-event SQL, {n} clients?\s+(\d+)", text)
         consumer[f"consumer_x{n}"] = rate
         consumer[f"pgbench_{n}_clients"] = base
@@ -114,7 +118,7 @@ if consumer_path.exists():
                 f"consumer, {n} {word} (median of {len(consumer['rounds']) or 1} rounds)",
                 f"{rate:.0f} events/s",
                 f"pgbench per-event SQL, {n} client{'s' if n > 1 else ''}: {base:.0f} tps" if base else "",
-                f"{rate / base:.1f}" if base else "",
+                f"{times:.1f}" if times else "",
                 ">= 20000/s",
                 met(rate >= 20000),
             ))
