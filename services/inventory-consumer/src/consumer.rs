@@ -80,6 +80,9 @@ impl Consumer {
         let claim_every = (c.claim_min_idle / 2).clamp(Duration::from_millis(50), Duration::from_secs(5));
         let mut next_claim = Instant::now();
         let mut next_sample = Instant::now();
+        // New entries read while the previous batch was applied; delivered to this replica, so
+        // handled even if shutdown comes first.
+        let mut prefetched: Option<Vec<Delivery>> = None;
         while !self.shutdown.is_cancelled() {
             if Instant::now() >= next_sample {
                 let pending = stream::pending_count(conn, &c.redis_stream, &c.consumer_group, &c.consumer_name).await?;
@@ -100,7 +103,26 @@ impl Consumer {
             }
             // Not raced against shutdown: an interrupted read could lose track of entries it
             // delivered. BLOCK bounds how long shutdown waits.
-            let batch = self.read(conn, ">", Some(c.block)).await?;
+            let batch = match prefetched.take() {
+                Some(batch) => batch,
+                None => self.read(conn, ">", Some(c.block)).await?,
+            };
+            if batch.len() < c.batch_size as usize {
+                self.handle(conn, batch, false).await?;
+                continue;
+            }
+            // A full batch: more are likely waiting. The next is read (without blocking, so the
+            // shared connection is never held up) while this one is applied.
+            let mut reader = conn.clone();
+            let (next, handled) = tokio::join!(self.read(&mut reader, ">", None), self.handle(conn, batch, false));
+            // Entries read are this replica's to handle, whatever happened to the batch before.
+            let next = next?;
+            if !next.is_empty() {
+                prefetched = Some(next);
+            }
+            handled?;
+        }
+        if let Some(batch) = prefetched {
             self.handle(conn, batch, false).await?;
         }
         Ok(())
