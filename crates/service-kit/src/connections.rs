@@ -4,9 +4,10 @@
 //! sqlx's `PgPool` tests a connection with a round trip (a `Sync`, answered by the server)
 //! every time it goes back to the pool, and by default every time it is taken: three round
 //! trips for a one-statement request, each a wake-up of the server backend. Here a connection
-//! goes back only when its user says its work completed ([`Lease::release`]); one dropped
-//! without that (an error mid-way, a cancelled future, a transaction left open) is closed, so
-//! the server rolls back whatever it was doing and no later user can inherit the state. A
+//! goes back at no cost only when its user says its work completed ([`Lease::release`]); after
+//! work that failed, only once a round trip has cleared what the work left queued
+//! ([`Lease::recycle`]); one dropped (a cancelled future, a transaction left open) is closed,
+//! so the server rolls back whatever it was doing and no later user can inherit the state. A
 //! connection is tested only when it has been idle for a while, which is when a server
 //! restart may have ended it unseen.
 
@@ -23,6 +24,8 @@ use tokio::time::Instant;
 pub const TEST_AFTER_IDLE: Duration = Duration::from_secs(1);
 /// How long a connection may sit idle before it is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long [`Lease::recycle`] waits for the server before closing the connection instead.
+pub const RECYCLE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A bounded set of Postgres connections, opened on first use. Cloning is cheap.
 #[derive(Clone)]
@@ -148,7 +151,7 @@ pub struct Lease {
 
 impl Lease {
     /// Gives the connection back for reuse: call it only when the work done on it completed,
-    /// with no transaction left open.
+    /// with no transaction left open and none dropped (see [`Lease::recycle`]).
     pub fn release(mut self) {
         if self.inner.permits.is_closed() {
             return;
@@ -158,12 +161,25 @@ impl Lease {
         }
     }
 
-    /// [`Lease::release`] unless `error` says the connection itself failed (a transport or
-    /// protocol error), in which case it is closed. For work outside an explicit transaction
-    /// (or in a sqlx `Transaction`, which queues its rollback when dropped): a database error
-    /// (a constraint, a statement error, no row found) leaves such a connection usable.
-    pub fn release_after(self, error: &sqlx::Error) {
+    /// Gives the connection back after work that failed with `error`: closed if the
+    /// connection itself failed (a transport or protocol error, a `FATAL` one), else
+    /// [`Lease::recycle`]d: a database error (a constraint, a statement error, no row found)
+    /// leaves it usable.
+    pub async fn release_after(self, error: &sqlx::Error) {
         if keeps_connection(error) {
+            self.recycle().await;
+        }
+    }
+
+    /// Gives the connection back after work that did not complete, once the server has answered
+    /// a round trip. A sqlx `Transaction` dropped on an error only queues its `ROLLBACK`, to go
+    /// out with the connection's next message: released as it is, the transaction and its locks
+    /// would live on until the connection's next user, however long that takes. The round trip
+    /// sends the rollback and waits for it. A connection that fails it, or takes more than
+    /// [`RECYCLE_TIMEOUT`], is closed.
+    pub async fn recycle(mut self) {
+        let Some(conn) = self.conn.as_mut() else { return };
+        if let Ok(Ok(())) = tokio::time::timeout(RECYCLE_TIMEOUT, conn.ping()).await {
             self.release();
         }
     }

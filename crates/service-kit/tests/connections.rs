@@ -81,17 +81,47 @@ async fn a_database_error_keeps_the_connection_and_a_broken_one_does_not() {
     let mut conn = connections.acquire().await.expect("acquire");
     let pid = backend_pid(&mut conn).await;
     let err = sqlx::query("SELECT * FROM no_such_table").execute(&mut *conn).await.expect_err("no table");
-    conn.release_after(&err);
+    conn.release_after(&err).await;
     let mut conn = connections.acquire().await.expect("acquire");
     assert_eq!(backend_pid(&mut conn).await, pid, "a statement error leaves the connection usable");
 
     // The server ends the connection while it is in use: the next statement fails on it.
     sqlx::query("SELECT pg_terminate_backend($1)").bind(pid).execute(&pool).await.expect("terminate");
     let err = sqlx::query("SELECT 1").execute(&mut *conn).await.expect_err("connection gone");
-    conn.release_after(&err);
+    conn.release_after(&err).await;
     assert_eq!(connections.idle_count(), 0, "a failed connection is not kept");
     let mut conn = connections.acquire().await.expect("acquire");
     assert_ne!(backend_pid(&mut conn).await, pid);
+}
+
+#[tokio::test]
+async fn a_transaction_an_error_dropped_is_rolled_back_before_its_connection_goes_back() {
+    let (pool, connections) = setup("conns_dropped_tx", 2, Duration::from_secs(5)).await;
+    sqlx::query("INSERT INTO t VALUES (1)").execute(&pool).await.expect("row");
+    let mut conn = connections.acquire().await.expect("acquire");
+    let pid = backend_pid(&mut conn).await;
+    let err = {
+        let mut tx = conn.begin().await.expect("begin");
+        sqlx::query("SELECT n FROM t FOR UPDATE").execute(&mut *tx).await.expect("lock the row");
+        sqlx::query("SELECT 1/0").execute(&mut *tx).await.expect_err("a statement error")
+        // `tx` is dropped here: sqlx only queues its ROLLBACK.
+    };
+    conn.release_after(&err).await;
+    assert_eq!(connections.idle_count(), 1, "a statement error leaves the connection usable");
+
+    // Nobody uses the connection again, yet its transaction has ended and its lock is free.
+    let state: String = sqlx::query_scalar("SELECT state FROM pg_stat_activity WHERE pid = $1")
+        .bind(pid)
+        .fetch_one(&pool)
+        .await
+        .expect("pg_stat_activity");
+    assert_eq!(state, "idle", "the dropped transaction was rolled back on release");
+    let mut other = pool.begin().await.expect("begin");
+    sqlx::query("SELECT n FROM t FOR UPDATE NOWAIT").execute(&mut *other).await.expect("the row lock is free");
+    other.rollback().await.expect("rollback");
+
+    let mut again = connections.acquire().await.expect("acquire");
+    assert_eq!(backend_pid(&mut again).await, pid, "the recycled connection serves the next user");
 }
 
 #[tokio::test]

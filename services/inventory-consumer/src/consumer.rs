@@ -299,7 +299,7 @@ impl Consumer {
         let applied = apply_batch(&mut conn, incoming, dead).await;
         match &applied {
             Ok(_) => conn.release(),
-            Err(e) => conn.release_after(e),
+            Err(e) => conn.release_after(e).await,
         }
         applied
     }

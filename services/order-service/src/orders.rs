@@ -44,7 +44,7 @@ impl Orders {
         let wake = self.notifier.write();
         let created = create_on(&mut conn, order, key, wake.carries()).await;
         finish(wake, &created, |c| matches!(c, Created::New(_)));
-        give_back(conn, &created);
+        give_back(conn, &created).await;
         created
     }
 
@@ -55,7 +55,7 @@ impl Orders {
             Ok(order) => order.ok_or(ApiError::OrderNotFound),
             Err(e) => Err(e.into()),
         };
-        give_back(conn, &found);
+        give_back(conn, &found).await;
         found
     }
 
@@ -67,7 +67,7 @@ impl Orders {
         let wake = self.notifier.write();
         let moved = transition_on(&mut conn, order_id, transition, wake.carries()).await;
         finish(wake, &moved, |(_, changed)| *changed);
-        give_back(conn, &moved);
+        give_back(conn, &moved).await;
         moved
     }
 }
@@ -87,15 +87,18 @@ fn finish<T>(wake: Wake, result: &Result<T, ApiError>, appended: impl FnOnce(&T)
     }
 }
 
-/// Gives `conn` back after work that ended with `result`, unless the connection itself failed.
-fn give_back<T>(conn: Lease, result: &Result<T, ApiError>) {
+/// Gives `conn` back after work that ended with `result`: at once after a success; after a
+/// failure, closed if the connection itself failed, else once a round trip has sent whatever
+/// the work left queued (the rollback of a transaction an error dropped).
+async fn give_back<T>(conn: Lease, result: &Result<T, ApiError>) {
     let failed = match result {
+        Ok(_) => return conn.release(),
         Err(ApiError::Internal(e) | ApiError::Unavailable(e)) => e.database(),
-        _ => None,
+        Err(_) => None,
     };
     match failed {
-        Some(e) => conn.release_after(e),
-        None => conn.release(),
+        Some(e) => conn.release_after(e).await,
+        None => conn.recycle().await,
     }
 }
 
