@@ -62,7 +62,8 @@ impl Shared {
 }
 
 impl Notifier {
-    /// Starts the background task, connecting as `pool` does; it ends when `shutdown` resolves.
+    /// Starts the background task, connecting as `pool` does; it ends when `shutdown` resolves
+    /// (after notifying for writes still uncovered then), so resolve it once writes are over.
     pub fn spawn(pool: PgPool, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Self {
         Self::with_fallback_delay(pool, FALLBACK_DELAY, shutdown)
     }
@@ -137,29 +138,38 @@ impl Drop for Wake {
     }
 }
 
-/// The background task: after `delay`, notifies for writes no carrier has covered.
+/// The background task: after `delay`, notifies for writes no carrier has covered. When
+/// `shutdown` resolves, it notifies once more for any still uncovered, then ends.
 async fn cover(shared: Arc<Shared>, pool: PgPool, delay: Duration, shutdown: impl std::future::Future<Output = ()>) {
     tokio::pin!(shutdown);
     let mut conn: Option<PgConnection> = None;
     loop {
-        tokio::select! {
-            () = &mut shutdown => break,
-            () = shared.wake.notified() => {}
-        }
-        tokio::select! {
-            () = &mut shutdown => break,
-            () = tokio::time::sleep(delay) => {}
-        }
+        let stopping = tokio::select! {
+            () = &mut shutdown => true,
+            () = shared.wake.notified() => false,
+        };
+        let stopping = stopping
+            || tokio::select! {
+                () = &mut shutdown => true,
+                () = tokio::time::sleep(delay) => false,
+            };
         let target = shared.committed.load(Ordering::SeqCst);
-        if shared.covered.load(Ordering::SeqCst) >= target {
-            continue;
+        if shared.covered.load(Ordering::SeqCst) < target {
+            let mut sent = notify(&pool, &mut conn).await;
+            // A connection idle since the last notification may have been ended unseen (a
+            // server restart): one more try on a new one.
+            if !sent && conn.take().is_some() {
+                sent = notify(&pool, &mut conn).await;
+            }
+            if sent {
+                shared.covered.fetch_max(target, Ordering::SeqCst);
+            } else {
+                conn = None;
+                tracing::debug!("outbox notify failed; relays will find the events by polling");
+            }
         }
-        if notify(&pool, &mut conn).await {
-            shared.covered.fetch_max(target, Ordering::SeqCst);
-        } else {
-            // Reconnect on the next wake-up; the relays' poll covers the gap.
-            conn = None;
-            tracing::debug!("outbox notify failed; relays will find the events by polling");
+        if stopping {
+            break;
         }
     }
     if let Some(conn) = conn {

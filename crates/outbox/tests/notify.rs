@@ -185,3 +185,43 @@ async fn a_disabled_notifier_never_carries_nor_notifies() {
     wake.finished(true);
     assert_eq!(drain(&mut f.listener, FALLBACK_DELAY * 50).await, 0);
 }
+
+#[tokio::test]
+async fn writes_still_uncovered_at_shutdown_are_notified_before_the_task_ends() {
+    // A fallback delay far longer than the test: only the stop can send the notification.
+    let mut f = fixture_with_delay("outbox_notify_stop", Duration::from_secs(600)).await;
+    let carrier = f.notifier.write();
+    let other = f.notifier.write();
+    write(&f.pool, "b", false, true).await;
+    other.finished(true);
+    f.stop.cancel();
+    assert!(next(&mut f.listener, Duration::from_secs(5)).await.is_some(), "notified on the way out");
+    drop(carrier);
+}
+
+#[tokio::test]
+async fn the_background_task_replaces_a_connection_the_server_ended() {
+    let mut f = fixture("outbox_notify_reconnect").await;
+    let carrier = f.notifier.write();
+    let other = f.notifier.write();
+    write(&f.pool, "b", false, true).await;
+    other.finished(true);
+    assert!(next(&mut f.listener, Duration::from_secs(5)).await.is_some());
+    // The task's connection is ended while idle (a server restart, a proxy's idle cut).
+    let ended: i64 = sqlx::query_scalar(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+         WHERE datname = current_database() AND pid <> pg_backend_pid() AND query LIKE '%pg_notify%'",
+    )
+    .fetch_one(&f.pool)
+    .await
+    .expect("terminate");
+    assert_eq!(ended, 1, "the background task's connection");
+    let other = f.notifier.write();
+    write(&f.pool, "c", false, true).await;
+    other.finished(true);
+    assert!(
+        next(&mut f.listener, Duration::from_secs(5)).await.is_some(),
+        "the first notification after the loss is sent on a new connection"
+    );
+    drop(carrier);
+}

@@ -13,6 +13,7 @@ use service_kit::connections::Connections;
 use service_kit::{Readiness, Shutdown};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
+use tokio_util::sync::DropGuard;
 
 use crate::config::Config;
 use crate::error::ApiError;
@@ -65,6 +66,9 @@ pub struct Application {
     pool: PgPool,
     db: Connections,
     shutdown: Shutdown,
+    /// Stops the notifier's background task when dropped: after the last request has finished,
+    /// since writes that commit while the server drains still need their notifications.
+    notifier: DropGuard,
     request_timeout: Duration,
 }
 
@@ -88,7 +92,8 @@ impl Application {
 
         let migrated = Arc::new(AtomicBool::new(false));
         tokio::spawn(migrate(pool.clone(), migrated.clone(), shutdown.clone()));
-        let notifier = outbox::Notifier::spawn(pool.clone(), shutdown.clone().cancelled_owned());
+        let notifier_stop = Shutdown::new();
+        let notifier = outbox::Notifier::spawn(pool.clone(), notifier_stop.clone().cancelled_owned());
 
         let registry = Arc::new(Mutex::new(Registry::default()));
         let metrics = Metrics::register(&registry);
@@ -110,7 +115,16 @@ impl Application {
             request_timeout: config.request_timeout(),
         };
         let router = router(state, readiness, registry);
-        Ok(Self { listener, local_addr, router, pool, db, shutdown, request_timeout: config.request_timeout() })
+        Ok(Self {
+            listener,
+            local_addr,
+            router,
+            pool,
+            db,
+            shutdown,
+            notifier: notifier_stop.drop_guard(),
+            request_timeout: config.request_timeout(),
+        })
     }
 
     /// The bound address (the real port when configured with port 0).
@@ -144,6 +158,7 @@ impl Application {
             }
         };
         // Every request is done; release connections, but never hang on an unresponsive server.
+        drop(self.notifier);
         let closed = async { tokio::join!(self.db.close(), self.pool.close()) };
         if tokio::time::timeout(Duration::from_secs(5), closed).await.is_err() {
             tracing::warn!("closing database connections timed out");

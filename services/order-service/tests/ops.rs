@@ -140,16 +140,7 @@ async fn graceful_shutdown_finishes_in_flight_requests() {
         let (client, url) = (app.client.clone(), app.url(&format!("/orders/{id}/confirm")));
         async move { client.post(url).send().await.map(|r| r.status().as_u16()) }
     });
-    eventually("the confirm to wait on the row lock", Duration::from_secs(10), || async {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
-        )
-        .fetch_one(&app.db.pool)
-        .await
-        .ok()?;
-        (waiting > 0).then_some(())
-    })
-    .await;
+    lock_waiters(&app, 1).await;
 
     app.shutdown.cancel();
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -164,6 +155,63 @@ async fn graceful_shutdown_finishes_in_flight_requests() {
     assert_eq!(order, "CONFIRMED");
     // New connections are refused once it has stopped.
     assert!(app.client.get(app.url("/healthz")).send().await.is_err());
+}
+
+/// Requests held on row locks by the test: `n` of them waiting.
+async fn lock_waiters(app: &common::TestAppWithDb, n: i64) {
+    eventually("requests to wait on row locks", Duration::from_secs(10), || async {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&app.db.pool)
+        .await
+        .ok()?;
+        (waiting >= n).then_some(())
+    })
+    .await;
+}
+
+/// Writes that commit while the server drains still wake the relays: the first of two
+/// confirms in flight carries the notification at its commit, the second commits first and is
+/// left to the background notifier, which must outlive the drain.
+#[tokio::test]
+async fn writes_committed_while_shutting_down_still_wake_the_relays() {
+    let app = spawn_app().await;
+    let first = app.create_order().await["id"].as_str().unwrap().to_owned();
+    let second = app.create_order().await["id"].as_str().unwrap().to_owned();
+    let mut listener = sqlx::postgres::PgListener::connect(&app.db.url).await.unwrap();
+    listener.listen(outbox::CHANNEL).await.unwrap();
+
+    let confirm = |id: &str| {
+        let (client, url) = (app.client.clone(), app.url(&format!("/orders/{id}/confirm")));
+        tokio::spawn(async move { client.post(url).send().await.map(|r| r.status().as_u16()) })
+    };
+    let lock = |id: String| {
+        let pool = app.db.pool.clone();
+        async move {
+            let mut tx = pool.begin().await.unwrap();
+            sqlx::query("SELECT 1 FROM orders WHERE id = $1 FOR UPDATE").bind(id).execute(&mut *tx).await.unwrap();
+            tx
+        }
+    };
+    let (hold_first, hold_second) = (lock(first.clone()).await, lock(second.clone()).await);
+    let carrier = confirm(&first);
+    lock_waiters(&app, 1).await;
+    let covered = confirm(&second);
+    lock_waiters(&app, 2).await;
+
+    app.shutdown.cancel();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    hold_second.commit().await.unwrap();
+    assert_eq!(covered.await.unwrap().unwrap(), 200);
+    let sent = tokio::time::timeout(Duration::from_secs(5), listener.recv()).await;
+    assert!(sent.is_ok(), "the write that committed during the drain was announced");
+    assert_eq!(sent.unwrap().unwrap().payload(), "", "by the background notifier, not a carrier");
+
+    hold_first.commit().await.unwrap();
+    assert_eq!(carrier.await.unwrap().unwrap(), 200);
+    let server = &app.app.server;
+    eventually("the server to stop", Duration::from_secs(10), || async { server.is_finished().then_some(()) }).await;
 }
 
 /// Sends headers and a few bytes of a 100-byte body, then stalls.
