@@ -10,37 +10,54 @@ use service_kit::Shutdown;
 use sqlx::postgres::PgListener;
 use sqlx::PgPool;
 use tokio::sync::Notify;
+use tokio::time::Instant;
 
 /// How long a relay's answer to a notification is remembered: far longer than the other relays
 /// take to hear the same notification.
 const ANSWER_TTL: Duration = Duration::from_secs(5);
 
+/// After Redis failed to take a mark, how long every notification is answered without asking
+/// it: a Redis that does not respond would otherwise hold up each notification for the
+/// connection's timeout, and the notifications behind it.
+const MARK_RETRY_AFTER: Duration = Duration::from_secs(5);
+
 /// Decides which relay answers a notification that names an event (its payload is the outbox
 /// id): the first to mark it in Redis. Every relay hears every notification; without this,
 /// each would run a claim for it and all but one would find nothing. A notification that names
 /// no event (sent on its own, for writes that committed without one) is answered by every
-/// relay, and so is any notification while Redis does not answer.
+/// relay, and so is any notification while Redis does not answer (for a few seconds after each
+/// failure, without asking it).
 pub struct Responder {
     client: redis::Client,
     conn: Option<MultiplexedConnection>,
     prefix: String,
+    /// Set after a failure: until then, answer without asking Redis.
+    retry_at: Option<Instant>,
 }
 
 impl Responder {
     /// Marks go under keys named after the outbox's database and the stream, so relays of
     /// other outboxes sharing the Redis never answer for these.
     pub fn new(client: redis::Client, database: &str, stream: &str) -> Self {
-        Self { client, conn: None, prefix: format!("outbox-answered:{database}:{stream}:") }
+        Self { client, conn: None, prefix: format!("outbox-answered:{database}:{stream}:"), retry_at: None }
     }
 
     /// Whether this relay answers the notification whose payload is `payload`.
     pub async fn answers(&mut self, payload: &str) -> bool {
         let Ok(id) = payload.parse::<i64>() else { return true };
+        if self.retry_at.is_some_and(|at| Instant::now() < at) {
+            return true;
+        }
         match self.mark(id).await {
-            Ok(first) => first,
+            Ok(first) => {
+                self.retry_at = None;
+                first
+            }
             Err(e) => {
-                tracing::debug!(error = %e, "cannot mark a notification answered; answering it");
+                tracing::debug!(error = %e, retry_in_ms = MARK_RETRY_AFTER.as_millis() as u64,
+                    "cannot mark a notification answered; answering every notification until then");
                 self.conn = None;
+                self.retry_at = Some(Instant::now() + MARK_RETRY_AFTER);
                 true
             }
         }

@@ -277,3 +277,27 @@ async fn one_relay_answers_a_notification_and_every_relay_answers_without_redis(
     let mut lost = Responder::new(unreachable, "db", &stream);
     assert!(lost.answers("42").await, "without Redis every relay answers, as before");
 }
+
+#[tokio::test]
+async fn a_redis_that_does_not_respond_holds_up_one_notification_not_each() {
+    use relay::wake::Responder;
+    // Accepts connections and never says a word.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = silent.local_addr().expect("addr");
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((conn, _)) = silent.accept().await {
+            open.push(conn);
+        }
+    });
+    let client = redis::Client::open(format!("redis://{addr}/")).expect("redis url");
+    let mut responder = Responder::new(client, "db", "silent");
+    assert!(responder.answers("1").await, "answered once the mark times out");
+    let started = std::time::Instant::now();
+    for id in 2..=20 {
+        assert!(responder.answers(&id.to_string()).await);
+    }
+    // Each would wait for the connection's 1 s timeout if Redis were asked again.
+    assert!(started.elapsed() < Duration::from_secs(3), "19 notifications took {:?}", started.elapsed());
+    held.abort();
+}
