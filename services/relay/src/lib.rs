@@ -103,7 +103,9 @@ impl Relay {
 
         if service_kit::startup::migrate_with_retry(&pool, &outbox::MIGRATOR, &shutdown).await.is_some() {
             let wake = Arc::new(Notify::new());
-            let database = pool.connect_options().get_database().unwrap_or_default().to_owned();
+            // Unnamed, the database is the user's own (Postgres's default).
+            let options = pool.connect_options();
+            let database = options.get_database().unwrap_or(options.get_username()).to_owned();
             let responder = wake::Responder::new(responder_client, &database, &config.redis_stream);
             let tasks = [
                 tokio::spawn(wake::listen(pool.clone(), responder, wake.clone(), shutdown.clone())),
