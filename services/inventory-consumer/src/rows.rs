@@ -261,7 +261,6 @@ pub(crate) async fn write(tx: &mut PgConnection, w: &Writes<'_>) -> Result<(), s
 struct Statement {
     ctes: Vec<String>,
     args: PgArguments,
-    count: usize,
 }
 
 impl Statement {
@@ -271,8 +270,7 @@ impl Statement {
         T: 'q + sqlx::Encode<'q, Postgres> + sqlx::Type<Postgres>,
     {
         self.args.add(value).map_err(sqlx::Error::Encode)?;
-        self.count += 1;
-        Ok(format!("${}", self.count))
+        Ok(format!("${}", self.args.len()))
     }
 }
 
