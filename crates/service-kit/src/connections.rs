@@ -4,9 +4,9 @@
 //! sqlx's `PgPool` tests a connection with a round trip (a `Sync`, answered by the server)
 //! every time it goes back to the pool, and by default every time it is taken: three round
 //! trips for a one-statement request, each a wake-up of the server backend. Here a connection
-//! goes back at no cost only when its user says its work completed ([`Lease::release`]); after
-//! work that failed, only once a round trip has cleared what the work left queued
-//! ([`Lease::recycle`]); one dropped (a cancelled future, a transaction left open) is closed,
+//! is put back ([`PooledConnection::put_back`]) at no cost only when its user says its work
+//! completed; after work that failed, only once a round trip has cleared what the work left
+//! queued; one dropped (a cancelled future, a transaction left open) is closed,
 //! so the server rolls back whatever it was doing and no later user can inherit the state. A
 //! connection is tested only when it has been idle for a while, which is when a server
 //! restart may have ended it unseen.
@@ -24,7 +24,8 @@ use tokio::time::Instant;
 pub const TEST_AFTER_IDLE: Duration = Duration::from_secs(1);
 /// How long a connection may sit idle before it is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
-/// How long [`Lease::recycle`] waits for the server before closing the connection instead.
+/// How long [`PooledConnection::put_back`] waits for the server, after work that did not
+/// complete, before closing the connection instead.
 pub const RECYCLE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A bounded set of Postgres connections, opened on first use. Cloning is cheap.
@@ -98,7 +99,7 @@ impl Connections {
     /// Takes a connection: an idle one (tested first if idle for [`TEST_AFTER_IDLE`] or more),
     /// else a new one. Fails with `PoolTimedOut` after the acquire timeout, `PoolClosed` after
     /// [`Connections::close`], or with the error of opening a connection.
-    pub async fn acquire(&self) -> Result<Lease, sqlx::Error> {
+    pub async fn acquire(&self) -> Result<PooledConnection, sqlx::Error> {
         let deadline = Instant::now() + self.inner.acquire_timeout;
         let permit = match tokio::time::timeout_at(deadline, self.inner.permits.clone().acquire_owned()).await {
             Err(_) => return Err(sqlx::Error::PoolTimedOut),
@@ -121,8 +122,8 @@ impl Connections {
         }
     }
 
-    fn lease(&self, conn: PgConnection, permit: OwnedSemaphorePermit) -> Lease {
-        Lease { conn: Some(conn), inner: self.inner.clone(), _permit: permit }
+    fn lease(&self, conn: PgConnection, permit: OwnedSemaphorePermit) -> PooledConnection {
+        PooledConnection { conn: Some(conn), inner: self.inner.clone(), _permit: permit }
     }
 
     /// Refuses new acquisitions and closes the idle connections; connections in use are closed
@@ -141,18 +142,53 @@ impl Connections {
     }
 }
 
-/// A connection taken from [`Connections`]. [`Lease::release`] gives it back; dropping it
-/// closes it.
-pub struct Lease {
+/// How the work done on a [`PooledConnection`] ended, which decides how it is put back.
+#[derive(Debug, Clone, Copy)]
+pub enum Ended<'a> {
+    /// Completed, with no transaction left open and none dropped.
+    Completed,
+    /// Failed with this error from the database or the driver.
+    Failed(&'a sqlx::Error),
+    /// Stopped for another reason, perhaps with a transaction dropped.
+    Interrupted,
+}
+
+impl<'a, T> From<&'a Result<T, sqlx::Error>> for Ended<'a> {
+    fn from(result: &'a Result<T, sqlx::Error>) -> Self {
+        match result {
+            Ok(_) => Self::Completed,
+            Err(e) => Self::Failed(e),
+        }
+    }
+}
+
+/// A connection taken from [`Connections`]. [`PooledConnection::put_back`] returns it; dropping
+/// it closes it.
+pub struct PooledConnection {
     conn: Option<PgConnection>,
     inner: Arc<Inner>,
     _permit: OwnedSemaphorePermit,
 }
 
-impl Lease {
-    /// Gives the connection back for reuse: call it only when the work done on it completed,
-    /// with no transaction left open and none dropped (see [`Lease::recycle`]).
-    pub fn release(mut self) {
+impl PooledConnection {
+    /// Puts the connection back, as its work `ended`: at no cost after completed work; closed
+    /// after a failure of the connection itself (a transport or protocol error, a `FATAL` one);
+    /// otherwise (a database error such as a constraint, or work interrupted) once the server
+    /// has answered a round trip. A sqlx `Transaction` dropped on an error only queues its
+    /// `ROLLBACK`, to go out with the connection's next message: put back as it is, the
+    /// transaction and its locks would live on until the connection's next user, however long
+    /// that takes. The round trip sends the rollback and waits for it; a connection that fails
+    /// it, or takes more than [`RECYCLE_TIMEOUT`], is closed.
+    pub async fn put_back(self, ended: Ended<'_>) {
+        match ended {
+            Ended::Completed => self.release(),
+            Ended::Failed(error) if keeps_connection(error) => self.recycle().await,
+            Ended::Failed(_) => {}
+            Ended::Interrupted => self.recycle().await,
+        }
+    }
+
+    fn release(mut self) {
         if self.inner.permits.is_closed() {
             return;
         }
@@ -161,23 +197,7 @@ impl Lease {
         }
     }
 
-    /// Gives the connection back after work that failed with `error`: closed if the
-    /// connection itself failed (a transport or protocol error, a `FATAL` one), else
-    /// [`Lease::recycle`]d: a database error (a constraint, a statement error, no row found)
-    /// leaves it usable.
-    pub async fn release_after(self, error: &sqlx::Error) {
-        if keeps_connection(error) {
-            self.recycle().await;
-        }
-    }
-
-    /// Gives the connection back after work that did not complete, once the server has answered
-    /// a round trip. A sqlx `Transaction` dropped on an error only queues its `ROLLBACK`, to go
-    /// out with the connection's next message: released as it is, the transaction and its locks
-    /// would live on until the connection's next user, however long that takes. The round trip
-    /// sends the rollback and waits for it. A connection that fails it, or takes more than
-    /// [`RECYCLE_TIMEOUT`], is closed.
-    pub async fn recycle(mut self) {
+    async fn recycle(mut self) {
         let Some(conn) = self.conn.as_mut() else { return };
         if let Ok(Ok(())) = tokio::time::timeout(RECYCLE_TIMEOUT, conn.ping()).await {
             self.release();
@@ -207,27 +227,27 @@ pub fn keeps_connection(error: &sqlx::Error) -> bool {
     )
 }
 
-impl Deref for Lease {
+impl Deref for PooledConnection {
     type Target = PgConnection;
     fn deref(&self) -> &PgConnection {
         match &self.conn {
             Some(conn) => conn,
-            None => unreachable!("a leased connection is only taken by release, which consumes it"),
+            None => unreachable!("a pooled connection is only taken by release, which consumes it"),
         }
     }
 }
 
-impl DerefMut for Lease {
+impl DerefMut for PooledConnection {
     fn deref_mut(&mut self) -> &mut PgConnection {
         match &mut self.conn {
             Some(conn) => conn,
-            None => unreachable!("a leased connection is only taken by release, which consumes it"),
+            None => unreachable!("a pooled connection is only taken by release, which consumes it"),
         }
     }
 }
 
-impl std::fmt::Debug for Lease {
+impl std::fmt::Debug for PooledConnection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Lease").finish_non_exhaustive()
+        f.debug_struct("PooledConnection").finish_non_exhaustive()
     }
 }

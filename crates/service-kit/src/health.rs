@@ -9,6 +9,8 @@ use axum::routing::get;
 use axum::Router;
 use prometheus_client::registry::Registry;
 
+use crate::Liveness;
+
 type Check = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync>;
 
 /// The dependency checks behind `/readyz`.
@@ -56,16 +58,35 @@ impl Readiness {
 #[derive(Clone)]
 struct OpsState {
     readiness: Readiness,
+    liveness: Liveness,
     registry: Arc<Mutex<Registry>>,
 }
 
-/// `/healthz`, `/readyz` and `/metrics`, to merge into a service's router.
-pub fn ops_router<S: Clone + Send + Sync + 'static>(readiness: Readiness, registry: Arc<Mutex<Registry>>) -> Router<S> {
+/// `/healthz` (the process and its work loops: 503 naming a loop that stalled), `/readyz` and
+/// `/metrics`, to merge into a service's router.
+pub fn ops_router<S: Clone + Send + Sync + 'static>(
+    readiness: Readiness,
+    liveness: Liveness,
+    registry: Arc<Mutex<Registry>>,
+) -> Router<S> {
     Router::new()
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .with_state(OpsState { readiness, registry })
+        .with_state(OpsState { readiness, liveness, registry })
+}
+
+async fn healthz(State(state): State<OpsState>) -> impl IntoResponse {
+    let stalled = state.liveness.stalled();
+    if stalled.is_empty() {
+        return (StatusCode::OK, "ok".to_owned());
+    }
+    let text = stalled
+        .iter()
+        .map(|(name, since)| format!("{name}: no progress for {:.1}s", since.as_secs_f64()))
+        .collect::<Vec<_>>()
+        .join("\n");
+    (StatusCode::SERVICE_UNAVAILABLE, text)
 }
 
 async fn readyz(State(state): State<OpsState>) -> impl IntoResponse {

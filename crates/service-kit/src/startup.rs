@@ -7,7 +7,7 @@ use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 
-use crate::Shutdown;
+use crate::{Backoff, Shutdown};
 
 /// A pool that connects on first use, so a service starts (and reports not-ready) while
 /// Postgres is down.
@@ -27,8 +27,9 @@ pub fn lazy_pool_with(options: PgConnectOptions, max_connections: u32) -> PgPool
 /// unreachable. Returns `None` if shutdown was requested first. Several replicas may run this at
 /// once: sqlx takes an advisory lock around the migration.
 pub async fn migrate_with_retry(pool: &PgPool, migrator: &Migrator, shutdown: &Shutdown) -> Option<()> {
-    let mut delay = Duration::from_millis(200);
+    let mut retry = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     loop {
+        let delay = retry.next_delay();
         match migrator.run(pool).await {
             Ok(()) => return Some(()),
             Err(e) => tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "migrations not applied yet"),
@@ -37,6 +38,5 @@ pub async fn migrate_with_retry(pool: &PgPool, migrator: &Migrator, shutdown: &S
             () = shutdown.cancelled() => return None,
             () = tokio::time::sleep(delay) => {}
         }
-        delay = (delay * 2).min(Duration::from_secs(10));
     }
 }

@@ -27,6 +27,9 @@ pub const VACUUM_SHARE: f64 = 0.2;
 pub const ANALYZE_MIN_CHANGED: i64 = 500;
 pub const ANALYZE_SHARE: f64 = 0.1;
 
+/// The bound of one `VACUUM` or `ANALYZE`.
+const UPKEEP_STATEMENT_TIMEOUT: &str = "SET statement_timeout = '30min'";
+
 /// What one round did to one table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
@@ -101,15 +104,22 @@ async fn run_locked(pool: &PgPool, table: &str, action: Action) -> Result<Action
         Action::Vacuumed => format!("VACUUM (ANALYZE, TRUNCATE false) {ident}"),
         _ => format!("ANALYZE {ident}"),
     };
-    // A plain string runs as a simple query: VACUUM cannot be a prepared statement.
-    let result = conn.execute(sql.as_str()).await;
+    // A plain string runs as a simple query: VACUUM cannot be a prepared statement. A vacuum of
+    // a large table may outlast the session's statement timeout, which is meant for the
+    // service's own statements: it gets a bound of its own, then the session's again.
+    let result = match conn.execute(UPKEEP_STATEMENT_TIMEOUT).await {
+        Ok(_) => conn.execute(sql.as_str()).await,
+        Err(e) => Err(e),
+    };
+    let reset = conn.execute("RESET statement_timeout").await;
     let unlocked = sqlx::query("SELECT pg_advisory_unlock($1, hashtext($2))")
         .bind(LOCK_NAMESPACE)
         .bind(table)
         .execute(&mut *conn)
         .await;
-    if unlocked.is_err() {
-        // The lock is session scoped: never hand back a connection that may still hold it.
+    if unlocked.is_err() || reset.is_err() {
+        // The lock and the setting are session scoped: never hand back a connection that may
+        // still hold either.
         conn.detach();
     }
     result.map(|_| action)

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use service_kit::connections::{Connections, TEST_AFTER_IDLE};
+use service_kit::connections::{Connections, Ended, TEST_AFTER_IDLE};
 use sqlx::{Connection, PgPool};
 
 async fn setup(prefix: &str, max: u32, acquire_timeout: Duration) -> (PgPool, Connections) {
@@ -30,7 +30,7 @@ async fn a_released_connection_is_reused_and_one_dropped_is_closed_with_its_tran
     let (pool, connections) = setup("conns_reuse", 2, Duration::from_secs(5)).await;
     let mut first = connections.acquire().await.expect("acquire");
     let pid = backend_pid(&mut first).await;
-    first.release();
+    first.put_back(Ended::Completed).await;
     assert_eq!(connections.idle_count(), 1);
     let mut again = connections.acquire().await.expect("acquire");
     assert_eq!(backend_pid(&mut again).await, pid, "the released connection serves the next user");
@@ -59,7 +59,7 @@ async fn acquiring_past_the_limit_waits_then_times_out() {
     assert!(started.elapsed() >= Duration::from_millis(250));
     // Releasing (or dropping) it frees the slot.
     drop(held);
-    connections.acquire().await.expect("acquire after the holder is done").release();
+    connections.acquire().await.expect("acquire after the holder is done").put_back(Ended::Completed).await;
 }
 
 #[tokio::test]
@@ -67,7 +67,7 @@ async fn a_connection_the_server_ended_while_idle_is_replaced_unseen() {
     let (pool, connections) = setup("conns_stale", 2, Duration::from_secs(5)).await;
     let mut conn = connections.acquire().await.expect("acquire");
     let pid = backend_pid(&mut conn).await;
-    conn.release();
+    conn.put_back(Ended::Completed).await;
     sqlx::query("SELECT pg_terminate_backend($1)").bind(pid).execute(&pool).await.expect("terminate");
     // Idle long enough to be tested before its next use.
     tokio::time::sleep(TEST_AFTER_IDLE + Duration::from_millis(200)).await;
@@ -81,14 +81,14 @@ async fn a_database_error_keeps_the_connection_and_a_broken_one_does_not() {
     let mut conn = connections.acquire().await.expect("acquire");
     let pid = backend_pid(&mut conn).await;
     let err = sqlx::query("SELECT * FROM no_such_table").execute(&mut *conn).await.expect_err("no table");
-    conn.release_after(&err).await;
+    conn.put_back(Ended::Failed(&err)).await;
     let mut conn = connections.acquire().await.expect("acquire");
     assert_eq!(backend_pid(&mut conn).await, pid, "a statement error leaves the connection usable");
 
     // The server ends the connection while it is in use: the next statement fails on it.
     sqlx::query("SELECT pg_terminate_backend($1)").bind(pid).execute(&pool).await.expect("terminate");
     let err = sqlx::query("SELECT 1").execute(&mut *conn).await.expect_err("connection gone");
-    conn.release_after(&err).await;
+    conn.put_back(Ended::Failed(&err)).await;
     assert_eq!(connections.idle_count(), 0, "a failed connection is not kept");
     let mut conn = connections.acquire().await.expect("acquire");
     assert_ne!(backend_pid(&mut conn).await, pid);
@@ -106,7 +106,7 @@ async fn a_transaction_an_error_dropped_is_rolled_back_before_its_connection_goe
         sqlx::query("SELECT 1/0").execute(&mut *tx).await.expect_err("a statement error")
         // `tx` is dropped here: sqlx only queues its ROLLBACK.
     };
-    conn.release_after(&err).await;
+    conn.put_back(Ended::Failed(&err)).await;
     assert_eq!(connections.idle_count(), 1, "a statement error leaves the connection usable");
 
     // Nobody uses the connection again, yet its transaction has ended and its lock is free.
@@ -131,10 +131,10 @@ async fn closing_refuses_new_acquisitions_and_closes_what_comes_back() {
     let idle_pid = backend_pid(&mut idle).await;
     let mut busy = connections.acquire().await.expect("acquire");
     let busy_pid = backend_pid(&mut busy).await;
-    idle.release();
+    idle.put_back(Ended::Completed).await;
     connections.close().await;
     assert!(matches!(connections.acquire().await, Err(sqlx::Error::PoolClosed)));
-    busy.release();
+    busy.put_back(Ended::Completed).await;
     assert_eq!(connections.idle_count(), 0);
     for pid in [idle_pid, busy_pid] {
         test_support::eventually("closed connections end", Duration::from_secs(5), || async {

@@ -1,0 +1,382 @@
+//! The accept loop: HTTP/1.1 connections, each bounded in number and in time.
+//!
+//! - At most `max_connections` are served at once. One over the cap is answered `503` (a
+//!   problem document, `Retry-After: 1`) and closed, rather than left waiting in the listen
+//!   queue where a normal request could not be told apart from an attack.
+//! - A request's headers must arrive within `header_timeout` of their first byte: a client
+//!   trickling them (slowloris) is cut off at the first byte it sends past that, however slow
+//!   its pace (checked as bytes arrive, so a served request costs no timer of its own).
+//! - A connection waiting for its next request (or its first), or gone silent in the middle of
+//!   one's headers, is closed `idle_timeout` after it became ready for that request (hyper's
+//!   header-read timer).
+//! - On shutdown no connection is accepted, idle ones close at once, and each in-flight request
+//!   finishes before its connection closes; connections still open after a grace period are
+//!   closed regardless.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::Router;
+use bytes::Bytes;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
+use tower::ServiceExt;
+
+use super::HttpSettings;
+use crate::Shutdown;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+/// What the accept loop counts.
+#[derive(Clone, Default)]
+pub struct ServerMetrics {
+    open: Gauge,
+    rejected: Counter,
+    timed_out: Family<ReasonLabel, Counter>,
+}
+
+impl ServerMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        registry.register("http_server_open_connections", "Connections being served", m.open.clone());
+        registry.register(
+            "http_server_rejected_connections",
+            "Connections answered 503 and closed because the connection cap was reached",
+            m.rejected.clone(),
+        );
+        registry.register(
+            "http_server_timed_out_connections",
+            "Connections closed for sending a request's headers too slowly (header) or for staying idle (idle)",
+            m.timed_out.clone(),
+        );
+        m
+    }
+}
+
+/// Connections the kernel holds for the accept loop (it caps this at `net.core.somaxconn`).
+/// A burst beyond the queue has its handshakes dropped and retried a second or more later,
+/// which a client sees as a slow server; tokio's own `bind` asks for 1 024.
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// Listens on `addr` (port 0 picks a free one) with a queue of [`LISTEN_BACKLOG`].
+pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
+/// Serves `router` on `listener` until `shutdown`, then waits up to `grace` for the
+/// connections to finish their requests, and closes those that have not.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    settings: HttpSettings,
+    metrics: ServerMetrics,
+    shutdown: Shutdown,
+    grace: Duration,
+) -> io::Result<()> {
+    warn_if_descriptors_run_short(settings.max_connections);
+    let permits = Arc::new(Semaphore::new(settings.max_connections as usize));
+    let tracker = TaskTracker::new();
+    let close_all = Shutdown::new();
+    let settings = Arc::new(settings);
+    loop {
+        let accepted = tokio::select! {
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of descriptors or memory: back off instead of spinning on the error.
+                tracing::warn!(error = %e, "accepting a connection failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        match permits.clone().try_acquire_owned() {
+            Ok(permit) => {
+                let connection = Connection {
+                    router: router.clone(),
+                    settings: settings.clone(),
+                    metrics: metrics.clone(),
+                    shutdown: shutdown.clone(),
+                    close: close_all.clone(),
+                    _permit: permit,
+                };
+                tracker.spawn(connection.serve(stream));
+            }
+            Err(_) => {
+                metrics.rejected.inc();
+                tracker.spawn(reject(stream));
+            }
+        }
+    }
+    drop(listener);
+    tracker.close();
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        tracing::warn!(
+            grace_ms = grace.as_millis() as u64,
+            open = tracker.len(),
+            "connections still open after the grace period; closing them"
+        );
+        close_all.cancel();
+        tracker.wait().await;
+    }
+    Ok(())
+}
+
+/// Answers a connection over the cap with 503 and closes it.
+async fn reject(mut stream: TcpStream) {
+    const BODY: &str = r#"{"type":"about:blank","title":"Service Unavailable","status":503,"detail":"too many open connections; retry later"}"#;
+    let response = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/problem+json\r\nretry-after: 1\r\n\
+         connection: close\r\ncontent-length: {}\r\n\r\n{BODY}",
+        BODY.len()
+    );
+    let answered = async {
+        stream.write_all(response.as_bytes()).await?;
+        stream.shutdown().await?;
+        // Read what the client sent until it closes: closing with unread data would reset the
+        // connection, and the client might lose the answer.
+        let mut sink = [0_u8; 1024];
+        while stream.read(&mut sink).await? > 0 {}
+        Ok::<_, io::Error>(())
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), answered).await;
+}
+
+/// One accepted connection and what it holds.
+struct Connection {
+    router: Router,
+    settings: Arc<HttpSettings>,
+    metrics: ServerMetrics,
+    shutdown: Shutdown,
+    /// Closes the connection whatever it is doing (the shutdown grace period is over).
+    close: Shutdown,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Connection {
+    async fn serve(self, stream: TcpStream) {
+        let _ = stream.set_nodelay(true);
+        self.metrics.open.inc();
+        let watch = Arc::new(Watch::new(self.settings.header_timeout));
+        let io = TokioIo::new(WatchedIo { inner: stream, watch: watch.clone() });
+        let router = self.router.clone();
+        let requests = watch.clone();
+        let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
+            let in_flight = InFlight::start(&requests);
+            let response = router.clone().oneshot(request.map(Body::new));
+            async move {
+                let response = response.await?;
+                Ok::<_, std::convert::Infallible>(
+                    response.map(|body| Body::new(Guarded { body, _in_flight: in_flight })),
+                )
+            }
+        });
+        let mut builder = http1::Builder::new();
+        builder.timer(TokioTimer::new()).header_read_timeout(self.settings.idle_timeout).keep_alive(true);
+        let conn = builder.serve_connection(io, service);
+        tokio::pin!(conn);
+        let mut draining = false;
+        loop {
+            tokio::select! {
+                served = conn.as_mut() => {
+                    if let Err(e) = served {
+                        if watch.head_too_slow() {
+                            self.metrics.timed_out.get_or_create(&ReasonLabel { reason: "header" }).inc();
+                        } else if e.is_timeout() {
+                            self.metrics.timed_out.get_or_create(&ReasonLabel { reason: "idle" }).inc();
+                        } else {
+                            tracing::debug!(error = %e, "connection ended with an error");
+                        }
+                    }
+                    break;
+                }
+                () = self.shutdown.cancelled(), if !draining => {
+                    conn.as_mut().graceful_shutdown();
+                    draining = true;
+                }
+                () = self.close.cancelled() => break,
+            }
+        }
+        self.metrics.open.dec();
+    }
+}
+
+/// Where a connection stands: requests in flight, and when the head of the next one began to
+/// arrive (its first byte while none was in flight). Atomics: touched on every read.
+struct Watch {
+    opened: Instant,
+    header_timeout: Duration,
+    in_flight: AtomicUsize,
+    /// Nanoseconds after `opened` at which the pending head's first byte came; 0: none.
+    head_started: AtomicU64,
+    /// Set once a head took too long: the connection is being closed for it.
+    too_slow: AtomicBool,
+}
+
+impl Watch {
+    fn new(header_timeout: Duration) -> Self {
+        Self {
+            opened: Instant::now(),
+            header_timeout,
+            in_flight: AtomicUsize::new(0),
+            head_started: AtomicU64::new(0),
+            too_slow: AtomicBool::new(false),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        u64::try_from(self.opened.elapsed().as_nanos()).unwrap_or(u64::MAX).max(1)
+    }
+
+    /// Bytes arrived: a head starts, or one in progress may have run out of time.
+    fn bytes_read(&self) -> io::Result<()> {
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return Ok(());
+        }
+        let started = self.head_started.load(Ordering::Acquire);
+        if started == 0 {
+            self.head_started.store(self.now(), Ordering::Release);
+            return Ok(());
+        }
+        if Duration::from_nanos(self.now().saturating_sub(started)) > self.header_timeout {
+            self.too_slow.store(true, Ordering::Release);
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "request headers too slow"));
+        }
+        Ok(())
+    }
+
+    fn head_too_slow(&self) -> bool {
+        self.too_slow.load(Ordering::Acquire)
+    }
+}
+
+/// A request from its head (complete) to the end of its response body.
+struct InFlight(Arc<Watch>);
+
+impl InFlight {
+    fn start(watch: &Arc<Watch>) -> Self {
+        watch.in_flight.fetch_add(1, Ordering::AcqRel);
+        watch.head_started.store(0, Ordering::Release);
+        Self(watch.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A response body that keeps its request in flight until it is sent (or dropped).
+struct Guarded {
+    body: Body,
+    _in_flight: InFlight,
+}
+
+impl http_body::Body for Guarded {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// The socket, telling the watch when bytes arrive.
+struct WatchedIo {
+    inner: TcpStream,
+    watch: Arc<Watch>,
+}
+
+impl AsyncRead for WatchedIo {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.watch.bytes_read()?;
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for WatchedIo {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Says so at start when the process may run out of file descriptors before the cap.
+fn warn_if_descriptors_run_short(max_connections: u32) {
+    let Ok(limits) = std::fs::read_to_string("/proc/self/limits") else { return };
+    let soft = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|n| n.parse::<u64>().ok());
+    if let Some(soft) = soft {
+        // Database and Redis connections, log files, the listener.
+        if soft < u64::from(max_connections) + 256 {
+            tracing::warn!(
+                open_files_limit = soft,
+                max_connections,
+                "the open-files limit is below the connection cap; raise it (ulimit -n) or lower HTTP_MAX_CONNECTIONS"
+            );
+        }
+    }
+}
