@@ -23,7 +23,7 @@ impl NewOrder {
 
     /// Validates raw input, naming the first field that breaks a rule (`items[3].sku`).
     pub fn parse(customer_id: &str, items: &[(String, i64, i64)]) -> Result<Self, ValidationError> {
-        let customer_id = CustomerId::parse(customer_id)?;
+        let customer_id = CustomerId::parse_new(customer_id)?;
         if items.is_empty() || items.len() > Self::MAX_ITEMS {
             return Err(ValidationError::new("items", "must hold 1 to 100 items"));
         }

@@ -72,6 +72,17 @@ impl CustomerId {
         Ok(Self(s))
     }
 
+    /// [`CustomerId::parse`] for new input, which may not carry control characters (NUL,
+    /// line breaks, escapes): they cannot be stored (NUL) or would reach logs and screens raw.
+    /// Ids already stored or published are read with [`CustomerId::parse`], which accepts what
+    /// earlier versions let in.
+    pub fn parse_new(s: &str) -> Result<Self, ValidationError> {
+        if s.chars().any(char::is_control) {
+            return Err(ValidationError::new("customer_id", "must not contain control characters"));
+        }
+        Self::parse(s)
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -219,6 +230,17 @@ mod tests {
         assert!(CustomerId::parse("é".repeat(64)).is_ok());
         assert!(CustomerId::parse("é".repeat(65)).is_err());
         assert!(CustomerId::parse("").is_err());
+    }
+
+    #[test]
+    fn new_customer_ids_refuse_control_characters_and_stored_ones_are_still_read() {
+        for bad in ["c\u{0}1", "c\n1", "\t", "c\u{1b}[31m", "c\u{7f}", "c\u{85}"] {
+            let e = CustomerId::parse_new(bad).unwrap_err();
+            assert_eq!((e.field.as_str(), e.message.as_str()), ("customer_id", "must not contain control characters"));
+        }
+        assert!(CustomerId::parse_new("c 1 é ✓").is_ok());
+        assert!(CustomerId::parse_new("").is_err());
+        assert!(CustomerId::parse("c\t1").is_ok(), "ids stored before the rule still decode");
     }
 
     #[test]

@@ -1,9 +1,13 @@
-//! The write side of the transactional outbox.
+//! The transactional outbox: the only code that reads or writes `outbox`, `outbox_published`
+//! and `outbox_sequences`.
 //!
-//! [`append`] records an event in the caller's transaction, so the state change and its event
-//! commit or roll back together. [`Notifier`] decides which writes carry the relays' wake-up
-//! (a `NOTIFY` at their commit) and notifies for the others, so that every event is followed by
-//! a notification without serialising every writer's commit behind the lock a `NOTIFY` takes.
+//! Writing: [`append`] records an event in the caller's transaction, so the state change and
+//! its event commit or roll back together; [`Notifier`] decides which writes carry the relays'
+//! wake-up (a `NOTIFY` at their commit). Relaying: [`claim`] takes due rows and moves them to
+//! `outbox_published` in a transaction that commits once they are published; [`failures`]
+//! records what went wrong with a row; [`dead`] lists, retries and purges rows given up on;
+//! [`published`] reads published events back and trims them; [`stats`] is what the relays
+//! watch.
 
 /// The notification channel's name, for SQL text built at compile time.
 macro_rules! channel {
@@ -13,7 +17,13 @@ macro_rules! channel {
 }
 
 mod append;
+pub mod claim;
+pub mod dead;
+pub mod failures;
 mod notify;
+pub mod published;
+pub mod row;
+pub mod stats;
 
 pub use append::{append, append_gated, append_with, Appended, NewEvent, OutboxError, FIRST_CALLER_PARAM};
 pub use notify::{Notifier, Wake, CHANNEL, FALLBACK_DELAY};
