@@ -7,13 +7,16 @@ use domain::StreamEntry;
 use rand::Rng;
 use sqlx::PgPool;
 
+use service_kit::FailureClass;
+
 use crate::backoff::retry_delay;
-use crate::claim::{claim_batch, Claim, ClaimConnection};
-use crate::finish::{mark_dead, record_failures, Failure, Poison};
+use crate::broker::BrokerHealth;
 use crate::metrics::Metrics;
-use crate::publish::Publisher;
-use crate::row::OutboxRow;
+use crate::publish::{PublishError, Publisher};
 use crate::Config;
+use outbox::claim::{claim_batch, Claim, ClaimConnection};
+use outbox::failures::{mark_dead, record_failures, Failure, Poison};
+use outbox::row::OutboxRow;
 
 /// The knobs of batch processing.
 #[derive(Debug, Clone)]
@@ -48,8 +51,11 @@ pub struct BatchReport {
     /// Rows taken for publishing.
     pub claimed: usize,
     pub published: usize,
+    /// Rows Redis refused: their attempts were counted.
     pub failed: usize,
     pub dead: usize,
+    /// Redis failed as a whole; the batch was given back and no row's attempts were counted.
+    pub broker_failed: bool,
     /// Nothing was recorded (the lease ran out, or the batch was given back to dead-letter a
     /// poison row); the rows are claimed again.
     pub abandoned: bool,
@@ -66,6 +72,17 @@ impl BatchReport {
 pub enum BatchError {
     #[error("outbox database: {0}")]
     Database(#[from] sqlx::Error),
+    #[error("the batch took longer than {0:?}; its connection was closed")]
+    Deadline(Duration),
+}
+
+impl BatchError {
+    pub fn class(&self) -> FailureClass {
+        match self {
+            Self::Database(e) => service_kit::failure::of_postgres(e),
+            Self::Deadline(_) => FailureClass::transient,
+        }
+    }
 }
 
 /// How long opening the claim connection may take.
@@ -80,11 +97,32 @@ pub struct Worker {
     publisher: Publisher,
     settings: Settings,
     metrics: Metrics,
+    broker: BrokerHealth,
 }
 
 impl Worker {
-    pub fn new(pool: PgPool, publisher: Publisher, settings: Settings, metrics: Metrics) -> Self {
-        Self { pool, conn: None, publisher, settings, metrics }
+    pub fn new(pool: PgPool, publisher: Publisher, settings: Settings, metrics: Metrics, broker: BrokerHealth) -> Self {
+        Self { pool, conn: None, publisher, settings, metrics, broker }
+    }
+
+    pub fn broker(&self) -> &BrokerHealth {
+        &self.broker
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// While Redis is down: whether it answers again (then the next batch tells whether it
+    /// takes entries; one with nothing to publish counts as taken).
+    pub async fn probe_broker(&mut self) -> bool {
+        match self.publisher.ping().await {
+            Ok(()) => true,
+            Err(e) => {
+                self.broker.failed(&e.to_string());
+                false
+            }
+        }
     }
 
     /// The claim connection, opened (with the pool's options) if there is none.
@@ -100,7 +138,7 @@ impl Worker {
     }
 
     /// Ends `claim` with a rollback, keeping its connection if that worked.
-    async fn give_back(&mut self, claim: Claim) -> Result<(), sqlx::Error> {
+    async fn abandon(&mut self, claim: Claim) -> Result<(), sqlx::Error> {
         self.conn = Some(claim.rollback().await?);
         Ok(())
     }
@@ -121,7 +159,7 @@ impl Worker {
             self.metrics.empty_claims.inc();
         }
         if rows.is_empty() {
-            self.give_back(claim).await?;
+            self.abandon(claim).await?;
             return Ok(BatchReport { locked, ..BatchReport::default() });
         }
         let in_flight = i64::try_from(rows.len()).unwrap_or(i64::MAX);
@@ -153,13 +191,16 @@ impl Worker {
                     entries.push(entry);
                     sending.push((row, span));
                 }
-                Err(reason) => poison.push(Poison { id: row.id, attempts: row.attempts, reason }),
+                Err(reason) => {
+                    self.metrics.failure(FailureClass::permanent, "row");
+                    poison.push(Poison { id: row.id, attempts: row.attempts, reason });
+                }
             }
         }
         if !poison.is_empty() {
             // Nothing is published: the batch goes back, the poison rows become dead, and the
             // next claim takes the rest (an order's rows behind a dead one then wait).
-            self.give_back(claim).await?;
+            self.abandon(claim).await?;
             report.dead = self.dead_letter(rows, &poison).await?;
             report.abandoned = true;
             return Ok(report);
@@ -171,12 +212,12 @@ impl Worker {
                 "lease expired before publishing; leaving the batch to the next claim"
             );
             // Rolling back a transaction the database already ended fails harmlessly.
-            let _ = self.give_back(claim).await;
+            let _ = self.abandon(claim).await;
             report.abandoned = true;
             return Ok(report);
         }
         match self.publisher.publish(&entries).await {
-            Ok(()) => {
+            Ok(_ids) => {
                 match claim.commit().await {
                     Ok(conn) => self.conn = Some(conn),
                     Err(e) => {
@@ -206,44 +247,64 @@ impl Worker {
                 self.metrics.published.inc_by(sending.len() as u64);
                 report.published = sending.len();
             }
-            Err(e) => {
-                let _ = self.give_back(claim).await;
-                let error = format!("redis: {e}");
-                report.failed = self.record_failure(&sending, &error).await?;
+            Err(PublishError::Broker { class, error }) => {
+                // Nothing is the rows' fault: they go back as they were, attempts untouched.
+                let _ = self.abandon(claim).await;
+                self.metrics.failure(class, "redis");
+                tracing::warn!(rows = sending.len(), failure_class = %class, error, "redis did not take the batch");
+                self.broker.failed(&error);
+                report.broker_failed = true;
+                report.abandoned = true;
+            }
+            Err(PublishError::Refused(refused)) => {
+                // Redis took the others; all go back (an order's later rows must not be
+                // recorded ahead of a refused earlier one) and only the refused count an attempt.
+                let _ = self.abandon(claim).await;
+                let failed: Vec<RowFailure<'_>> = refused
+                    .iter()
+                    .filter_map(|r| {
+                        let (row, span) = sending.get(r.index)?;
+                        Some(RowFailure { row, span, class: r.class, error: format!("redis: {}", r.error) })
+                    })
+                    .collect();
+                report.failed = self.record_failures(&failed).await?;
             }
         }
         Ok(report)
     }
 
-    async fn record_failure(&self, sending: &[(&OutboxRow, tracing::Span)], error: &str) -> Result<usize, BatchError> {
-        let failures: Vec<Failure> = sending
+    /// Counts a failed attempt of each row Redis refused.
+    async fn record_failures(&self, failed: &[RowFailure<'_>]) -> Result<usize, BatchError> {
+        let failures: Vec<Failure> = failed
             .iter()
-            .map(|(row, _)| {
+            .map(|f| {
                 let jitter: f64 = rand::rng().random();
-                let attempts = u32::try_from(row.attempts).unwrap_or(0).saturating_add(1);
+                let attempts = u32::try_from(f.row.attempts).unwrap_or(0).saturating_add(1);
                 let retry_in = retry_delay(attempts, self.settings.backoff_base, self.settings.backoff_max, jitter);
-                Failure { id: row.id, attempts: row.attempts, retry_in }
+                Failure { id: f.row.id, attempts: f.row.attempts, retry_in, error: f.error.clone() }
             })
             .collect();
-        let outcomes = record_failures(&self.pool, &failures, error, self.settings.max_attempts).await?;
-        self.metrics.publish_failures.inc_by(sending.len() as u64);
-        for (row, span) in sending {
-            span.record("otel.status_code", "ERROR");
-            let Some(outcome) = outcomes.iter().find(|o| o.id == row.id) else { continue };
+        let outcomes = record_failures(&self.pool, &failures, self.settings.max_attempts).await?;
+        self.metrics.publish_failures.inc_by(failed.len() as u64);
+        for f in failed {
+            self.metrics.failure(f.class, "row");
+            f.span.record("otel.status_code", "ERROR");
+            let Some(outcome) = outcomes.iter().find(|o| o.id == f.row.id) else { continue };
             if outcome.status == "dead" {
                 self.metrics.dead_lettered.inc();
             }
             tracing::warn!(
-                event_id = row.event_id,
-                aggregate_id = row.aggregate_id,
-                seq = row.seq,
+                event_id = f.row.event_id,
+                aggregate_id = f.row.aggregate_id,
+                seq = f.row.seq,
                 attempt = outcome.attempts,
                 status = outcome.status,
-                error,
-                "publish failed"
+                failure_class = %f.class,
+                error = f.error,
+                "publish refused"
             );
         }
-        Ok(sending.len())
+        Ok(failed.len())
     }
 
     async fn dead_letter(&self, rows: &[OutboxRow], poison: &[Poison]) -> Result<usize, BatchError> {
@@ -264,6 +325,14 @@ impl Worker {
         }
         Ok(usize::try_from(marked).unwrap_or(usize::MAX))
     }
+}
+
+/// A row Redis refused, and why.
+struct RowFailure<'a> {
+    row: &'a OutboxRow,
+    span: &'a tracing::Span,
+    class: FailureClass,
+    error: String,
 }
 
 /// The PRODUCER span of one event, a child of the request that wrote it.

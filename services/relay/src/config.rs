@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use clap::{Args, Parser, Subcommand};
-use service_kit::parse_duration;
+use service_kit::http::HttpSettings;
+use service_kit::{parse_duration, SessionLimits};
+use sqlx::postgres::PgConnectOptions;
 use telemetry::LogFormat;
 
 /// Postgres outbox → Redis stream relay.
@@ -34,6 +36,21 @@ pub enum Command {
     /// Inspect or retry dead events.
     #[command(subcommand)]
     Dead(DeadCommand),
+    /// Inspect the stream's consumer groups, or remove one nobody reads any more.
+    #[command(subcommand)]
+    Stream(StreamCommand),
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum StreamCommand {
+    /// Print the stream's length and each group: name, pending, lag.
+    Groups,
+    /// Remove a consumer group (`XGROUP DESTROY`): the stream is then trimmed without waiting
+    /// for it. Its pending entries are dropped with it.
+    DropGroup {
+        /// The group to remove.
+        group: String,
+    },
 }
 
 #[derive(Debug, Clone, Subcommand)]
@@ -48,6 +65,13 @@ pub enum DeadCommand {
         /// Retry every dead event.
         #[arg(long)]
         all: bool,
+    },
+    /// Remove dead events written longer ago than `--older-than`, each with the later events
+    /// of its order still waiting behind it (they could never be delivered in order), and
+    /// print what was removed.
+    Purge {
+        #[arg(long, value_parser = parse_duration)]
+        older_than: Duration,
     },
 }
 
@@ -91,6 +115,10 @@ pub struct Config {
     /// How long published events are kept for replay.
     #[arg(long, env = "OUTBOX_RETENTION", default_value = "24h", value_parser = parse_duration)]
     pub retention: Duration,
+    /// Stream entries that every consumer group has acknowledged and that are older than this
+    /// are trimmed; an entry some group still needs is never trimmed.
+    #[arg(long, env = "REDIS_STREAM_RETENTION", default_value = "1h", value_parser = parse_duration)]
+    pub stream_retention: Duration,
     /// Payloads larger than this are dead-lettered instead of published.
     #[arg(long, env = "OUTBOX_MAX_PAYLOAD_BYTES", default_value_t = 1024 * 1024)]
     pub max_payload_bytes: usize,
@@ -98,9 +126,29 @@ pub struct Config {
     /// analyze, and runs it ("0" turns this off and leaves both to autovacuum).
     #[arg(long, env = "DB_UPKEEP_INTERVAL", default_value = "5s", value_parser = parse_duration)]
     pub upkeep_interval: Duration,
+    /// Longest statement on the relay's database sessions (its idle-in-transaction timeout is
+    /// `OUTBOX_LEASE`).
+    #[arg(long, env = "DB_STATEMENT_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub db_statement_timeout: Duration,
+    /// Longest wait for a lock on the relay's database sessions.
+    #[arg(long, env = "DB_LOCK_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub db_lock_timeout: Duration,
+    #[command(flatten)]
+    pub http: HttpSettings,
     /// `text` or `json`.
     #[arg(long, env = "LOG_FORMAT", default_value = "text")]
     pub log_format: LogFormat,
+}
+
+impl Config {
+    /// The limits of every database session: a claim's transaction idle for the lease is ended.
+    pub fn session_limits(&self) -> SessionLimits {
+        SessionLimits {
+            statement: self.db_statement_timeout,
+            lock: self.db_lock_timeout,
+            idle_in_transaction: self.lease,
+        }
+    }
 }
 
 /// The start of a replay window.
@@ -129,6 +177,17 @@ pub fn parse_since(s: &str) -> Result<Since, String> {
     parse_duration(s).map(Since::Ago).map_err(|_| format!("`{s}` is neither an RFC 3339 time nor a duration like 15m"))
 }
 
+/// Options of every relay connection: the session limits ([`Config::session_limits`]: a
+/// claim's transaction ends once it sits idle for the lease), relay commits need not wait for
+/// the WAL flush (if a crash loses one, its rows come back and are published again, which
+/// consumers deduplicate; the events themselves were committed durably by their writers), and
+/// no JIT (the claim's estimated cost triggers JIT compilation, which costs far more than the
+/// claim itself).
+pub fn connect_options(database_url: &str, limits: &SessionLimits) -> Result<PgConnectOptions, sqlx::Error> {
+    let options = limits.apply(database_url.parse::<PgConnectOptions>()?, "relay");
+    Ok(options.options([("synchronous_commit", "off"), ("jit", "off")]))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -150,6 +209,13 @@ mod tests {
         assert_eq!(cli.config.workers, 2);
         assert_eq!(cli.config.lease, Duration::from_secs(30));
         assert!(Cli::try_parse_from(["relay", "--database-url", "x", "dead", "retry"]).is_err());
+        let cli =
+            Cli::try_parse_from(["relay", "--database-url", "x", "dead", "purge", "--older-than", "30d"]).unwrap();
+        let month = Duration::from_secs(30 * 86_400);
+        assert!(matches!(cli.command, Some(Command::Dead(DeadCommand::Purge { older_than })) if older_than == month));
+        let cli = Cli::try_parse_from(["relay", "--database-url", "x", "stream", "drop-group", "old"]).unwrap();
+        assert!(matches!(cli.command, Some(Command::Stream(StreamCommand::DropGroup { group })) if group == "old"));
+        assert_eq!(cli.config.stream_retention, Duration::from_secs(3600));
         let cli =
             Cli::try_parse_from(["relay", "--database-url", "x", "replay", "--since", "2h", "--aggregate-id", "a"]);
         assert!(matches!(cli.unwrap().command, Some(Command::Replay { aggregate_id: Some(_), .. })));

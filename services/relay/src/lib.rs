@@ -9,16 +9,16 @@
 
 pub mod backoff;
 pub mod batch;
-pub mod claim;
+pub mod broker;
 pub mod config;
-pub mod dead;
-pub mod finish;
 pub mod metrics;
 pub mod publish;
 pub mod pump;
+pub mod recovery;
 pub mod replay;
 pub mod retention;
-pub mod row;
+pub mod stream_trim;
+pub mod tails;
 pub mod wake;
 
 use std::net::SocketAddr;
@@ -26,26 +26,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prometheus_client::registry::Registry;
-use service_kit::{ops_router, Readiness, Shutdown};
+use service_kit::http::server::{serve, ServerMetrics};
+use service_kit::runner::{drain, TaskTracker};
+use service_kit::{ops_router, Liveness, Readiness, Service, Shutdown, StartError};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 
-pub use config::{Cli, Command, Config, DeadCommand};
+pub use config::{Cli, Command, Config, DeadCommand, StreamCommand};
 
-#[derive(Debug, thiserror::Error)]
-pub enum RelayError {
-    #[error("invalid DATABASE_URL: {0}")]
-    DatabaseUrl(sqlx::Error),
-    #[error("invalid REDIS_URL: {0}")]
-    RedisUrl(redis::RedisError),
-    #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
-    #[error("HTTP server: {0}")]
-    Serve(std::io::Error),
-}
-
-/// A relay whose HTTP listener is bound; [`Relay::run`] starts the work.
+/// A relay whose HTTP listener is bound; [`Service::run`] starts the work.
 pub struct Relay {
     config: Config,
     pool: PgPool,
@@ -55,51 +45,77 @@ pub struct Relay {
 
 /// The pool's connections: the listener, the gauge sampler, retention, table upkeep, readiness,
 /// and the follow-up statements of a failed batch. Each worker claims on a connection of its
-/// own besides ([`claim::ClaimConnection`]).
+/// own besides ([`outbox::claim::ClaimConnection`]).
 const POOL_CONNECTIONS: u32 = 6;
+
+/// How long the ops endpoints' connections get to finish at shutdown.
+const HTTP_GRACE: Duration = Duration::from_secs(5);
 
 /// The tables whose rows the relays turn over ([`service_kit::upkeep`]).
 pub const UPKEEP_TABLES: &[&str] = &["outbox", "outbox_published"];
 
 impl Relay {
     /// Binds `HTTP_ADDR` (port 0 picks a free port) and prepares a lazy database pool.
-    pub async fn bind(config: Config) -> Result<Self, RelayError> {
-        let options = claim::connect_options(&config.database_url, config.lease).map_err(RelayError::DatabaseUrl)?;
+    pub async fn bind(config: Config) -> Result<Self, StartError> {
+        let options =
+            config::connect_options(&config.database_url, &config.session_limits()).map_err(StartError::DatabaseUrl)?;
         let pool = service_kit::startup::lazy_pool_with(options, POOL_CONNECTIONS);
-        let listener = TcpListener::bind(config.http_addr)
-            .await
-            .map_err(|source| RelayError::Bind { addr: config.http_addr, source })?;
-        let addr = listener.local_addr().map_err(|source| RelayError::Bind { addr: config.http_addr, source })?;
+        let listener = service_kit::http::server::bind(config.http_addr)
+            .map_err(|source| StartError::Bind { addr: config.http_addr, source })?;
+        let addr = listener.local_addr().map_err(|source| StartError::Bind { addr: config.http_addr, source })?;
         Ok(Self { config, pool, listener, addr })
     }
+}
 
-    pub fn local_addr(&self) -> SocketAddr {
+impl Service for Relay {
+    const NAME: &'static str = "relay";
+
+    fn local_addr(&self) -> SocketAddr {
         self.addr
     }
 
     /// Serves /healthz /readyz /metrics, applies migrations (retrying while Postgres is down),
     /// then relays until `shutdown`; the batch in flight is finished first.
-    pub async fn run(self, shutdown: Shutdown) -> Result<(), RelayError> {
+    async fn run(self, shutdown: Shutdown) -> Result<(), StartError> {
         let Self { config, pool, listener, addr } = self;
-        let redis = redis::Client::open(config.redis_url.as_str()).map_err(RelayError::RedisUrl)?;
+        let redis = redis::Client::open(config.redis_url.as_str()).map_err(StartError::RedisUrl)?;
         let responder_client = redis.clone();
+        let trim_client = redis.clone();
+        let recovery_client = redis.clone();
+        let recovery_publisher =
+            publish::Publisher::new(&config.redis_url, config.redis_stream.clone()).map_err(StartError::RedisUrl)?;
+        let tails = tails::Tails::default();
         let publishers = (0..config.workers)
-            .map(|_| publish::Publisher::new(&config.redis_url, config.redis_stream.clone()))
+            .map(|i| {
+                let publisher = publish::Publisher::new(&config.redis_url, config.redis_stream.clone())?;
+                Ok(publisher.with_tails(tails.clone(), i as usize))
+            })
             .collect::<Result<Vec<_>, _>>()
-            .map_err(RelayError::RedisUrl)?;
+            .map_err(StartError::RedisUrl)?;
         let metrics = metrics::Metrics::default();
         let mut registry = Registry::default();
         metrics.register(&mut registry);
-        let readiness = Readiness::new().postgres(pool.clone()).check("redis", move || {
-            let redis = redis.clone();
-            async move { publish::Publisher::ping(&redis).await.map_err(|e| e.to_string()) }
+        let server_metrics = ServerMetrics::register(&mut registry);
+        let broker = broker::BrokerHealth::new(metrics.clone());
+        let readiness = Readiness::new().postgres(pool.clone()).check("redis", {
+            let broker = broker.clone();
+            move || {
+                let (redis, outage) = (redis.clone(), broker.outage());
+                async move {
+                    match outage {
+                        Some((since, error)) => {
+                            Err(format!("not taking entries for {:.1}s: {error}", since.as_secs_f64()))
+                        }
+                        None => publish::Publisher::ping_client(&redis).await.map_err(|e| e.to_string()),
+                    }
+                }
+            }
         });
-        let app = ops_router::<()>(readiness, Arc::new(Mutex::new(registry)));
+        let liveness = Liveness::new();
+        let app = ops_router::<()>(readiness, liveness.clone(), Arc::new(Mutex::new(registry)));
         tracing::info!(%addr, stream = config.redis_stream, "relay listening");
-        let http_shutdown = shutdown.clone();
-        let server = tokio::spawn(async move {
-            axum::serve(listener, app).with_graceful_shutdown(async move { http_shutdown.cancelled().await }).await
-        });
+        let server =
+            tokio::spawn(serve(listener, app, config.http.clone(), server_metrics, shutdown.clone(), HTTP_GRACE));
 
         if service_kit::startup::migrate_with_retry(&pool, &outbox::MIGRATOR, &shutdown).await.is_some() {
             let wake = Arc::new(Notify::new());
@@ -107,45 +123,82 @@ impl Relay {
             let options = pool.connect_options();
             let database = options.get_database().unwrap_or(options.get_username()).to_owned();
             let responder = wake::Responder::new(responder_client, &database, &config.redis_stream);
-            let tasks = [
-                tokio::spawn(wake::listen(pool.clone(), responder, wake.clone(), shutdown.clone())),
-                tokio::spawn(metrics.clone().sample_outbox(pool.clone(), Duration::from_secs(5), shutdown.clone())),
-                tokio::spawn(retention::retention_loop(
-                    pool.clone(),
-                    config.retention,
-                    Duration::from_secs(60),
-                    shutdown.clone(),
-                )),
-                tokio::spawn(service_kit::upkeep::upkeep_loop(
-                    pool.clone(),
-                    UPKEEP_TABLES,
-                    config.upkeep_interval,
-                    shutdown.clone(),
-                )),
-            ];
-            let pumps = publishers.into_iter().map(|publisher| {
-                let worker =
-                    batch::Worker::new(pool.clone(), publisher, batch::Settings::from(&config), metrics.clone());
-                tokio::spawn(pump::pump(worker, pool.clone(), wake.clone(), config.poll_interval, shutdown.clone()))
+            let tasks = TaskTracker::new();
+            tasks.spawn(wake::listen(pool.clone(), responder, wake.clone(), shutdown.clone()));
+            tasks.spawn(metrics.clone().sample_outbox(pool.clone(), Duration::from_secs(5), shutdown.clone()));
+            tasks.spawn(retention::retention_loop(
+                pool.clone(),
+                config.retention,
+                Duration::from_secs(60),
+                shutdown.clone(),
+            ));
+            tasks.spawn(stream_trim::trim_loop(
+                trim_client,
+                pool.clone(),
+                config.redis_stream.clone(),
+                config.stream_retention,
+                metrics.clone(),
+                shutdown.clone(),
+            ));
+            tasks.spawn(recovery::recovery_loop(
+                recovery_client,
+                pool.clone(),
+                recovery_publisher,
+                tails,
+                recovery::RecoverySettings {
+                    stream: config.redis_stream.clone(),
+                    retention: config.retention,
+                    stream_retention: config.stream_retention,
+                    batch_size: config.batch_size,
+                    margin: recovery::MARGIN + batch_deadline(&config),
+                },
+                metrics.clone(),
+                shutdown.clone(),
+            ));
+            tasks.spawn(service_kit::upkeep::upkeep_loop(
+                pool.clone(),
+                UPKEEP_TABLES,
+                config.upkeep_interval,
+                shutdown.clone(),
+            ));
+            let batch_deadline = batch_deadline(&config);
+            let pumps = publishers.into_iter().enumerate().map(|(i, publisher)| {
+                let settings = batch::Settings::from(&config);
+                let worker = batch::Worker::new(pool.clone(), publisher, settings, metrics.clone(), broker.clone());
+                let cx = pump::PumpContext {
+                    pool: pool.clone(),
+                    wake: wake.clone(),
+                    poll_interval: config.poll_interval,
+                    batch_deadline,
+                    heartbeat: liveness.register(format!("relay pump {i}"), stall_after(&config, batch_deadline)),
+                    shutdown: shutdown.clone(),
+                };
+                pump::pump(worker, cx)
             });
-            for pump in pumps.collect::<Vec<_>>() {
-                let _ = pump.await;
+            for pump in pumps {
+                tasks.spawn(pump);
             }
-            for task in tasks {
-                let _ = task.await;
-            }
+            shutdown.cancelled().await;
+            // Each pump finishes the batch in flight (bounded by its deadline); the other loops
+            // stop at once.
+            drain(&tasks, batch_deadline + Duration::from_secs(10)).await;
         }
         pool.close().await;
         match server.await {
-            Ok(result) => result.map_err(RelayError::Serve),
-            Err(e) => Err(RelayError::Serve(std::io::Error::other(e))),
+            Ok(result) => result.map_err(StartError::Serve),
+            Err(e) => Err(StartError::Serve(std::io::Error::other(e))),
         }
     }
 }
 
-/// Binds, prints the address, and runs until `shutdown`.
-pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), RelayError> {
-    let relay = Relay::bind(config).await?;
-    println!("relay listening on {}", relay.local_addr());
-    relay.run(shutdown).await
+/// The longest one batch may take: its claim, publishing (Redis answers within 10 s or the
+/// pipeline fails), recording; past it the batch's connection is closed, which ends its claim.
+fn batch_deadline(config: &Config) -> Duration {
+    config.session_limits().client_deadline(3) + config.lease + Duration::from_secs(10)
+}
+
+/// How long a pump may go without finishing a round before `/healthz` calls it stalled: a batch
+/// at its deadline, then the longest wait between rounds.
+fn stall_after(config: &Config, batch_deadline: Duration) -> Duration {
+    (batch_deadline + config.poll_interval.max(Duration::from_secs(5))) * 2
 }

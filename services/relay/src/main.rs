@@ -1,25 +1,34 @@
+use std::future::Future;
+
 use anyhow::Context;
 use clap::Parser;
-use relay::{Cli, Command, DeadCommand};
+use relay::{Cli, Command, DeadCommand, StreamCommand};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let telemetry = telemetry::init("relay", cli.config.log_format).context("initialising telemetry")?;
-    let result = match cli.command.unwrap_or(Command::Run) {
+    let config = &cli.config;
+    match cli.command.unwrap_or(Command::Run) {
         Command::Run => {
-            let shutdown = service_kit::Shutdown::new();
-            let trigger = shutdown.clone();
-            tokio::spawn(async move {
-                service_kit::shutdown_signal().await;
-                trigger.cancel();
-            });
-            relay::run(cli.config, shutdown).await.context("relay failed")
+            service_kit::runner::serve(cli.config.log_format, relay::Relay::bind(cli.config)).await.context("relay")
         }
-        Command::Replay { since, aggregate_id } => replay(&cli.config, since, aggregate_id.as_deref()).await,
-        Command::Dead(DeadCommand::List) => dead_list(&cli.config).await,
-        Command::Dead(DeadCommand::Retry { event_id, all: _ }) => dead_retry(&cli.config, event_id.as_deref()).await,
-    };
+        Command::Replay { since, aggregate_id } => {
+            one_off(config, replay(config, since, aggregate_id.as_deref())).await
+        }
+        Command::Dead(DeadCommand::List) => one_off(config, dead_list(config)).await,
+        Command::Dead(DeadCommand::Retry { event_id, all: _ }) => {
+            one_off(config, dead_retry(config, event_id.as_deref())).await
+        }
+        Command::Dead(DeadCommand::Purge { older_than }) => one_off(config, dead_purge(config, older_than)).await,
+        Command::Stream(StreamCommand::Groups) => one_off(config, stream_groups(config)).await,
+        Command::Stream(StreamCommand::DropGroup { group }) => one_off(config, drop_group(config, &group)).await,
+    }
+}
+
+/// A one-off command, with the relay's telemetry.
+async fn one_off(config: &relay::Config, command: impl Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    let telemetry = telemetry::init("relay", config.log_format).context("initialising telemetry")?;
+    let result = command.await;
     telemetry.shutdown();
     result
 }
@@ -41,7 +50,7 @@ async fn replay(config: &relay::Config, since: relay::config::Since, aggregate_i
 async fn dead_list(config: &relay::Config) -> anyhow::Result<()> {
     let pool = connect(config).await?;
     println!("event_id\taggregate_id\tseq\tattempts\tlast_error");
-    for d in relay::dead::list_dead(&pool).await.context("listing dead events")? {
+    for d in outbox::dead::list_dead(&pool).await.context("listing dead events")? {
         println!("{}\t{}\t{}\t{}\t{}", d.event_id, d.aggregate_id, d.seq, d.attempts, d.last_error.unwrap_or_default());
     }
     Ok(())
@@ -49,11 +58,52 @@ async fn dead_list(config: &relay::Config) -> anyhow::Result<()> {
 
 async fn dead_retry(config: &relay::Config, event_id: Option<&str>) -> anyhow::Result<()> {
     let pool = connect(config).await?;
-    let which = event_id.map_or(relay::dead::Retry::All, relay::dead::Retry::One);
-    let n = relay::dead::retry_dead(&pool, which).await.context("retrying dead events")?;
+    let which = event_id.map_or(outbox::dead::Retry::All, outbox::dead::Retry::One);
+    let n = outbox::dead::retry_dead(&pool, which).await.context("retrying dead events")?;
     if n == 0 && event_id.is_some() {
         anyhow::bail!("no dead event with that event_id");
     }
     println!("{n} dead events made pending again");
+    Ok(())
+}
+
+async fn dead_purge(config: &relay::Config, older_than: std::time::Duration) -> anyhow::Result<()> {
+    let pool = connect(config).await?;
+    let purged = outbox::dead::purge_dead(&pool, older_than).await.context("purging dead events")?;
+    println!("event_id\taggregate_id\tseq\tstatus");
+    for p in &purged {
+        println!("{}\t{}\t{}\t{}", p.event_id, p.aggregate_id, p.seq, p.status);
+    }
+    let dead = purged.iter().filter(|p| p.status == "dead").count();
+    println!("removed {dead} dead events and {} later events of their orders", purged.len() - dead);
+    Ok(())
+}
+
+async fn redis(config: &relay::Config) -> anyhow::Result<redis::aio::MultiplexedConnection> {
+    let client = redis::Client::open(config.redis_url.as_str()).context("REDIS_URL")?;
+    client.get_multiplexed_async_connection().await.context("connecting to REDIS_URL")
+}
+
+async fn stream_groups(config: &relay::Config) -> anyhow::Result<()> {
+    let mut conn = redis(config).await?;
+    let groups = relay::stream_trim::groups(&mut conn, &config.redis_stream).await?;
+    let len: u64 = redis::cmd("XLEN").arg(&config.redis_stream).query_async(&mut conn).await?;
+    println!("{}: {len} entries", config.redis_stream);
+    println!("group\tpending\tlag");
+    for g in groups {
+        let lag = g.lag.map_or_else(|| "unknown".to_owned(), |n| n.to_string());
+        println!("{}\t{}\t{lag}", g.name, g.pending);
+    }
+    Ok(())
+}
+
+async fn drop_group(config: &relay::Config, group: &str) -> anyhow::Result<()> {
+    let mut conn = redis(config).await?;
+    let removed: u64 =
+        redis::cmd("XGROUP").arg("DESTROY").arg(&config.redis_stream).arg(group).query_async(&mut conn).await?;
+    if removed == 0 {
+        anyhow::bail!("no group {group} on {}", config.redis_stream);
+    }
+    println!("removed group {group} from {}", config.redis_stream);
     Ok(())
 }

@@ -3,13 +3,27 @@
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use sqlx::PgPool;
 
-use service_kit::Shutdown;
+use service_kit::{FailureClass, Shutdown};
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FailureLabels {
+    pub class: FailureClass,
+    /// `redis`, `postgres`, or `row` (a row that cannot be published).
+    pub source: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GroupLabels {
+    pub group: String,
+}
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -23,6 +37,15 @@ pub struct Metrics {
     pub publish_failures: Counter,
     pub dead_lettered: Counter,
     pub publish_lag_seconds: Histogram,
+    pub broker_up: Gauge,
+    pub broker_outages: Counter,
+    pub failures: Family<FailureLabels, Counter>,
+    pub stream_length: Gauge,
+    pub stream_trimmed: Counter,
+    pub group_lag: Family<GroupLabels, Gauge>,
+    pub group_pending: Family<GroupLabels, Gauge>,
+    pub stream_recoveries: Counter,
+    pub stream_recovered_events: Counter,
 }
 
 impl Default for Metrics {
@@ -39,6 +62,15 @@ impl Default for Metrics {
             dead_lettered: Counter::default(),
             // 0.5 ms … ~9 min.
             publish_lag_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 21)),
+            broker_up: Gauge::default(),
+            broker_outages: Counter::default(),
+            failures: Family::default(),
+            stream_length: Gauge::default(),
+            stream_trimmed: Counter::default(),
+            group_lag: Family::default(),
+            group_pending: Family::default(),
+            stream_recoveries: Counter::default(),
+            stream_recovered_events: Counter::default(),
         }
     }
 }
@@ -66,10 +98,47 @@ impl Metrics {
         );
         registry.register(
             "outbox_publish_failures",
-            "Failed publish attempts (per event)",
+            "Failed publish attempts of events Redis refused (per event; an outage of Redis is no attempt)",
             self.publish_failures.clone(),
         );
+        registry.register(
+            "outbox_broker_up",
+            "1 while Redis takes entries, 0 while the relay backs off because it does not",
+            self.broker_up.clone(),
+        );
+        registry.register("outbox_broker_outages", "Times Redis stopped taking entries", self.broker_outages.clone());
+        registry.register(
+            "outbox_failures",
+            "Failures by class (transient, permanent, bug) and source (redis, postgres, row)",
+            self.failures.clone(),
+        );
         registry.register("outbox_dead_lettered", "Events dead-lettered", self.dead_lettered.clone());
+        registry.register("outbox_stream_length", "Entries in the stream (XLEN, sampled)", self.stream_length.clone());
+        registry.register(
+            "outbox_stream_trimmed",
+            "Stream entries trimmed: acknowledged by every group and older than the retention",
+            self.stream_trimmed.clone(),
+        );
+        registry.register(
+            "outbox_stream_group_lag",
+            "Entries of the stream not yet delivered to the group (sampled; a group nobody reads keeps growing)",
+            self.group_lag.clone(),
+        );
+        registry.register(
+            "outbox_stream_group_pending",
+            "Entries delivered to the group's consumers and not acknowledged (sampled)",
+            self.group_pending.clone(),
+        );
+        registry.register(
+            "outbox_stream_recoveries",
+            "Times Redis was found to have lost the stream's data (its marker gone) and republishing began",
+            self.stream_recoveries.clone(),
+        );
+        registry.register(
+            "outbox_stream_recovered_events",
+            "Retained events republished after Redis lost the stream's data",
+            self.stream_recovered_events.clone(),
+        );
         registry.register(
             "outbox_publish_lag_seconds",
             "Time from outbox insert to publication",
@@ -77,22 +146,35 @@ impl Metrics {
         );
     }
 
+    /// Counts one failure.
+    pub fn failure(&self, class: FailureClass, source: &'static str) {
+        self.failures.get_or_create(&FailureLabels { class, source }).inc();
+    }
+
+    /// Records a trimming pass: what it trimmed, and the groups as its last call saw them
+    /// (groups that are gone lose their series).
+    pub fn record_trim(&self, pass: &crate::stream_trim::TrimPass) {
+        self.stream_trimmed.inc_by(pass.trimmed);
+        self.group_lag.clear();
+        self.group_pending.clear();
+        for group in &pass.last.groups {
+            let labels = GroupLabels { group: group.name.clone() };
+            if let Some(lag) = group.lag {
+                self.group_lag.get_or_create(&labels).set(i64::try_from(lag).unwrap_or(i64::MAX));
+            }
+            self.group_pending.get_or_create(&labels).set(i64::try_from(group.pending).unwrap_or(i64::MAX));
+        }
+    }
+
     /// Samples the outbox gauges every `every` until shutdown. The outbox holds only pending
     /// and dead rows, so the scan stays small.
     pub async fn sample_outbox(self, pool: PgPool, every: Duration, shutdown: Shutdown) {
         loop {
-            let sample: Result<(i64, i64, Option<f64>), sqlx::Error> = sqlx::query_as(
-                "SELECT count(*) FILTER (WHERE status = 'pending'), count(*) FILTER (WHERE status = 'dead'), \
-                        EXTRACT(EPOCH FROM now() - min(created_at) FILTER (WHERE status = 'pending'))::float8 \
-                 FROM outbox",
-            )
-            .fetch_one(&pool)
-            .await;
-            match sample {
-                Ok((pending, dead, oldest)) => {
-                    self.pending.set(pending);
-                    self.dead.set(dead);
-                    self.oldest_pending_age_seconds.set(oldest.unwrap_or(0.0).max(0.0));
+            match outbox::stats::sample(&pool).await {
+                Ok(sample) => {
+                    self.pending.set(sample.pending);
+                    self.dead.set(sample.dead);
+                    self.oldest_pending_age_seconds.set(sample.oldest_pending_age_seconds);
                 }
                 Err(e) => tracing::debug!(error = %e, "sampling outbox gauges failed"),
             }

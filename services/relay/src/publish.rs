@@ -1,21 +1,70 @@
-//! Writing entries to the Redis stream: one pipeline of XADDs per batch.
+//! Writing entries to the Redis stream: one pipeline of XADDs per batch, and what a failure of
+//! it says: that Redis failed (every row waits, none is to blame) or that Redis refused some
+//! entries for what they carry (those rows are to blame).
 
 use std::time::Duration;
 
 use domain::StreamEntry;
 use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, Client, RedisError};
+use redis::{AsyncConnectionConfig, Client, RedisError, Value};
+use service_kit::failure::{self, FailureClass};
+
+use crate::tails::Tails;
 
 /// A Redis stream writer that reconnects after errors, so an outage never needs a restart.
 pub struct Publisher {
     client: Client,
     stream: String,
     conn: Option<MultiplexedConnection>,
+    /// Where it tells what it added (with its index among the relay's publishers).
+    tails: Option<(Tails, usize)>,
 }
+
+/// Why a batch was not published.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PublishError {
+    /// Redis failed as a whole (down, out of memory, read-only, the stream key of another
+    /// type …): no entry is to blame, and none may count it as a failed attempt.
+    Broker { class: FailureClass, error: String },
+    /// Redis took some entries and refused these (by index into the batch) for what they carry.
+    Refused(Vec<Refusal>),
+}
+
+/// One entry Redis refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub index: usize,
+    pub class: FailureClass,
+    pub error: String,
+}
+
+impl std::fmt::Display for PublishError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Broker { error, .. } => write!(f, "redis: {error}"),
+            Self::Refused(refused) => write!(f, "redis refused {} entries", refused.len()),
+        }
+    }
+}
+
+impl std::error::Error for PublishError {}
 
 impl Publisher {
     pub fn new(redis_url: &str, stream: impl Into<String>) -> Result<Self, RedisError> {
-        Ok(Self { client: Client::open(redis_url)?, stream: stream.into(), conn: None })
+        Ok(Self { client: Client::open(redis_url)?, stream: stream.into(), conn: None, tails: None })
+    }
+
+    /// Tells `tails` (as publisher `index`) the newest entry it added on each connection.
+    pub fn with_tails(mut self, tails: Tails, index: usize) -> Self {
+        self.tails = Some((tails, index));
+        self
+    }
+
+    fn drop_connection(&mut self) {
+        self.conn = None;
+        if let Some((tails, index)) = &self.tails {
+            tails.connection_ended(*index);
+        }
     }
 
     pub fn stream(&self) -> &str {
@@ -35,11 +84,12 @@ impl Publisher {
         }
     }
 
-    /// XADDs every entry, in order, in one round trip. On any error the whole batch counts as
-    /// failed (entries before the error may have been added: delivery is at least once).
-    pub async fn publish(&mut self, entries: &[StreamEntry]) -> Result<(), RedisError> {
+    /// XADDs every entry, in order, in one round trip; the ids Redis gave them. On an error the
+    /// whole batch counts as not published (entries before or around it may have been added:
+    /// delivery is at least once).
+    pub async fn publish(&mut self, entries: &[StreamEntry]) -> Result<Vec<String>, PublishError> {
         if entries.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let mut pipe = redis::pipe();
         for entry in entries {
@@ -47,24 +97,132 @@ impl Publisher {
             for (field, value) in entry.to_fields() {
                 cmd.arg(field).arg(value);
             }
-            cmd.ignore();
         }
-        let stream = self.stream.clone();
+        let replies = match self.connection().await {
+            // Each command's own reply, errors included, rather than the pipeline's first error.
+            Ok(conn) => conn.send_packed_commands(&pipe, 0, entries.len()).await,
+            Err(e) => Err(e),
+        };
+        let replies = match replies {
+            Ok(replies) => replies,
+            Err(e) => {
+                tracing::debug!(stream = self.stream, error = %e, "redis pipeline failed; reconnecting on next use");
+                self.drop_connection();
+                return Err(PublishError::Broker { class: failure::of_redis(&e), error: e.to_string() });
+            }
+        };
+        let judged = judge(replies, entries.len());
+        if let (Ok(ids), Some((tails, index))) = (&judged, &self.tails) {
+            if let Some(newest) = ids.last() {
+                tails.added(*index, newest);
+            }
+        }
+        judged
+    }
+
+    /// Whether Redis answers on this publisher's connection (reconnecting if needed).
+    pub async fn ping(&mut self) -> Result<(), RedisError> {
         let conn = self.connection().await?;
-        let result = pipe.query_async::<()>(conn).await;
-        if let Err(e) = &result {
-            tracing::debug!(stream, error = %e, "redis pipeline failed; reconnecting on next use");
-            self.conn = None;
+        let pinged = redis::cmd("PING").query_async::<()>(conn).await;
+        if pinged.is_err() {
+            self.drop_connection();
         }
-        result
+        pinged
     }
 
     /// Whether Redis answers (for /readyz).
-    pub async fn ping(client: &Client) -> Result<(), RedisError> {
+    pub async fn ping_client(client: &Client) -> Result<(), RedisError> {
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Duration::from_secs(1))
             .set_response_timeout(Duration::from_secs(1));
         let mut conn = client.get_multiplexed_async_connection_with_config(&config).await?;
         redis::cmd("PING").query_async::<()>(&mut conn).await
+    }
+}
+
+/// The ids of a pipeline's replies, or whom its errors blame: Redis itself when an error is
+/// transient (it says nothing of the entry) or when every entry failed alike (the stream, the
+/// server or its configuration is at fault), else the refused entries.
+pub fn judge(replies: Vec<Value>, expected: usize) -> Result<Vec<String>, PublishError> {
+    if replies.len() != expected {
+        let error = format!("{} replies to a pipeline of {expected} XADDs", replies.len());
+        return Err(PublishError::Broker { class: FailureClass::bug, error });
+    }
+    let mut ids = Vec::with_capacity(expected);
+    let mut refused = Vec::new();
+    for (index, reply) in replies.into_iter().enumerate() {
+        match reply {
+            Value::BulkString(id) => ids.push(String::from_utf8_lossy(&id).into_owned()),
+            Value::SimpleString(id) => ids.push(id),
+            Value::ServerError(e) => {
+                let class = failure::of_redis_code(e.code());
+                let error = format!("{} {}", e.code(), e.details().unwrap_or_default());
+                if class.is_transient() {
+                    return Err(PublishError::Broker { class, error });
+                }
+                refused.push(Refusal { index, class, error });
+            }
+            other => {
+                let error = format!("unexpected XADD reply {other:?}");
+                return Err(PublishError::Broker { class: FailureClass::bug, error });
+            }
+        }
+    }
+    match refused.len() {
+        0 => Ok(ids),
+        n if n == expected => {
+            let Refusal { class, error, .. } = refused.swap_remove(0);
+            Err(PublishError::Broker { class, error })
+        }
+        _ => Err(PublishError::Refused(refused)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(n: u32) -> Value {
+        Value::BulkString(format!("1-{n}").into_bytes())
+    }
+
+    /// A reply as Redis sends it, e.g. `-OOM command not allowed`.
+    fn error_reply(line: &str) -> Value {
+        redis::parse_redis_value(format!("-{line}\r\n").as_bytes()).expect("an error reply")
+    }
+
+    #[test]
+    fn ids_when_every_entry_was_added() {
+        assert_eq!(judge(vec![id(1), id(2)], 2), Ok(vec!["1-1".to_owned(), "1-2".to_owned()]));
+    }
+
+    #[test]
+    fn a_transient_error_anywhere_blames_redis() {
+        let judged =
+            judge(vec![id(1), error_reply("OOM command not allowed when used memory > 'maxmemory'."), id(3)], 3);
+        assert!(matches!(judged, Err(PublishError::Broker { class: FailureClass::transient, .. })), "{judged:?}");
+        let loading = error_reply("LOADING Redis is loading the dataset in memory");
+        assert!(matches!(judge(vec![loading], 1), Err(PublishError::Broker { class: FailureClass::transient, .. })));
+    }
+
+    #[test]
+    fn the_same_refusal_of_every_entry_blames_redis_not_the_rows() {
+        let wrong_type = || error_reply("WRONGTYPE Operation against a key holding the wrong kind of value");
+        let judged = judge(vec![wrong_type(), wrong_type()], 2);
+        assert!(matches!(judged, Err(PublishError::Broker { class: FailureClass::permanent, .. })), "{judged:?}");
+    }
+
+    #[test]
+    fn refusals_among_successes_blame_those_entries() {
+        let judged = judge(vec![id(1), error_reply("ERR value too large"), id(3), error_reply("NEWCODE what")], 4);
+        let Err(PublishError::Refused(refused)) = judged else { panic!("{judged:?}") };
+        let blamed: Vec<(usize, FailureClass)> = refused.iter().map(|r| (r.index, r.class)).collect();
+        assert_eq!(blamed, [(1, FailureClass::permanent), (3, FailureClass::bug)]);
+        assert!(refused[0].error.starts_with("ERR value too large"), "{:?}", refused[0]);
+    }
+
+    #[test]
+    fn a_short_reply_is_a_bug_of_the_broker_side() {
+        assert!(matches!(judge(vec![id(1)], 2), Err(PublishError::Broker { class: FailureClass::bug, .. })));
     }
 }

@@ -6,14 +6,14 @@ use domain::StreamEntry;
 use sqlx::PgPool;
 
 use crate::publish::Publisher;
-use crate::row::{OutboxRow, EVENT_COLUMNS};
+use outbox::row::OutboxRow;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayError {
     #[error("reading published events: {0}")]
     Database(#[from] sqlx::Error),
     #[error("publishing to redis: {0}")]
-    Redis(#[from] redis::RedisError),
+    Redis(#[from] crate::publish::PublishError),
 }
 
 /// Publishes events published at or after `since` (optionally of one aggregate) again, in id
@@ -25,20 +25,10 @@ pub async fn replay(
     aggregate_id: Option<&str>,
     batch: u32,
 ) -> Result<u64, ReplayError> {
-    let sql = format!(
-        "SELECT {EVENT_COLUMNS} FROM outbox_published WHERE published_at >= $1 AND id > $2 \
-         AND ($3::text IS NULL OR aggregate_id = $3) ORDER BY id LIMIT $4"
-    );
     let mut after = 0_i64;
     let mut total = 0_u64;
     loop {
-        let rows: Vec<OutboxRow> = sqlx::query_as(&sql)
-            .bind(since)
-            .bind(after)
-            .bind(aggregate_id)
-            .bind(i64::from(batch))
-            .fetch_all(pool)
-            .await?;
+        let rows: Vec<OutboxRow> = outbox::published::page(pool, since, aggregate_id, after, batch).await?;
         let Some(last) = rows.last() else { break };
         after = last.id;
         // Rows got here by being published, so they encode; a limit of usize::MAX skips the

@@ -1,80 +1,11 @@
-//! Trimming `outbox_published` to the retention window, in bounded batches, by one relay at a
-//! time.
+//! Trimming `outbox_published` to the retention window ([`outbox::published::trim_published`]),
+//! every so often until shutdown.
 
 use std::time::Duration;
 
+use outbox::published::trim_published;
 use service_kit::Shutdown;
 use sqlx::PgPool;
-
-/// Session advisory lock held by the relay that trims ("outbox" + 1).
-const RETENTION_LOCK: i64 = 0x6f75_7462_6f79;
-
-/// Each statement looks at the `batch × WINDOW` lowest ids only. Rows are published in about
-/// id order, so those are the oldest; the few published late (retried after backing off or
-/// being dead) sit among them until they expire too, without stopping the rest from being
-/// trimmed unless they fill the whole window. No statement scans the table.
-const WINDOW: i64 = 4;
-
-/// What a trim did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct TrimReport {
-    pub deleted: u64,
-    pub statements: u32,
-    /// Another relay held the trimming lock.
-    pub skipped: bool,
-}
-
-/// Deletes published rows older than `retention`, at most `batch` per statement, pausing
-/// between statements so trimming never competes hard with publishing. Stops early on
-/// shutdown.
-pub async fn trim_published(
-    pool: &PgPool,
-    retention: Duration,
-    batch: u32,
-    pause: Duration,
-    shutdown: &Shutdown,
-) -> Result<TrimReport, sqlx::Error> {
-    let mut conn = pool.acquire().await?;
-    let locked: bool =
-        sqlx::query_scalar("SELECT pg_try_advisory_lock($1)").bind(RETENTION_LOCK).fetch_one(&mut *conn).await?;
-    if !locked {
-        return Ok(TrimReport { skipped: true, ..TrimReport::default() });
-    }
-    let retention_ms = retention.as_millis() as f64;
-    let mut report = TrimReport::default();
-    let result = loop {
-        let deleted = sqlx::query(
-            "DELETE FROM outbox_published WHERE id IN ( \
-               SELECT id FROM (SELECT id, published_at FROM outbox_published ORDER BY id LIMIT $3) oldest \
-               WHERE published_at < now() - $1 * interval '1 millisecond' LIMIT $2)",
-        )
-        .bind(retention_ms)
-        .bind(i64::from(batch))
-        .bind(i64::from(batch) * WINDOW)
-        .execute(&mut *conn)
-        .await;
-        match deleted {
-            Ok(done) => {
-                report.statements += 1;
-                report.deleted += done.rows_affected();
-                if done.rows_affected() < u64::from(batch) {
-                    break Ok(());
-                }
-            }
-            Err(e) => break Err(e),
-        }
-        tokio::select! {
-            () = shutdown.cancelled() => break Ok(()),
-            () = tokio::time::sleep(pause) => {}
-        }
-    };
-    let unlocked = sqlx::query("SELECT pg_advisory_unlock($1)").bind(RETENTION_LOCK).execute(&mut *conn).await;
-    if unlocked.is_err() {
-        // The lock is session scoped: never hand a connection that may still hold it back to the pool.
-        conn.detach();
-    }
-    result.map(|()| report)
-}
 
 /// Trims every `every` until shutdown.
 pub async fn retention_loop(pool: PgPool, retention: Duration, every: Duration, shutdown: Shutdown) {

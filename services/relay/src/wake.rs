@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, RedisError};
-use service_kit::Shutdown;
+use service_kit::{Backoff, Shutdown};
 use sqlx::postgres::PgListener;
 use sqlx::PgPool;
 use tokio::sync::Notify;
@@ -89,7 +89,7 @@ impl Responder {
 /// shutdown. A lost connection is re-established with capped backoff; `wake` is poked after
 /// each (re)connect because notifications sent meanwhile are lost.
 pub async fn listen(pool: PgPool, mut responder: Responder, wake: Arc<Notify>, shutdown: Shutdown) {
-    let mut delay = Duration::from_millis(100);
+    let mut retry = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
     while !shutdown.is_cancelled() {
         let connected = async {
             let mut listener = PgListener::connect_with(&pool).await?;
@@ -100,9 +100,9 @@ pub async fn listen(pool: PgPool, mut responder: Responder, wake: Arc<Notify>, s
             () = shutdown.cancelled() => return,
             l = connected => l,
         };
-        match listener {
+        let failed = match listener {
             Ok(mut listener) => {
-                delay = Duration::from_millis(100);
+                retry.reset();
                 wake.notify_one();
                 loop {
                     tokio::select! {
@@ -118,27 +118,17 @@ pub async fn listen(pool: PgPool, mut responder: Responder, wake: Arc<Notify>, s
                         }
                     }
                 }
+                None
             }
-            Err(e) => {
-                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "cannot LISTEN on the outbox channel")
-            }
+            Err(e) => Some(e),
+        };
+        let delay = retry.next_delay();
+        if let Some(e) = failed {
+            tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "cannot LISTEN on the outbox channel");
         }
         tokio::select! {
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(delay) => {}
         }
-        delay = (delay * 2).min(Duration::from_secs(10));
     }
-}
-
-/// How long until the earliest backing-off row is due, if any is. Only attempted rows back off;
-/// they are in the small `outbox_held_back_idx`.
-pub async fn next_due_in(pool: &PgPool) -> Result<Option<Duration>, sqlx::Error> {
-    let secs: Option<f64> = sqlx::query_scalar(
-        "SELECT EXTRACT(EPOCH FROM min(next_attempt_at) - now())::float8 FROM outbox \
-         WHERE status = 'pending' AND attempts > 0 AND next_attempt_at > now()",
-    )
-    .fetch_one(pool)
-    .await?;
-    Ok(secs.map(|s| Duration::from_secs_f64(s.max(0.0))))
 }

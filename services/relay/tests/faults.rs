@@ -5,20 +5,19 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use relay::claim::claim_batch;
-use relay::finish::{mark_dead, record_failures, Failure, Poison};
+use outbox::claim::claim_batch;
+use outbox::failures::{mark_dead, record_failures, Failure, Poison};
 use relay::publish::Publisher;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn redis_outage_records_backoff_and_loses_nothing() {
+async fn a_redis_outage_costs_no_attempts_and_loses_nothing() {
     let db = migrated_database("relay_outage").await;
     let mut redis = test_support::PrivateRedis::start(true);
     let stream = test_support::unique_name("relay-outage");
+    // One attempt allowed: were an outage counted against the rows, they would all go dead.
     let mut cfg = config(&db.url, &redis.url(), &stream);
-    cfg.backoff_base = Duration::from_millis(200);
-    cfg.backoff_max = Duration::from_secs(1);
+    cfg.max_attempts = 1;
     cfg.poll_interval = Duration::from_millis(100);
-    cfg.max_attempts = 1000;
     let relay = RunningRelay::start(cfg).await;
 
     for i in 0..10 {
@@ -32,29 +31,36 @@ async fn redis_outage_records_backoff_and_loses_nothing() {
         append(&db.pool, &format!("o-{}", i % 5), &order_payload("x")).await;
     }
     notify(&db.pool).await;
-    test_support::eventually("failed attempts recorded", Duration::from_secs(20), || async {
-        let recorded = count(
-            &db.pool,
-            "SELECT count(*) FROM outbox WHERE attempts >= 1 AND last_error LIKE 'redis:%' AND next_attempt_at > created_at",
-        )
-        .await;
-        (recorded == 20).then_some(())
+    let metrics_url = format!("http://{}/metrics", relay.addr);
+    test_support::eventually("the relay backs off as a whole", Duration::from_secs(20), || async {
+        let metrics = reqwest::get(&metrics_url).await.ok()?.text().await.ok()?;
+        metrics.contains("outbox_broker_up 0\n").then_some(())
     })
     .await;
-    assert_eq!(
-        count(&db.pool, "SELECT count(*) FROM outbox WHERE status = 'pending'").await,
-        20,
-        "nothing lost or dead"
-    );
-    assert_eq!(count(&db.pool, "SELECT count(*) FROM outbox_published").await, 10);
-    let metrics =
-        reqwest::get(format!("http://{}/metrics", relay.addr)).await.expect("metrics").text().await.expect("body");
-    assert!(!metrics.contains("outbox_publish_failures_total 0\n"), "failures are counted:\n{metrics}");
     let ready = reqwest::get(format!("http://{}/readyz", relay.addr)).await.expect("readyz");
     assert_eq!(ready.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
+    assert!(ready.text().await.expect("body").contains("redis: not taking entries for"), "readyz says why");
+    let health = reqwest::get(format!("http://{}/healthz", relay.addr)).await.expect("healthz");
+    assert_eq!(health.status(), 200, "waiting for Redis is not a stall");
+    // Several seconds of outage: still no attempt counted, nothing dead.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(count(&db.pool, "SELECT count(*) FROM outbox WHERE status = 'pending' AND attempts = 0").await, 20);
+    let metrics = reqwest::get(&metrics_url).await.expect("metrics").text().await.expect("body");
+    assert!(metrics.contains("outbox_publish_failures_total 0\n"), "no row failed:\n{metrics}");
+    assert!(metrics.contains("outbox_broker_outages_total 1\n"), "{metrics}");
+    assert!(metrics.contains(r#"outbox_failures_total{class="transient",source="redis"}"#), "{metrics}");
+    assert_eq!(count(&db.pool, "SELECT count(*) FROM outbox_published").await, 10);
 
     redis.restart();
     wait_until_published(&db.pool, 30, Duration::from_secs(30)).await;
+    let metrics = reqwest::get(&metrics_url).await.expect("metrics").text().await.expect("body");
+    assert!(metrics.contains("outbox_broker_up 1\n"), "{metrics}");
+    let ready_url = format!("http://{}/readyz", relay.addr);
+    test_support::eventually("ready again", Duration::from_secs(10), || async {
+        (reqwest::get(&ready_url).await.ok()?.status() == 200).then_some(())
+    })
+    .await;
+    assert_eq!(count(&db.pool, "SELECT count(*) FROM outbox_published WHERE attempts > 0").await, 0);
     relay.stop().await;
     let entries = read_stream(&redis.url(), &stream).await;
     let mut ids: Vec<_> = entries.iter().map(|e| e.event_id.to_string()).collect();
@@ -65,6 +71,34 @@ async fn redis_outage_records_backoff_and_loses_nothing() {
         sqlx::query_scalar("SELECT event_id FROM outbox_published").fetch_all(&db.pool).await.expect("ids");
     expected.sort();
     assert_eq!(ids, expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_key_of_another_type_stops_the_relay_without_blaming_the_rows() {
+    let db = migrated_database("relay_wrongtype").await;
+    let redis = test_support::redis_url();
+    let stream = test_support::unique_name("relay-wrongtype");
+    let mut conn = test_support::redis_connection().await;
+    redis::cmd("SET").arg(&stream).arg("not a stream").query_async::<()>(&mut conn).await.expect("set");
+    let mut cfg = config(&db.url, &redis, &stream);
+    cfg.max_attempts = 1;
+    let relay = RunningRelay::start(cfg).await;
+    for i in 0..4 {
+        append(&db.pool, &format!("o-{i}"), &order_payload("x")).await;
+    }
+    notify(&db.pool).await;
+    let ready_url = format!("http://{}/readyz", relay.addr);
+    test_support::eventually("readyz names the refusal", Duration::from_secs(20), || async {
+        let body = reqwest::get(&ready_url).await.ok()?.text().await.ok()?;
+        body.contains("WRONGTYPE").then_some(())
+    })
+    .await;
+    assert_eq!(count(&db.pool, "SELECT count(*) FROM outbox WHERE status = 'pending' AND attempts = 0").await, 4);
+    // The key fixed, the same rows go out.
+    redis::cmd("DEL").arg(&stream).query_async::<()>(&mut conn).await.expect("del");
+    wait_until_published(&db.pool, 4, Duration::from_secs(30)).await;
+    relay.stop().await;
+    delete_stream(&redis, &stream).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -85,12 +119,19 @@ async fn a_poison_row_goes_dead_and_other_orders_keep_flowing() {
     notify(&db.pool).await;
     wait_until_published(&db.pool, 10, Duration::from_secs(20)).await;
 
+    // Another worker may publish the healthy rows while the one that claimed the poison row
+    // is still marking it dead.
     let (status, error): (String, Option<String>) =
-        sqlx::query_as("SELECT status, last_error FROM outbox WHERE event_id = $1")
-            .bind(poison.event_id.to_string())
-            .fetch_one(&db.pool)
-            .await
-            .expect("poison row");
+        test_support::eventually("the poison row marked dead", Duration::from_secs(20), || async {
+            let row: (String, Option<String>) =
+                sqlx::query_as("SELECT status, last_error FROM outbox WHERE event_id = $1")
+                    .bind(poison.event_id.to_string())
+                    .fetch_one(&db.pool)
+                    .await
+                    .ok()?;
+            (row.0 == "dead").then_some(row)
+        })
+        .await;
     assert_eq!(status, "dead");
     assert!(error.as_deref().is_some_and(|e| e.contains("over the limit of 200")), "reason recorded: {error:?}");
     // The poisoned order's later event waits behind its dead predecessor (seq order).
@@ -132,22 +173,31 @@ async fn a_claim_that_outlived_its_lease_cannot_touch_the_new_owners_rows() {
 
     // A wakes up and tries every kind of finish while B holds the rows.
     assert!(a.commit().await.is_err(), "a claim the database ended cannot be committed");
-    let failures: Vec<Failure> =
-        a_rows.iter().map(|r| Failure { id: r.id, attempts: r.attempts, retry_in: Duration::from_secs(60) }).collect();
+    let failure = |error: &str| -> Vec<Failure> {
+        a_rows
+            .iter()
+            .map(|r| Failure {
+                id: r.id,
+                attempts: r.attempts,
+                retry_in: Duration::from_secs(60),
+                error: error.to_owned(),
+            })
+            .collect()
+    };
     let poison: Vec<Poison> =
         a_rows.iter().map(|r| Poison { id: r.id, attempts: r.attempts, reason: "stale".to_owned() }).collect();
-    assert!(record_failures(&pool, &failures, "stale", 1).await.expect("fail").is_empty(), "rows B holds are skipped");
+    assert!(record_failures(&pool, &failure("stale"), 1).await.expect("fail").is_empty(), "rows B holds are skipped");
     assert_eq!(mark_dead(&pool, &poison).await.expect("dead"), 0);
 
     // B's publish fails and B records it; A's stale outcome still changes nothing.
     b.rollback().await.expect("rollback B");
-    assert_eq!(record_failures(&pool, &failures, "redis: down", 10).await.expect("B's failure").len(), 3);
-    assert!(record_failures(&pool, &failures, "stale", 1).await.expect("fail").is_empty(), "attempts moved on");
+    assert_eq!(record_failures(&pool, &failure("redis: refused"), 10).await.expect("B's failure").len(), 3);
+    assert!(record_failures(&pool, &failure("stale"), 1).await.expect("fail").is_empty(), "attempts moved on");
     assert_eq!(mark_dead(&pool, &poison).await.expect("dead"), 0);
     assert_eq!(
         count(
             &db.pool,
-            "SELECT count(*) FROM outbox WHERE status = 'pending' AND attempts = 1 AND last_error = 'redis: down'"
+            "SELECT count(*) FROM outbox WHERE status = 'pending' AND attempts = 1 AND last_error = 'redis: refused'"
         )
         .await,
         3,
@@ -194,8 +244,13 @@ async fn an_orders_later_events_wait_while_an_earlier_one_is_in_flight_or_backin
 
     let a1_row = first.rows.remove(0);
     first.rollback().await.expect("rollback");
-    let failure = [Failure { id: a1_row.id, attempts: a1_row.attempts, retry_in: Duration::from_secs(3600) }];
-    assert_eq!(record_failures(&pool, &failure, "redis: down", 10).await.expect("fail a1").len(), 1);
+    let failure = [Failure {
+        id: a1_row.id,
+        attempts: a1_row.attempts,
+        retry_in: Duration::from_secs(3600),
+        error: "redis: refused".to_owned(),
+    }];
+    assert_eq!(record_failures(&pool, &failure, 10).await.expect("fail a1").len(), 1);
     let third = claim_batch(claim_conn(&pool).await, 10).await.expect("claim");
     assert_eq!(
         (third.rows.iter().map(|r| r.event_id.clone()).collect::<Vec<_>>(), third.locked),

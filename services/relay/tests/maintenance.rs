@@ -6,9 +6,10 @@ use std::time::Duration;
 
 use chrono::Utc;
 use common::*;
-use relay::dead::{list_dead, retry_dead, Retry};
+use outbox::dead::{list_dead, purge_dead, retry_dead, Retry};
+use outbox::failures::{record_failures, Failure};
+use outbox::published::trim_published;
 use relay::publish::Publisher;
-use relay::retention::trim_published;
 use service_kit::Shutdown;
 
 /// Inserts published rows directly, `age` old.
@@ -100,22 +101,26 @@ async fn events_out_of_attempts_go_dead_and_can_be_retried() {
     let first = append(&db.pool, "o-1", &order_payload("o-1")).await;
     let second = append(&db.pool, "o-2", &order_payload("o-2")).await;
 
-    // Nothing listens on this port: every attempt fails; one attempt allowed.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
-    let dead_url = format!("redis://{}", closed.local_addr().expect("addr"));
-    drop(closed);
-    let mut cfg = config(&db.url, &dead_url, &stream);
-    cfg.max_attempts = 1;
-    let relay = RunningRelay::start(cfg).await;
-    let dead = test_support::eventually("both rows dead", Duration::from_secs(20), || async {
-        let dead = list_dead(&db.pool).await.expect("list");
-        (dead.len() == 2).then_some(dead)
-    })
-    .await;
-    relay.stop().await;
+    // Redis refused both rows on their one allowed attempt (as `record_failures` records a
+    // refusal; a Redis that is down costs no attempt at all).
+    let rows: Vec<(i64, i32)> =
+        sqlx::query_as("SELECT id, attempts FROM outbox ORDER BY id").fetch_all(&db.pool).await.expect("rows");
+    let refused: Vec<Failure> = rows
+        .iter()
+        .map(|(id, attempts)| Failure {
+            id: *id,
+            attempts: *attempts,
+            retry_in: Duration::from_secs(60),
+            error: "redis: ERR refused".to_owned(),
+        })
+        .collect();
+    let outcomes = record_failures(&db.pool, &refused, 1).await.expect("record");
+    assert!(outcomes.iter().all(|o| o.status == "dead"), "{outcomes:?}");
+    let dead = list_dead(&db.pool).await.expect("list");
+    assert_eq!(dead.len(), 2);
     assert_eq!(dead[0].event_id, first.event_id.to_string());
     assert_eq!((dead[0].seq, dead[0].attempts), (1, 1));
-    assert!(dead.iter().all(|d| d.last_error.as_deref().is_some_and(|e| e.starts_with("redis:"))), "{dead:?}");
+    assert!(dead.iter().all(|d| d.last_error.as_deref() == Some("redis: ERR refused")), "{dead:?}");
 
     assert_eq!(retry_dead(&db.pool, Retry::One("not-an-event")).await.expect("retry"), 0);
     assert_eq!(retry_dead(&db.pool, Retry::One(&second.event_id.to_string())).await.expect("retry"), 1);
@@ -138,6 +143,39 @@ async fn events_out_of_attempts_go_dead_and_can_be_retried() {
 }
 
 /// Inserts `n` pending rows, two per order, straight into the outbox.
+#[tokio::test]
+async fn purging_dead_events_takes_the_later_events_of_their_orders_and_nothing_younger() {
+    let db = migrated_database("relay_purge").await;
+    // Order a: seq 1 ok (still pending), seq 2 dead for long, seq 3 waiting behind it.
+    // Order b: seq 1 dead, but recently. Order c: nothing dead.
+    for aggregate in ["a", "a", "a", "b", "c"] {
+        append(&db.pool, aggregate, &order_payload(aggregate)).await;
+    }
+    sqlx::query(
+        "UPDATE outbox SET status = 'dead', created_at = now() - interval '40 days' WHERE aggregate_id = 'a' AND seq = 2",
+    )
+    .execute(&db.pool)
+    .await
+    .expect("kill a/2");
+    sqlx::query("UPDATE outbox SET status = 'dead' WHERE aggregate_id = 'b'")
+        .execute(&db.pool)
+        .await
+        .expect("kill b/1");
+
+    let purged = purge_dead(&db.pool, Duration::from_secs(30 * 86_400)).await.expect("purge");
+    let mut removed: Vec<(String, i64, String)> =
+        purged.into_iter().map(|p| (p.aggregate_id, p.seq, p.status)).collect();
+    removed.sort();
+    assert_eq!(removed, [("a".to_owned(), 2, "dead".to_owned()), ("a".to_owned(), 3, "pending".to_owned())]);
+    let left: Vec<(String, i64)> = sqlx::query_as("SELECT aggregate_id, seq FROM outbox ORDER BY aggregate_id, seq")
+        .fetch_all(&db.pool)
+        .await
+        .expect("left");
+    let left: Vec<(&str, i64)> = left.iter().map(|(a, s)| (a.as_str(), *s)).collect();
+    assert_eq!(left, [("a", 1), ("b", 1), ("c", 1)]);
+    assert!(purge_dead(&db.pool, Duration::from_secs(30 * 86_400)).await.expect("purge").is_empty());
+}
+
 async fn pending_rows<'c>(pool: impl sqlx::PgExecutor<'c>, n: i64) {
     sqlx::query(
         "INSERT INTO outbox (event_id, aggregate_type, aggregate_id, seq, event_type, payload, occurred_at) \
@@ -158,8 +196,8 @@ async fn claims_walk_the_primary_key_even_with_stale_statistics() {
     sqlx::query("ANALYZE outbox").execute(&db.pool).await.expect("analyze");
     pending_rows(&db.pool, 20_000).await;
     let pool = claim_pool(&db.url, Duration::from_secs(30)).await;
-    let mut tx = pool.begin_with(relay::claim::BEGIN_CLAIM).await.expect("begin");
-    let plan: Vec<String> = sqlx::query_scalar(&format!("EXPLAIN {}", relay::claim::CLAIM_SQL))
+    let mut tx = pool.begin_with(outbox::claim::BEGIN_CLAIM).await.expect("begin");
+    let plan: Vec<String> = sqlx::query_scalar(&format!("EXPLAIN {}", outbox::claim::CLAIM_SQL))
         .bind(1000_i64)
         .fetch_all(&mut *tx)
         .await

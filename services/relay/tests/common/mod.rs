@@ -8,7 +8,7 @@ use chrono::Utc;
 use domain::StreamEntry;
 use redis::AsyncCommands;
 use relay::Config;
-use service_kit::Shutdown;
+use service_kit::{Service, Shutdown};
 use sqlx::PgPool;
 use test_support::TestDatabase;
 use tokio::task::JoinHandle;
@@ -33,8 +33,12 @@ pub fn config(database_url: &str, redis_url: &str, stream: &str) -> Config {
         backoff_base: Duration::from_secs(1),
         backoff_max: Duration::from_secs(15 * 60),
         retention: Duration::from_secs(24 * 3600),
+        stream_retention: Duration::from_secs(3600),
         max_payload_bytes: 1024 * 1024,
         upkeep_interval: Duration::from_secs(5),
+        db_statement_timeout: Duration::from_secs(30),
+        db_lock_timeout: Duration::from_secs(5),
+        http: service_kit::http::HttpSettings::default(),
         log_format: telemetry::LogFormat::Text,
     }
 }
@@ -42,7 +46,7 @@ pub fn config(database_url: &str, redis_url: &str, stream: &str) -> Config {
 pub struct RunningRelay {
     pub addr: SocketAddr,
     pub shutdown: Shutdown,
-    pub task: JoinHandle<Result<(), relay::RelayError>>,
+    pub task: JoinHandle<Result<(), service_kit::StartError>>,
 }
 
 impl RunningRelay {
@@ -152,12 +156,17 @@ pub async fn wait_until_published(pool: &PgPool, expected: i64, timeout: Duratio
 }
 
 /// A claim connection with `pool`'s settings.
-pub async fn claim_conn(pool: &PgPool) -> relay::claim::ClaimConnection {
-    relay::claim::ClaimConnection::connect(&pool.connect_options()).await.expect("claim connection")
+pub async fn claim_conn(pool: &PgPool) -> outbox::claim::ClaimConnection {
+    outbox::claim::ClaimConnection::connect(&pool.connect_options()).await.expect("claim connection")
 }
 
 /// A pool with the relay's connection settings, its claims ending after `lease` idle.
 pub async fn claim_pool(url: &str, lease: Duration) -> PgPool {
-    let options = relay::claim::connect_options(url, lease).expect("options");
+    let limits = service_kit::SessionLimits {
+        statement: Duration::from_secs(30),
+        lock: Duration::from_secs(5),
+        idle_in_transaction: lease,
+    };
+    let options = relay::config::connect_options(url, &limits).expect("options");
     sqlx::postgres::PgPoolOptions::new().max_connections(4).connect_with(options).await.expect("claim pool")
 }

@@ -1,0 +1,430 @@
+//! Noticing that Redis lost the stream's data, and republishing what it lost, by itself.
+//!
+//! The relays keep a marker next to the stream (`<stream>:relay-epoch`, a random token) and
+//! its value in Postgres (`stream_positions`). A Redis that restarts empty (no AOF, or its files
+//! lost) loses the marker with the stream. The first relay to see the marker gone sets a new
+//! one (`SET NX`: exactly one relay wins) and republishes the retained events
+//! (`outbox_published`) from the last point below which every consumer group had acknowledged
+//! everything, recorded as the stream is trimmed, less [`MARGIN`] for the clocks of Redis and
+//! Postgres (entry ids carry Redis's time, `published_at` Postgres's). Never measured, it
+//! republishes everything retained. Consumers skip what they applied already and recreate
+//! their group; events published since the loss wait (parked) for the republished ones before
+//! them. What is older than `OUTBOX_RETENTION` is no longer retained and cannot come back.
+//!
+//! A failover to a replica that had not received the last entries, or a restart from an AOF
+//! that missed its last second, keeps the marker. For those, each relay checks after Redis went
+//! away that Redis still holds the newest entry each of its publishers had added
+//! ([`crate::tails`]). The trimming never removes an entry younger than
+//! `REDIS_STREAM_RETENTION`, and a replica (or an AOF) holds a prefix of what was written, so
+//! if that entry is gone, everything after the newest entry still held before it may be gone:
+//! the events published since then (less the margin) are owed, as after a restart. Not
+//! noticed: a loss of entries that only relays which died with it had added.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, Client, RedisError};
+use service_kit::Shutdown;
+use sqlx::PgPool;
+
+use crate::metrics::Metrics;
+use crate::publish::Publisher;
+use crate::tails::Tails;
+
+/// How often the marker is checked.
+pub const CHECK_EVERY: Duration = Duration::from_secs(5);
+/// Republishing starts at least this much before the recorded point (clocks of Redis and
+/// Postgres).
+pub const MARGIN: Duration = Duration::from_secs(60);
+
+/// The marker's key.
+pub fn marker_key(stream: &str) -> String {
+    format!("{stream}:relay-epoch")
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RecoveryError {
+    #[error("redis: {0}")]
+    Redis(#[from] RedisError),
+    #[error("postgres: {0}")]
+    Postgres(#[from] sqlx::Error),
+    #[error("republishing: {0}")]
+    Replay(#[from] crate::replay::ReplayError),
+}
+
+/// What a check found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Check {
+    /// The marker is where it was (or another relay has just replaced it).
+    Intact,
+    /// First check ever for this stream: the marker was set and recorded.
+    Started,
+    /// The marker was gone: this relay set a new one and recorded that events published since
+    /// `since` are owed (republished by whichever relay claims them first).
+    Lost { since: DateTime<Utc> },
+}
+
+/// The marker recorded for `stream`, and the point below which every group had acknowledged
+/// everything (ms), if any was recorded.
+async fn recorded(pool: &PgPool, stream: &str) -> Result<Option<(String, Option<i64>)>, sqlx::Error> {
+    sqlx::query_as("SELECT epoch, acked_below_ms FROM stream_positions WHERE stream = $1")
+        .bind(stream)
+        .fetch_optional(pool)
+        .await
+}
+
+/// Looks at the marker, setting it (and recording what to republish) if it is gone.
+pub async fn check(
+    conn: &mut MultiplexedConnection,
+    pool: &PgPool,
+    stream: &str,
+    retention: Duration,
+    margin: Duration,
+) -> Result<Check, RecoveryError> {
+    let recorded = recorded(pool, stream).await?;
+    let token = ulid::Ulid::new().to_string();
+    let set: Option<String> = redis::cmd("SET").arg(marker_key(stream)).arg(&token).arg("NX").query_async(conn).await?;
+    if set.is_none() {
+        if recorded.is_none() {
+            // Set before this database knew of it (a database restored or replaced): record it.
+            let current: Option<String> = redis::cmd("GET").arg(marker_key(stream)).query_async(conn).await?;
+            if let Some(current) = current {
+                sqlx::query("INSERT INTO stream_positions (stream, epoch) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+                    .bind(stream)
+                    .bind(current)
+                    .execute(pool)
+                    .await?;
+            }
+        }
+        return Ok(Check::Intact);
+    }
+    let since = recorded.as_ref().map(|(_, acked_below_ms)| owed_from(*acked_below_ms, retention, margin));
+    // The marker and what is owed are recorded together; a second loss before the first is
+    // republished owes from the earlier point.
+    let recorded_now = sqlx::query(
+        "INSERT INTO stream_positions (stream, epoch, recover_since) VALUES ($1, $2, $3) \
+         ON CONFLICT (stream) DO UPDATE SET epoch = EXCLUDED.epoch, updated_at = now(), \
+           recover_since = LEAST(COALESCE(stream_positions.recover_since, EXCLUDED.recover_since), \
+                                 EXCLUDED.recover_since)",
+    )
+    .bind(stream)
+    .bind(&token)
+    .bind(since)
+    .execute(pool)
+    .await;
+    if let Err(e) = recorded_now {
+        // Not recorded: take the marker back (if still ours), so the loss is noticed again.
+        const RELEASE: &str =
+            "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0";
+        let _: Result<i64, RedisError> =
+            redis::cmd("EVAL").arg(RELEASE).arg(1).arg(marker_key(stream)).arg(&token).query_async(conn).await;
+        return Err(e.into());
+    }
+    Ok(since.map_or(Check::Started, |since| Check::Lost { since }))
+}
+
+/// Where republishing starts for a loss of what came after `point_ms` (entry-id time; `None`:
+/// unknown): `margin` before it, and never before the oldest retained event.
+fn owed_from(point_ms: Option<i64>, retention: Duration, margin: Duration) -> DateTime<Utc> {
+    let oldest_retained = Utc::now() - chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX);
+    point_ms
+        .and_then(DateTime::<Utc>::from_timestamp_millis)
+        .map(|at| at - chrono::Duration::from_std(margin).unwrap_or_default())
+        .map_or(oldest_retained, |at| at.max(oldest_retained))
+}
+
+/// KEYS[1]: the stream; KEYS[2]: the marker. ARGV[1]: an entry id; ARGV[2]: how young (ms)
+/// an entry must be for the trimming to have surely left it. Returns {marker or nil, verdict,
+/// the newest entry before the given one or nil}; verdict: "old" (too old to judge), "held" or
+/// "gone".
+const LOOK_FOR: &str = r"
+local marker = redis.call('GET', KEYS[2])
+local now = redis.call('TIME')
+local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+if tonumber(string.match(ARGV[1], '^(%d+)')) <= now_ms - tonumber(ARGV[2]) then
+  return {marker, 'old', false}
+end
+if #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1]) > 0 then return {marker, 'held', false} end
+local before = redis.call('XREVRANGE', KEYS[1], ARGV[1], '-', 'COUNT', 1)
+return {marker, 'gone', before[1] and before[1][1] or false}
+";
+
+/// The time part (ms) of an entry id.
+fn id_ms(id: &str) -> Option<i64> {
+    id.split('-').next()?.parse().ok()
+}
+
+/// What checking the entries a relay had added found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TailCheck {
+    /// Each is held, or too old to judge.
+    Held,
+    /// The marker is not the one recorded: the marker's check comes first.
+    MarkerChanged,
+    /// The marker is another than the one seen when the entries were added: their stream was
+    /// lost whole and replaced, which its marker's loss covers.
+    Replaced,
+    /// One was gone: recorded that events published since `since` are owed.
+    Lost { since: DateTime<Utc> },
+}
+
+/// Checks that Redis still holds each of `ids` (entries this relay had added before Redis went
+/// away, to the stream whose marker was `seen`). One gone while younger than
+/// `stream_retention` (less a second) was lost, with everything after the newest entry still
+/// held before it: records that the events published since then are owed.
+pub async fn check_tails(
+    conn: &mut MultiplexedConnection,
+    pool: &PgPool,
+    stream: &str,
+    ids: &[String],
+    seen: Option<&str>,
+    settings: &RecoverySettings,
+) -> Result<TailCheck, RecoveryError> {
+    let recorded = recorded(pool, stream).await?;
+    let Some((epoch, acked_below_ms)) = recorded else { return Ok(TailCheck::MarkerChanged) };
+    let young = settings.stream_retention.saturating_sub(Duration::from_secs(1)).as_millis() as i64;
+    let mut since: Option<DateTime<Utc>> = None;
+    for id in ids {
+        let (marker, verdict, before): (Option<String>, String, Option<String>) = redis::cmd("EVAL")
+            .arg(LOOK_FOR)
+            .arg(2)
+            .arg(stream)
+            .arg(marker_key(stream))
+            .arg(id)
+            .arg(young)
+            .query_async(conn)
+            .await?;
+        if marker.as_deref() != Some(epoch.as_str()) {
+            return Ok(TailCheck::MarkerChanged);
+        }
+        if seen.is_some_and(|seen| seen != epoch) {
+            return Ok(TailCheck::Replaced);
+        }
+        if verdict == "gone" {
+            let from =
+                owed_from(before.as_deref().and_then(id_ms).or(acked_below_ms), settings.retention, settings.margin);
+            since = Some(since.map_or(from, |s| s.min(from)));
+        }
+    }
+    let Some(since) = since else { return Ok(TailCheck::Held) };
+    let owed = sqlx::query(
+        "UPDATE stream_positions SET recover_since = LEAST(COALESCE(recover_since, $3), $3), updated_at = now() \
+         WHERE stream = $1 AND epoch = $2",
+    )
+    .bind(stream)
+    .bind(&epoch)
+    .bind(since)
+    .execute(pool)
+    .await?
+    .rows_affected();
+    Ok(if owed == 1 { TailCheck::Lost { since } } else { TailCheck::MarkerChanged })
+}
+
+/// The republishing owed for `stream`, if any and no other relay holds it: held by this relay
+/// for [`LEASE`] (renew it while republishing).
+pub async fn claim_owed(pool: &PgPool, stream: &str) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
+    sqlx::query_scalar(
+        "UPDATE stream_positions SET recovering_until = now() + $2 * interval '1 millisecond' \
+         WHERE stream = $1 AND recover_since IS NOT NULL AND (recovering_until IS NULL OR recovering_until < now()) \
+         RETURNING recover_since",
+    )
+    .bind(stream)
+    .bind(service_kit::prune::millis(LEASE))
+    .fetch_optional(pool)
+    .await
+    .map(Option::flatten)
+}
+
+/// Keeps holding the owed republishing.
+async fn renew(pool: &PgPool, stream: &str) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE stream_positions SET recovering_until = now() + $2 * interval '1 millisecond' WHERE stream = $1",
+    )
+    .bind(stream)
+    .bind(service_kit::prune::millis(LEASE))
+    .execute(pool)
+    .await
+    .map(|_| ())
+}
+
+/// The republishing owed from `since` is done (unless a later loss owes from an earlier point
+/// meanwhile, which stays owed).
+async fn owed_done(pool: &PgPool, stream: &str, since: DateTime<Utc>) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE stream_positions SET recover_since = NULL, recovering_until = NULL \
+         WHERE stream = $1 AND recover_since = $2",
+    )
+    .bind(stream)
+    .bind(since)
+    .execute(pool)
+    .await
+    .map(|_| ())
+}
+
+/// Lets the owed republishing go, for the next relay to look (this one included) to take over.
+async fn let_owed_go(pool: &PgPool, stream: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE stream_positions SET recovering_until = NULL WHERE stream = $1")
+        .bind(stream)
+        .execute(pool)
+        .await
+        .map(|_| ())
+}
+
+/// How long a relay holds an owed republishing without renewing it.
+const LEASE: Duration = Duration::from_secs(60);
+
+/// Records the point below which every group has acknowledged everything, while the marker
+/// is the one recorded (`epoch`: the marker's value as the point was measured; a point
+/// measured on a stream that has lost its data, before the loss is noticed, is not taken);
+/// it only moves on.
+pub async fn record_acked_below(
+    pool: &PgPool,
+    stream: &str,
+    epoch: &str,
+    acked_below_ms: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE stream_positions SET acked_below_ms = GREATEST(acked_below_ms, $2), updated_at = now() \
+         WHERE stream = $1 AND epoch = $3",
+    )
+    .bind(stream)
+    .bind(acked_below_ms)
+    .bind(epoch)
+    .execute(pool)
+    .await
+    .map(|_| ())
+}
+
+/// Checks the marker at start and every [`CHECK_EVERY`] until shutdown, and after Redis went
+/// away the entries this relay had added (`tails`), and republishes what a loss owes
+/// (whichever relay noticed it). Failures (Redis or Postgres down) are logged and tried again.
+pub async fn recovery_loop(
+    client: Client,
+    pool: PgPool,
+    mut publisher: Publisher,
+    tails: Tails,
+    settings: RecoverySettings,
+    metrics: Metrics,
+    shutdown: Shutdown,
+) {
+    let config = AsyncConnectionConfig::new()
+        .set_connection_timeout(Duration::from_secs(2))
+        .set_response_timeout(Duration::from_secs(10));
+    let mut conn: Option<MultiplexedConnection> = None;
+    let mut connected_before = false;
+    loop {
+        if conn.is_none() {
+            conn = client.get_multiplexed_async_connection_with_config(&config).await.ok();
+            if conn.is_none() && connected_before {
+                tails.redis_went_away();
+            }
+        }
+        if let Some(c) = conn.as_mut() {
+            connected_before = true;
+            let looked = recover_once(c, &pool, &mut publisher, &tails, &settings, &metrics, &shutdown).await;
+            if let Err(e) = looked {
+                tracing::warn!(stream = settings.stream, error = %e,
+                    "checking the stream's marker, or republishing after a loss, failed; trying again");
+                if matches!(e, RecoveryError::Redis(_) | RecoveryError::Replay(_)) {
+                    conn = None;
+                    tails.redis_went_away();
+                }
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(CHECK_EVERY) => {}
+        }
+    }
+}
+
+/// What the recovery loop needs of the relay's settings.
+#[derive(Debug, Clone)]
+pub struct RecoverySettings {
+    pub stream: String,
+    /// `OUTBOX_RETENTION`: how far back events are retained to republish.
+    pub retention: Duration,
+    /// `REDIS_STREAM_RETENTION`: no entry younger than this is trimmed.
+    pub stream_retention: Duration,
+    pub batch_size: u32,
+    /// Republishing starts this much before the recorded point: [`MARGIN`] for the clocks,
+    /// plus the longest a batch takes from its claim (`published_at`) to its `XADD`s.
+    pub margin: Duration,
+}
+
+async fn recover_once(
+    conn: &mut MultiplexedConnection,
+    pool: &PgPool,
+    publisher: &mut Publisher,
+    tails: &Tails,
+    settings: &RecoverySettings,
+    metrics: &Metrics,
+    shutdown: &Shutdown,
+) -> Result<(), RecoveryError> {
+    let stream = settings.stream.as_str();
+    match check(conn, pool, stream, settings.retention, settings.margin).await? {
+        Check::Lost { since } => {
+            // Republishing from the last point every group had acknowledged covers what the
+            // entries this relay had added could show.
+            tails.take();
+            metrics.stream_recoveries.inc();
+            tracing::warn!(stream, since = %since.to_rfc3339(),
+                "Redis lost the stream's data (its marker is gone); republishing the events published since");
+        }
+        Check::Started => {
+            tails.take();
+        }
+        Check::Intact => {
+            let ids = tails.take();
+            if !ids.is_empty() {
+                let seen = tails.marker_seen();
+                let checked = check_tails(conn, pool, stream, &ids, seen.as_deref(), settings).await;
+                match checked {
+                    Ok(TailCheck::Lost { since }) => {
+                        metrics.stream_recoveries.inc();
+                        tracing::warn!(stream, since = %since.to_rfc3339(),
+                            "Redis lost the latest entries (one this relay had added is gone, as after a failover \
+                             to a replica that had not received it); republishing the events published since");
+                    }
+                    Ok(TailCheck::Held | TailCheck::Replaced) => {}
+                    Ok(TailCheck::MarkerChanged) | Err(_) => tails.put_back(ids),
+                }
+                checked?;
+            }
+        }
+    }
+    let marker: Option<String> = redis::cmd("GET").arg(marker_key(stream)).query_async(conn).await?;
+    tails.saw_marker(marker);
+    let Some(since) = claim_owed(pool, stream).await? else { return Ok(()) };
+    let renewing = async {
+        loop {
+            tokio::time::sleep(LEASE / 3).await;
+            if let Err(e) = renew(pool, stream).await {
+                tracing::debug!(stream, error = %e, "renewing the republishing lease failed");
+            }
+        }
+    };
+    let republished = tokio::select! {
+        done = crate::replay::replay(pool, publisher, since, None, settings.batch_size) => Some(done),
+        () = renewing => None,
+        () = shutdown.cancelled() => None,
+    };
+    match republished {
+        Some(Ok(n)) => {
+            owed_done(pool, stream, since).await?;
+            metrics.stream_recovered_events.inc_by(n);
+            tracing::warn!(stream, republished = n, "events republished after Redis lost data");
+            Ok(())
+        }
+        Some(Err(e)) => {
+            let_owed_go(pool, stream).await?;
+            Err(e.into())
+        }
+        None => {
+            // Stopped half-way: the next relay to look takes it over from the start.
+            let _ = let_owed_go(pool, stream).await;
+            Ok(())
+        }
+    }
+}
