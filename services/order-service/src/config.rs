@@ -1,6 +1,8 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use service_kit::http::HttpSettings;
+use service_kit::{parse_duration, SessionLimits};
 use telemetry::LogFormat;
 
 /// Settings of order-service, from flags or the environment (flags win).
@@ -28,6 +30,31 @@ pub struct Config {
     /// rolled back) with 503, in milliseconds. Also bounds how long shutdown waits for it.
     #[arg(long, env = "REQUEST_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub request_timeout_ms: u64,
+
+    /// Longest statement on the service's database sessions.
+    #[arg(long, env = "DB_STATEMENT_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub db_statement_timeout: Duration,
+
+    /// Longest wait for a lock (an order row locked by a concurrent confirm or cancel).
+    #[arg(long, env = "DB_LOCK_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub db_lock_timeout: Duration,
+
+    /// How long a transaction may sit idle before the server ends it and releases its locks.
+    #[arg(long, env = "DB_IDLE_IN_TRANSACTION_TIMEOUT", default_value = "15s", value_parser = parse_duration)]
+    pub db_idle_in_transaction_timeout: Duration,
+
+    /// How long a stored response answers retries with its `Idempotency-Key`; older keys are
+    /// removed, and a request reusing one creates a new order.
+    #[arg(long, env = "IDEMPOTENCY_KEY_TTL", default_value = "24h", value_parser = parse_duration)]
+    pub idempotency_key_ttl: Duration,
+
+    /// How often the service checks whether `idempotency_keys` (whose expired keys it removes)
+    /// needs a vacuum or an analyze, and runs it ("0" leaves it to autovacuum).
+    #[arg(long, env = "DB_UPKEEP_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    pub upkeep_interval: Duration,
+
+    #[command(flatten)]
+    pub http: HttpSettings,
 }
 
 impl Config {
@@ -39,6 +66,20 @@ impl Config {
             log_format: LogFormat::Text,
             database_max_connections: 10,
             request_timeout_ms: 10_000,
+            db_statement_timeout: Duration::from_secs(10),
+            db_lock_timeout: Duration::from_secs(5),
+            db_idle_in_transaction_timeout: Duration::from_secs(15),
+            idempotency_key_ttl: Duration::from_secs(24 * 3600),
+            upkeep_interval: Duration::from_secs(5),
+            http: HttpSettings::default(),
+        }
+    }
+
+    pub fn session_limits(&self) -> SessionLimits {
+        SessionLimits {
+            statement: self.db_statement_timeout,
+            lock: self.db_lock_timeout,
+            idle_in_transaction: self.db_idle_in_transaction_timeout,
         }
     }
 

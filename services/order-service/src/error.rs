@@ -41,7 +41,7 @@ pub enum ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
-        if e.is_unavailable() {
+        if e.class().is_transient() {
             Self::Unavailable(e)
         } else {
             Self::Internal(e)
@@ -83,15 +83,24 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         match &self {
-            Self::Internal(e) => tracing::error!(error = %e, cause = ?std::error::Error::source(e), "request failed"),
-            Self::Unavailable(e) => {
-                tracing::warn!(error = %e, cause = ?std::error::Error::source(e), "database unavailable")
-            }
+            Self::Internal(e) => tracing::error!(error = %e, cause = ?std::error::Error::source(e),
+                failure_class = %e.class(), "request failed"),
+            Self::Unavailable(e) => tracing::warn!(error = %e, cause = ?std::error::Error::source(e),
+                failure_class = %e.class(), "database unavailable"),
             Self::Timeout(_) | Self::NotReady => tracing::warn!(error = %self, "request not served"),
             _ => {}
         }
         let retry = matches!(self, Self::NotReady | Self::Timeout(_) | Self::Unavailable(_));
+        let class = match &self {
+            Self::Internal(e) | Self::Unavailable(e) => Some(e.class()),
+            Self::NotReady | Self::Timeout(_) => Some(service_kit::FailureClass::transient),
+            _ => None,
+        };
         let mut response = self.problem().into_response();
+        if let Some(class) = class {
+            // For the request metrics, which count failures by class.
+            response.extensions_mut().insert(class);
+        }
         if retry {
             // The outage is expected to be short; clients should come back soon, not hammer.
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));

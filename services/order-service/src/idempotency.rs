@@ -1,10 +1,16 @@
 //! `Idempotency-Key`: the first response to a keyed create is stored with the order, in the
-//! same transaction, and replayed for retries of the same request.
+//! same transaction, and replayed for retries of the same request within the key's time to
+//! live (`IDEMPOTENCY_KEY_TTL`). An expired key counts as absent whether or not it has been
+//! removed yet, and expired keys are removed in bounded batches ([`expiry_loop`]).
+
+use std::time::Duration;
 
 use axum::http::HeaderMap;
 use domain::ValidationError;
+use service_kit::prune::{delete_in_batches, millis, pass_interval};
+use service_kit::Shutdown;
 use sha2::{Digest, Sha256};
-use sqlx::PgConnection;
+use sqlx::{PgConnection, PgPool};
 
 use crate::store::StoreError;
 
@@ -50,9 +56,9 @@ pub struct Stored {
     pub body: serde_json::Value,
 }
 
-/// Records `key` for a new order as the transaction's first write. Returns `false` when the key
-/// is already taken; if another transaction holds it uncommitted, this waits for that one to
-/// end, so two requests with one key never both create an order.
+/// Records `key` for a new order as the transaction's first write, taking it over if it has
+/// expired. Returns `false` when the key is taken; if another transaction holds it uncommitted,
+/// this waits for that one to end, so two requests with one key never both create an order.
 #[tracing::instrument(skip_all, fields(order_id = order_id, idempotency_key = key.as_str(), db.system = "postgresql"))]
 pub async fn claim(
     conn: &mut PgConnection,
@@ -60,15 +66,20 @@ pub async fn claim(
     request_hash: &str,
     order_id: &str,
     body: &serde_json::Value,
+    ttl: Duration,
 ) -> Result<bool, StoreError> {
     let claimed = sqlx::query(
         "INSERT INTO idempotency_keys (key, request_hash, order_id, response_body) VALUES ($1, $2, $3, $4) \
-         ON CONFLICT ON CONSTRAINT idempotency_keys_pkey DO NOTHING",
+         ON CONFLICT ON CONSTRAINT idempotency_keys_pkey DO UPDATE \
+           SET request_hash = EXCLUDED.request_hash, order_id = EXCLUDED.order_id, \
+               response_body = EXCLUDED.response_body, created_at = EXCLUDED.created_at \
+           WHERE idempotency_keys.created_at < now() - $5 * interval '1 millisecond'",
     )
     .bind(key.as_str())
     .bind(request_hash)
     .bind(order_id)
     .bind(body)
+    .bind(millis(ttl))
     .execute(conn)
     .await?
     .rows_affected();
@@ -84,4 +95,47 @@ pub async fn stored(conn: &mut PgConnection, key: &IdempotencyKey) -> Result<Opt
             .fetch_optional(conn)
             .await?;
     Ok(row.map(|(request_hash, order_id, body)| Stored { request_hash, order_id, body }))
+}
+
+/// Statements per round: a larger backlog takes several rounds.
+const EXPIRY_STATEMENTS: u32 = 100;
+
+/// Removes keys older than `ttl`, the oldest first on the `created_at` index, in batches
+/// ([`service_kit::prune`]; rows another replica is removing are skipped), until none is left,
+/// [`EXPIRY_STATEMENTS`] statements were run, or shutdown. Returns how many went.
+pub async fn remove_expired(pool: &PgPool, ttl: Duration, shutdown: &Shutdown) -> Result<u64, sqlx::Error> {
+    delete_in_batches(
+        pool,
+        "DELETE FROM idempotency_keys WHERE key IN ( \
+           SELECT key FROM idempotency_keys WHERE created_at < now() - $1 * interval '1 millisecond' \
+           ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED)",
+        ttl,
+        EXPIRY_STATEMENTS,
+        shutdown,
+    )
+    .await
+}
+
+/// Removes expired keys every [`pass_interval`] of the TTL until shutdown, counting them in `expired`.
+pub async fn expiry_loop(
+    pool: PgPool,
+    ttl: Duration,
+    expired: prometheus_client::metrics::counter::Counter,
+    shutdown: Shutdown,
+) {
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(pass_interval(ttl)) => {}
+        }
+        match remove_expired(&pool, ttl, &shutdown).await {
+            Ok(n) => {
+                expired.inc_by(n);
+                if n > 0 {
+                    tracing::debug!(removed = n, "expired idempotency keys removed");
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "removing expired idempotency keys failed; trying again next round"),
+        }
+    }
 }

@@ -15,12 +15,7 @@ mod orders;
 mod routes;
 mod store;
 
-pub use app::{Application, StartupError};
+pub use app::OrderService;
 pub use body::MAX_BODY_BYTES;
 pub use config::Config;
-pub use service_kit::Shutdown;
-
-/// Runs the service until `shutdown` is cancelled.
-pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), StartupError> {
-    Application::build(&config, shutdown).await?.run().await
-}
+pub use service_kit::{Service, Shutdown, StartError};

@@ -8,18 +8,25 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::{Registry, Unit};
+use service_kit::FailureClass;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
-    method: String,
+    /// One of the standard methods, or `other` ([`service_kit::http::method_label`]).
+    method: &'static str,
     route: String,
     status: u16,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RouteLabels {
-    method: String,
+    method: &'static str,
     route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FailureLabels {
+    class: FailureClass,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -35,6 +42,8 @@ pub struct Metrics {
     durations: DurationFamily,
     orders_created: Counter,
     transitions: Family<TransitionLabels, Counter>,
+    failures: Family<FailureLabels, Counter>,
+    pub idempotency_keys_expired: Counter,
 }
 
 impl Metrics {
@@ -45,6 +54,8 @@ impl Metrics {
             durations: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.0005, 2.0, 16))),
             orders_created: Counter::default(),
             transitions: Family::default(),
+            failures: Family::default(),
+            idempotency_keys_expired: Counter::default(),
         };
         // A poisoned registry only means another thread panicked while registering; the
         // registry itself is still usable.
@@ -58,15 +69,27 @@ impl Metrics {
         );
         registry.register("orders_created", "Orders created", metrics.orders_created.clone());
         registry.register("order_transitions", "Order status changes, by new status", metrics.transitions.clone());
+        registry.register(
+            "api_failures",
+            "Requests that failed on the service's side, by class (transient: 503; bug: 500)",
+            metrics.failures.clone(),
+        );
+        registry.register(
+            "idempotency_keys_expired",
+            "Idempotency keys removed after IDEMPOTENCY_KEY_TTL",
+            metrics.idempotency_keys_expired.clone(),
+        );
         metrics
     }
 
-    pub fn observe_request(&self, method: &str, route: &str, status: u16, elapsed: Duration) {
-        let (method, route) = (method.to_owned(), route.to_owned());
-        self.durations
-            .get_or_create(&RouteLabels { method: method.clone(), route: route.clone() })
-            .observe(elapsed.as_secs_f64());
+    pub fn observe_request(&self, method: &'static str, route: &str, status: u16, elapsed: Duration) {
+        let route = route.to_owned();
+        self.durations.get_or_create(&RouteLabels { method, route: route.clone() }).observe(elapsed.as_secs_f64());
         self.requests.get_or_create(&RequestLabels { method, route, status }).inc();
+    }
+
+    pub fn failure(&self, class: FailureClass) {
+        self.failures.get_or_create(&FailureLabels { class }).inc();
     }
 
     pub fn order_created(&self) {

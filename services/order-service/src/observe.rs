@@ -16,11 +16,14 @@ use crate::error::ApiError;
 const UNMATCHED: &str = "unmatched";
 
 pub async fn trace_and_measure(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let method = req.method().as_str().to_owned();
+    // A bounded label: any token is a valid method, and each would be a new series.
+    let method = service_kit::http::method_label(req.method());
+    // The semantic conventions' name for a method outside the standard set.
+    let span_method = if method == "other" { "_OTHER" } else { method };
     let route = req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned());
     let name = match &route {
-        Some(route) => format!("{method} {route}"),
-        None => method.clone(),
+        Some(route) => format!("{span_method} {route}"),
+        None => span_method.to_owned(),
     };
     let route = route.unwrap_or_else(|| UNMATCHED.to_owned());
     // Probes and scrapes would otherwise start a trace each, burying the orders in Jaeger.
@@ -32,7 +35,7 @@ pub async fn trace_and_measure(State(state): State<AppState>, req: Request, next
         otel.name = %name,
         otel.kind = "server",
         otel.status_code = tracing::field::Empty,
-        http.request.method = %method,
+        http.request.method = %span_method,
         http.route = %route,
         url.path = %req.uri().path(),
         http.response.status_code = tracing::field::Empty,
@@ -50,7 +53,10 @@ pub async fn trace_and_measure(State(state): State<AppState>, req: Request, next
     if status.is_server_error() {
         span.record("otel.status_code", "ERROR");
     }
-    state.metrics.observe_request(&method, &route, status.as_u16(), elapsed);
+    state.metrics.observe_request(method, &route, status.as_u16(), elapsed);
+    if let Some(class) = response.extensions().get::<service_kit::FailureClass>() {
+        state.metrics.failure(*class);
+    }
     tracing::debug!(parent: &span, status = status.as_u16(), elapsed_ms = elapsed.as_secs_f64() * 1e3, "request served");
     response
 }

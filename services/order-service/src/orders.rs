@@ -1,9 +1,11 @@
 //! The order workflows: each state change and its event in one transaction.
 
+use std::time::Duration;
+
 use chrono::{SubsecRound, Utc};
 use domain::{NewOrder, Order, OrderId, Transition, ValidationError};
 use outbox::{Notifier, Wake};
-use service_kit::connections::{keeps_connection, Connections, Lease};
+use service_kit::connections::{keeps_connection, Connections, Ended, PooledConnection};
 use sqlx::{Connection as _, PgConnection};
 
 use crate::error::ApiError;
@@ -28,11 +30,13 @@ fn now() -> chrono::DateTime<Utc> {
 pub struct Orders {
     db: Connections,
     notifier: Notifier,
+    /// How long an `Idempotency-Key` answers retries.
+    key_ttl: Duration,
 }
 
 impl Orders {
-    pub fn new(db: Connections, notifier: Notifier) -> Self {
-        Self { db, notifier }
+    pub fn new(db: Connections, notifier: Notifier, key_ttl: Duration) -> Self {
+        Self { db, notifier, key_ttl }
     }
 
     /// Creates an order, or replays the stored response of an earlier request with the same
@@ -42,9 +46,9 @@ impl Orders {
         let order = Order::create(new, now());
         let mut conn = self.db.acquire().await.map_err(StoreError::from)?;
         let wake = self.notifier.write();
-        let created = create_on(&mut conn, order, key, wake.carries()).await;
+        let created = create_on(&mut conn, order, key, self.key_ttl, wake.carries()).await;
         finish(wake, &created, |c| matches!(c, Created::New(_)));
-        give_back(conn, &created).await;
+        put_back(conn, &created).await;
         created
     }
 
@@ -55,7 +59,7 @@ impl Orders {
             Ok(order) => order.ok_or(ApiError::OrderNotFound),
             Err(e) => Err(e.into()),
         };
-        give_back(conn, &found).await;
+        put_back(conn, &found).await;
         found
     }
 
@@ -67,7 +71,7 @@ impl Orders {
         let wake = self.notifier.write();
         let moved = transition_on(&mut conn, order_id, transition, wake.carries()).await;
         finish(wake, &moved, |(_, changed)| *changed);
-        give_back(conn, &moved).await;
+        put_back(conn, &moved).await;
         moved
     }
 }
@@ -87,19 +91,14 @@ fn finish<T>(wake: Wake, result: &Result<T, ApiError>, appended: impl FnOnce(&T)
     }
 }
 
-/// Gives `conn` back after work that ended with `result`: at once after a success; after a
-/// failure, closed if the connection itself failed, else once a round trip has sent whatever
-/// the work left queued (the rollback of a transaction an error dropped).
-async fn give_back<T>(conn: Lease, result: &Result<T, ApiError>) {
-    let failed = match result {
-        Ok(_) => return conn.release(),
-        Err(ApiError::Internal(e) | ApiError::Unavailable(e)) => e.database(),
-        Err(_) => None,
+/// Puts `conn` back after work that ended with `result`.
+async fn put_back<T>(conn: PooledConnection, result: &Result<T, ApiError>) {
+    let ended = match result {
+        Ok(_) => Ended::Completed,
+        Err(ApiError::Internal(e) | ApiError::Unavailable(e)) => e.database().map_or(Ended::Interrupted, Ended::Failed),
+        Err(_) => Ended::Interrupted,
     };
-    match failed {
-        Some(e) => conn.release_after(e).await,
-        None => conn.recycle().await,
-    }
+    conn.put_back(ended).await;
 }
 
 /// `notify`: the event's transaction wakes the relays.
@@ -107,22 +106,38 @@ async fn create_on(
     conn: &mut PgConnection,
     order: Order,
     key: Option<(IdempotencyKey, String)>,
+    key_ttl: Duration,
     notify: bool,
 ) -> Result<Created, ApiError> {
     let span = tracing::Span::current();
     let appended = match &key {
         Some((key, hash)) => {
             span.record("idempotency_key", key.as_str());
-            let mut tx = conn.begin().await.map_err(StoreError::from)?;
             let body = serde_json::to_value(&order).map_err(StoreError::from)?;
-            if !idempotency::claim(&mut tx, key, hash, &order.id.to_string(), &body).await? {
+            // A key taken when claimed may expire and be removed before its response is read;
+            // then it is free, and the second try takes it (or finds whoever did).
+            let mut tries = 0;
+            loop {
+                tries += 1;
+                let mut tx = conn.begin().await.map_err(StoreError::from)?;
+                if idempotency::claim(&mut tx, key, hash, &order.id.to_string(), &body, key_ttl).await? {
+                    span.record("order_id", tracing::field::display(order.id));
+                    let appended = store::insert_order(&mut *tx, &order, notify).await?;
+                    tx.commit().await.map_err(StoreError::from)?;
+                    break appended;
+                }
                 tx.rollback().await.map_err(StoreError::from)?;
-                return replay(conn, key, hash).await;
+                match replay(conn, key, hash).await? {
+                    Some(replayed) => return Ok(replayed),
+                    None if tries < 2 => continue,
+                    None => {
+                        return Err(ApiError::Unavailable(StoreError::Corrupt {
+                            id: key.as_str().to_owned(),
+                            reason: "key expired while it was being read twice in a row".into(),
+                        }))
+                    }
+                }
             }
-            span.record("order_id", tracing::field::display(order.id));
-            let appended = store::insert_order(&mut *tx, &order, notify).await?;
-            tx.commit().await.map_err(StoreError::from)?;
-            appended
         }
         None => {
             span.record("order_id", tracing::field::display(order.id));
@@ -134,11 +149,9 @@ async fn create_on(
     Ok(Created::New(order))
 }
 
-async fn replay(conn: &mut PgConnection, key: &IdempotencyKey, hash: &str) -> Result<Created, ApiError> {
-    let stored = idempotency::stored(conn, key).await?.ok_or_else(|| {
-        // Keys are never deleted, so a conflict without a committed row cannot happen.
-        ApiError::Internal(StoreError::Corrupt { id: key.as_str().to_owned(), reason: "key vanished".into() })
-    })?;
+/// The stored response of `key`; `None` if the key was removed since it was found taken.
+async fn replay(conn: &mut PgConnection, key: &IdempotencyKey, hash: &str) -> Result<Option<Created>, ApiError> {
+    let Some(stored) = idempotency::stored(conn, key).await? else { return Ok(None) };
     if stored.request_hash != hash {
         return Err(ApiError::Invalid(ValidationError::new(
             idempotency::HEADER,
@@ -146,7 +159,7 @@ async fn replay(conn: &mut PgConnection, key: &IdempotencyKey, hash: &str) -> Re
         )));
     }
     tracing::info!(order_id = %stored.order_id, "idempotent retry: replaying the first response");
-    Ok(Created::Replayed { order_id: stored.order_id, body: stored.body })
+    Ok(Some(Created::Replayed { order_id: stored.order_id, body: stored.body }))
 }
 
 async fn transition_on(

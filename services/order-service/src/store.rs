@@ -26,25 +26,13 @@ impl StoreError {
         }
     }
 
-    /// Whether the failure is the database being unreachable or overloaded (worth a retry by
-    /// the client) rather than a fault in this service.
-    pub fn is_unavailable(&self) -> bool {
-        let Some(e) = self.database() else { return false };
-        match e {
-            sqlx::Error::PoolTimedOut
-            | sqlx::Error::PoolClosed
-            | sqlx::Error::Io(_)
-            | sqlx::Error::Tls(_)
-            | sqlx::Error::WorkerCrashed => true,
-            sqlx::Error::Database(db) => db.code().is_some_and(|code| {
-                // 08: connection exceptions; 57P0x: server shutting down / starting; 53300: too
-                // many connections; 3D000: database missing; 40001/40P01: serialization failure
-                // or deadlock; 57014: statement cancelled.
-                code.starts_with("08")
-                    || code.starts_with("57P0")
-                    || ["53300", "3D000", "40001", "40P01", "57014"].contains(&code.as_ref())
-            }),
-            _ => false,
+    /// The failure's class ([`service_kit::failure`]): transient ones (the database
+    /// unreachable, overloaded, a lock or statement timeout, a conflict) are worth a retry by
+    /// the client; others are faults of this service.
+    pub fn class(&self) -> service_kit::FailureClass {
+        match self.database() {
+            Some(e) => service_kit::failure::of_postgres(e),
+            None => service_kit::FailureClass::bug,
         }
     }
 }

@@ -89,3 +89,60 @@ async fn concurrent_requests_with_one_key_create_one_order() {
     assert_eq!(count(&app.db, "orders").await, 1);
     assert_eq!(events(&app.db, &ids[0]).await, vec![(1, "OrderCreated".into())]);
 }
+
+async fn id_of(response: reqwest::Response) -> String {
+    assert_eq!(response.status(), 201);
+    response.json::<Value>().await.expect("a JSON body")["id"].as_str().expect("an id").to_owned()
+}
+
+#[tokio::test]
+async fn a_key_past_its_ttl_is_removed_and_its_reuse_creates_a_new_order() {
+    let db = test_support::fresh_database("orders_key_ttl").await;
+    let mut cfg = common::config(&db.url);
+    cfg.idempotency_key_ttl = std::time::Duration::from_secs(1);
+    let app = TestAppWithDb { app: common::start(cfg).await, db };
+    app.wait_ready().await;
+    let first = id_of(create_with_key(&app, "short-lived", &valid_body()).await).await;
+    let retry = create_with_key(&app, "short-lived", &valid_body()).await;
+    assert_eq!(retry.headers()["idempotent-replayed"], "true");
+    assert_eq!(id_of(retry).await, first);
+    for i in 0..50 {
+        id_of(create_with_key(&app, &format!("k-{i}"), &valid_body()).await).await;
+    }
+    test_support::eventually("expired keys removed", std::time::Duration::from_secs(10), || async {
+        (count(&app.db, "idempotency_keys").await == 0).then_some(())
+    })
+    .await;
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    assert!(metrics.contains("idempotency_keys_expired_total 51"), "{metrics}");
+    let again = id_of(create_with_key(&app, "short-lived", &valid_body()).await).await;
+    assert_ne!(again, first, "an expired key is a new request");
+    assert_eq!(count(&app.db, "orders").await, 52, "orders stay: only the keys expire");
+}
+
+#[tokio::test]
+async fn an_expired_key_not_yet_removed_counts_as_absent_and_a_live_one_still_replays() {
+    // The shipped TTL (24 h); keys made old by hand, before any removal round has run.
+    let app = spawn_app().await;
+    let old = id_of(create_with_key(&app, "old", &valid_body()).await).await;
+    let live = id_of(create_with_key(&app, "live", &valid_body()).await).await;
+    sqlx::query("UPDATE idempotency_keys SET created_at = now() - interval '24 hours 1 second' WHERE key = 'old'")
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE idempotency_keys SET created_at = now() - interval '23 hours 59 minutes' WHERE key = 'live'")
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    let reused = create_with_key(&app, "old", &valid_body()).await;
+    assert!(reused.headers().get("idempotent-replayed").is_none());
+    let reused = id_of(reused).await;
+    assert_ne!(reused, old);
+    // The key now stands for the new order, for another full TTL.
+    let retry = create_with_key(&app, "old", &valid_body()).await;
+    assert_eq!(id_of(retry).await, reused);
+    let retry = create_with_key(&app, "live", &valid_body()).await;
+    assert_eq!(retry.headers()["idempotent-replayed"], "true");
+    assert_eq!(id_of(retry).await, live);
+    assert_eq!(count(&app.db, "orders").await, 3);
+}

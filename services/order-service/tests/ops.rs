@@ -157,6 +157,20 @@ async fn graceful_shutdown_finishes_in_flight_requests() {
     assert!(app.client.get(app.url("/healthz")).send().await.is_err());
 }
 
+/// Waits until no statement waits on a lock any more (the server cancelled it).
+async fn lock_waiters_gone(db: &test_support::TestDatabase) {
+    eventually("the abandoned statement to be cancelled", Duration::from_secs(5), || async {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .ok()?;
+        (waiting == 0).then_some(())
+    })
+    .await;
+}
+
 /// Requests held on row locks by the test: `n` of them waiting.
 async fn lock_waiters(app: &common::TestAppWithDb, n: i64) {
     eventually("requests to wait on row locks", Duration::from_secs(10), || async {
@@ -233,20 +247,51 @@ async fn read_all(conn: &mut tokio::net::TcpStream) -> String {
 }
 
 /// A client that stalls mid-body does not hold its request (and a connection) for long: the
-/// request timeout answers 503, and nothing is written.
+/// body timeout answers 408 and closes the connection, and nothing is written.
 #[tokio::test]
 async fn a_stalled_request_times_out() {
     let db = test_support::fresh_database("orders_stall").await;
     let mut cfg = config(&db.url);
-    cfg.request_timeout_ms = 300;
+    cfg.http.body_timeout = Duration::from_millis(300);
     let app = start(cfg).await;
     app.wait_ready().await;
 
+    let started = std::time::Instant::now();
     let mut conn = stalled_request(app.addr).await;
     let response = read_all(&mut conn).await;
-    assert!(response.starts_with("HTTP/1.1 503"), "{response}");
+    assert!(response.starts_with("HTTP/1.1 408"), "{response}");
     assert!(response.contains("application/problem+json"), "{response}");
+    assert!(started.elapsed() < Duration::from_secs(3));
     assert_eq!(common::count(&db, "orders").await, 0);
+    app.stop().await;
+}
+
+/// A request whose handling outlasts the request timeout (held on a row lock here) is
+/// abandoned with 503, and its statement cancelled by the server once it sees the client's
+/// connection closed (within `client_connection_check_interval`): it writes nothing, even
+/// when the lock is released afterwards.
+#[tokio::test]
+async fn a_request_slower_than_the_request_timeout_is_503_and_writes_nothing() {
+    let db = test_support::fresh_database("orders_slow").await;
+    let mut cfg = config(&db.url);
+    cfg.request_timeout_ms = 300;
+    // Long enough that only the server's client check can end the statement in time.
+    cfg.db_lock_timeout = Duration::from_secs(60);
+    cfg.db_statement_timeout = Duration::from_secs(60);
+    let app = start(cfg).await;
+    app.wait_ready().await;
+    let created = app.client.post(app.url("/orders")).json(&common::valid_body()).send().await.unwrap();
+    let id = created.json::<serde_json::Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    let mut blocker = db.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM orders WHERE id = $1 FOR UPDATE").bind(&id).execute(&mut *blocker).await.unwrap();
+    let r = app.client.post(app.url(&format!("/orders/{id}/confirm"))).send().await.unwrap();
+    common::problem(r, 503).await;
+    lock_waiters_gone(&db).await;
+    blocker.rollback().await.unwrap();
+    let status: String =
+        sqlx::query_scalar("SELECT status FROM orders WHERE id = $1").bind(&id).fetch_one(&db.pool).await.unwrap();
+    assert_eq!(status, "PENDING");
+    assert_eq!(common::events(&db, &id).await.len(), 1, "no OrderConfirmed written");
     app.stop().await;
 }
 
@@ -257,15 +302,16 @@ async fn a_stalled_client_does_not_block_shutdown() {
     let db = test_support::fresh_database("orders_stall").await;
     let mut cfg = config(&db.url);
     cfg.request_timeout_ms = 300;
+    cfg.http.body_timeout = Duration::from_millis(300);
     let app = start(cfg).await;
     app.wait_ready().await;
 
     let mut conn = stalled_request(app.addr).await;
     app.shutdown.cancel();
-    // Depending on whether the request had started, it is answered 503 or the idle connection
+    // Depending on whether the request had started, it is answered 408 or the idle connection
     // is closed; either way the server stops.
     let response = read_all(&mut conn).await;
-    assert!(response.is_empty() || response.starts_with("HTTP/1.1 503"), "{response}");
+    assert!(response.is_empty() || response.starts_with("HTTP/1.1 408"), "{response}");
     let server = &app.server;
     eventually("the server to stop", Duration::from_secs(10), || async { server.is_finished().then_some(()) }).await;
 }

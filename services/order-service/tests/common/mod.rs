@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use order_service::{Application, Config, Shutdown, StartupError};
+use order_service::{Config, OrderService, Service, Shutdown, StartError};
 use serde_json::{json, Value};
 use test_support::{eventually, fresh_database, TestDatabase};
 
@@ -14,7 +14,7 @@ pub struct TestApp {
     pub client: reqwest::Client,
     pub router: axum::Router,
     pub shutdown: Shutdown,
-    pub server: tokio::task::JoinHandle<Result<(), StartupError>>,
+    pub server: tokio::task::JoinHandle<Result<(), StartError>>,
 }
 
 pub struct TestAppWithDb {
@@ -44,10 +44,10 @@ pub fn config(database_url: &str) -> Config {
 /// Starts the service without waiting for anything.
 pub async fn start(config: Config) -> TestApp {
     let shutdown = Shutdown::new();
-    let application = Application::build(&config, shutdown.clone()).await.expect("service starts");
-    let addr = application.local_addr();
-    let router = application.router();
-    let server = tokio::spawn(application.run());
+    let service = OrderService::bind(config).await.expect("service starts");
+    let addr = service.local_addr();
+    let router = service.router();
+    let server = tokio::spawn(service.run(shutdown.clone()));
     TestApp {
         addr,
         base: format!("http://{addr}"),
