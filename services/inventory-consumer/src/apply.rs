@@ -1,35 +1,25 @@
 //! Applies a batch of decoded events in one transaction: exactly once (processed_messages,
 //! checkpoints) and in seq order per order (early events are parked until the gap fills).
+//! An event that occurred longer than `DEDUPE_RETENTION` ago (by the database's clock) is
+//! never applied: it is dead-lettered as expired, since the state that would show it applied
+//! already may have been pruned ([`crate::retention`]).
 //!
 //! Locks are taken in one global order — checkpoint rows by aggregate id, then inventory rows
 //! by sku — so concurrent replicas wait for each other instead of deadlocking.
 
 use std::collections::{BTreeSet, HashMap};
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use domain::Event;
 use sqlx::{Connection, PgConnection};
 
-use crate::rows::{load_and_lock_stock, lock_checkpoints, record_dead_letters, write, Loaded, ProcessedRow, Writes};
+use crate::entries::{DeadLetter, Incoming, Parked};
+use crate::entry_failures;
+use crate::rows::{
+    load_and_lock_stock, lock_checkpoints, record_dead_letters, write, Loaded, Locked, Mark, ProcessedRow, Writes,
+};
 use crate::rules::{self, Reservation, Stock};
-
-/// A decoded entry, with its fields as read (kept for parking).
-#[derive(Debug, Clone)]
-pub struct Incoming {
-    pub stream_id: String,
-    pub event: Event,
-    pub fields: Vec<(String, Vec<u8>)>,
-}
-
-/// An entry that cannot be applied, recorded with its reason.
-#[derive(Debug, Clone)]
-pub struct DeadLetter {
-    pub stream_entry_id: String,
-    pub event_id: Option<String>,
-    pub aggregate_id: Option<String>,
-    pub reason: String,
-    pub fields: Vec<(String, Vec<u8>)>,
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -37,6 +27,8 @@ pub enum Outcome {
     Duplicate,
     /// Parked until its predecessor arrives.
     Deferred,
+    /// Older than `DEDUPE_RETENTION`: dead-lettered, not applied.
+    Expired,
 }
 
 /// An event whose effect was committed (an incoming one or a parked one it released).
@@ -51,27 +43,8 @@ pub struct BatchResult {
     /// One per incoming event, in order.
     pub outcomes: Vec<Outcome>,
     pub applied: Vec<Applied>,
-}
-
-/// Fields as JSON `[[name, value], ...]` (values as UTF-8, lossily).
-pub fn fields_json(fields: &[(String, Vec<u8>)]) -> serde_json::Value {
-    fields.iter().map(|(k, v)| serde_json::json!([k, String::from_utf8_lossy(v)])).collect()
-}
-
-/// The inverse of [`fields_json`].
-pub fn fields_from_json(value: &serde_json::Value) -> Vec<(String, Vec<u8>)> {
-    let pairs = value.as_array().map(Vec::as_slice).unwrap_or_default();
-    pairs
-        .iter()
-        .filter_map(|p| Some((p.get(0)?.as_str()?.to_owned(), p.get(1)?.as_str()?.as_bytes().to_vec())))
-        .collect()
-}
-
-/// A parked event in memory; `stored` tells whether its row exists (it may have been parked by
-/// this very batch).
-pub(crate) struct Parked {
-    pub(crate) incoming: Incoming,
-    pub(crate) stored: bool,
+    /// The letters of the expired events, recorded in the same transaction.
+    pub expired: Vec<DeadLetter>,
 }
 
 #[tracing::instrument(name = "apply batch", skip_all, fields(events = events.len(), dead = dead.len()))]
@@ -79,19 +52,31 @@ pub async fn apply_batch(
     conn: &mut PgConnection,
     events: &[Incoming],
     dead: &[DeadLetter],
+    retention: Duration,
 ) -> Result<BatchResult, sqlx::Error> {
     let mut tx = conn.begin().await?;
-    record_dead_letters(&mut tx, dead).await?;
-    let result = if events.is_empty() { BatchResult::default() } else { apply_events(&mut tx, events).await? };
+    if !dead.is_empty() {
+        record_dead_letters(&mut tx, dead).await?;
+        let ids: Vec<&str> = dead.iter().map(|d| d.stream_entry_id.as_str()).collect();
+        entry_failures::forget(&mut tx, &ids).await?;
+    }
+    let result =
+        if events.is_empty() { BatchResult::default() } else { apply_events(&mut tx, events, retention).await? };
     tx.commit().await?;
     Ok(result)
 }
 
-async fn apply_events(tx: &mut PgConnection, events: &[Incoming]) -> Result<BatchResult, sqlx::Error> {
+async fn apply_events(
+    tx: &mut PgConnection,
+    events: &[Incoming],
+    retention: Duration,
+) -> Result<BatchResult, sqlx::Error> {
     let aggregates: Vec<String> =
         events.iter().map(|e| e.event.aggregate_id.to_string()).collect::<BTreeSet<_>>().into_iter().collect();
-    let mut checkpoints = lock_checkpoints(tx, &aggregates).await?;
+    let Locked { last_seq: mut checkpoints, now } = lock_checkpoints(tx, &aggregates).await?;
     let original_checkpoints = checkpoints.clone();
+    let expired_before = expiry_cutoff(now.unwrap_or_else(Utc::now), retention);
+    let mut marks: HashMap<String, Mark> = HashMap::new();
 
     let Loaded { mut seen, mut parked, mut reservations, mut stock } =
         load_and_lock_stock(tx, events, &aggregates).await?;
@@ -108,6 +93,9 @@ async fn apply_events(tx: &mut PgConnection, events: &[Incoming]) -> Result<Batc
         let last = checkpoints.get(&aggregate).copied().unwrap_or(0);
         let outcome = if !seen.insert(event.event_id.to_string()) || event.seq <= last {
             Outcome::Duplicate
+        } else if event.occurred_at < expired_before {
+            result.expired.push(expired_letter(incoming, retention));
+            Outcome::Expired
         } else if event.seq > last + 1 {
             match parked.entry((aggregate, event.seq)) {
                 std::collections::btree_map::Entry::Occupied(_) => Outcome::Duplicate,
@@ -119,11 +107,13 @@ async fn apply_events(tx: &mut PgConnection, events: &[Incoming]) -> Result<Batc
             }
         } else {
             effect(event, &mut reservations, &mut stock);
+            Mark::add(&mut marks, event);
             processed.push(ProcessedRow::of(event));
             // The gap may have closed for events parked earlier.
             let mut next = event.seq + 1;
             while let Some(p) = parked.remove(&(aggregate.clone(), next)) {
                 effect(&p.incoming.event, &mut reservations, &mut stock);
+                Mark::add(&mut marks, &p.incoming.event);
                 seen.insert(p.incoming.event.event_id.to_string());
                 result.applied.push(Applied {
                     event_id: p.incoming.event.event_id.to_string(),
@@ -146,16 +136,55 @@ async fn apply_events(tx: &mut PgConnection, events: &[Incoming]) -> Result<Batc
         result.outcomes.push(outcome);
     }
 
+    // Orders whose every event here expired leave no checkpoint behind (one with parked
+    // events, or anything applied, stays).
+    let empty: Vec<String> = if result.expired.is_empty() {
+        Vec::new()
+    } else {
+        aggregates
+            .iter()
+            .filter(|a| checkpoints.get(*a).copied().unwrap_or(0) == 0)
+            // `parked` holds the events parked before and by this batch, less those released.
+            .filter(|a| !parked.keys().any(|(agg, _)| agg == *a))
+            .cloned()
+            .collect()
+    };
     let writes = Writes {
         stock: stock.iter().filter(|(k, v)| original_stock.get(*k) != Some(*v)).collect(),
         reservations: reservations.iter().filter(|(k, v)| original_reservations.get(*k) != Some(*v)).collect(),
         checkpoints: checkpoints.iter().filter(|(k, v)| original_checkpoints.get(*k) != Some(*v)).collect(),
+        marks: &marks,
         processed: &processed,
         parked: &to_park,
         released: &released,
+        empty: &empty,
     };
+    record_dead_letters(tx, &result.expired).await?;
     write(tx, &writes).await?;
     Ok(result)
+}
+
+/// Events that occurred before this are expired.
+fn expiry_cutoff(now: DateTime<Utc>, retention: Duration) -> DateTime<Utc> {
+    chrono::Duration::from_std(retention)
+        .ok()
+        .and_then(|r| now.checked_sub_signed(r))
+        .unwrap_or(DateTime::<Utc>::MIN_UTC)
+}
+
+fn expired_letter(incoming: &Incoming, retention: Duration) -> DeadLetter {
+    let event = &incoming.event;
+    DeadLetter {
+        stream_entry_id: incoming.stream_id.clone(),
+        event_id: Some(event.event_id.to_string()),
+        aggregate_id: Some(event.aggregate_id.to_string()),
+        reason: format!(
+            "expired: occurred at {} (more than DEDUPE_RETENTION, {retention:?}, ago); never applied, since \
+             whether it was applied already may no longer be known",
+            event.occurred_at.to_rfc3339(),
+        ),
+        fields: incoming.fields.clone(),
+    }
 }
 
 fn effect(event: &Event, reservations: &mut HashMap<String, Reservation>, stock: &mut HashMap<String, Stock>) {

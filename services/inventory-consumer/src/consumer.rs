@@ -6,14 +6,17 @@ use std::time::Duration;
 use chrono::Utc;
 use domain::{Event, StreamEntry};
 use redis::aio::MultiplexedConnection;
-use service_kit::connections::Connections;
+use service_kit::connections::{Connections, Ended};
+use service_kit::{failure, Backoff, Heartbeat};
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::apply::{apply_batch, BatchResult, DeadLetter, Incoming, Outcome};
+use crate::apply::Outcome;
+use crate::entries::{DeadLetter, Incoming};
 use crate::metrics::{EventResult, Metrics};
+use crate::settle::Settlement;
 use crate::stream::{self, id_key, Delivery};
-use crate::{Config, Shutdown};
+use crate::{entry_failures, Config, Shutdown};
 
 /// Why the loop stopped other than by shutdown.
 #[derive(Debug, thiserror::Error)]
@@ -37,35 +40,51 @@ pub struct Consumer {
     pub redis: redis::Client,
     pub metrics: Metrics,
     pub shutdown: Shutdown,
+    /// Beaten every time round the loop (and while waiting out an outage).
+    pub heartbeat: Heartbeat,
+    /// The longest one batch's transaction may take before its connection is given up on.
+    pub apply_deadline: Duration,
 }
 
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// A session that lasted this long worked; the retry delay after it starts over.
+const SESSION_WORKED: Duration = Duration::from_secs(10);
 
 impl Consumer {
     /// Runs until shutdown; Redis or Postgres outages are waited out with capped backoff.
     pub async fn run(self) -> Result<(), ConsumerError> {
-        let mut delay = Duration::from_millis(100);
+        let mut retry = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         while !self.shutdown.is_cancelled() {
+            self.heartbeat.beat();
             // Bounded waits: a read blocks at most BLOCK on the server; a Redis that stops
             // answering is treated as down after a further 10 s.
             let limits = redis::AsyncConnectionConfig::new()
                 .set_connection_timeout(Duration::from_secs(5))
                 .set_response_timeout(self.config.block + Duration::from_secs(10));
             let conn = self.redis.get_multiplexed_async_connection_with_config(&limits).await;
+            let began = Instant::now();
             let outcome = match conn {
                 Ok(mut conn) => self.session(&mut conn).await,
                 Err(e) => Err(e.into()),
             };
+            if began.elapsed() >= SESSION_WORKED {
+                // The session ran a while before it broke: this is a new outage, not the same one.
+                retry.reset();
+            }
+            let delay = retry.next_delay();
             match outcome {
                 Ok(()) => break,
                 Err(SessionError::Crashed(e)) => return Err(e),
-                Err(e) => tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "consumer interrupted"),
+                Err(SessionError::Redis(e)) => {
+                    let class = failure::of_redis(&e);
+                    self.metrics.failure(class, "redis");
+                    tracing::warn!(error = %e, failure_class = %class, retry_in_ms = delay.as_millis() as u64,
+                        "consumer interrupted");
+                }
             }
             tokio::select! {
                 () = self.shutdown.cancelled() => break,
                 () = tokio::time::sleep(delay) => {}
             }
-            delay = (delay * 2).min(MAX_BACKOFF);
         }
         tracing::info!(consumer = %self.config.consumer_name, "consumer stopped");
         Ok(())
@@ -80,10 +99,13 @@ impl Consumer {
         let claim_every = (c.claim_min_idle / 2).clamp(Duration::from_millis(50), Duration::from_secs(5));
         let mut next_claim = Instant::now();
         let mut next_sample = Instant::now();
+        let sweep_every = (c.departed_after / 2).clamp(Duration::from_secs(1), Duration::from_secs(60));
+        let mut next_sweep = Instant::now();
         // New entries read while the previous batch was applied; delivered to this replica, so
         // handled even if shutdown comes first.
         let mut prefetched: Option<Vec<Delivery>> = None;
         while !self.shutdown.is_cancelled() {
+            self.heartbeat.beat();
             if Instant::now() >= next_sample {
                 let pending = stream::pending_count(conn, &c.redis_stream, &c.consumer_group, &c.consumer_name).await?;
                 self.metrics.pending_entries.set(pending as i64);
@@ -96,6 +118,10 @@ impl Consumer {
                     self.handle(conn, batch, true).await?;
                 }
                 continue;
+            }
+            if Instant::now() >= next_sweep {
+                self.remove_departed(conn).await?;
+                next_sweep = Instant::now() + sweep_every;
             }
             if Instant::now() >= next_claim {
                 self.claim_idle(conn).await?;
@@ -138,13 +164,27 @@ impl Consumer {
         stream::read_group(conn, &c.redis_stream, &c.consumer_group, &c.consumer_name, id, c.batch_size, block).await
     }
 
+    /// Removes consumers of the group that have left (see [`stream::remove_departed`]).
+    async fn remove_departed(&self, conn: &mut MultiplexedConnection) -> Result<(), redis::RedisError> {
+        let c = &self.config;
+        let removed =
+            stream::remove_departed(conn, &c.redis_stream, &c.consumer_group, &c.consumer_name, c.departed_after)
+                .await?;
+        if !removed.is_empty() {
+            self.metrics.consumers_removed.inc_by(removed.len() as u64);
+            tracing::info!(consumers = ?removed, "removed consumers that left the group");
+        }
+        Ok(())
+    }
+
     /// Takes over entries left idle by replicas that died, scanning the whole pending list.
     async fn claim_idle(&self, conn: &mut MultiplexedConnection) -> Result<(), SessionError> {
         let c = &self.config;
         let mut cursor = "0-0".to_owned();
         // Bounded: one scan of the pending list per round.
         for _ in 0..10_000 {
-            let (next, batch) = stream::autoclaim(
+            self.heartbeat.beat();
+            let claimed = stream::autoclaim(
                 conn,
                 &c.redis_stream,
                 &c.consumer_group,
@@ -154,20 +194,25 @@ impl Consumer {
                 c.batch_size,
             )
             .await?;
-            if !batch.is_empty() {
-                tracing::info!(claimed = batch.len(), "claimed idle entries");
-                self.handle(conn, batch, true).await?;
+            if !claimed.deleted.is_empty() {
+                self.metrics.entries_gone.inc_by(claimed.deleted.len() as u64);
+                tracing::warn!(entry_ids = ?claimed.deleted,
+                    "pending entries no longer on the stream; Redis dropped them from the pending list");
             }
-            if next == "0-0" || self.shutdown.is_cancelled() {
+            if !claimed.entries.is_empty() {
+                tracing::info!(claimed = claimed.entries.len(), "claimed idle entries");
+                self.handle(conn, claimed.entries, true).await?;
+            }
+            if claimed.next == "0-0" || self.shutdown.is_cancelled() {
                 break;
             }
-            cursor = next;
+            cursor = claimed.next;
         }
         Ok(())
     }
 
     /// Decodes, applies and acknowledges one batch. `redelivered`: the entries may have been
-    /// delivered before, so their delivery counts are checked.
+    /// delivered before (own pending entries, claims).
     async fn handle(
         &self,
         conn: &mut MultiplexedConnection,
@@ -179,18 +224,21 @@ impl Consumer {
         }
         let started = Instant::now();
         let c = &self.config;
-        let counts = if redelivered { self.delivery_counts(conn, &batch).await? } else { HashMap::new() };
+        if redelivered {
+            let counts = self.delivery_counts(conn, &batch).await?;
+            self.note_redeliveries(&counts);
+        }
         let mut incoming = Vec::with_capacity(batch.len());
         let mut dead = Vec::new();
         let mut gone = Vec::new();
         for d in batch {
             let Some(fields) = d.fields else {
                 tracing::warn!(entry_id = %d.id, "pending entry no longer on the stream; acknowledging");
+                self.metrics.entries_gone.inc();
                 gone.push(d.id);
                 continue;
             };
-            let deliveries = counts.get(&d.id).copied().unwrap_or(1);
-            match classify(&d.id, fields, deliveries, c.max_deliveries) {
+            match decode(&d.id, fields) {
                 Ok(i) => incoming.push(i),
                 Err(letter) => dead.push(letter),
             }
@@ -202,106 +250,61 @@ impl Consumer {
         for span in &spans {
             telemetry::propagation::add_link(&batch_span, span);
         }
-        let (applied, dead_recorded) = self.apply(&incoming, &dead).instrument(batch_span).await;
-        // Unrecorded dead letters stay pending, to be retried like any other entry.
-        let dead = if dead_recorded { dead } else { Vec::new() };
-        if c.crash_after_commit && !applied.is_empty() {
+        let settled = self.settle(&incoming, dead).instrument(batch_span).await;
+        if c.crash_after_commit && !settled.outcomes.is_empty() {
             return Err(ConsumerError::CrashedAfterCommit.into());
         }
-        for letter in &dead {
+        // Expired events were dead-lettered by the transaction that judged them.
+        let expired = settled.outcomes.iter().flat_map(|s| &s.result.expired);
+        for letter in settled.dead.iter().chain(expired) {
             let mut fields = letter.fields.clone();
             fields.push(("reason".to_owned(), letter.reason.clone().into_bytes()));
             fields.push(("original_entry_id".to_owned(), letter.stream_entry_id.clone().into_bytes()));
-            stream::add(conn, &c.dlq_stream(), &fields).await?;
+            stream::add_capped(conn, &c.dlq_stream(), c.dlq_max_len, &fields).await?;
             tracing::warn!(entry_id = %letter.stream_entry_id, event_id = ?letter.event_id,
                 aggregate_id = ?letter.aggregate_id, reason = %letter.reason, "dead-lettered");
         }
         let mut ack: Vec<&str> = gone.iter().map(String::as_str).collect();
-        ack.extend(dead.iter().map(|d| d.stream_entry_id.as_str()));
-        ack.extend(applied.iter().map(|(i, _, _)| incoming[*i].stream_id.as_str()));
+        ack.extend(settled.dead.iter().map(|d| d.stream_entry_id.as_str()));
+        ack.extend(settled.outcomes.iter().map(|s| incoming[s.index].stream_id.as_str()));
         stream::ack(conn, &c.redis_stream, &c.consumer_group, &ack).await?;
-        self.record(&incoming, &spans, &applied, dead.len(), started);
+        if redelivered {
+            // An entry applied on a later try may have failures counted from earlier ones.
+            let done: Vec<&str> = settled.outcomes.iter().map(|s| incoming[s.index].stream_id.as_str()).collect();
+            self.forget_failures(&done).await;
+        }
+        self.record(&incoming, &spans, &settled.outcomes, settled.dead.len(), started);
         Ok(())
     }
 
-    /// The committed outcome of each incoming event (by index) and what it released. Entries
-    /// missing from the answer stay pending: they are retried after `CLAIM_MIN_IDLE` and
-    /// dead-lettered after `MAX_DELIVERIES`.
-    async fn apply(&self, incoming: &[Incoming], dead: &[DeadLetter]) -> (Vec<(usize, Outcome, BatchResult)>, bool) {
-        let mut delay = Duration::from_millis(100);
-        let mut conflicts = 0;
-        loop {
-            match self.apply_batch(incoming, dead).await {
-                Ok(mut r) => {
-                    let outcomes = std::mem::take(&mut r.outcomes);
-                    let mut out: Vec<_> =
-                        outcomes.into_iter().enumerate().map(|(i, o)| (i, o, BatchResult::default())).collect();
-                    if let Some(first) = out.first_mut() {
-                        first.2 = r;
-                    }
-                    return (out, true);
-                }
-                Err(e) if is_unavailable(&e) && !self.shutdown.is_cancelled() => {
-                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "database unavailable");
-                    tokio::select! {
-                        () = self.shutdown.cancelled() => return (Vec::new(), false),
-                        () = tokio::time::sleep(delay) => {}
-                    }
-                    delay = (delay * 2).min(MAX_BACKOFF);
-                }
-                Err(e) if is_conflict(&e) && conflicts < 3 => {
-                    conflicts += 1;
-                    tracing::info!(error = %e, attempt = conflicts, "batch conflicted with another replica; retrying");
-                }
-                Err(e) if incoming.len() + dead.len() > 1 => {
-                    tracing::warn!(error = %e, "batch failed; applying entry by entry");
-                    return self.apply_one_by_one(incoming, dead).await;
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "entry not applied; left pending");
-                    return (Vec::new(), false);
-                }
-            }
+    /// Redis counts every delivery: restarts and claims too. That count dead-letters nothing
+    /// here; it is reported, and an entry delivered very often is named in the log (a replica
+    /// that dies on it each time would show up this way).
+    fn note_redeliveries(&self, counts: &HashMap<String, u64>) {
+        let max = u64::from(self.config.max_deliveries);
+        let again = counts.values().filter(|n| **n > 1).count();
+        self.metrics.redelivered.inc_by(again as u64);
+        for (id, n) in counts.iter().filter(|(_, n)| **n > max) {
+            tracing::warn!(entry_id = %id, deliveries = n,
+                "entry delivered many times; only failures of its own count towards MAX_DELIVERIES");
         }
     }
 
-    async fn apply_one_by_one(
-        &self,
-        incoming: &[Incoming],
-        dead: &[DeadLetter],
-    ) -> (Vec<(usize, Outcome, BatchResult)>, bool) {
-        let dead_recorded = dead.is_empty()
-            || match self.apply_batch(&[], dead).await {
-                Ok(_) => true,
-                Err(e) => {
-                    tracing::error!(error = %e, "dead letters not recorded; left pending");
-                    false
-                }
-            };
-        let mut out = Vec::new();
-        for (i, entry) in incoming.iter().enumerate() {
-            match self.apply_batch(std::slice::from_ref(entry), &[]).await {
-                Ok(mut r) => {
-                    let outcome = r.outcomes.pop().unwrap_or(Outcome::Duplicate);
-                    out.push((i, outcome, r));
-                }
-                Err(e) => tracing::error!(entry_id = %entry.stream_id, event_id = %entry.event.event_id,
-                    aggregate_id = %entry.event.aggregate_id, seq = entry.event.seq, error = %e,
-                    "entry not applied; left pending"),
-            }
+    async fn forget_failures(&self, ids: &[&str]) {
+        if ids.is_empty() {
+            return;
         }
-        (out, dead_recorded)
-    }
-
-    /// [`apply_batch`] on a connection of `db`, which is kept unless it failed itself.
-    async fn apply_batch(&self, incoming: &[Incoming], dead: &[DeadLetter]) -> Result<BatchResult, sqlx::Error> {
-        let mut conn = self.db.acquire().await?;
-        let applied = apply_batch(&mut conn, incoming, dead).await;
-        match &applied {
-            Ok(_) => conn.release(),
-            Err(e) => conn.release_after(e).await,
+        let forgotten = async {
+            let mut conn = self.db.acquire().await?;
+            let done = entry_failures::forget(&mut conn, ids).await;
+            conn.put_back(Ended::from(&done)).await;
+            done
+        };
+        match tokio::time::timeout(self.apply_deadline, forgotten).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::debug!(error = %e, "counted failures of applied entries not cleared"),
+            Err(_) => tracing::debug!("counted failures of applied entries not cleared in time"),
         }
-        applied
     }
 
     async fn delivery_counts(
@@ -341,18 +344,19 @@ impl Consumer {
         &self,
         incoming: &[Incoming],
         spans: &[tracing::Span],
-        applied: &[(usize, Outcome, BatchResult)],
+        applied: &[Settlement],
         dead: usize,
         started: Instant,
     ) {
         let now = Utc::now();
         let m = &self.metrics;
-        let mut counts = [0u64; 3];
-        for (i, outcome, result) in applied {
+        let mut counts = [0u64; 4];
+        for Settlement { index: i, outcome, result } in applied {
             let (slot, label) = match outcome {
                 Outcome::Applied => (0, "applied"),
                 Outcome::Duplicate => (1, "duplicate"),
                 Outcome::Deferred => (2, "deferred"),
+                Outcome::Expired => (3, "expired"),
             };
             counts[slot] += 1;
             if let Some(span) = spans.get(*i) {
@@ -365,45 +369,32 @@ impl Consumer {
         }
         // Events released from parking count as applied too; the batch result lists them all.
         let released: u64 =
-            applied.iter().map(|(_, _, r)| r.applied.len() as u64).sum::<u64>().saturating_sub(counts[0]);
+            applied.iter().map(|s| s.result.applied.len() as u64).sum::<u64>().saturating_sub(counts[0]);
         m.count(EventResult::applied, counts[0] + released);
         m.count(EventResult::duplicate, counts[1]);
         m.count(EventResult::deferred, counts[2]);
-        m.count(EventResult::dead, dead as u64);
+        m.count(EventResult::dead, dead as u64 + counts[3]);
         m.batch_size.observe((incoming.len() + dead) as f64);
         m.batch_duration.observe(started.elapsed().as_secs_f64());
     }
 }
 
 /// Decodes an entry, or says why it is dead.
-fn classify(id: &str, fields: Vec<(String, Vec<u8>)>, deliveries: u64, max: u32) -> Result<Incoming, DeadLetter> {
-    let field =
-        |name: &str| fields.iter().find(|(k, _)| k == name).map(|(_, v)| String::from_utf8_lossy(v).into_owned());
-    let letter = |reason: String| DeadLetter {
-        stream_entry_id: id.to_owned(),
-        event_id: field(domain::fields::EVENT_ID),
-        aggregate_id: field(domain::fields::AGGREGATE_ID),
-        reason,
-        fields: fields.clone(),
-    };
-    if deliveries > u64::from(max) {
-        return Err(letter(format!("delivered {deliveries} times (MAX_DELIVERIES is {max})")));
-    }
+fn decode(id: &str, fields: Vec<(String, Vec<u8>)>) -> Result<Incoming, DeadLetter> {
     let decoded = StreamEntry::from_fields(fields.iter().map(|(k, v)| (k, v))).and_then(|e| Event::try_from(&e));
     match decoded {
         Ok(event) => Ok(Incoming { stream_id: id.to_owned(), event, fields }),
-        Err(e) => Err(letter(e.to_string())),
+        Err(e) => {
+            let field = |name: &str| {
+                fields.iter().find(|(k, _)| k == name).map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+            };
+            Err(DeadLetter {
+                stream_entry_id: id.to_owned(),
+                event_id: field(domain::fields::EVENT_ID),
+                aggregate_id: field(domain::fields::AGGREGATE_ID),
+                reason: e.to_string(),
+                fields,
+            })
+        }
     }
-}
-
-/// Errors that say the database is unreachable (wait and retry), as opposed to an error caused
-/// by the data (try entry by entry).
-fn is_unavailable(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_))
-        || matches!(e, sqlx::Error::Database(d) if d.code().is_some_and(|c| c.starts_with("57P") || c.starts_with("08")))
-}
-
-/// Deadlock or serialization failure: retrying the same transaction is expected to succeed.
-fn is_conflict(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Database(d) if d.code().is_some_and(|c| c == "40001" || c == "40P01"))
 }

@@ -5,7 +5,7 @@ use redis::aio::MultiplexedConnection;
 use serde::Serialize;
 use sqlx::{PgPool, Row};
 
-use crate::apply::fields_from_json;
+use crate::entries::fields_from_json;
 use crate::stream;
 
 #[derive(Debug, thiserror::Error)]
@@ -89,4 +89,25 @@ pub async fn redrive(
     }
     tx.commit().await?;
     Ok(out)
+}
+
+/// Removes dead letters recorded longer than `older_than` ago, the oldest first, in batches
+/// ([`service_kit::prune`]), until none is left, `statements` statements were run, or
+/// shutdown; how many went. The dead-letter stream is capped on its own (`REDIS_DLQ_MAX_LEN`).
+pub async fn purge(
+    pool: &PgPool,
+    older_than: std::time::Duration,
+    statements: u32,
+    shutdown: &service_kit::Shutdown,
+) -> Result<u64, sqlx::Error> {
+    service_kit::prune::delete_in_batches(
+        pool,
+        "DELETE FROM dead_letters WHERE id IN ( \
+           SELECT id FROM dead_letters WHERE created_at < now() - $1 * interval '1 millisecond' \
+           ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED)",
+        older_than,
+        statements,
+        shutdown,
+    )
+    .await
 }

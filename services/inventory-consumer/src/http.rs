@@ -1,18 +1,28 @@
 //! `PUT`/`GET /inventory/{sku}`.
+//!
+//! Each response carries the stock row's version as its `ETag`; a `PUT` with `If-Match`
+//! applies only to that version (else `412`), so a client that computed the new quantity from
+//! what it read cannot overwrite a change made since (a reservation, another `PUT`).
+//! `If-None-Match: *` creates the SKU only if it does not exist yet.
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use domain::Sku;
 use serde::{Deserialize, Serialize};
-use service_kit::Problem;
+use service_kit::{failure, Problem};
 use sqlx::PgPool;
 
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 64 * 1024;
+
+/// The largest `on_hand` a `PUT` may set. With it, and at most 100 items of at most 1 000 units
+/// per order, no reservation, confirmation or restock comes anywhere near `i64::MAX` (the rules
+/// saturate all the same).
+pub const MAX_ON_HAND: i64 = 1_000_000_000_000;
 
 pub fn router(pool: PgPool) -> Router {
     Router::new()
@@ -41,6 +51,8 @@ enum ApiError {
     Rule(&'static str, String),
     #[error("unknown sku")]
     NotFound,
+    #[error("the stock changed since it was read")]
+    Stale,
     #[error("request body: {0}")]
     Body(#[from] JsonRejection),
     #[error("database: {0}")]
@@ -54,9 +66,15 @@ impl IntoResponse for ApiError {
                 Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "Unprocessable Content").field(field).detail(detail)
             }
             Self::NotFound => Problem::new(StatusCode::NOT_FOUND, "Not Found").detail("no stock recorded for this sku"),
+            Self::Stale => Problem::new(StatusCode::PRECONDITION_FAILED, "Precondition Failed")
+                .detail(
+                    "the stock is not at the version If-Match names (or If-None-Match: * and it exists); read it again",
+                )
+                .field("If-Match"),
             Self::Body(rejection) => body_problem(&rejection),
             Self::Database(e) => {
-                tracing::error!(error = %e, "inventory request failed");
+                let class = failure::of_postgres(&e);
+                tracing::error!(error = %e, failure_class = %class, "inventory request failed");
                 Problem::unavailable()
             }
         }
@@ -81,14 +99,63 @@ fn parse_sku(raw: &str) -> Result<Sku, ApiError> {
     Sku::parse(raw).map_err(|e| ApiError::Rule("sku", e.to_string()))
 }
 
-async fn get_stock(State(pool): State<PgPool>, Path(sku): Path<String>) -> Result<Json<StockView>, ApiError> {
+/// The stock and its `ETag`.
+fn stock_response(sku: &Sku, on_hand: i64, reserved: i64, version: i64) -> Response {
+    let view = StockView { sku: sku.to_string(), on_hand, reserved, available: on_hand - reserved };
+    let mut response = Json(view).into_response();
+    if let Ok(tag) = HeaderValue::from_str(&format!("\"{version}\"")) {
+        response.headers_mut().insert(header::ETAG, tag);
+    }
+    response
+}
+
+async fn get_stock(State(pool): State<PgPool>, Path(sku): Path<String>) -> Result<Response, ApiError> {
     let sku = parse_sku(&sku)?;
-    let row: Option<(i64, i64)> = sqlx::query_as("SELECT on_hand, reserved FROM inventory WHERE sku = $1")
-        .bind(sku.as_str())
-        .fetch_optional(&pool)
-        .await?;
-    let (on_hand, reserved) = row.ok_or(ApiError::NotFound)?;
-    Ok(Json(StockView { sku: sku.to_string(), on_hand, reserved, available: on_hand - reserved }))
+    let row: Option<(i64, i64, i64)> =
+        sqlx::query_as("SELECT on_hand, reserved, version FROM inventory WHERE sku = $1")
+            .bind(sku.as_str())
+            .fetch_optional(&pool)
+            .await?;
+    let (on_hand, reserved, version) = row.ok_or(ApiError::NotFound)?;
+    Ok(stock_response(&sku, on_hand, reserved, version))
+}
+
+/// What a `PUT` requires of the row it writes.
+#[derive(Debug, PartialEq, Eq)]
+enum Precondition {
+    None,
+    /// `If-Match: *`: the SKU exists.
+    Exists,
+    /// `If-Match: "v1", "v2"`: the SKU is at one of these versions.
+    Version(Vec<i64>),
+    /// `If-None-Match: *`: the SKU does not exist yet.
+    Absent,
+}
+
+/// Reads `If-Match` / `If-None-Match`. Tags are this API's own (`"<version>"`); a weak tag
+/// never matches (If-Match compares strongly) and neither does a foreign one.
+fn precondition(headers: &HeaderMap) -> Result<Precondition, ApiError> {
+    let text = |name| headers.get(name).map(|v| v.to_str().map(str::trim));
+    match (text(header::IF_MATCH), text(header::IF_NONE_MATCH)) {
+        (Some(Err(_)), _) | (_, Some(Err(_))) => Err(ApiError::Rule("If-Match", "must be ASCII".to_owned())),
+        (Some(Ok(_)), Some(Ok(_))) => {
+            Err(ApiError::Rule("If-Match", "send If-Match or If-None-Match, not both".to_owned()))
+        }
+        (None, Some(Ok("*"))) => Ok(Precondition::Absent),
+        (None, Some(Ok(_))) => {
+            Err(ApiError::Rule("If-None-Match", "only `*` is supported (create if absent)".to_owned()))
+        }
+        (Some(Ok("*")), None) => Ok(Precondition::Exists),
+        (Some(Ok(list)), None) => {
+            let versions = list
+                .split(',')
+                .map(str::trim)
+                .filter_map(|tag| tag.strip_prefix('"')?.strip_suffix('"')?.parse::<i64>().ok())
+                .collect();
+            Ok(Precondition::Version(versions))
+        }
+        (None, None) => Ok(Precondition::None),
+    }
 }
 
 /// Creates the sku or sets its on-hand quantity; reservations are kept, so the new quantity
@@ -96,29 +163,84 @@ async fn get_stock(State(pool): State<PgPool>, Path(sku): Path<String>) -> Resul
 async fn put_stock(
     State(pool): State<PgPool>,
     Path(sku): Path<String>,
+    headers: HeaderMap,
     body: Result<Json<SetStock>, JsonRejection>,
-) -> Result<Json<StockView>, ApiError> {
+) -> Result<Response, ApiError> {
     let sku = parse_sku(&sku)?;
+    let precondition = precondition(&headers)?;
     let Json(body) = body?;
     let on_hand = body
         .on_hand
         .as_i64()
-        .filter(|n| *n >= 0)
-        .ok_or_else(|| ApiError::Rule("on_hand", "must be an integer >= 0".to_owned()))?;
-    let row: Result<(i64, i64), sqlx::Error> = sqlx::query_as(
-        "INSERT INTO inventory (sku, on_hand) VALUES ($1, $2) \
-         ON CONFLICT (sku) DO UPDATE SET on_hand = excluded.on_hand, updated_at = now() \
-         RETURNING on_hand, reserved",
-    )
-    .bind(sku.as_str())
-    .bind(on_hand)
-    .fetch_one(&pool)
-    .await;
-    let (on_hand, reserved) = match row {
+        .filter(|n| (0..=MAX_ON_HAND).contains(n))
+        .ok_or_else(|| ApiError::Rule("on_hand", format!("must be an integer from 0 to {MAX_ON_HAND}")))?;
+    let written: Result<Option<(i64, i64, i64)>, sqlx::Error> = match &precondition {
+        Precondition::None => {
+            sqlx::query_as(
+                "INSERT INTO inventory (sku, on_hand) VALUES ($1, $2) \
+             ON CONFLICT (sku) DO UPDATE SET on_hand = excluded.on_hand, updated_at = now(), \
+                                             version = inventory.version + 1 \
+             RETURNING on_hand, reserved, version",
+            )
+            .bind(sku.as_str())
+            .bind(on_hand)
+            .fetch_optional(&pool)
+            .await
+        }
+        Precondition::Absent => {
+            sqlx::query_as(
+                "INSERT INTO inventory (sku, on_hand) VALUES ($1, $2) ON CONFLICT (sku) DO NOTHING \
+             RETURNING on_hand, reserved, version",
+            )
+            .bind(sku.as_str())
+            .bind(on_hand)
+            .fetch_optional(&pool)
+            .await
+        }
+        Precondition::Exists | Precondition::Version(_) => {
+            let versions = match &precondition {
+                Precondition::Version(v) => Some(v.clone()),
+                _ => None,
+            };
+            sqlx::query_as(
+                "UPDATE inventory SET on_hand = $2, updated_at = now(), version = version + 1 \
+                 WHERE sku = $1 AND ($3::bigint[] IS NULL OR version = ANY($3)) \
+                 RETURNING on_hand, reserved, version",
+            )
+            .bind(sku.as_str())
+            .bind(on_hand)
+            .bind(versions)
+            .fetch_optional(&pool)
+            .await
+        }
+    };
+    let (on_hand, reserved, version) = match written {
         Err(sqlx::Error::Database(e)) if e.constraint() == Some("inventory_reserved_within_on_hand") => {
             return Err(ApiError::Rule("on_hand", "must not be below the quantity reserved".to_owned()));
         }
-        other => other?,
+        other => other?.ok_or(ApiError::Stale)?,
     };
-    Ok(Json(StockView { sku: sku.to_string(), on_hand, reserved, available: on_hand - reserved }))
+    Ok(stock_response(&sku, on_hand, reserved, version))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        pairs.iter().map(|(k, v)| (header::HeaderName::from_static(k), HeaderValue::from_static(v))).collect()
+    }
+
+    #[test]
+    fn preconditions() {
+        assert_eq!(precondition(&headers(&[])).ok(), Some(Precondition::None));
+        assert_eq!(precondition(&headers(&[("if-match", "*")])).ok(), Some(Precondition::Exists));
+        assert_eq!(precondition(&headers(&[("if-none-match", "*")])).ok(), Some(Precondition::Absent));
+        assert_eq!(
+            precondition(&headers(&[("if-match", "\"3\", W/\"4\", \"x\",\"5\"")])).ok(),
+            Some(Precondition::Version(vec![3, 5]))
+        );
+        assert!(precondition(&headers(&[("if-match", "\"3\""), ("if-none-match", "*")])).is_err());
+        assert!(precondition(&headers(&[("if-none-match", "\"3\"")])).is_err());
+    }
 }

@@ -13,11 +13,15 @@ pub mod apply;
 pub mod config;
 pub mod consumer;
 pub mod dead_letters;
+pub mod entries;
+pub mod entry_failures;
 pub mod http;
 pub mod metrics;
-pub mod replay;
+pub mod replay_demo;
+pub mod retention;
 pub mod rows;
 pub mod rules;
+pub mod settle;
 pub mod stream;
 
 use std::net::SocketAddr;
@@ -27,36 +31,28 @@ use std::time::Duration;
 
 use prometheus_client::registry::Registry;
 use service_kit::connections::Connections;
-use service_kit::{ops_router, Readiness};
+use service_kit::http::body::{read_within, BodyLimits};
+use service_kit::http::server::{serve, ServerMetrics};
+use service_kit::runner::{drain, TaskTracker, TASKS_GRACE};
+use service_kit::{ops_router, Liveness, Readiness, SessionLimits};
 use sqlx::migrate::Migrator;
+use sqlx::postgres::PgConnectOptions;
 use sqlx::PgPool;
 
 pub use config::{Cli, Command, Config, DeadLetterCommand};
-pub use service_kit::Shutdown;
+pub use service_kit::{Service, Shutdown, StartError};
 
 /// The inventory database schema.
 pub static MIGRATOR: Migrator = sqlx::migrate!("../../migrations/inventory");
 
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    #[error("invalid DATABASE_URL: {0}")]
-    DatabaseUrl(sqlx::Error),
-    #[error("invalid REDIS_URL: {0}")]
-    RedisUrl(redis::RedisError),
-    #[error("cannot listen on {0}: {1}")]
-    Bind(SocketAddr, std::io::Error),
-    #[error(transparent)]
-    Consumer(#[from] consumer::ConsumerError),
-    #[error("http server: {0}")]
-    Serve(std::io::Error),
-}
-
 /// A consumer with its HTTP listener bound (so the address is known before it runs).
-pub struct Service {
+pub struct InventoryConsumer {
     config: Config,
+    limits: SessionLimits,
     pool: PgPool,
     redis: redis::Client,
     listener: tokio::net::TcpListener,
+    local_addr: SocketAddr,
     registry: Arc<Mutex<Registry>>,
 }
 
@@ -68,24 +64,34 @@ const APPLY_CONNECTIONS: u32 = 1;
 pub const UPKEEP_TABLES: &[&str] =
     &["processed_messages", "aggregate_checkpoints", "order_reservations", "inventory", "parked_events"];
 
-impl Service {
+impl InventoryConsumer {
     pub async fn bind(config: Config) -> Result<Self, StartError> {
-        let pool = service_kit::startup::lazy_pool(&config.database_url, config.database_max_connections)
-            .map_err(StartError::DatabaseUrl)?;
+        let limits = config.session_limits().map_err(StartError::Config)?;
+        let options = config.database_url.parse::<PgConnectOptions>().map_err(StartError::DatabaseUrl)?;
+        let options = limits.apply(options, &config.consumer_name);
+        let pool = service_kit::startup::lazy_pool_with(options, config.database_max_connections);
         let redis = redis::Client::open(config.redis_url.as_str()).map_err(StartError::RedisUrl)?;
-        let listener =
-            tokio::net::TcpListener::bind(config.http_addr).await.map_err(|e| StartError::Bind(config.http_addr, e))?;
-        Ok(Self { config, pool, redis, listener, registry: Arc::new(Mutex::new(Registry::default())) })
+        let listener = service_kit::http::server::bind(config.http_addr)
+            .map_err(|source| StartError::Bind { addr: config.http_addr, source })?;
+        let local_addr = listener.local_addr().map_err(|source| StartError::Bind { addr: config.http_addr, source })?;
+        let registry = Arc::new(Mutex::new(Registry::default()));
+        Ok(Self { config, limits, pool, redis, listener, local_addr, registry })
     }
+}
 
-    pub fn local_addr(&self) -> Option<SocketAddr> {
-        self.listener.local_addr().ok()
+impl Service for InventoryConsumer {
+    const NAME: &'static str = "inventory-consumer";
+
+    fn local_addr(&self) -> SocketAddr {
+        self.local_addr
     }
 
     /// Serves HTTP at once (readyz says 503 until Postgres and Redis answer), applies the
     /// migrations when Postgres is reachable, then consumes until `shutdown`.
-    pub async fn run(self, shutdown: Shutdown) -> Result<(), StartError> {
+    async fn run(self, shutdown: Shutdown) -> Result<(), StartError> {
         let metrics = metrics::Metrics::register(&self.registry);
+        let server_metrics = ServerMetrics::register(&mut self.registry.lock().unwrap_or_else(|e| e.into_inner()));
+        let liveness = Liveness::new();
         let migrated = Arc::new(AtomicBool::new(false));
         let readiness = Readiness::new()
             .postgres(self.pool.clone())
@@ -106,32 +112,53 @@ impl Service {
                     }
                 }
             });
-        let app = http::router(self.pool.clone()).merge(ops_router(readiness, self.registry.clone()));
+        let body_limits = BodyLimits { timeout: self.config.http.body_timeout, max_bytes: http::MAX_BODY };
+        let app = http::router(self.pool.clone())
+            .merge(ops_router(readiness, liveness.clone(), self.registry.clone()))
+            .layer(axum::middleware::from_fn_with_state(body_limits, read_within));
         // The server stops after the consumer, so in-flight work is visible to the end.
         let stop_http = Shutdown::new();
-        let serve = axum::serve(self.listener, app).with_graceful_shutdown(stop_http.clone().cancelled_owned());
-        let server = tokio::spawn(std::future::IntoFuture::into_future(serve));
+        let grace = self.config.http.body_timeout + Duration::from_secs(5);
+        let server =
+            tokio::spawn(serve(self.listener, app, self.config.http.clone(), server_metrics, stop_http.clone(), grace));
         let consumed = match service_kit::startup::migrate_with_retry(&self.pool, &MIGRATOR, &shutdown).await {
             None => Ok(()),
             Some(()) => {
                 migrated.store(true, Ordering::Relaxed);
-                let upkeep = tokio::spawn(service_kit::upkeep::upkeep_loop(
+                // Background work stops with the consumer, whether by shutdown or on its own.
+                let stop_tasks = shutdown.child_token();
+                let tasks = TaskTracker::new();
+                tasks.spawn(service_kit::upkeep::upkeep_loop(
                     self.pool.clone(),
                     UPKEEP_TABLES,
                     self.config.upkeep_interval,
-                    shutdown.clone(),
+                    stop_tasks.clone(),
+                ));
+                tasks.spawn(retention::prune_loop(
+                    self.pool.clone(),
+                    retention::RetentionSettings {
+                        dedupe: self.config.dedupe_retention,
+                        dead_letters: self.config.dead_letter_retention,
+                        parked_warn_after: self.config.parked_warn_after,
+                    },
+                    metrics.clone(),
+                    stop_tasks.clone(),
                 ));
                 let db = Connections::new(
                     self.pool.connect_options().as_ref().clone(),
                     APPLY_CONNECTIONS,
                     Duration::from_secs(5),
                 );
+                let apply_deadline = self.limits.client_deadline(APPLY_STATEMENTS);
+                let heartbeat = liveness.register("consumer loop", stall_after(&self.config, apply_deadline));
                 let consumer = consumer::Consumer {
                     config: self.config,
                     db: db.clone(),
                     redis: self.redis,
                     metrics,
                     shutdown: shutdown.clone(),
+                    heartbeat,
+                    apply_deadline,
                 };
                 // On the runtime's workers, next to the I/O driver: awaited here, on the thread
                 // that blocks on `main`, every reply would need a wake-up across threads.
@@ -140,9 +167,8 @@ impl Service {
                     Err(e) => std::panic::resume_unwind(e.into_panic()),
                 };
                 db.close().await;
-                // The consumer stops on shutdown or on its crash hook; upkeep goes with it.
-                upkeep.abort();
-                let _ = upkeep.await;
+                stop_tasks.cancel();
+                drain(&tasks, TASKS_GRACE).await;
                 consumed
             }
         };
@@ -152,18 +178,22 @@ impl Service {
             Err(e) => Err(StartError::Serve(std::io::Error::other(e))),
         };
         self.pool.close().await;
-        consumed?;
+        consumed.map_err(|e| StartError::Failed(Box::new(e)))?;
         served
     }
 }
 
-/// Binds, then runs until `shutdown` (see [`Service::run`]).
-pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), StartError> {
-    let service = Service::bind(config).await?;
-    if let Some(addr) = service.local_addr() {
-        tracing::info!(%addr, "listening");
-    }
-    service.run(shutdown).await
+/// Statements of one batch's transaction (begin, checkpoints, stock, write, commit, and two
+/// dead-letter inserts: undecodable and expired entries): bounds how long the loop waits for
+/// Postgres before it gives up the connection.
+const APPLY_STATEMENTS: u32 = 7;
+
+/// How long the loop may go round without beating before `/healthz` calls it stalled: each of
+/// its waits is bounded (a read by `BLOCK` plus Redis's answer, a batch by the apply deadline,
+/// and a batch applied entry by entry beats per entry), so only a hang gets this far.
+fn stall_after(config: &Config, apply_deadline: Duration) -> Duration {
+    let redis_round = config.block + Duration::from_secs(10);
+    (redis_round * 4 + apply_deadline * 2).max(Duration::from_secs(60))
 }
 
 async fn redis_ping(client: redis::Client) -> Result<(), String> {

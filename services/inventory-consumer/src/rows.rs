@@ -3,34 +3,44 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
+use chrono::{DateTime, Utc};
 use domain::{Event, EventPayload};
-use sqlx::postgres::PgArguments;
-use sqlx::{Arguments, PgConnection, Postgres, Row};
+use sqlx::{PgConnection, Postgres, QueryBuilder, Row};
 
-use crate::apply::{fields_from_json, fields_json, DeadLetter, Incoming, Parked};
+use crate::entries::{fields_from_json, fields_json, DeadLetter, Incoming, Parked};
 use crate::rules::{Reservation, ReservationStatus, ReservedItem, Stock};
 
 /// Locks the checkpoints of `aggregates` (sorted), creating those that do not exist yet, and
-/// returns their `last_seq`, in one statement. An existing row is locked by a no-op update,
-/// which (unlike a read) acts on the latest committed version even if it was created after the
-/// statement's snapshot, by another replica applying the same new order. Rows are locked in
-/// the array's order, so replicas lock in one order and wait for each other rather than
-/// deadlock.
-pub(crate) async fn lock_checkpoints(
-    tx: &mut PgConnection,
-    aggregates: &[String],
-) -> Result<HashMap<String, i64>, sqlx::Error> {
-    sqlx::query(
+/// returns their `last_seq`, in one statement, with the database's clock read once every lock
+/// is held (see [`Locked::now`]). An existing row is locked by a no-op update, which (unlike a
+/// read) acts on the latest committed version even if it was created after the statement's
+/// snapshot, by another replica applying the same new order. Rows are locked in the array's
+/// order, so replicas lock in one order and wait for each other rather than deadlock.
+pub(crate) async fn lock_checkpoints(tx: &mut PgConnection, aggregates: &[String]) -> Result<Locked, sqlx::Error> {
+    let rows = sqlx::query(
         "INSERT INTO aggregate_checkpoints (aggregate_id, last_seq) SELECT id, 0 FROM unnest($1::text[]) AS id \
          ON CONFLICT (aggregate_id) DO UPDATE SET last_seq = aggregate_checkpoints.last_seq \
-         RETURNING aggregate_id, last_seq",
+         RETURNING aggregate_id, last_seq, clock_timestamp()",
     )
     .bind(aggregates)
     .fetch_all(&mut *tx)
-    .await?
-    .into_iter()
-    .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
-    .collect()
+    .await?;
+    let mut locked = Locked { last_seq: HashMap::with_capacity(rows.len()), now: None };
+    for row in rows {
+        locked.last_seq.insert(row.try_get(0)?, row.try_get(1)?);
+        let at: DateTime<Utc> = row.try_get(2)?;
+        locked.now = locked.now.max(Some(at));
+    }
+    Ok(locked)
+}
+
+/// The locked checkpoints of a batch.
+pub(crate) struct Locked {
+    pub(crate) last_seq: HashMap<String, i64>,
+    /// The database's clock after the last lock was taken: later than the start of any
+    /// transaction that removed one of these orders' checkpoints before (it waited for that
+    /// one), so an event judged by it is expired if that removal relied on it being so.
+    pub(crate) now: Option<DateTime<Utc>>,
 }
 
 /// What a batch reads once its checkpoints are locked.
@@ -150,6 +160,23 @@ async fn lock_stock(tx: &mut PgConnection, skus: &[String]) -> Result<HashMap<St
         .collect()
 }
 
+/// What the applied events of one order say of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Mark {
+    pub(crate) latest: DateTime<Utc>,
+    pub(crate) closed: bool,
+}
+
+impl Mark {
+    /// Takes `event`, applied, into account.
+    pub(crate) fn add(marks: &mut HashMap<String, Mark>, event: &Event) {
+        let closed = matches!(event.payload, EventPayload::OrderCancelled(_));
+        let mark = marks.entry(event.aggregate_id.to_string()).or_insert(Mark { latest: event.occurred_at, closed });
+        mark.latest = mark.latest.max(event.occurred_at);
+        mark.closed |= closed;
+    }
+}
+
 pub(crate) struct ProcessedRow {
     event_id: String,
     aggregate_id: String,
@@ -173,10 +200,16 @@ pub(crate) struct Writes<'a> {
     pub(crate) stock: Vec<(&'a String, &'a Stock)>,
     pub(crate) reservations: Vec<(&'a String, &'a Reservation)>,
     pub(crate) checkpoints: Vec<(&'a String, &'a i64)>,
+    /// Of each order with events applied: the latest `occurred_at` among them, and whether one
+    /// closed the order (no event can follow it).
+    pub(crate) marks: &'a HashMap<String, Mark>,
     pub(crate) processed: &'a [ProcessedRow],
     pub(crate) parked: &'a [&'a Incoming],
     /// Parked events applied by this batch, whose rows go.
     pub(crate) released: &'a [(String, i64)],
+    /// Checkpoints locked (created) by this batch that still say nothing was applied and
+    /// guard no parked event: every event of theirs was expired. They go again.
+    pub(crate) empty: &'a [String],
 }
 
 /// Writes a batch's changes in one statement, one data-modifying CTE per table with something
@@ -185,93 +218,123 @@ pub(crate) struct Writes<'a> {
 /// (an event parked and released by the same batch is never written). A batch of duplicates
 /// writes nothing and sends no statement.
 pub(crate) async fn write(tx: &mut PgConnection, w: &Writes<'_>) -> Result<(), sqlx::Error> {
-    let mut s = Statement::default();
+    let mut q = Ctes::default();
     if !w.stock.is_empty() {
-        let sku = s.arg(w.stock.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>())?;
-        let on_hand = s.arg(w.stock.iter().map(|(_, st)| st.on_hand).collect::<Vec<_>>())?;
-        let reserved = s.arg(w.stock.iter().map(|(_, st)| st.reserved).collect::<Vec<_>>())?;
-        s.ctes.push(format!(
-            "stock AS (UPDATE inventory i SET on_hand = u.on_hand, reserved = u.reserved, updated_at = now() \
-             FROM unnest({sku}::text[], {on_hand}::bigint[], {reserved}::bigint[]) AS u(sku, on_hand, reserved) \
-             WHERE i.sku = u.sku)"
-        ));
+        q.open(
+            "stock AS (UPDATE inventory i SET on_hand = u.on_hand, reserved = u.reserved, updated_at = now(), \
+                                version = i.version + 1 FROM unnest(",
+        );
+        q.sql.push_bind(w.stock.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>()).push("::text[], ");
+        q.sql.push_bind(w.stock.iter().map(|(_, st)| st.on_hand).collect::<Vec<_>>()).push("::bigint[], ");
+        q.sql.push_bind(w.stock.iter().map(|(_, st)| st.reserved).collect::<Vec<_>>());
+        q.sql.push("::bigint[]) AS u(sku, on_hand, reserved) WHERE i.sku = u.sku)");
     }
     if !w.reservations.is_empty() {
         let items = w.reservations.iter().map(|(_, r)| serde_json::to_value(&r.items)).collect::<Result<Vec<_>, _>>();
-        let order = s.arg(w.reservations.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>())?;
-        let status = s.arg(w.reservations.iter().map(|(_, r)| r.status.as_str()).collect::<Vec<_>>())?;
-        let items = s.arg(items.map_err(|e| sqlx::Error::Encode(e.into()))?)?;
-        let reason = s.arg(w.reservations.iter().map(|(_, r)| r.reason.clone()).collect::<Vec<_>>())?;
-        s.ctes.push(format!(
-            "reservations AS (INSERT INTO order_reservations (order_id, status, items, reason) \
-             SELECT * FROM unnest({order}::text[], {status}::text[], {items}::jsonb[], {reason}::text[]) \
-             ON CONFLICT (order_id) DO UPDATE SET status = excluded.status, updated_at = now())"
-        ));
+        let items = items.map_err(|e| sqlx::Error::Encode(e.into()))?;
+        q.open(
+            "reservations AS (INSERT INTO order_reservations (order_id, status, items, reason) SELECT * FROM unnest(",
+        );
+        q.sql.push_bind(w.reservations.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>()).push("::text[], ");
+        q.sql.push_bind(w.reservations.iter().map(|(_, r)| r.status.as_str()).collect::<Vec<_>>()).push("::text[], ");
+        q.sql.push_bind(items).push("::jsonb[], ");
+        q.sql.push_bind(w.reservations.iter().map(|(_, r)| r.reason.clone()).collect::<Vec<_>>());
+        q.sql.push("::text[]) ON CONFLICT (order_id) DO UPDATE SET status = excluded.status, updated_at = now())");
     }
     if !w.checkpoints.is_empty() {
-        let aggregate = s.arg(w.checkpoints.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>())?;
-        let last_seq = s.arg(w.checkpoints.iter().map(|(_, v)| **v).collect::<Vec<_>>())?;
-        s.ctes.push(format!(
-            "checkpoints AS (UPDATE aggregate_checkpoints c SET last_seq = u.last_seq, updated_at = now() \
-             FROM unnest({aggregate}::text[], {last_seq}::bigint[]) AS u(aggregate_id, last_seq) \
-             WHERE c.aggregate_id = u.aggregate_id)"
-        ));
+        let mark = |k: &String| w.marks.get(k).copied();
+        q.open(
+            "checkpoints AS (UPDATE aggregate_checkpoints c SET last_seq = u.last_seq, updated_at = now(), \
+                    last_occurred_at = GREATEST(c.last_occurred_at, u.occurred_at), closed = c.closed OR u.closed \
+                FROM unnest(",
+        );
+        q.sql.push_bind(w.checkpoints.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>()).push("::text[], ");
+        q.sql.push_bind(w.checkpoints.iter().map(|(_, v)| **v).collect::<Vec<_>>()).push("::bigint[], ");
+        q.sql.push_bind(w.checkpoints.iter().map(|(k, _)| mark(k).map(|m| m.latest)).collect::<Vec<_>>());
+        q.sql.push("::timestamptz[], ");
+        q.sql.push_bind(w.checkpoints.iter().map(|(k, _)| mark(k).is_some_and(|m| m.closed)).collect::<Vec<_>>());
+        q.sql
+            .push("::bool[]) AS u(aggregate_id, last_seq, occurred_at, closed) WHERE c.aggregate_id = u.aggregate_id)");
     }
     if !w.processed.is_empty() {
-        let event = s.arg(w.processed.iter().map(|e| e.event_id.as_str()).collect::<Vec<_>>())?;
-        let aggregate = s.arg(w.processed.iter().map(|e| e.aggregate_id.as_str()).collect::<Vec<_>>())?;
-        let seq = s.arg(w.processed.iter().map(|e| e.seq).collect::<Vec<_>>())?;
-        let kind = s.arg(w.processed.iter().map(|e| e.event_type).collect::<Vec<_>>())?;
-        s.ctes.push(format!(
+        q.open(
             "processed AS (INSERT INTO processed_messages (event_id, aggregate_id, seq, event_type) \
-             SELECT * FROM unnest({event}::text[], {aggregate}::text[], {seq}::bigint[], {kind}::text[]) \
-             ON CONFLICT (event_id) DO NOTHING)"
-        ));
+                SELECT * FROM unnest(",
+        );
+        q.sql.push_bind(w.processed.iter().map(|e| e.event_id.as_str()).collect::<Vec<_>>()).push("::text[], ");
+        q.sql.push_bind(w.processed.iter().map(|e| e.aggregate_id.as_str()).collect::<Vec<_>>()).push("::text[], ");
+        q.sql.push_bind(w.processed.iter().map(|e| e.seq).collect::<Vec<_>>()).push("::bigint[], ");
+        q.sql.push_bind(w.processed.iter().map(|e| e.event_type).collect::<Vec<_>>());
+        q.sql.push("::text[]) ON CONFLICT (event_id) DO NOTHING)");
     }
     if !w.parked.is_empty() {
-        let aggregate = s.arg(w.parked.iter().map(|i| i.event.aggregate_id.to_string()).collect::<Vec<_>>())?;
-        let seq = s.arg(w.parked.iter().map(|i| i.event.seq).collect::<Vec<_>>())?;
-        let event = s.arg(w.parked.iter().map(|i| i.event.event_id.to_string()).collect::<Vec<_>>())?;
-        let entry = s.arg(w.parked.iter().map(|i| i.stream_id.as_str()).collect::<Vec<_>>())?;
-        let fields = s.arg(w.parked.iter().map(|i| fields_json(&i.fields)).collect::<Vec<_>>())?;
-        s.ctes.push(format!(
+        q.open(
             "parked AS (INSERT INTO parked_events (aggregate_id, seq, event_id, stream_entry_id, fields) \
-             SELECT * FROM unnest({aggregate}::text[], {seq}::bigint[], {event}::text[], {entry}::text[], \
-                                  {fields}::jsonb[]) \
-             ON CONFLICT ON CONSTRAINT parked_events_pkey DO NOTHING)"
-        ));
+                SELECT * FROM unnest(",
+        );
+        q.sql
+            .push_bind(w.parked.iter().map(|i| i.event.aggregate_id.to_string()).collect::<Vec<_>>())
+            .push("::text[], ");
+        q.sql.push_bind(w.parked.iter().map(|i| i.event.seq).collect::<Vec<_>>()).push("::bigint[], ");
+        q.sql.push_bind(w.parked.iter().map(|i| i.event.event_id.to_string()).collect::<Vec<_>>()).push("::text[], ");
+        q.sql.push_bind(w.parked.iter().map(|i| i.stream_id.as_str()).collect::<Vec<_>>()).push("::text[], ");
+        q.sql.push_bind(w.parked.iter().map(|i| fields_json(&i.fields)).collect::<Vec<_>>());
+        q.sql.push("::jsonb[]) ON CONFLICT ON CONSTRAINT parked_events_pkey DO NOTHING)");
     }
     if !w.released.is_empty() {
-        let aggregate = s.arg(w.released.iter().map(|(a, _)| a.as_str()).collect::<Vec<_>>())?;
-        let seq = s.arg(w.released.iter().map(|(_, sq)| *sq).collect::<Vec<_>>())?;
-        s.ctes.push(format!(
-            "released AS (DELETE FROM parked_events p USING unnest({aggregate}::text[], {seq}::bigint[]) \
-             AS r(aggregate_id, seq) WHERE p.aggregate_id = r.aggregate_id AND p.seq = r.seq)"
-        ));
+        q.open("released AS (DELETE FROM parked_events p USING unnest(");
+        q.sql.push_bind(w.released.iter().map(|(a, _)| a.as_str()).collect::<Vec<_>>()).push("::text[], ");
+        q.sql.push_bind(w.released.iter().map(|(_, sq)| *sq).collect::<Vec<_>>());
+        q.sql.push("::bigint[]) AS r(aggregate_id, seq) WHERE p.aggregate_id = r.aggregate_id AND p.seq = r.seq)");
     }
-    if s.ctes.is_empty() {
+    if !w.empty.is_empty() {
+        q.open("empty AS (DELETE FROM aggregate_checkpoints WHERE aggregate_id = ANY(");
+        q.sql.push_bind(w.empty.iter().map(String::as_str).collect::<Vec<_>>());
+        q.sql.push("::text[]) AND last_seq = 0)");
+    }
+    if q.parts == 0 {
         return Ok(());
     }
-    let sql = format!("WITH {} SELECT 1", s.ctes.join(", "));
-    sqlx::query_with(&sql, s.args).execute(&mut *tx).await.map(|_| ())
+    q.sql.push(" SELECT 1");
+    q.sql.build().execute(&mut *tx).await.map(|_| ())
 }
 
-/// A statement assembled from the parts a batch needs, numbering its parameters as they come.
-#[derive(Default)]
-struct Statement {
-    ctes: Vec<String>,
-    args: PgArguments,
+/// `WITH a AS (…), b AS (…) …`, one common table expression per part a batch needs
+/// ([`QueryBuilder`] numbers the parameters).
+struct Ctes<'a> {
+    sql: QueryBuilder<'a, Postgres>,
+    parts: usize,
 }
 
-impl Statement {
-    /// Adds `value` as the next parameter; returns its placeholder (`$n`).
-    fn arg<'q, T>(&mut self, value: T) -> Result<String, sqlx::Error>
-    where
-        T: 'q + sqlx::Encode<'q, Postgres> + sqlx::Type<Postgres>,
-    {
-        self.args.add(value).map_err(sqlx::Error::Encode)?;
-        Ok(format!("${}", self.args.len()))
+impl Default for Ctes<'_> {
+    fn default() -> Self {
+        Self { sql: QueryBuilder::new("WITH "), parts: 0 }
     }
+}
+
+impl Ctes<'_> {
+    /// Starts the next part with `opening`.
+    fn open(&mut self, opening: &str) {
+        if self.parts > 0 {
+            self.sql.push(", ");
+        }
+        self.sql.push(opening);
+        self.parts += 1;
+    }
+}
+
+/// Whether `event` was applied already: its event id is recorded, or its order's checkpoint
+/// is at or past its seq.
+pub(crate) async fn already_applied(conn: &mut PgConnection, event: &Event) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM processed_messages WHERE event_id = $1) \
+             OR EXISTS (SELECT 1 FROM aggregate_checkpoints WHERE aggregate_id = $2 AND last_seq >= $3)",
+    )
+    .bind(event.event_id.to_string())
+    .bind(event.aggregate_id.to_string())
+    .bind(event.seq)
+    .fetch_one(conn)
+    .await
 }
 
 pub(crate) async fn record_dead_letters(tx: &mut PgConnection, dead: &[DeadLetter]) -> Result<(), sqlx::Error> {

@@ -61,6 +61,8 @@ pub fn summed_items(created: &OrderCreated) -> Vec<ReservedItem> {
 
 /// Applies one event (already known to be next in its order's sequence) to `stock`. Returns
 /// the order's new reservation when it changes, `None` when the event changes nothing.
+/// Quantities only move within what is there (reserved ≤ on hand), and arithmetic saturates,
+/// so no sequence of events can overflow a stock row.
 pub fn apply(
     payload: &EventPayload,
     current: Option<&Reservation>,
@@ -70,17 +72,18 @@ pub fn apply(
         (EventPayload::OrderCreated(created), None) => Some(reserve(created, stock)),
         (EventPayload::OrderConfirmed(_), Some(r)) if r.status == ReservationStatus::Reserved => {
             move_stock(&r.items, stock, |s, q| {
-                s.on_hand -= q;
-                s.reserved -= q;
+                s.on_hand = s.on_hand.saturating_sub(q);
+                s.reserved = s.reserved.saturating_sub(q);
             });
             Some(Reservation { status: ReservationStatus::Confirmed, ..r.clone() })
         }
         (EventPayload::OrderCancelled(_), Some(r)) if r.status == ReservationStatus::Reserved => {
-            move_stock(&r.items, stock, |s, q| s.reserved -= q);
+            move_stock(&r.items, stock, |s, q| s.reserved = s.reserved.saturating_sub(q));
             Some(Reservation { status: ReservationStatus::Cancelled, ..r.clone() })
         }
         (EventPayload::OrderCancelled(_), Some(r)) if r.status == ReservationStatus::Confirmed => {
-            move_stock(&r.items, stock, |s, q| s.on_hand += q);
+            // Saturating: a restock on top of a `PUT` near the bound cannot wrap around.
+            move_stock(&r.items, stock, |s, q| s.on_hand = s.on_hand.saturating_add(q));
             Some(Reservation { status: ReservationStatus::Cancelled, ..r.clone() })
         }
         // A rejected order never held stock; a second create or a transition the order
@@ -105,7 +108,7 @@ fn reserve(created: &OrderCreated, stock: &mut HashMap<String, Stock>) -> Reserv
     if let Some(reason) = shortage {
         return Reservation { status: ReservationStatus::Rejected, items, reason: Some(reason) };
     }
-    move_stock(&items, stock, |s, q| s.reserved += q);
+    move_stock(&items, stock, |s, q| s.reserved = s.reserved.saturating_add(q));
     Reservation { status: ReservationStatus::Reserved, items, reason: None }
 }
 
@@ -145,6 +148,19 @@ mod tests {
         let r = apply(&EventPayload::OrderCancelled(OrderCancelled { order_id: id }), Some(&r), &mut st).unwrap();
         assert_eq!(r.status, ReservationStatus::Cancelled);
         assert_eq!(st, stock(&[("A", 10, 0), ("B", 5, 1)]));
+    }
+
+    #[test]
+    fn a_restock_at_the_edge_of_i64_saturates_instead_of_wrapping() {
+        let mut st = stock(&[("A", i64::MAX - 1, 0)]);
+        let r = apply(&created(&[("A", 5)]), None, &mut st).unwrap();
+        let id = domain::OrderId::new();
+        let r = apply(&EventPayload::OrderConfirmed(OrderConfirmed { order_id: id }), Some(&r), &mut st).unwrap();
+        assert_eq!(st, stock(&[("A", i64::MAX - 6, 0)]));
+        // Stock set back up (a PUT) before the confirmed order is cancelled and restocked.
+        st.insert("A".to_owned(), Stock { on_hand: i64::MAX - 1, reserved: 0 });
+        apply(&EventPayload::OrderCancelled(OrderCancelled { order_id: id }), Some(&r), &mut st).unwrap();
+        assert_eq!(st, stock(&[("A", i64::MAX, 0)]));
     }
 
     #[test]

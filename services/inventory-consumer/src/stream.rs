@@ -64,9 +64,16 @@ pub async fn read_group(
     Ok(out)
 }
 
-/// One XAUTOCLAIM step: entries idle for `min_idle`, from `cursor`. Returns the next cursor
-/// (`0-0` when the scan is complete), the claimed entries and ids that no longer exist (Redis
-/// drops those from the pending list itself).
+/// One XAUTOCLAIM step: entries idle for `min_idle`, from `cursor`.
+pub struct Claimed {
+    /// Where the next step starts; `0-0` when the scan is complete.
+    pub next: String,
+    pub entries: Vec<Delivery>,
+    /// Pending entries no longer on the stream: Redis dropped them from the pending list.
+    pub deleted: Vec<String>,
+}
+
+/// One XAUTOCLAIM step: entries idle for `min_idle`, from `cursor`, taken over by `consumer`.
 pub async fn autoclaim(
     conn: &mut MultiplexedConnection,
     stream: &str,
@@ -75,7 +82,7 @@ pub async fn autoclaim(
     min_idle: Duration,
     cursor: &str,
     count: u32,
-) -> Result<(String, Vec<Delivery>), RedisError> {
+) -> Result<Claimed, RedisError> {
     let reply: Value = redis::cmd("XAUTOCLAIM")
         .arg(stream)
         .arg(group)
@@ -90,9 +97,46 @@ pub async fn autoclaim(
     if parts.len() < 2 {
         return Err(unexpected("XAUTOCLAIM", &Value::Array(parts)));
     }
+    let deleted = match parts.get(2) {
+        Some(Value::Array(ids)) => ids.iter().filter_map(string).collect(),
+        _ => Vec::new(),
+    };
     let entries = parts.remove(1);
     let next = string(&parts[0]).ok_or_else(|| unexpected("XAUTOCLAIM cursor", &parts[0]))?;
-    Ok((next, parse_entries(entries)?))
+    Ok(Claimed { next, entries: parse_entries(entries)?, deleted })
+}
+
+/// Removes, atomically, each consumer of the group other than `keep` that has nothing pending
+/// and has been idle longer than `idle` (one that left: a replica replaced under another
+/// name). A consumer that reads again is simply created again. Returns the names removed.
+pub async fn remove_departed(
+    conn: &mut MultiplexedConnection,
+    stream: &str,
+    group: &str,
+    keep: &str,
+    idle: Duration,
+) -> Result<Vec<String>, RedisError> {
+    const SCRIPT: &str = r#"
+local removed = {}
+for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local info = {}
+  for i = 1, #c, 2 do info[c[i]] = c[i + 1] end
+  if tonumber(info['pending']) == 0 and tonumber(info['idle']) > tonumber(ARGV[2]) and info['name'] ~= ARGV[3] then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], info['name'])
+    table.insert(removed, info['name'])
+  end
+end
+return removed
+"#;
+    redis::cmd("EVAL")
+        .arg(SCRIPT)
+        .arg(1)
+        .arg(stream)
+        .arg(group)
+        .arg(u64::try_from(idle.as_millis()).unwrap_or(u64::MAX))
+        .arg(keep)
+        .query_async(conn)
+        .await
 }
 
 /// Delivery counts of this consumer's pending entries with ids in `[min, max]`.
@@ -161,8 +205,32 @@ pub async fn add(
     stream: &str,
     fields: &[(String, Vec<u8>)],
 ) -> Result<String, RedisError> {
+    xadd(conn, stream, None, fields).await
+}
+
+/// [`add`] to a stream no consumer group depends on, kept to about `max_len` entries
+/// (`MAXLEN ~`: whole nodes go, the oldest first).
+pub async fn add_capped(
+    conn: &mut MultiplexedConnection,
+    stream: &str,
+    max_len: u64,
+    fields: &[(String, Vec<u8>)],
+) -> Result<String, RedisError> {
+    xadd(conn, stream, Some(max_len), fields).await
+}
+
+async fn xadd(
+    conn: &mut MultiplexedConnection,
+    stream: &str,
+    max_len: Option<u64>,
+    fields: &[(String, Vec<u8>)],
+) -> Result<String, RedisError> {
     let mut cmd = redis::cmd("XADD");
-    cmd.arg(stream).arg("*");
+    cmd.arg(stream);
+    if let Some(max_len) = max_len {
+        cmd.arg("MAXLEN").arg("~").arg(max_len);
+    }
+    cmd.arg("*");
     for (k, v) in fields {
         cmd.arg(k).arg(v);
     }

@@ -3,12 +3,16 @@
 use std::time::Duration;
 
 use domain::OrderId;
-use inventory_consumer::apply::{apply_batch, Incoming, Outcome};
+use inventory_consumer::apply::{apply_batch, Outcome};
+use inventory_consumer::entries::Incoming;
 use sqlx::{Connection, PgConnection};
 
 use crate::common::{confirmed, created, Harness};
 
-fn incoming(event: domain::Event, stream_id: &str) -> Incoming {
+/// The shipped `DEDUPE_RETENTION`.
+const RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+
+pub(crate) fn incoming(event: domain::Event, stream_id: &str) -> Incoming {
     let fields = event.to_entry().to_fields().into_iter().map(|(k, v)| (k.to_owned(), v.into_bytes())).collect();
     Incoming { stream_id: stream_id.to_owned(), event, fields }
 }
@@ -32,7 +36,7 @@ async fn a_checkpoint_created_by_a_transaction_committing_mid_batch_is_locked_an
     let url = h.db.url.clone();
     let batch = tokio::spawn(async move {
         let mut conn = PgConnection::connect(&url).await.unwrap();
-        apply_batch(&mut conn, &[incoming], &[]).await
+        apply_batch(&mut conn, &[incoming], &[], RETENTION).await
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!batch.is_finished(), "the batch waits for the other transaction's checkpoint");
@@ -54,10 +58,10 @@ async fn a_parked_event_that_creates_an_order_gets_its_stock_locked_when_release
     let mut late_create = created(order, &[("SKU-P", 4)]);
     late_create.seq = 2;
     let mut conn = PgConnection::connect(&h.db.url).await.unwrap();
-    let parked = apply_batch(&mut conn, &[incoming(late_create, "1-0")], &[]).await.unwrap();
+    let parked = apply_batch(&mut conn, &[incoming(late_create, "1-0")], &[], RETENTION).await.unwrap();
     assert_eq!(parked.outcomes, [Outcome::Deferred]);
 
-    let released = apply_batch(&mut conn, &[incoming(confirmed(order, 1), "2-0")], &[]).await.unwrap();
+    let released = apply_batch(&mut conn, &[incoming(confirmed(order, 1), "2-0")], &[], RETENTION).await.unwrap();
     assert_eq!(released.outcomes, [Outcome::Applied]);
     assert_eq!(released.applied.len(), 2, "the parked creation is applied with it");
     assert_eq!(h.reservation(order).await.as_deref(), Some("RESERVED"));

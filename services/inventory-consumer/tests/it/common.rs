@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use domain::{Event, EventPayload, NewOrder, OrderCancelled, OrderConfirmed, OrderCreated, OrderId};
-use inventory_consumer::{Config, Service, Shutdown};
+use inventory_consumer::{Config, InventoryConsumer, Service, Shutdown};
 use redis::aio::MultiplexedConnection;
 use redis::Value;
 use sqlx::PgPool;
@@ -45,10 +45,19 @@ impl Harness {
             http_addr: "127.0.0.1:0".parse().expect("address"),
             claim_min_idle: Duration::from_secs(30),
             max_deliveries: 5,
+            dlq_max_len: 100_000,
+            dedupe_retention: Duration::from_secs(7 * 24 * 3600),
+            dead_letter_retention: Duration::from_secs(30 * 24 * 3600),
+            parked_warn_after: Duration::from_secs(300),
+            departed_after: Duration::from_secs(3600),
             batch_size: 256,
             block: Duration::from_millis(100),
             database_max_connections: 4,
             upkeep_interval: Duration::from_secs(5),
+            db_statement_timeout: None,
+            db_lock_timeout: None,
+            db_idle_in_transaction_timeout: None,
+            http: service_kit::http::HttpSettings::default(),
             log_format: telemetry::LogFormat::Text,
             crash_after_commit: false,
         }
@@ -177,8 +186,8 @@ pub struct Running {
 
 impl Running {
     pub async fn start(config: Config) -> Self {
-        let service = Service::bind(config).await.expect("bind");
-        let addr = service.local_addr().expect("bound address");
+        let service = InventoryConsumer::bind(config).await.expect("bind");
+        let addr = service.local_addr();
         let shutdown = Shutdown::new();
         let task = tokio::spawn(service.run(shutdown.clone()));
         Self { addr, shutdown, task }

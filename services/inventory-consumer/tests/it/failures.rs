@@ -5,6 +5,7 @@ use std::time::Duration;
 use domain::OrderId;
 use inventory_consumer::consumer::ConsumerError;
 use inventory_consumer::StartError;
+use sqlx::Connection;
 
 use crate::common::{created, Harness, Running};
 
@@ -19,7 +20,11 @@ async fn a_crash_after_commit_before_ack_is_finished_by_another_replica_without_
     config.crash_after_commit = true;
     let doomed = Running::start(config).await;
     let stopped = tokio::time::timeout(Duration::from_secs(30), doomed.task).await.expect("stops").expect("task");
-    assert!(matches!(stopped, Err(StartError::Consumer(ConsumerError::CrashedAfterCommit))), "{stopped:?}");
+    let crashed = match &stopped {
+        Err(StartError::Failed(e)) => e.downcast_ref::<ConsumerError>(),
+        _ => None,
+    };
+    assert!(matches!(crashed, Some(ConsumerError::CrashedAfterCommit)), "{stopped:?}");
     // Committed but not acknowledged.
     assert_eq!(h.stock("SKU-1").await, (100, 10));
     assert_eq!(h.group_info("pending").await.as_deref(), Some("10"));
@@ -27,7 +32,7 @@ async fn a_crash_after_commit_before_ack_is_finished_by_another_replica_without_
     // More work arrives; a live replica claims the dead one's entries once they are idle.
     h.xadd(&created(OrderId::new(), &[("SKU-1", 1)])).await;
     let mut config = h.config("survivor");
-    config.claim_min_idle = Duration::from_millis(200);
+    config.claim_min_idle = Duration::from_secs(1);
     let survivor = Running::start(config).await;
     h.drained().await;
     assert_eq!(h.stock("SKU-1").await, (100, 11), "redelivery had no second effect");
@@ -90,5 +95,42 @@ async fn without_postgres_it_reports_not_ready_and_still_stops_cleanly() {
     let ready = reqwest::get(running.url("/readyz")).await.unwrap();
     assert_eq!(ready.status(), 503);
     assert!(ready.text().await.unwrap().contains("postgres"));
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn rows_locked_by_a_frozen_session_are_waited_out_not_counted_against_the_entries() {
+    let h = Harness::new("frozenlock").await;
+    h.set_stock("SKU-1", 100).await;
+    // A session that locks the stock row in a transaction and then stops talking, as a replica
+    // frozen mid-batch does. Its server-side idle timeout ends it after 2 s.
+    let mut frozen = sqlx::PgConnection::connect_with(
+        &h.db
+            .url
+            .parse::<sqlx::postgres::PgConnectOptions>()
+            .unwrap()
+            .options([("idle_in_transaction_session_timeout", "2000")]),
+    )
+    .await
+    .unwrap();
+    sqlx::query("BEGIN").execute(&mut frozen).await.unwrap();
+    sqlx::query("SELECT * FROM inventory WHERE sku = 'SKU-1' FOR UPDATE").execute(&mut frozen).await.unwrap();
+    let locked_at = std::time::Instant::now();
+    for _ in 0..20 {
+        h.xadd(&created(OrderId::new(), &[("SKU-1", 1)])).await;
+    }
+    let mut config = h.config("c1");
+    // Lock waits end after 250 ms: the batch is retried whole until the lock is gone.
+    config.claim_min_idle = Duration::from_secs(1);
+    config.max_deliveries = 1;
+    let running = Running::start(config).await;
+    h.drained().await;
+    assert!(locked_at.elapsed() >= Duration::from_secs(2), "applied only once the frozen session was ended");
+    assert_eq!(h.stock("SKU-1").await, (100, 20));
+    assert_eq!(h.count("SELECT count(*) FROM dead_letters").await, 0);
+    assert_eq!(h.count("SELECT count(*) FROM entry_failures").await, 0);
+    let metrics = reqwest::get(running.url("/metrics")).await.unwrap().text().await.unwrap();
+    assert!(metrics.contains(r#"consumer_failures_total{class="transient",source="postgres"}"#), "{metrics}");
+    assert_eq!(reqwest::get(running.url("/healthz")).await.unwrap().status(), 200);
     running.stop().await;
 }

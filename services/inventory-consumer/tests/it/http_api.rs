@@ -71,3 +71,57 @@ async fn stock_can_be_set_and_read_and_bad_input_is_refused_clearly() {
     }
     running.stop().await;
 }
+
+#[tokio::test]
+async fn stock_is_bounded_and_a_stale_if_match_write_is_refused_with_412() {
+    let h = Harness::new("etag").await;
+    let running = h.start("c1").await;
+    let client = reqwest::Client::new();
+    let url = running.url("/inventory/SKU-9");
+    let put_if = |header: &'static str, value: String, body: &'static str| {
+        client.put(&url).header("content-type", "application/json").header(header, value).body(body).send()
+    };
+    let etag = |r: &reqwest::Response| r.headers().get("etag").and_then(|v| v.to_str().ok()).map(str::to_owned);
+
+    // Bounded: no later reservation, confirmation or restock can overflow.
+    let max = inventory_consumer::http::MAX_ON_HAND;
+    let (status, body) = put(&client, &url, &format!(r#"{{"on_hand": {}}}"#, max + 1), "application/json").await;
+    assert_eq!((status, body["field"].as_str()), (422, Some("on_hand")), "{body}");
+    let (status, _) = put(&client, &url, &format!(r#"{{"on_hand": {}}}"#, i64::MAX), "application/json").await;
+    assert_eq!(status, 422);
+
+    // Create only if absent; a second create-if-absent is refused.
+    let created_once = put_if("if-none-match", "*".to_owned(), r#"{"on_hand": 10}"#).await.unwrap();
+    assert_eq!(created_once.status(), 200);
+    let first = etag(&created_once).expect("an ETag");
+    assert_eq!(put_if("if-none-match", "*".to_owned(), r#"{"on_hand": 99}"#).await.unwrap().status(), 412);
+    let read = client.get(&url).send().await.unwrap();
+    assert_eq!(etag(&read).as_deref(), Some(first.as_str()));
+
+    // A reservation changes the row, so a write based on the earlier read is stale.
+    h.xadd(&created(OrderId::new(), &[("SKU-9", 3)])).await;
+    h.drained().await;
+    let stale = put_if("if-match", first.clone(), r#"{"on_hand": 50}"#).await.unwrap();
+    assert_eq!(stale.status(), 412);
+    let problem: Value = stale.json().await.unwrap();
+    assert_eq!((problem["status"].as_u64(), problem["field"].as_str()), (Some(412), Some("If-Match")));
+    let current = etag(&client.get(&url).send().await.unwrap()).expect("an ETag");
+    assert_ne!(current, first);
+    let fresh = put_if("if-match", current.clone(), r#"{"on_hand": 50}"#).await.unwrap();
+    assert_eq!(fresh.status(), 200);
+    let after = etag(&fresh).expect("an ETag");
+    assert_ne!(after, current);
+    let got: Value = client.get(&url).send().await.unwrap().json().await.unwrap();
+    assert_eq!(got, json!({"sku": "SKU-9", "on_hand": 50, "reserved": 3, "available": 47}));
+    // `*` matches any version of an existing row, never a missing one.
+    assert_eq!(put_if("if-match", "*".to_owned(), r#"{"on_hand": 40}"#).await.unwrap().status(), 200);
+    let missing = running.url("/inventory/SKU-NONE");
+    let absent = client
+        .put(&missing)
+        .header("content-type", "application/json")
+        .header("if-match", "*")
+        .body(r#"{"on_hand": 1}"#);
+    assert_eq!(absent.send().await.unwrap().status(), 412);
+    assert_eq!(client.get(&missing).send().await.unwrap().status(), 404, "If-Match never creates");
+    running.stop().await;
+}

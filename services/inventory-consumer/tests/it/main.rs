@@ -4,8 +4,10 @@
 mod batch;
 mod common;
 mod failures;
+mod housekeeping;
 mod http_api;
 mod ordering;
 mod poison;
 mod replicas;
+mod retention;
 mod rules;

@@ -104,7 +104,8 @@ async fn the_replay_demo_shows_a_replayed_entry_skipped_as_a_duplicate() {
     let mut conn = h.redis.clone();
     let config = h.config("demo");
     let timeout = std::time::Duration::from_secs(30);
-    let report = inventory_consumer::replay::replay(h.pool(), &mut conn, &config, Some(&first), timeout).await.unwrap();
+    let report =
+        inventory_consumer::replay_demo::run(h.pool(), &mut conn, &config, Some(&first), timeout).await.unwrap();
     assert_ne!(report.copy_entry_id, first);
     assert_eq!((report.processed_rows, report.checkpoint_before, report.checkpoint_after), (1, 1, 1));
     assert!(report.to_string().contains("duplicate"), "{report}");

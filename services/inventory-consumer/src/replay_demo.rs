@@ -11,7 +11,7 @@ use sqlx::PgPool;
 use crate::{stream, Config};
 
 #[derive(Debug, thiserror::Error)]
-pub enum ReplayError {
+pub enum DemoError {
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
     #[error("redis: {0}")]
@@ -50,30 +50,30 @@ impl fmt::Display for ReplayReport {
     }
 }
 
-pub async fn replay(
+pub async fn run(
     pool: &PgPool,
     conn: &mut MultiplexedConnection,
     config: &Config,
     entry_id: Option<&str>,
     timeout: Duration,
-) -> Result<ReplayReport, ReplayError> {
+) -> Result<ReplayReport, DemoError> {
     let stream_key = &config.redis_stream;
     let entry_id = match entry_id {
         Some(id) => id.to_owned(),
-        None => first_entry_id(conn, stream_key).await?.ok_or_else(|| ReplayError::NoEntry("(first)".into()))?,
+        None => first_entry_id(conn, stream_key).await?.ok_or_else(|| DemoError::NoEntry("(first)".into()))?,
     };
     let fields =
-        stream::entry(conn, stream_key, &entry_id).await?.ok_or_else(|| ReplayError::NoEntry(entry_id.clone()))?;
+        stream::entry(conn, stream_key, &entry_id).await?.ok_or_else(|| DemoError::NoEntry(entry_id.clone()))?;
     let event_id = fields
         .iter()
         .find(|(k, _)| k == domain::fields::EVENT_ID)
         .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
-        .ok_or_else(|| ReplayError::NoEventId(entry_id.clone()))?;
+        .ok_or_else(|| DemoError::NoEventId(entry_id.clone()))?;
     let applied: Option<String> = sqlx::query_scalar("SELECT aggregate_id FROM processed_messages WHERE event_id = $1")
         .bind(&event_id)
         .fetch_optional(pool)
         .await?;
-    let aggregate_id = applied.ok_or_else(|| ReplayError::NotApplied(event_id.clone()))?;
+    let aggregate_id = applied.ok_or_else(|| DemoError::NotApplied(event_id.clone()))?;
     let checkpoint = || async {
         sqlx::query_scalar::<_, i64>("SELECT last_seq FROM aggregate_checkpoints WHERE aggregate_id = $1")
             .bind(&aggregate_id)
@@ -85,7 +85,7 @@ pub async fn replay(
     let deadline = tokio::time::Instant::now() + timeout;
     while !handled(conn, stream_key, &config.consumer_group, &copy_entry_id).await? {
         if tokio::time::Instant::now() >= deadline {
-            return Err(ReplayError::Timeout(timeout));
+            return Err(DemoError::Timeout(timeout));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

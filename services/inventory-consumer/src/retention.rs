@@ -1,0 +1,147 @@
+//! Pruning the dedupe and ordering state older than `DEDUPE_RETENTION`, in bounded batches.
+//!
+//! Why nothing can then apply twice (the invariant; all times by the database's clock):
+//!
+//! - An event is applied from the stream only if it is not older than the retention. (A
+//!   parked event, released when its predecessor comes, may be older: it was never applied,
+//!   and its order's checkpoint, held locked, says so.)
+//! - A `processed_messages` row only repeats what its order's checkpoint says (an applied
+//!   event's seq is at or below it), so the rows may go once older than the retention while the
+//!   checkpoint stays.
+//! - A checkpoint (with its order's reservation) goes only when its order is closed (a
+//!   cancellation was applied: no further event can come) and the latest `occurred_at` of its
+//!   applied events is older than the retention. Every event of that order occurred at or
+//!   before that, so from then on each is older than the retention too, and an event older than
+//!   the retention is never applied ([`crate::apply`]): it is dead-lettered as expired.
+//! - The applying transaction judges expiry by the clock read after it holds its checkpoint
+//!   locks, so if it waited for a pruning transaction that removed one of them, its clock is
+//!   past that one's and it sees every event the pruning relied on as expired.
+
+use std::time::Duration;
+
+use service_kit::prune::{delete_in_batches, pass_interval};
+use service_kit::Shutdown;
+use sqlx::PgPool;
+
+use crate::metrics::Metrics;
+
+/// Statements per table per round: a larger backlog takes several rounds.
+const STATEMENTS: u32 = 100;
+
+/// What one round removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pruned {
+    pub processed: u64,
+    /// Checkpoints of closed orders, each with its reservation.
+    pub closed_orders: u64,
+}
+
+/// One round: dedupe rows, then closed orders. Rows another replica is removing are skipped.
+pub async fn prune(pool: &PgPool, retention: Duration, shutdown: &Shutdown) -> Result<Pruned, sqlx::Error> {
+    let processed = delete_in_batches(
+        pool,
+        "DELETE FROM processed_messages WHERE event_id IN ( \
+           SELECT event_id FROM processed_messages \
+           WHERE processed_at < now() - $1 * interval '1 millisecond' \
+           ORDER BY processed_at LIMIT $2 FOR UPDATE SKIP LOCKED)",
+        retention,
+        STATEMENTS,
+        shutdown,
+    )
+    .await?;
+    let closed_orders = delete_in_batches(
+        pool,
+        "WITH gone AS ( \
+           DELETE FROM aggregate_checkpoints WHERE aggregate_id IN ( \
+             SELECT aggregate_id FROM aggregate_checkpoints \
+             WHERE closed AND last_occurred_at < now() - $1 * interval '1 millisecond' \
+             LIMIT $2 FOR UPDATE SKIP LOCKED) \
+           RETURNING aggregate_id), \
+         reservations AS (DELETE FROM order_reservations WHERE order_id IN (SELECT aggregate_id FROM gone)) \
+         SELECT 1 FROM gone",
+        retention,
+        STATEMENTS,
+        shutdown,
+    )
+    .await?;
+    Ok(Pruned { processed, closed_orders })
+}
+
+/// What the pruning loop keeps and watches.
+#[derive(Debug, Clone, Copy)]
+pub struct RetentionSettings {
+    /// `DEDUPE_RETENTION`.
+    pub dedupe: Duration,
+    /// `DEAD_LETTER_RETENTION`.
+    pub dead_letters: Duration,
+    /// `PARKED_WARN_AFTER`.
+    pub parked_warn_after: Duration,
+}
+
+/// Every [`pass_interval`] of the shorter retention until shutdown: prunes dedupe state and
+/// old dead letters, counting what went, and samples the parked events, warning of one that
+/// has waited past `parked_warn_after` (a gap that is not filling).
+pub async fn prune_loop(pool: PgPool, settings: RetentionSettings, metrics: Metrics, shutdown: Shutdown) {
+    let every = pass_interval(settings.dedupe.min(settings.dead_letters));
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+        match prune(&pool, settings.dedupe, &shutdown).await {
+            Ok(p) => {
+                metrics.pruned_processed.inc_by(p.processed);
+                metrics.pruned_closed_orders.inc_by(p.closed_orders);
+                if p != Pruned::default() {
+                    tracing::debug!(processed = p.processed, closed_orders = p.closed_orders, "pruned dedupe state");
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "pruning dedupe state failed; trying again next round"),
+        }
+        match crate::dead_letters::purge(&pool, settings.dead_letters, STATEMENTS, &shutdown).await {
+            Ok(n) => {
+                metrics.pruned_dead_letters.inc_by(n);
+            }
+            Err(e) => tracing::debug!(error = %e, "removing old dead letters failed; trying again next round"),
+        }
+        match oldest_parked(&pool).await {
+            Ok(parked) => watch_parked(&metrics, parked, settings.parked_warn_after),
+            Err(e) => tracing::debug!(error = %e, "sampling parked events failed"),
+        }
+    }
+}
+
+/// How many events are parked, and the oldest: its order, seq and age in seconds.
+pub struct ParkedSample {
+    pub count: i64,
+    pub oldest: Option<(String, i64, f64)>,
+}
+
+pub async fn oldest_parked(pool: &PgPool) -> Result<ParkedSample, sqlx::Error> {
+    let (count,): (i64,) = sqlx::query_as("SELECT count(*) FROM parked_events").fetch_one(pool).await?;
+    let oldest: Option<(String, i64, f64)> = sqlx::query_as(
+        "SELECT aggregate_id, seq, EXTRACT(EPOCH FROM now() - parked_at)::float8 FROM parked_events \
+         ORDER BY parked_at LIMIT 1",
+    )
+    .fetch_optional(pool)
+    .await?;
+    Ok(ParkedSample { count, oldest })
+}
+
+fn watch_parked(metrics: &Metrics, parked: ParkedSample, warn_after: Duration) {
+    metrics.parked.set(parked.count);
+    let age = parked.oldest.as_ref().map_or(0.0, |(_, _, age)| age.max(0.0));
+    metrics.parked_oldest_age_seconds.set(age);
+    if let Some((aggregate_id, seq, age)) = parked.oldest {
+        if age >= warn_after.as_secs_f64() {
+            tracing::warn!(
+                aggregate_id,
+                seq,
+                waited_s = age as u64,
+                parked = parked.count,
+                "an event has waited past PARKED_WARN_AFTER for the one before it: a gap that is not filling \
+                 (that event lost, dead-lettered or expired upstream?)"
+            );
+        }
+    }
+}
