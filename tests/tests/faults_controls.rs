@@ -6,17 +6,22 @@
 //! - The same crash followed by `relay replay --since`: the ledger must hold.
 //! - Inventory's dedupe record wiped and the stream consumed again by a new group: the
 //!   checker must report exactly the orders whose stock moved twice.
+//! - The dedupe record wiped with the reservations kept, and every event published again: the
+//!   stock shows nothing (the reservations absorb the copies), and the checker must still
+//!   report every event applied a second time.
+//! - A relay that numbers each order's events backwards: the checker must report exactly the
+//!   orders with more than one event as applied out of seq order, and nothing else.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use system_tests::faults::cluster::{Cluster, ClusterSpec};
-use system_tests::faults::drain::{backlog, RedeliverySampler};
+use system_tests::faults::drain::backlog;
 use system_tests::faults::inject::Injected;
 use system_tests::faults::load::{drive, Gate, LoadOutcome, LoadSpec};
+use system_tests::faults::misnumbering::publish_numbering_backwards;
 use system_tests::faults::plan::{self, PlannedOrder};
-use system_tests::faults::process::binary;
-use system_tests::faults::run::{settle_and_check, start_cluster, Report};
+use system_tests::faults::run::{self, settle_and_check, start_cluster, Report};
 use tokio::sync::Mutex;
 
 /// The controls each run a whole cluster; one at a time keeps them fast on small machines.
@@ -30,22 +35,14 @@ async fn load(cluster: &Cluster, plan: &Arc<Vec<PlannedOrder>>, seed: u64) -> Lo
 }
 
 async fn settle(cluster: &mut Cluster, plan: &[PlannedOrder], load: LoadOutcome, seed: u64) -> Report {
-    let sampler = RedeliverySampler::start(
-        cluster.redis_client().expect("redis client"),
-        cluster.stream.clone(),
-        cluster.group.clone(),
-        cluster.consumer_ports(),
-    );
-    let report = settle_and_check(cluster, plan, load, Injected::default(), sampler, seed, Duration::from_secs(60))
-        .await
-        .expect("check");
-    eprintln!("{report}");
-    report
+    run::settle(cluster, plan, load, seed, Duration::from_secs(60)).await.expect("check")
 }
 
 /// Consumers frozen, the load published in full to a Redis without persistence, Redis
 /// crashed and restarted empty, consumers thawed and back in their (recreated) group.
-async fn cache_redis_forgets(seed: u64) -> (Cluster, Arc<Vec<PlannedOrder>>, LoadOutcome) {
+/// `retained`: whether the published events are still retained for republishing (the
+/// relays' own recovery, or `relay replay`); without, nothing can bring them back.
+async fn cache_redis_forgets(seed: u64, retained: bool) -> (Cluster, Arc<Vec<PlannedOrder>>, LoadOutcome) {
     let spec = ClusterSpec { redis_persistent: false, ..ClusterSpec::default() };
     let plan = Arc::new(plan::generate(seed, ORDERS));
     let mut cluster = start_cluster(spec, &plan).await.expect("cluster");
@@ -60,6 +57,14 @@ async fn cache_redis_forgets(seed: u64) -> (Cluster, Arc<Vec<PlannedOrder>>, Loa
         (pending == 0).then_some(())
     })
     .await;
+    if !retained {
+        // Published longer ago than OUTBOX_RETENTION as far as republishing can tell (the
+        // checker still counts them as published).
+        sqlx::query("UPDATE outbox_published SET published_at = now() - interval '2 days'")
+            .execute(&cluster.orders_db)
+            .await
+            .expect("age the retained events");
+    }
     cluster.redis.kill();
     tokio::task::block_in_place(|| cluster.redis.restart());
     for c in &cluster.consumers {
@@ -75,10 +80,10 @@ async fn cache_redis_forgets(seed: u64) -> (Cluster, Arc<Vec<PlannedOrder>>, Loa
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn checker_reports_loss_when_a_cache_redis_forgets_and_nothing_replays() {
+async fn checker_reports_loss_when_a_cache_redis_forgets_and_nothing_is_retained_to_replay() {
     let _one = ONE_AT_A_TIME.lock().await;
     let seed = 11;
-    let (mut cluster, plan, outcome) = cache_redis_forgets(seed).await;
+    let (mut cluster, plan, outcome) = cache_redis_forgets(seed, false).await;
     let report = settle(&mut cluster, &plan, outcome, seed).await;
     let f = &report.findings;
     assert!(f.events_published > ORDERS, "the load published its events");
@@ -100,17 +105,28 @@ async fn checker_reports_loss_when_a_cache_redis_forgets_and_nothing_replays() {
 async fn relay_replay_restores_what_a_cache_redis_forgot() {
     let _one = ONE_AT_A_TIME.lock().await;
     let seed = 12;
-    let (mut cluster, plan, outcome) = cache_redis_forgets(seed).await;
-    let status = tokio::process::Command::new(binary("relay").expect("relay binary"))
-        .args(["replay", "--since", "15m"])
-        .env("DATABASE_URL", &cluster.orders_url)
-        .env("REDIS_URL", cluster.redis.url())
-        .env("REDIS_STREAM", &cluster.stream)
-        .env("RUST_LOG", "warn")
-        .status()
-        .await
-        .expect("run relay replay");
-    assert!(status.success(), "relay replay failed: {status}");
+    let (mut cluster, plan, outcome) = cache_redis_forgets(seed, true).await;
+    cluster.relay_replay("15m").await.expect("relay replay");
+    let report = settle(&mut cluster, &plan, outcome, seed).await;
+    assert!(report.findings.events_published > ORDERS);
+    assert!(report.holds(), "{report}");
+    cluster.discard_logs();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relays_restore_by_themselves_what_a_cache_redis_forgot() {
+    // The same loss, nothing run by hand: the relays notice their marker gone and republish.
+    let _one = ONE_AT_A_TIME.lock().await;
+    let seed = 13;
+    let (mut cluster, plan, outcome) = cache_redis_forgets(seed, true).await;
+    let published: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM outbox_published").fetch_one(&cluster.orders_db).await.expect("count");
+    // The drain check cannot tell an emptied stream from a consumed one: wait for the relays.
+    test_support::eventually("the relays republished what Redis lost", Duration::from_secs(30), || async {
+        (cluster.relays_counter("outbox_stream_recovered_events_total").await >= published as f64).then_some(())
+    })
+    .await;
+    assert_eq!(cluster.relays_counter("outbox_stream_recoveries_total").await, 1.0, "one relay recovered");
     let report = settle(&mut cluster, &plan, outcome, seed).await;
     assert!(report.findings.events_published > ORDERS);
     assert!(report.holds(), "{report}");
@@ -171,4 +187,59 @@ async fn first_ledger_statuses(cluster: &Cluster, plan: &[PlannedOrder]) -> Vec<
         sqlx::query_as("SELECT customer_id, status FROM orders").fetch_all(&cluster.orders_db).await.expect("orders");
     let by_customer: std::collections::HashMap<String, String> = rows.into_iter().collect();
     plan.iter().map(|o| by_customer.get(&o.customer_id()).cloned()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checker_reports_events_applied_out_of_seq_order_apart_from_other_faults() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let seed = 14;
+    let plan = Arc::new(plan::generate(seed, ORDERS));
+    // No relay runs: the test publishes, as a relay that numbers each order's events backwards.
+    let spec = ClusterSpec { relays: 0, ..ClusterSpec::default() };
+    let mut cluster = start_cluster(spec, &plan).await.expect("cluster");
+    let outcome = load(&cluster, &plan, seed).await;
+    assert!(outcome.anomalies.is_empty(), "{:?}", outcome.anomalies);
+    let reversed = publish_numbering_backwards(&cluster).await.expect("broken relay");
+    assert!(reversed > ORDERS / 2, "most orders have more than one event ({reversed})");
+    let report = settle(&mut cluster, &plan, outcome, seed).await;
+    let f = &report.findings;
+    assert_eq!(f.reordered, reversed, "every order with more than one event\n{report}");
+    // Counted apart: not as lost, double-applied or wrong.
+    assert_eq!((f.lost(), f.double_applied, f.orders_wrong_effects), (0, 0, 0), "{report}");
+    assert!(!report.holds());
+    cluster.discard_logs();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checker_reports_events_applied_again_when_only_the_reservations_hide_it() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let seed = 15;
+    let plan = Arc::new(plan::generate(seed, ORDERS));
+    let mut cluster = start_cluster(ClusterSpec::default(), &plan).await.expect("cluster");
+    // One sampler for both passes: the consumers' own count of what they applied.
+    let sampler = cluster.sampler().expect("sampler");
+    let outcome = load(&cluster, &plan, seed).await;
+    let left = cluster.drain(Duration::from_secs(60)).await.expect("drain");
+    assert!(left.is_empty(), "{left:?}");
+
+    // The dedupe record (and with it the ordering state) is lost; the reservations stay. Every
+    // event is then published again: only processed_messages and the checkpoints could have
+    // told the copies apart.
+    sqlx::query("TRUNCATE processed_messages, aggregate_checkpoints, parked_events")
+        .execute(&cluster.inventory_db)
+        .await
+        .expect("wipe the dedupe record");
+    cluster.relay_replay("15m").await.expect("relay replay");
+    let report =
+        settle_and_check(&mut cluster, &plan, outcome, Injected::default(), sampler, seed, Duration::from_secs(60))
+            .await
+            .expect("check");
+    eprintln!("{report}");
+    let f = &report.findings;
+    // The reservations absorbed the copies, so the stock shows nothing …
+    assert_eq!((f.double_applied, f.inventory_mismatches, f.orders_wrong_effects), (0, 0, 0), "{report}");
+    // … and the checker still sees every event applied a second time.
+    assert_eq!(f.reapplied, f.events_published as u64, "{report}");
+    assert!(!report.holds());
+    cluster.discard_logs();
 }

@@ -5,13 +5,26 @@ use std::collections::{HashMap, HashSet};
 
 use sqlx::PgPool;
 
-use super::model::{expected_stock, judge_own_sku, LedgerEntry, Step, Verdict};
+use super::model::{expected_stock, judge_own_sku, reordering_explains, LedgerEntry, Step, Verdict};
 use super::plan::PlannedOrder;
 use super::FaultError;
+
+/// Whether the consumers kept their dedupe record (`processed_messages`, checkpoints) for the
+/// whole run, or pruned it as it aged (a `DEDUPE_RETENTION` shorter than the run).
+///
+/// Pruned, a missing `processed_messages` row or checkpoint says nothing: the stock alone
+/// shows whether each event applied once (every order has a SKU of its own).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum DedupeRecord {
+    #[default]
+    Kept,
+    Pruned,
+}
 
 /// What the checker found. Every `*_` count but the informational ones must be zero.
 #[derive(Debug, Clone, Default)]
 pub struct Findings {
+    pub dedupe: DedupeRecord,
     pub orders_acknowledged: usize,
     pub orders_in_database: usize,
     pub events_published: usize,
@@ -21,15 +34,24 @@ pub struct Findings {
     pub lost_orders: usize,
     /// Events an acknowledged step must have written that are not in `outbox_published`.
     pub missing_events: usize,
-    /// Published events without a `processed_messages` row: inventory never applied them.
+    /// Published events without a `processed_messages` row: inventory never applied them
+    /// (not counted when the record is pruned).
     pub unapplied_events: usize,
     /// Orders whose own SKU shows one of their events applied more than once.
     pub double_applied: usize,
     /// Orders whose own SKU stands where an earlier event left it: a later one never applied.
     pub orders_missing_effects: usize,
-    /// Orders whose own SKU matches no correct or partial outcome (e.g. out of order).
+    /// Orders whose own SKU matches no correct or partial outcome.
     pub orders_wrong_effects: usize,
-    /// Orders whose checkpoint is not their last published seq.
+    /// Orders whose events were applied out of seq order: an event applied under a seq other
+    /// than its own, or an own SKU that only an out-of-order application explains.
+    pub reordered: usize,
+    /// Applications the consumers counted beyond one per applied event (their
+    /// `consumer_events_total{result="applied"}`, summed over incarnations, a lower bound): the
+    /// dedupe record let events apply again even where the effects did not show it.
+    pub reapplied: u64,
+    /// Orders whose checkpoint is not their last published seq (when pruned: whose checkpoint
+    /// is kept and is not their last published seq).
     pub checkpoint_mismatches: usize,
     /// Orders whose status or events differ from the acknowledged steps.
     pub status_mismatches: usize,
@@ -57,6 +79,8 @@ impl Findings {
         self.lost() == 0
             && self.double_applied == 0
             && self.orders_wrong_effects == 0
+            && self.reordered == 0
+            && self.reapplied == 0
             && self.checkpoint_mismatches == 0
             && self.status_mismatches == 0
             && self.sequence_errors == 0
@@ -92,8 +116,9 @@ pub async fn check(
     orders: &PgPool,
     inventory: &PgPool,
     initial: &[(String, i64)],
+    dedupe: DedupeRecord,
 ) -> Result<Findings, FaultError> {
-    let mut f = Findings::default();
+    let mut f = Findings { dedupe, ..Findings::default() };
     let rows: Vec<(String, String, String)> =
         sqlx::query_as("SELECT id, customer_id, status FROM orders").fetch_all(orders).await.map_err(pg)?;
     f.orders_in_database = rows.len();
@@ -120,14 +145,15 @@ pub async fn check(
     .fetch_one(orders)
     .await
     .map_err(pg)?;
-    let processed: HashSet<String> = sqlx::query_scalar("SELECT event_id FROM processed_messages")
+    // Each applied event and the seq it was applied under.
+    let processed: HashMap<String, i64> = sqlx::query_as("SELECT event_id, seq FROM processed_messages")
         .fetch_all(inventory)
         .await
         .map_err(pg)?
         .into_iter()
         .collect();
     f.events_processed = processed.len();
-    f.phantom_events = processed.difference(&published_ids).count();
+    f.phantom_events = processed.keys().filter(|e| !published_ids.contains(*e)).count();
     let checkpoints: HashMap<String, i64> = sqlx::query_as("SELECT aggregate_id, last_seq FROM aggregate_checkpoints")
         .fetch_all(inventory)
         .await
@@ -172,7 +198,7 @@ fn check_order(
     entry: &LedgerEntry,
     by_customer: &HashMap<String, Vec<(String, String)>>,
     published: &HashMap<String, Vec<Published>>,
-    processed: &HashSet<String>,
+    processed: &HashMap<String, i64>,
     checkpoints: &HashMap<String, i64>,
     stock: &HashMap<String, (i64, i64)>,
 ) -> Vec<&'static str> {
@@ -227,24 +253,46 @@ fn check_order(
             events.iter().map(|e| (e.seq, &e.event_type)).collect::<Vec<_>>()
         ));
     }
-    let unapplied = events.iter().filter(|e| !processed.contains(&e.event_id)).count();
+    let pruned = f.dedupe == DedupeRecord::Pruned;
+    let unapplied = if pruned { 0 } else { events.iter().filter(|e| !processed.contains_key(&e.event_id)).count() };
     if unapplied > 0 {
         f.unapplied_events += unapplied;
         f.note(format!("order {id}: {unapplied} of {} events never applied", events.len()));
     }
     let last_seq = events.last().map_or(0, |e| e.seq);
     let checkpoint = checkpoints.get(&id).copied().unwrap_or(0);
-    if checkpoint != last_seq {
+    // Pruned, an order without a checkpoint has had it removed (it was closed).
+    let judged = !pruned || checkpoints.contains_key(&id);
+    if judged && checkpoint != last_seq {
         f.checkpoint_mismatches += 1;
         f.note(format!("order {id}: checkpoint {checkpoint}, last published seq {last_seq}"));
     }
     let own = stock.get(&order.own_sku()).copied().unwrap_or_default();
-    match judge_own_sku(order, &path, own) {
-        Verdict::Exact => {}
+    let verdict = judge_own_sku(order, &path, own);
+    // Out of seq order: an event applied under another seq than the one it was published with,
+    // or (every event applied) a stock only an out-of-order application leads to.
+    let misnumbered = events.iter().any(|e| processed.get(&e.event_id).is_some_and(|applied| *applied != e.seq));
+    let reordered = misnumbered || (unapplied == 0 && reordering_explains(order, &path, own));
+    match verdict {
+        Verdict::Exact if !reordered => {}
+        Verdict::DoubleApplied => {
+            f.double_applied += 1;
+            f.note(format!(
+                "order {id}: DoubleApplied: {} (on_hand, reserved) = {own:?} after {path:?}",
+                order.own_sku()
+            ));
+        }
+        _ if reordered => {
+            f.reordered += 1;
+            let applied: Vec<Option<&i64>> = events.iter().map(|e| processed.get(&e.event_id)).collect();
+            f.note(format!(
+                "order {id}: applied out of seq order: {} (on_hand, reserved) = {own:?} after {path:?}, applied under seqs {applied:?}",
+                order.own_sku()
+            ));
+        }
         verdict => {
             match verdict {
                 Verdict::Lost => f.orders_missing_effects += 1,
-                Verdict::DoubleApplied => f.double_applied += 1,
                 _ => f.orders_wrong_effects += 1,
             }
             f.note(format!(

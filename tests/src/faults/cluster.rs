@@ -8,6 +8,7 @@ use std::time::Duration;
 use sqlx::PgPool;
 use test_support::{fresh_database_on, PrivatePostgres, PrivateRedis};
 
+use super::drain::{Backlog, RedeliverySampler};
 use super::process::{binary, Service};
 use super::FaultError;
 
@@ -17,23 +18,50 @@ pub struct ClusterSpec {
     pub consumers: usize,
     /// AOF with `appendfsync always`; without it Redis is a cache that forgets on a crash.
     pub redis_persistent: bool,
-    pub relay_lease: Duration,
-    pub claim_min_idle: Duration,
-    pub max_deliveries: u32,
+    /// Settings of the services; `None` leaves a service's own default (the shipped one).
+    pub relay_lease: Option<Duration>,
+    pub relay_max_attempts: Option<u32>,
+    pub relay_backoff_base: Option<Duration>,
+    pub claim_min_idle: Option<Duration>,
+    pub max_deliveries: Option<u32>,
+    /// Retentions (`REDIS_STREAM_RETENTION` of the relays, `IDEMPOTENCY_KEY_TTL` of the
+    /// order-service, `DEDUPE_RETENTION` of the consumers).
+    pub stream_retention: Option<Duration>,
+    pub idempotency_key_ttl: Option<Duration>,
+    pub dedupe_retention: Option<Duration>,
     /// `RUST_LOG` of the services.
     pub log_filter: String,
 }
 
-impl Default for ClusterSpec {
-    fn default() -> Self {
+impl ClusterSpec {
+    /// Every setting at its shipped default.
+    pub fn shipped() -> Self {
         Self {
             relays: 2,
             consumers: 3,
             redis_persistent: true,
-            relay_lease: Duration::from_secs(2),
-            claim_min_idle: Duration::from_secs(2),
-            max_deliveries: 20,
+            relay_lease: None,
+            relay_max_attempts: None,
+            relay_backoff_base: None,
+            claim_min_idle: None,
+            max_deliveries: None,
+            stream_retention: None,
+            idempotency_key_ttl: None,
+            dedupe_retention: None,
             log_filter: std::env::var("FAULTS_RUST_LOG").unwrap_or_else(|_| "warn".to_owned()),
+        }
+    }
+}
+
+impl Default for ClusterSpec {
+    /// The shipped defaults, but for two timings kept short so that a run's many kills and
+    /// freezes recover in seconds: a 2 s relay lease and a 2 s `CLAIM_MIN_IDLE`. Attempts,
+    /// backoff and deliveries are the shipped ones.
+    fn default() -> Self {
+        Self {
+            relay_lease: Some(Duration::from_secs(2)),
+            claim_min_idle: Some(Duration::from_secs(2)),
+            ..Self::shipped()
         }
     }
 }
@@ -95,23 +123,41 @@ impl Cluster {
                 ("RUST_LOG".to_owned(), spec.log_filter.clone()),
             ]
         };
-        let order_service =
-            Service::new("order-service", binary("order-service")?, common(&orders.url), &log_dir, free_port()?);
+        let mut order_env = common(&orders.url);
+        if let Some(ttl) = spec.idempotency_key_ttl {
+            order_env.push(("IDEMPOTENCY_KEY_TTL".to_owned(), ms(ttl)));
+        }
+        let order_service = Service::new("order-service", binary("order-service")?, order_env, &log_dir, free_port()?);
         let mut relays = Vec::new();
         for i in 0..spec.relays {
             let mut env = common(&orders.url);
-            env.push(("OUTBOX_LEASE".to_owned(), ms(spec.relay_lease)));
-            env.push(("OUTBOX_BACKOFF_BASE".to_owned(), "100ms".to_owned()));
-            env.push(("OUTBOX_BACKOFF_MAX".to_owned(), "1s".to_owned()));
-            env.push(("OUTBOX_MAX_ATTEMPTS".to_owned(), "1000".to_owned()));
+            if let Some(lease) = spec.relay_lease {
+                env.push(("OUTBOX_LEASE".to_owned(), ms(lease)));
+            }
+            if let Some(base) = spec.relay_backoff_base {
+                env.push(("OUTBOX_BACKOFF_BASE".to_owned(), ms(base)));
+            }
+            if let Some(attempts) = spec.relay_max_attempts {
+                env.push(("OUTBOX_MAX_ATTEMPTS".to_owned(), attempts.to_string()));
+            }
+            if let Some(retention) = spec.stream_retention {
+                env.push(("REDIS_STREAM_RETENTION".to_owned(), ms(retention)));
+            }
             relays.push(Service::new(&format!("relay-{i}"), binary("relay")?, env, &log_dir, free_port()?));
         }
         let mut consumers = Vec::new();
         for i in 0..spec.consumers {
             let mut env = common(&inventory.url);
             env.push(("CONSUMER_GROUP".to_owned(), group.clone()));
-            env.push(("CLAIM_MIN_IDLE".to_owned(), ms(spec.claim_min_idle)));
-            env.push(("MAX_DELIVERIES".to_owned(), spec.max_deliveries.to_string()));
+            if let Some(idle) = spec.claim_min_idle {
+                env.push(("CLAIM_MIN_IDLE".to_owned(), ms(idle)));
+            }
+            if let Some(max) = spec.max_deliveries {
+                env.push(("MAX_DELIVERIES".to_owned(), max.to_string()));
+            }
+            if let Some(retention) = spec.dedupe_retention {
+                env.push(("DEDUPE_RETENTION".to_owned(), ms(retention)));
+            }
             let service =
                 Service::new(&format!("consumer-{i}"), binary("inventory-consumer")?, env, &log_dir, free_port()?);
             consumers.push(service.with_per_start(consumer_name));
@@ -197,6 +243,122 @@ impl Cluster {
         for s in self.services_mut() {
             s.kill().await;
         }
+    }
+
+    /// The name consumer `index` runs under now (its database sessions' `application_name`).
+    pub fn consumer_name(&self, index: usize) -> String {
+        format!("{}-{}", self.consumers[index].name, self.consumers[index].incarnation)
+    }
+
+    /// Freezes consumer `index` (SIGSTOP) while it is in the middle of a batch transaction that
+    /// has locked rows, and leaves it frozen. Returns the pid of the frozen transaction's
+    /// server backend.
+    ///
+    /// Caught, not hoped for: this test's own transaction locks every stock row, waits until
+    /// the consumer's batch transaction is waiting for one of them (it has its checkpoints
+    /// locked by then), freezes the consumer and lets the locks go. The server finishes the
+    /// consumer's statement, which takes the stock rows' locks, and the frozen client never
+    /// ends its transaction.
+    pub async fn freeze_consumer_mid_transaction(&self, index: usize) -> Result<i32, FaultError> {
+        let name = self.consumer_name(index);
+        let pg = |e: sqlx::Error| FaultError::Postgres(e.to_string());
+        // Waiting for a stock row this test holds (not, say, another replica's checkpoint).
+        let waiting = "SELECT pid FROM pg_stat_activity WHERE application_name = $1 AND wait_event_type = 'Lock' \
+                       AND $2 = ANY(pg_blocking_pids(pid))";
+        let holding = "SELECT state FROM pg_stat_activity WHERE pid = $1";
+        for attempt in 0..100 {
+            let mut blocker = self.inventory_db.begin().await.map_err(pg)?;
+            sqlx::query("SELECT 1 FROM inventory ORDER BY sku FOR UPDATE").execute(&mut *blocker).await.map_err(pg)?;
+            let blocker_pid: i32 =
+                sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut *blocker).await.map_err(pg)?;
+            let mut caught = None;
+            for _ in 0..400 {
+                caught = sqlx::query_scalar::<_, i32>(waiting)
+                    .bind(&name)
+                    .bind(blocker_pid)
+                    .fetch_optional(&self.inventory_db)
+                    .await
+                    .map_err(pg)?;
+                if caught.is_some() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let Some(pid) = caught else {
+                blocker.rollback().await.map_err(pg)?;
+                continue;
+            };
+            self.consumers[index].signal("STOP")?;
+            blocker.rollback().await.map_err(pg)?;
+            // The statement completes on the server (the locks are its), or its lock timeout
+            // fired first and the transaction is aborted: then let the consumer go and retry.
+            for _ in 0..200 {
+                let state: Option<String> =
+                    sqlx::query_scalar(holding).bind(pid).fetch_optional(&self.inventory_db).await.map_err(pg)?;
+                match state.as_deref() {
+                    Some("idle in transaction") => {
+                        eprintln!("{name} frozen mid-transaction (backend {pid}) after {attempt} tries");
+                        return Ok(pid);
+                    }
+                    Some("active") => tokio::time::sleep(Duration::from_millis(5)).await,
+                    _ => break,
+                }
+            }
+            self.consumers[index].signal("CONT")?;
+        }
+        Err(FaultError::Setup(format!("{name} was never caught inside a transaction")))
+    }
+
+    /// `relay replay --since <since>` against this cluster: retained events published again.
+    pub async fn relay_replay(&self, since: &str) -> Result<(), FaultError> {
+        let status = tokio::process::Command::new(binary("relay")?)
+            .args(["replay", "--since", since])
+            .env("DATABASE_URL", &self.orders_url)
+            .env("REDIS_URL", self.redis.url())
+            .env("REDIS_STREAM", &self.stream)
+            .env("RUST_LOG", "warn")
+            .status()
+            .await
+            .map_err(|e| FaultError::Setup(format!("run relay replay: {e}")))?;
+        if !status.success() {
+            return Err(FaultError::Setup(format!("relay replay failed: {status}")));
+        }
+        Ok(())
+    }
+
+    /// The sum of an unlabelled counter over the relays' `/metrics` (relays not answering count 0).
+    pub async fn relays_counter(&self, name: &str) -> f64 {
+        let prefix = format!("{name} ");
+        let mut total = 0.0;
+        for relay in &self.relays {
+            let url = format!("http://127.0.0.1:{}/metrics", relay.http_port);
+            let Ok(response) = self.http.get(url).timeout(Duration::from_secs(2)).send().await else { continue };
+            let text = response.text().await.unwrap_or_default();
+            total += text
+                .lines()
+                .find_map(|l| l.strip_prefix(&prefix))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .unwrap_or(0.0);
+        }
+        total
+    }
+
+    /// A sampler of this cluster's redeliveries and of its consumers' counts.
+    pub fn sampler(&self) -> Result<RedeliverySampler, FaultError> {
+        Ok(RedeliverySampler::start(
+            self.redis_client()?,
+            self.stream.clone(),
+            self.group.clone(),
+            self.consumer_ports(),
+        ))
+    }
+
+    /// Waits (at most `timeout`) until nothing is pending anywhere; the last backlog seen.
+    pub async fn drain(&self, timeout: Duration) -> Result<Backlog, FaultError> {
+        let redis = self.redis_client()?;
+        let (left, _) =
+            super::drain::drain(&self.orders_db, &self.inventory_db, &redis, &self.stream, &self.group, timeout).await;
+        Ok(left)
     }
 
     /// Removes the log directory (kept when a run fails, for the post-mortem).

@@ -94,14 +94,35 @@ pub async fn drain(
 
 /// Samples, while the run goes on, what tells of redelivery: entries `XPENDING` shows
 /// delivered more than once, and the consumers' `consumer_events_total{result="duplicate"}`
-/// (summed over process incarnations: a counter that went down belongs to a new process).
-/// Both are lower bounds: what happens between two samples, or after the last sample of a
-/// killed process, is not seen.
+/// and `{result="applied"}` (summed over process incarnations: a counter that went down
+/// belongs to a new process). All are lower bounds: what happens between two samples, or after
+/// the last sample of a killed process, is not seen.
 pub struct RedeliverySampler {
     seen: Arc<Mutex<HashSet<String>>>,
-    duplicates: Arc<Mutex<HashMap<u16, (f64, f64)>>>,
+    duplicates: Arc<Mutex<HashMap<u16, Counted>>>,
+    applied: Arc<Mutex<HashMap<u16, Counted>>>,
     stop: Arc<AtomicBool>,
     task: tokio::task::JoinHandle<()>,
+}
+
+/// A counter of one port's processes: what earlier incarnations counted, and the last sample.
+#[derive(Debug, Clone, Copy, Default)]
+struct Counted {
+    earlier: f64,
+    last: f64,
+}
+
+impl Counted {
+    fn sample(&mut self, now: f64) {
+        if now < self.last {
+            self.earlier += self.last;
+        }
+        self.last = now;
+    }
+
+    fn total(map: &Mutex<HashMap<u16, Counted>>) -> u64 {
+        map.lock().map(|m| m.values().map(|c| c.earlier + c.last).sum::<f64>() as u64).unwrap_or(0)
+    }
 }
 
 /// What the sampler saw.
@@ -109,18 +130,23 @@ pub struct RedeliverySampler {
 pub struct Redeliveries {
     pub entries_seen_redelivered: usize,
     pub duplicates_skipped: u64,
+    /// Events the consumers said they applied (a lower bound).
+    pub applied_reported: u64,
 }
 
 impl RedeliverySampler {
     pub fn start(redis: redis::Client, stream: String, group: String, consumer_ports: Vec<u16>) -> Self {
         let seen = Arc::new(Mutex::new(HashSet::new()));
-        let duplicates = Arc::new(Mutex::new(HashMap::new()));
+        let duplicates = Arc::new(Mutex::new(HashMap::<u16, Counted>::new()));
+        let applied = Arc::new(Mutex::new(HashMap::<u16, Counted>::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let http = reqwest::Client::new();
         let task = tokio::spawn({
-            let (seen, duplicates, stop) = (seen.clone(), duplicates.clone(), stop.clone());
+            let (seen, duplicates, applied, stop) = (seen.clone(), duplicates.clone(), applied.clone(), stop.clone());
             async move {
-                while !stop.load(Ordering::Relaxed) {
+                loop {
+                    // Once stopped, one last round, begun after the stop, then out.
+                    let last = stop.load(Ordering::Relaxed);
                     if let Ok(Ok(mut conn)) =
                         tokio::time::timeout(Duration::from_secs(1), redis.get_multiplexed_async_connection()).await
                     {
@@ -137,23 +163,24 @@ impl RedeliverySampler {
                         }
                     }
                     for port in &consumer_ports {
-                        let Some(now) = scrape(&http, *port, "consumer_events_total", "result=\"duplicate\"").await
-                        else {
-                            continue;
-                        };
-                        if let Ok(mut d) = duplicates.lock() {
-                            let (earlier, last) = d.entry(*port).or_insert((0.0, 0.0));
-                            if now < *last {
-                                *earlier += *last;
+                        let Some(text) = metrics_text(&http, *port).await else { continue };
+                        for (label, counts) in [("result=\"duplicate\"", &duplicates), ("result=\"applied\"", &applied)]
+                        {
+                            if let (Some(now), Ok(mut c)) =
+                                (sample(&text, "consumer_events_total", label), counts.lock())
+                            {
+                                c.entry(*port).or_default().sample(now);
                             }
-                            *last = now;
                         }
+                    }
+                    if last {
+                        break;
                     }
                     tokio::time::sleep(Duration::from_millis(250)).await;
                 }
             }
         });
-        Self { seen, duplicates, stop, task }
+        Self { seen, duplicates, applied, stop, task }
     }
 
     pub async fn finish(self) -> Redeliveries {
@@ -161,26 +188,20 @@ impl RedeliverySampler {
         let _ = self.task.await;
         Redeliveries {
             entries_seen_redelivered: self.seen.lock().map(|s| s.len()).unwrap_or(0),
-            duplicates_skipped: self
-                .duplicates
-                .lock()
-                .map(|d| d.values().map(|(a, b)| a + b).sum::<f64>() as u64)
-                .unwrap_or(0),
+            duplicates_skipped: Counted::total(&self.duplicates),
+            applied_reported: Counted::total(&self.applied),
         }
     }
 }
 
-/// One sample (summed over matching label sets) from a service's `/metrics`.
-async fn scrape(http: &reqwest::Client, port: u16, name: &str, label: &str) -> Option<f64> {
-    let text = http
-        .get(format!("http://127.0.0.1:{port}/metrics"))
-        .timeout(Duration::from_millis(500))
-        .send()
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
+/// A service's `/metrics` text.
+async fn metrics_text(http: &reqwest::Client, port: u16) -> Option<String> {
+    let response = http.get(format!("http://127.0.0.1:{port}/metrics")).timeout(Duration::from_millis(500)).send();
+    response.await.ok()?.text().await.ok()
+}
+
+/// One sample (summed over matching label sets) of `name` from a `/metrics` text.
+fn sample(text: &str, name: &str, label: &str) -> Option<f64> {
     let values: Vec<f64> = text
         .lines()
         .filter(|l| l.split(['{', ' ']).next() == Some(name) && l.contains(label))

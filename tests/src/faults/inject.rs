@@ -18,6 +18,9 @@ pub struct Injected {
     /// Entries a consumer had applied (their event is in `processed_messages`) but not yet
     /// acknowledged when it was killed: the commit-to-XACK window really was hit this often.
     pub applied_unacked_at_crash: usize,
+    /// Entries pending on consumers frozen mid-batch: the others claim them, so each is
+    /// delivered at least twice.
+    pub held_by_frozen_consumers: usize,
     /// Services that exited without being killed (restarted, and reported).
     pub unexpected_exits: Vec<String>,
 }
@@ -81,6 +84,12 @@ async fn fire(cluster: &mut Cluster, fault: &Fault, injected: &mut Injected) -> 
             tokio::time::sleep(*frozen_for).await;
             service.signal("CONT")
         }
+        Fault::FreezeConsumer { consumer, frozen_for } => {
+            cluster.freeze_consumer_mid_transaction(*consumer).await?;
+            injected.held_by_frozen_consumers += pending_of(cluster, &cluster.consumer_name(*consumer)).await?;
+            tokio::time::sleep(*frozen_for).await;
+            cluster.consumers[*consumer].signal("CONT")
+        }
         Fault::RedisCrash { down_for } => {
             cluster.redis.kill();
             tokio::time::sleep(*down_for).await;
@@ -132,23 +141,40 @@ async fn crash_after_commit(cluster: &mut Cluster, index: usize) -> Result<usize
     Ok(applied)
 }
 
-async fn applied_but_pending(
+/// How many entries `consumer` holds pending.
+async fn pending_of(cluster: &Cluster, consumer: &str) -> Result<usize, FaultError> {
+    let client = cluster.redis_client()?;
+    let mut conn = client.get_multiplexed_async_connection().await.map_err(|e| FaultError::Redis(e.to_string()))?;
+    Ok(pending_ids(cluster, &mut conn, consumer).await?.len())
+}
+
+/// The ids of the entries `consumer` holds pending.
+async fn pending_ids(
     cluster: &Cluster,
     conn: &mut redis::aio::MultiplexedConnection,
     consumer: &str,
-) -> Result<usize, FaultError> {
+) -> Result<Vec<String>, FaultError> {
     let pending: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
         .arg(&cluster.stream)
         .arg(&cluster.group)
         .arg("-")
         .arg("+")
-        .arg(10_000)
+        .arg(100_000)
         .arg(consumer)
         .query_async(conn)
         .await
         .map_err(|e| FaultError::Redis(e.to_string()))?;
+    Ok(pending.into_iter().map(|(id, ..)| id).collect())
+}
+
+async fn applied_but_pending(
+    cluster: &Cluster,
+    conn: &mut redis::aio::MultiplexedConnection,
+    consumer: &str,
+) -> Result<usize, FaultError> {
+    let pending = pending_ids(cluster, conn, consumer).await?;
     let mut event_ids = Vec::new();
-    for (id, ..) in pending {
+    for id in pending {
         let entries: redis::streams::StreamRangeReply =
             conn.xrange(&cluster.stream, &id, &id).await.map_err(|e| FaultError::Redis(e.to_string()))?;
         for e in entries.ids {

@@ -12,6 +12,7 @@ pub mod cluster;
 pub mod drain;
 pub mod inject;
 pub mod load;
+pub mod misnumbering;
 pub mod model;
 pub mod plan;
 pub mod process;

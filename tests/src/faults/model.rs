@@ -135,6 +135,40 @@ pub fn judge_own_sku(order: &PlannedOrder, path: &[&'static str], observed: Stoc
     Verdict::Wrong
 }
 
+/// Whether the own SKU of `order` stands where its events applied in some other order than
+/// `path`'s (seq order) would leave it, and not where seq order leaves it.
+pub fn reordering_explains(order: &PlannedOrder, path: &[&'static str], observed: Stock) -> bool {
+    let own = [(order.own_sku(), order.own_quantity())];
+    let single = PlannedOrder { index: order.index, items: own.to_vec(), fate: order.fate, retry_create: false };
+    let after = |events: &[&'static str]| -> Stock {
+        if order.doomed() {
+            return (OWN_STOCK, 0);
+        }
+        let stock = expected_stock(std::slice::from_ref(&single), &[events.to_vec()], &[(order.own_sku(), OWN_STOCK)]);
+        stock.get(&order.own_sku()).copied().unwrap_or((OWN_STOCK, 0))
+    };
+    if after(path) == observed {
+        return false;
+    }
+    permutations(path).iter().any(|p| p.as_slice() != path && after(p) == observed)
+}
+
+fn permutations(items: &[&'static str]) -> Vec<Vec<&'static str>> {
+    if items.len() <= 1 {
+        return vec![items.to_vec()];
+    }
+    let mut out = Vec::new();
+    for i in 0..items.len() {
+        let mut rest = items.to_vec();
+        let first = rest.remove(i);
+        for mut tail in permutations(&rest) {
+            tail.insert(0, first);
+            out.push(tail);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::plan::Fate;
@@ -180,5 +214,19 @@ mod tests {
         let doomed = order(&[("OWN-0", 3), ("SCARCE-1", 9)]);
         assert_eq!(judge_own_sku(&doomed, &[C, OK], (100, 0)), Verdict::Exact);
         assert_eq!(judge_own_sku(&doomed, &[C], (100, 3)), Verdict::Wrong);
+    }
+
+    #[test]
+    fn reorderings() {
+        let o = order(&[("OWN-0", 3)]);
+        // Confirm before create: the confirm finds no reservation, the create reserves.
+        assert!(reordering_explains(&o, &[C, OK], (100, 3)));
+        // Cancel before create, and cancel-confirm-create.
+        assert!(reordering_explains(&o, &[C, X], (100, 3)));
+        assert!(reordering_explains(&o, &[C, OK, X], (100, 3)));
+        // In order is not a reordering, and neither is a stock no order of events gives.
+        assert!(!reordering_explains(&o, &[C, OK], (97, 0)));
+        assert!(!reordering_explains(&o, &[C, OK], (94, 0)));
+        assert!(!reordering_explains(&o, &[C], (100, 3)));
     }
 }

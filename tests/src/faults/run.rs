@@ -4,7 +4,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::checker::{check, Findings};
+use super::checker::{check, DedupeRecord, Findings};
 use super::cluster::{Cluster, ClusterSpec};
 use super::drain::{drain, stream_census, Backlog, Redeliveries, RedeliverySampler};
 use super::inject::{restart_crashed, run_schedule, Injected};
@@ -20,9 +20,12 @@ pub struct RunSpec {
     pub concurrency: usize,
     pub kills: usize,
     pub relay_freezes: usize,
+    pub consumer_freezes: usize,
     pub redis_crashes: usize,
     pub postgres_crashes: usize,
     pub consumer_commit_crashes: usize,
+    /// One Redis crash that stays down this long, besides the short ones.
+    pub redis_outage: Option<Duration>,
     pub spread_over: Option<Duration>,
     pub drain_timeout: Duration,
     pub cluster: ClusterSpec,
@@ -37,9 +40,11 @@ impl RunSpec {
             concurrency: 32,
             kills: 32,
             relay_freezes: 1,
+            consumer_freezes: 1,
             redis_crashes: 1,
             postgres_crashes: 1,
             consumer_commit_crashes: 2,
+            redis_outage: None,
             spread_over: None,
             drain_timeout: Duration::from_secs(120),
             cluster: ClusterSpec::default(),
@@ -88,15 +93,15 @@ impl fmt::Display for Report {
         let f = &self.findings;
         writeln!(out, "fault run, seed {} (FAULT_SEED={} reproduces it)", self.seed, self.seed)?;
         writeln!(out, "  load: {} orders planned, {} acknowledged, {} in database, {} requests ({} retries), {} unknown steps, {:.1}s", self.orders_planned, f.orders_acknowledged, f.orders_in_database, self.requests, self.request_retries, f.unknown_steps, self.load_time.as_secs_f64())?;
-        writeln!(out, "  events: {} published, {} applied; stream {} entries, {} duplicate entries; redeliveries: {} entries seen redelivered in XPENDING, {} duplicates skipped by consumers", f.events_published, f.events_processed, self.stream_entries, self.duplicate_entries(), self.redeliveries.entries_seen_redelivered, self.redeliveries.duplicates_skipped)?;
+        writeln!(out, "  events: {} published, {} applied ({} by the consumers' count; dedupe record {:?}); stream {} entries, {} duplicate entries; redeliveries: {} entries seen redelivered in XPENDING, {} duplicates skipped by consumers", f.events_published, f.events_processed, self.redeliveries.applied_reported, f.dedupe, self.stream_entries, self.duplicate_entries(), self.redeliveries.entries_seen_redelivered, self.redeliveries.duplicates_skipped)?;
         writeln!(out, "  faults: {} process kills", self.injected.process_kills())?;
         for (kind, n) in &self.injected.by_kind {
             writeln!(out, "    {n:>4} × {kind}")?;
         }
         writeln!(
             out,
-            "    applied-but-unacknowledged entries at consumer crashes: {}",
-            self.injected.applied_unacked_at_crash
+            "    applied-but-unacknowledged entries at consumer crashes: {}; entries held by consumers frozen mid-batch: {}",
+            self.injected.applied_unacked_at_crash, self.injected.held_by_frozen_consumers
         )?;
         writeln!(out, "    services that exited by themselves: {:?}", self.injected.unexpected_exits)?;
         writeln!(out, "  drain: {:.1}s, left {:?}", self.drain_time.as_secs_f64(), self.drained)?;
@@ -109,7 +114,7 @@ impl fmt::Display for Report {
             f.unapplied_events,
             f.orders_missing_effects
         )?;
-        writeln!(out, "  double-applied: {}; wrong effects: {}; checkpoint mismatches: {}; status mismatches: {}; sequence errors: {}", f.double_applied, f.orders_wrong_effects, f.checkpoint_mismatches, f.status_mismatches, f.sequence_errors)?;
+        writeln!(out, "  double-applied: {}; applied again (consumers' own count): {}; out of seq order: {}; wrong effects: {}; checkpoint mismatches: {}; status mismatches: {}; sequence errors: {}", f.double_applied, f.reapplied, f.reordered, f.orders_wrong_effects, f.checkpoint_mismatches, f.status_mismatches, f.sequence_errors)?;
         writeln!(out, "  shared-SKU mismatches: {}; phantom events: {}; parked left: {}; outbox pending {} dead {}; dead letters: {}", f.inventory_mismatches, f.phantom_events, f.parked_left, f.outbox_pending_left, f.outbox_dead, f.dead_letters)?;
         for a in self.anomalies.iter().take(10) {
             writeln!(out, "  API anomaly: {a}")?;
@@ -140,7 +145,14 @@ pub async fn settle_and_check(
     let mut conn = redis.get_multiplexed_async_connection().await.map_err(|e| FaultError::Redis(e.to_string()))?;
     let (stream_entries, stream_distinct_events) = stream_census(&mut conn, &cluster.stream).await?;
     let initial = plan::initial_stock(plan);
-    let findings = check(plan, &load.ledger, &cluster.orders_db, &cluster.inventory_db, &initial).await?;
+    let dedupe = if cluster.spec.dedupe_retention.is_some() { DedupeRecord::Pruned } else { DedupeRecord::Kept };
+    let mut findings = check(plan, &load.ledger, &cluster.orders_db, &cluster.inventory_db, &initial, dedupe).await?;
+    // Each event applies once: as often as there are dedupe rows, or (pruned) published events.
+    let applied_once = match dedupe {
+        DedupeRecord::Kept => findings.events_processed,
+        DedupeRecord::Pruned => findings.events_published,
+    };
+    findings.reapplied = redeliveries.applied_reported.saturating_sub(applied_once as u64);
     Ok(Report {
         seed,
         orders_planned: plan.len(),
@@ -156,6 +168,21 @@ pub async fn settle_and_check(
         anomalies: load.anomalies,
         findings,
     })
+}
+
+/// The end of a run without injected faults: drain (at most `drain_timeout`), check, and
+/// print the report.
+pub async fn settle(
+    cluster: &mut Cluster,
+    plan: &[PlannedOrder],
+    load: super::load::LoadOutcome,
+    seed: u64,
+    drain_timeout: Duration,
+) -> Result<Report, FaultError> {
+    let sampler = cluster.sampler()?;
+    let report = settle_and_check(cluster, plan, load, Injected::default(), sampler, seed, drain_timeout).await?;
+    eprintln!("{report}");
+    Ok(report)
 }
 
 /// Starts a cluster with its stock for `plan`.
@@ -177,20 +204,18 @@ pub async fn run(spec: &RunSpec) -> Result<(Report, Cluster), FaultError> {
             consumers: spec.cluster.consumers,
             kills: spec.kills,
             relay_freezes: spec.relay_freezes,
+            consumer_freezes: spec.consumer_freezes,
             redis_crashes: spec.redis_crashes,
             postgres_crashes: spec.postgres_crashes,
             consumer_commit_crashes: spec.consumer_commit_crashes,
-            relay_lease: spec.cluster.relay_lease,
+            redis_outage: spec.redis_outage,
+            relay_lease: spec.cluster.relay_lease.unwrap_or(Duration::from_secs(30)),
+            claim_min_idle: spec.cluster.claim_min_idle.unwrap_or(Duration::from_secs(30)),
         },
     );
     let mut cluster = start_cluster(spec.cluster.clone(), &plan).await?;
     eprintln!("services' logs: {}", cluster.log_dir.display());
-    let sampler = RedeliverySampler::start(
-        cluster.redis_client()?,
-        cluster.stream.clone(),
-        cluster.group.clone(),
-        cluster.consumer_ports(),
-    );
+    let sampler = cluster.sampler()?;
     let gate = Gate::new(schedule.first().map_or(usize::MAX, |s| s.at_order + 1));
     let load_spec = LoadSpec {
         seed: spec.seed,

@@ -33,6 +33,9 @@ pub enum Fault {
     Kill { target: Target, down_for: Duration },
     /// SIGSTOP on a relay for longer than its lease, then SIGCONT.
     FreezeRelay { relay: usize, frozen_for: Duration },
+    /// SIGSTOP on a consumer in the middle of a batch transaction, for longer than
+    /// `CLAIM_MIN_IDLE` (its entries are claimed by the others), then SIGCONT.
+    FreezeConsumer { consumer: usize, frozen_for: Duration },
     /// Redis `kill -9`, restarted on the same data directory.
     RedisCrash { down_for: Duration },
     /// `pg_ctl stop -m immediate`, restarted on the same data directory.
@@ -48,6 +51,7 @@ impl Fault {
             Self::Kill { target: Target::Relay(_), .. } => "kill -9 relay",
             Self::Kill { target: Target::Consumer(_), .. } => "kill -9 consumer",
             Self::FreezeRelay { .. } => "SIGSTOP relay past lease",
+            Self::FreezeConsumer { .. } => "SIGSTOP consumer mid-batch past CLAIM_MIN_IDLE",
             Self::RedisCrash { .. } => "kill -9 redis",
             Self::PostgresCrash { .. } => "pg_ctl stop -m immediate",
             Self::ConsumerCrashAfterCommit { .. } => "consumer crash after commit, before XACK",
@@ -70,11 +74,16 @@ pub struct ScheduleSpec {
     pub consumers: usize,
     pub kills: usize,
     pub relay_freezes: usize,
+    pub consumer_freezes: usize,
     pub redis_crashes: usize,
     pub postgres_crashes: usize,
     pub consumer_commit_crashes: usize,
+    /// A Redis crash that stays down this long (an outage, besides the short crashes).
+    pub redis_outage: Option<Duration>,
     /// The relays' lease: a freeze lasts longer than this.
     pub relay_lease: Duration,
+    /// The consumers' `CLAIM_MIN_IDLE`: a freeze lasts longer than this.
+    pub claim_min_idle: Duration,
 }
 
 /// Builds the schedule for `seed`: the same seed and spec always give the same schedule.
@@ -99,8 +108,18 @@ pub fn generate(seed: u64, spec: &ScheduleSpec) -> Vec<Scheduled> {
             frozen_for: spec.relay_lease + extra,
         });
     }
+    for _ in 0..spec.consumer_freezes {
+        let extra = Duration::from_millis(rng.random_range(500..=1_500));
+        faults.push(Fault::FreezeConsumer {
+            consumer: rng.random_range(0..spec.consumers.max(1)),
+            frozen_for: spec.claim_min_idle + extra,
+        });
+    }
     for _ in 0..spec.redis_crashes {
         faults.push(Fault::RedisCrash { down_for: Duration::from_millis(rng.random_range(300..=2_000)) });
+    }
+    if let Some(down_for) = spec.redis_outage {
+        faults.push(Fault::RedisCrash { down_for });
     }
     for _ in 0..spec.postgres_crashes {
         faults.push(Fault::PostgresCrash { down_for: Duration::from_millis(rng.random_range(300..=2_000)) });
@@ -136,10 +155,13 @@ mod tests {
             consumers: 3,
             kills: 30,
             relay_freezes: 1,
+            consumer_freezes: 1,
             redis_crashes: 1,
             postgres_crashes: 1,
             consumer_commit_crashes: 2,
+            redis_outage: None,
             relay_lease: Duration::from_secs(2),
+            claim_min_idle: Duration::from_secs(2),
         }
     }
 
@@ -152,19 +174,23 @@ mod tests {
     #[test]
     fn holds_every_requested_fault_in_load_order() {
         let s = generate(42, &spec());
-        assert_eq!(s.len(), 35);
+        assert_eq!(s.len(), 36);
         let count = |kind: &str| s.iter().filter(|f| f.fault.kind() == kind).count();
         assert_eq!(count("kill -9 relay") + count("kill -9 consumer"), 30);
         assert!(count("kill -9 relay") > 0 && count("kill -9 consumer") > 0);
         assert_eq!(count("kill -9 redis"), 1);
         assert_eq!(count("pg_ctl stop -m immediate"), 1);
         assert_eq!(count("consumer crash after commit, before XACK"), 2);
+        assert_eq!(count("SIGSTOP consumer mid-batch past CLAIM_MIN_IDLE"), 1);
         assert!(s.windows(2).all(|w| w[0].at_order < w[1].at_order), "positions increase");
         assert!(s.iter().all(|f| f.at_order >= 500 && f.at_order < 9_000));
         for f in &s {
             match &f.fault {
                 Fault::FreezeRelay { relay, frozen_for } => assert!(*relay < 2 && *frozen_for > Duration::from_secs(2)),
                 Fault::Kill { target: Target::Relay(i), .. } => assert!(*i < 2),
+                Fault::FreezeConsumer { consumer, frozen_for } => {
+                    assert!(*consumer < 3 && *frozen_for > Duration::from_secs(2))
+                }
                 Fault::Kill { target: Target::Consumer(i), .. } | Fault::ConsumerCrashAfterCommit { consumer: i } => {
                     assert!(*i < 3)
                 }

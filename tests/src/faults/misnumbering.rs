@@ -1,0 +1,76 @@
+//! A deliberately broken relay, for the reordering control: it numbers each order's events
+//! backwards on the stream (the last gets seq 1), so consumers, which apply in seq order,
+//! apply them out of their true order. It records them as published under their true seqs,
+//! as a relay that renumbered events while publishing would.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use domain::StreamEntry;
+
+use super::cluster::Cluster;
+use super::FaultError;
+
+#[derive(sqlx::FromRow)]
+struct Row {
+    event_id: String,
+    aggregate_type: String,
+    aggregate_id: String,
+    seq: i64,
+    event_type: String,
+    payload: String,
+    occurred_at: DateTime<Utc>,
+}
+
+/// Publishes every outbox row (none must have been published yet) with its seq reversed within
+/// its order, and moves them all to `outbox_published`. Returns how many orders had more than
+/// one event (those are applied out of order).
+pub async fn publish_numbering_backwards(cluster: &Cluster) -> Result<usize, FaultError> {
+    let pg = |e: sqlx::Error| FaultError::Postgres(e.to_string());
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT event_id, aggregate_type, aggregate_id, seq, event_type, payload::text AS payload, occurred_at \
+         FROM outbox ORDER BY id",
+    )
+    .fetch_all(&cluster.orders_db)
+    .await
+    .map_err(pg)?;
+    let mut events_per_order: HashMap<&str, i64> = HashMap::new();
+    for r in &rows {
+        *events_per_order.entry(&r.aggregate_id).or_default() += 1;
+    }
+    let client = cluster.redis_client()?;
+    let mut conn = client.get_multiplexed_async_connection().await.map_err(|e| FaultError::Redis(e.to_string()))?;
+    let mut pipe = redis::pipe();
+    for r in &rows {
+        let event_id = r.event_id.parse().map_err(|_| FaultError::Setup(format!("event id {}", r.event_id)))?;
+        let entry = StreamEntry {
+            event_id,
+            event_type: r.event_type.clone(),
+            aggregate_type: r.aggregate_type.clone(),
+            aggregate_id: r.aggregate_id.clone(),
+            seq: events_per_order[r.aggregate_id.as_str()] + 1 - r.seq,
+            occurred_at: r.occurred_at,
+            payload: r.payload.clone(),
+            traceparent: None,
+            tracestate: None,
+        };
+        let cmd = pipe.cmd("XADD").arg(&cluster.stream).arg("*");
+        for (field, value) in entry.to_fields() {
+            cmd.arg(field).arg(value);
+        }
+        cmd.ignore();
+    }
+    pipe.query_async::<()>(&mut conn).await.map_err(|e| FaultError::Redis(e.to_string()))?;
+    sqlx::query(
+        "WITH moved AS (DELETE FROM outbox \
+           RETURNING id, event_id, aggregate_type, aggregate_id, seq, event_type, payload, occurred_at, \
+                     traceparent, tracestate, attempts, created_at) \
+         INSERT INTO outbox_published (id, event_id, aggregate_type, aggregate_id, seq, event_type, payload, \
+                                       occurred_at, traceparent, tracestate, attempts, created_at) \
+         SELECT * FROM moved",
+    )
+    .execute(&cluster.orders_db)
+    .await
+    .map_err(pg)?;
+    Ok(events_per_order.values().filter(|n| **n > 1).count())
+}
