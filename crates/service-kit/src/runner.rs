@@ -35,9 +35,6 @@ pub enum StartError {
     Telemetry(String),
     #[error("HTTP server: {0}")]
     Serve(#[source] std::io::Error),
-    /// The service's own work failed and stopped it.
-    #[error(transparent)]
-    Failed(Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// A bound service.

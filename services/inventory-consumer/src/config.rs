@@ -137,10 +137,6 @@ pub struct Config {
     pub http: HttpSettings,
     #[arg(long, env = "LOG_FORMAT", default_value = "text")]
     pub log_format: LogFormat,
-    /// Test hook: stop right after the first committed batch without acknowledging it, as a
-    /// crash between commit and XACK would.
-    #[arg(skip)]
-    pub crash_after_commit: bool,
 }
 
 impl Config {

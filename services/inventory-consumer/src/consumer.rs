@@ -18,21 +18,6 @@ use crate::settle::Settlement;
 use crate::stream::{self, id_key, Delivery};
 use crate::{entry_failures, Config, Shutdown};
 
-/// Why the loop stopped other than by shutdown.
-#[derive(Debug, thiserror::Error)]
-pub enum ConsumerError {
-    #[error("stopped after commit without acknowledging (test hook)")]
-    CrashedAfterCommit,
-}
-
-#[derive(Debug, thiserror::Error)]
-enum SessionError {
-    #[error("redis: {0}")]
-    Redis(#[from] redis::RedisError),
-    #[error(transparent)]
-    Crashed(#[from] ConsumerError),
-}
-
 pub struct Consumer {
     pub config: Config,
     /// Batches are applied on a connection of these (one at a time).
@@ -51,7 +36,7 @@ const SESSION_WORKED: Duration = Duration::from_secs(10);
 
 impl Consumer {
     /// Runs until shutdown; Redis or Postgres outages are waited out with capped backoff.
-    pub async fn run(self) -> Result<(), ConsumerError> {
+    pub async fn run(self) {
         let mut retry = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         while !self.shutdown.is_cancelled() {
             self.heartbeat.beat();
@@ -64,7 +49,7 @@ impl Consumer {
             let began = Instant::now();
             let outcome = match conn {
                 Ok(mut conn) => self.session(&mut conn).await,
-                Err(e) => Err(e.into()),
+                Err(e) => Err(e),
             };
             if began.elapsed() >= SESSION_WORKED {
                 // The session ran a while before it broke: this is a new outage, not the same one.
@@ -73,8 +58,7 @@ impl Consumer {
             let delay = retry.next_delay();
             match outcome {
                 Ok(()) => break,
-                Err(SessionError::Crashed(e)) => return Err(e),
-                Err(SessionError::Redis(e)) => {
+                Err(e) => {
                     let class = failure::of_redis(&e);
                     self.metrics.failure(class, "redis");
                     tracing::warn!(error = %e, failure_class = %class, retry_in_ms = delay.as_millis() as u64,
@@ -87,10 +71,9 @@ impl Consumer {
             }
         }
         tracing::info!(consumer = %self.config.consumer_name, "consumer stopped");
-        Ok(())
     }
 
-    async fn session(&self, conn: &mut MultiplexedConnection) -> Result<(), SessionError> {
+    async fn session(&self, conn: &mut MultiplexedConnection) -> redis::RedisResult<()> {
         let c = &self.config;
         stream::ensure_group(conn, &c.redis_stream, &c.consumer_group).await?;
         tracing::info!(stream = %c.redis_stream, group = %c.consumer_group, consumer = %c.consumer_name, "consuming");
@@ -178,7 +161,7 @@ impl Consumer {
     }
 
     /// Takes over entries left idle by replicas that died, scanning the whole pending list.
-    async fn claim_idle(&self, conn: &mut MultiplexedConnection) -> Result<(), SessionError> {
+    async fn claim_idle(&self, conn: &mut MultiplexedConnection) -> redis::RedisResult<()> {
         let c = &self.config;
         let mut cursor = "0-0".to_owned();
         // Bounded: one scan of the pending list per round.
@@ -218,7 +201,7 @@ impl Consumer {
         conn: &mut MultiplexedConnection,
         batch: Vec<Delivery>,
         redelivered: bool,
-    ) -> Result<(), SessionError> {
+    ) -> redis::RedisResult<()> {
         if batch.is_empty() {
             return Ok(());
         }
@@ -251,9 +234,6 @@ impl Consumer {
             telemetry::propagation::add_link(&batch_span, span);
         }
         let settled = self.settle(&incoming, dead).instrument(batch_span).await;
-        if c.crash_after_commit && !settled.outcomes.is_empty() {
-            return Err(ConsumerError::CrashedAfterCommit.into());
-        }
         // Expired events were dead-lettered by the transaction that judged them.
         let expired = settled.outcomes.iter().flat_map(|s| &s.result.expired);
         for letter in settled.dead.iter().chain(expired) {

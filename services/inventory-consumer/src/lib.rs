@@ -121,64 +121,59 @@ impl Service for InventoryConsumer {
         let grace = self.config.http.body_timeout + Duration::from_secs(5);
         let server =
             tokio::spawn(serve(self.listener, app, self.config.http.clone(), server_metrics, stop_http.clone(), grace));
-        let consumed = match service_kit::startup::migrate_with_retry(&self.pool, &MIGRATOR, &shutdown).await {
-            None => Ok(()),
-            Some(()) => {
-                migrated.store(true, Ordering::Relaxed);
-                // Background work stops with the consumer, whether by shutdown or on its own.
-                let stop_tasks = shutdown.child_token();
-                let tasks = TaskTracker::new();
-                tasks.spawn(service_kit::upkeep::upkeep_loop(
-                    self.pool.clone(),
-                    UPKEEP_TABLES,
-                    self.config.upkeep_interval,
-                    stop_tasks.clone(),
-                ));
-                tasks.spawn(retention::prune_loop(
-                    self.pool.clone(),
-                    retention::RetentionSettings {
-                        dedupe: self.config.dedupe_retention,
-                        dead_letters: self.config.dead_letter_retention,
-                        parked_warn_after: self.config.parked_warn_after,
-                    },
-                    metrics.clone(),
-                    stop_tasks.clone(),
-                ));
-                let db = Connections::new(
-                    self.pool.connect_options().as_ref().clone(),
-                    APPLY_CONNECTIONS,
-                    Duration::from_secs(5),
-                );
-                let apply_deadline = self.limits.client_deadline(APPLY_STATEMENTS);
-                let heartbeat = liveness.register("consumer loop", stall_after(&self.config, apply_deadline));
-                let consumer = consumer::Consumer {
-                    config: self.config,
-                    db: db.clone(),
-                    redis: self.redis,
-                    metrics,
-                    shutdown: shutdown.clone(),
-                    heartbeat,
-                    apply_deadline,
-                };
-                // On the runtime's workers, next to the I/O driver: awaited here, on the thread
-                // that blocks on `main`, every reply would need a wake-up across threads.
-                let consumed = match tokio::spawn(consumer.run()).await {
-                    Ok(consumed) => consumed,
-                    Err(e) => std::panic::resume_unwind(e.into_panic()),
-                };
-                db.close().await;
-                stop_tasks.cancel();
-                drain(&tasks, TASKS_GRACE).await;
-                consumed
+        // Nothing is consumed unless the migrations were applied (None: shut down first).
+        if service_kit::startup::migrate_with_retry(&self.pool, &MIGRATOR, &shutdown).await.is_some() {
+            migrated.store(true, Ordering::Relaxed);
+            // Background work stops with the consumer.
+            let stop_tasks = shutdown.child_token();
+            let tasks = TaskTracker::new();
+            tasks.spawn(service_kit::upkeep::upkeep_loop(
+                self.pool.clone(),
+                UPKEEP_TABLES,
+                self.config.upkeep_interval,
+                stop_tasks.clone(),
+            ));
+            tasks.spawn(retention::prune_loop(
+                self.pool.clone(),
+                retention::RetentionSettings {
+                    dedupe: self.config.dedupe_retention,
+                    dead_letters: self.config.dead_letter_retention,
+                    parked_warn_after: self.config.parked_warn_after,
+                },
+                metrics.clone(),
+                stop_tasks.clone(),
+            ));
+            let db = Connections::new(
+                self.pool.connect_options().as_ref().clone(),
+                APPLY_CONNECTIONS,
+                Duration::from_secs(5),
+            );
+            let apply_deadline = self.limits.client_deadline(APPLY_STATEMENTS);
+            let heartbeat = liveness.register("consumer loop", stall_after(&self.config, apply_deadline));
+            let consumer = consumer::Consumer {
+                config: self.config,
+                db: db.clone(),
+                redis: self.redis,
+                metrics,
+                shutdown: shutdown.clone(),
+                heartbeat,
+                apply_deadline,
+            };
+            // On the runtime's workers, next to the I/O driver: awaited here, on the thread
+            // that blocks on `main`, every reply would need a wake-up across threads.
+            if let Err(e) = tokio::spawn(consumer.run()).await {
+                std::panic::resume_unwind(e.into_panic());
             }
-        };
+            db.close().await;
+            stop_tasks.cancel();
+            drain(&tasks, TASKS_GRACE).await;
+        }
         stop_http.cancel();
         let served = match server.await {
             Ok(r) => r.map_err(StartError::Serve),
             Err(e) => Err(StartError::Serve(std::io::Error::other(e))),
         };
         self.pool.close().await;
-        consumed.map_err(|e| StartError::Failed(Box::new(e)))?;
         served
     }
 }

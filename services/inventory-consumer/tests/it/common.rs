@@ -59,8 +59,30 @@ impl Harness {
             db_idle_in_transaction_timeout: None,
             http: service_kit::http::HttpSettings::default(),
             log_format: telemetry::LogFormat::Text,
-            crash_after_commit: false,
         }
+    }
+
+    /// The config of a replica whose Redis user may do everything but `XACK`: it commits the
+    /// batches it reads and can never acknowledge them, as if each time it died between its
+    /// commit and its XACK.
+    pub async fn config_without_ack(&self, name: &str) -> (Config, NoAckUser) {
+        let user = test_support::unique_name("no-ack");
+        let mut conn = self.redis.clone();
+        redis::cmd("ACL")
+            .arg("SETUSER")
+            .arg(&user)
+            .arg(&["on", "nopass", "~*", "&*", "+@all", "-xack"])
+            .query_async::<()>(&mut conn)
+            .await
+            .expect("ACL SETUSER");
+        let url = test_support::redis_url();
+        let address = url
+            .strip_prefix("redis://")
+            .filter(|rest| !rest.contains('@'))
+            .expect("TEST_REDIS_URL is redis://host:port without credentials");
+        let mut config = self.config(name);
+        config.redis_url = format!("redis://{user}:any@{address}");
+        (config, NoAckUser { name: user })
     }
 
     pub async fn start(&self, name: &str) -> Running {
@@ -137,6 +159,14 @@ impl Harness {
         None
     }
 
+    /// Waits until `n` events were applied (committed; acknowledged or not).
+    pub async fn applied(&self, n: i64) {
+        test_support::eventually("events applied", Duration::from_secs(30), || async {
+            (self.count("SELECT count(*) FROM processed_messages").await == n).then_some(())
+        })
+        .await
+    }
+
     /// Waits until every entry added so far was delivered and acknowledged.
     pub async fn drained(&self) {
         let mut conn = self.redis.clone();
@@ -175,6 +205,28 @@ fn text(v: &Value) -> Option<String> {
         Value::Int(n) => Some(n.to_string()),
         Value::Nil => Some(String::new()),
         _ => None,
+    }
+}
+
+/// A Redis user without `XACK` ([`Harness::config_without_ack`]), deleted when dropped.
+pub struct NoAckUser {
+    name: String,
+}
+
+impl NoAckUser {
+    /// Deletes the user: Redis closes its connections and it cannot connect again, so its
+    /// replica is cut off for good with what it has applied still unacknowledged.
+    pub fn cut(self) {}
+}
+
+impl Drop for NoAckUser {
+    fn drop(&mut self) {
+        let deleted = redis::Client::open(test_support::redis_url())
+            .and_then(|client| client.get_connection())
+            .and_then(|mut conn| redis::cmd("ACL").arg("DELUSER").arg(&self.name).query::<()>(&mut conn));
+        if let Err(e) = deleted {
+            eprintln!("ACL DELUSER {}: {e}", self.name);
+        }
     }
 }
 
