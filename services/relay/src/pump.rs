@@ -1,15 +1,16 @@
-//! The relay loop: process batches while they come back full, then wait for a wake-up; while
-//! Redis does not take entries, claim nothing and probe it with a growing delay.
+//! The relay loop: process batches while they come back full, then wait for a wake-up
+//! ([`crate::wake`]); while Redis does not take entries, claim nothing and probe it with a
+//! growing delay.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use service_kit::{Backoff, Heartbeat, Shutdown};
 use sqlx::PgPool;
 use tokio::sync::Notify;
 
 use crate::batch::Worker;
-use outbox::stats::next_due_in;
+use crate::wake::NextDue;
 
 /// First wait for rows held back behind another claim's batch.
 const WAITING_DELAY: Duration = Duration::from_millis(2);
@@ -36,8 +37,7 @@ pub async fn pump(mut worker: Worker, cx: PumpContext) {
     let mut retry = Backoff::new(RETRY_FIRST, RETRY_MAX);
     let mut broker_retry = Backoff::new(RETRY_FIRST, RETRY_MAX);
     let mut waiting_delay = WAITING_DELAY;
-    let mut next_due: Option<Instant> = None;
-    let mut due_checked: Option<Instant> = None;
+    let mut next_due = NextDue::new(pool, poll_interval);
     while !shutdown.is_cancelled() {
         heartbeat.beat();
         if worker.broker().is_down() {
@@ -91,26 +91,7 @@ pub async fn pump(mut worker: Worker, cx: PumpContext) {
                     wait
                 } else {
                     waiting_delay = WAITING_DELAY;
-                    // When the earliest backing-off row is due, looked up at most once per poll
-                    // interval (a row that starts backing off meanwhile is found by the poll).
-                    if due_checked.is_none_or(|at: Instant| at.elapsed() >= poll_interval) {
-                        next_due = match next_due_in(&pool).await {
-                            Ok(Some(due)) => Some(Instant::now() + due),
-                            _ => None,
-                        };
-                        due_checked = Some(Instant::now());
-                    }
-                    match next_due {
-                        Some(at) => {
-                            let wait = at.saturating_duration_since(Instant::now());
-                            if wait.is_zero() {
-                                // Due now: this wake-up is spent on it.
-                                next_due = None;
-                            }
-                            wait.min(poll_interval)
-                        }
-                        None => poll_interval,
-                    }
+                    next_due.wait().await
                 }
             }
             Err(e) => {

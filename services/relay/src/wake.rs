@@ -1,5 +1,7 @@
-//! When to look for work: a notification on the outbox channel, the fallback poll, or the
-//! moment the earliest backing-off row becomes due.
+//! When a pump looks for work: a notification on the outbox channel that this relay answers
+//! ([`Responder`], [`listen`]), the moment the earliest backing-off row becomes due
+//! ([`NextDue`]), or the fallback poll. The writers' side, which writes carry a notification,
+//! is [`outbox::Notifier`].
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -82,6 +84,40 @@ impl Responder {
             .query_async(conn)
             .await?;
         Ok(set.is_some())
+    }
+}
+
+/// When the earliest backing-off row becomes due: a pump with nothing else to do sleeps until
+/// then (or a notification, or the poll interval). Looked up at most once per poll interval;
+/// a row that starts backing off meanwhile is found by the poll.
+pub struct NextDue {
+    pool: PgPool,
+    poll_interval: Duration,
+    at: Option<Instant>,
+    checked: Option<Instant>,
+}
+
+impl NextDue {
+    pub fn new(pool: PgPool, poll_interval: Duration) -> Self {
+        Self { pool, poll_interval, at: None, checked: None }
+    }
+
+    /// How long to sleep: until the earliest due row, at most the poll interval.
+    pub async fn wait(&mut self) -> Duration {
+        if self.checked.is_none_or(|at| at.elapsed() >= self.poll_interval) {
+            self.at = match outbox::stats::next_due_in(&self.pool).await {
+                Ok(Some(due)) => Some(Instant::now() + due),
+                _ => None,
+            };
+            self.checked = Some(Instant::now());
+        }
+        let Some(at) = self.at else { return self.poll_interval };
+        let wait = at.saturating_duration_since(Instant::now());
+        if wait.is_zero() {
+            // Due now: this wake-up is spent on it.
+            self.at = None;
+        }
+        wait.min(self.poll_interval)
     }
 }
 

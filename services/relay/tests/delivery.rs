@@ -55,6 +55,29 @@ async fn a_row_committed_late_is_still_published() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_backing_off_row_is_published_when_it_is_due_not_at_the_next_poll() {
+    let db = migrated_database("relay_due").await;
+    let redis = test_support::redis_url();
+    let stream = test_support::unique_name("relay-due");
+    append(&db.pool, "due-order", &order_payload("due-order")).await;
+    // As a failed publish leaves a row: one attempt counted, the next one 2 s away.
+    sqlx::query("UPDATE outbox SET attempts = 1, next_attempt_at = now() + interval '2 seconds'")
+        .execute(&db.pool)
+        .await
+        .expect("back off");
+    let backing_off = std::time::Instant::now();
+    let mut config = config(&db.url, &redis, &stream);
+    config.poll_interval = Duration::from_secs(60);
+    let relay = RunningRelay::start(config).await;
+    // Nothing notifies; only the due time can wake the relay before its minute-long poll.
+    wait_until_published(&db.pool, 1, Duration::from_secs(15)).await;
+    let took = backing_off.elapsed();
+    assert!(took >= Duration::from_millis(1900), "published before it was due: {took:?}");
+    relay.stop().await;
+    delete_stream(&redis, &stream).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_relays_publish_every_event_once_in_seq_order_per_order() {
     const ORDERS: usize = 1000;
     const EVENTS: usize = 20_000;
