@@ -1,21 +1,8 @@
-//! Pruning the dedupe and ordering state older than `DEDUPE_RETENTION`, in bounded batches.
-//!
-//! Why nothing can then apply twice (the invariant; all times by the database's clock):
-//!
-//! - An event is applied from the stream only if it is not older than the retention. (A
-//!   parked event, released when its predecessor comes, may be older: it was never applied,
-//!   and its order's checkpoint, held locked, says so.)
-//! - A `processed_messages` row only repeats what its order's checkpoint says (an applied
-//!   event's seq is at or below it), so the rows may go once older than the retention while the
-//!   checkpoint stays.
-//! - A checkpoint (with its order's reservation) goes only when its order is closed (a
-//!   cancellation was applied: no further event can come) and the latest `occurred_at` of its
-//!   applied events is older than the retention. Every event of that order occurred at or
-//!   before that, so from then on each is older than the retention too, and an event older than
-//!   the retention is never applied ([`crate::apply`]): it is dead-lettered as expired.
-//! - The applying transaction judges expiry by the clock read after it holds its checkpoint
-//!   locks, so if it waited for a pruning transaction that removed one of them, its clock is
-//!   past that one's and it sees every event the pruning relied on as expired.
+//! Pruning the dedupe and ordering state older than `DEDUPE_RETENTION`, in bounded batches:
+//! `processed_messages` rows older than the retention, and the checkpoint and reservation of
+//! each closed order whose latest applied event is. Nothing can then apply twice because an
+//! event older than the retention is never applied ([`crate::apply`] dead-letters it as
+//! expired); the whole argument is in docs/RELIABILITY.md, "Bounded state".
 
 use std::time::Duration;
 

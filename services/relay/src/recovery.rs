@@ -1,24 +1,11 @@
 //! Noticing that Redis lost the stream's data, and republishing what it lost, by itself.
 //!
-//! The relays keep a marker next to the stream (`<stream>:relay-epoch`, a random token) and
-//! its value in Postgres (`stream_positions`). A Redis that restarts empty (no AOF, or its files
-//! lost) loses the marker with the stream. The first relay to see the marker gone sets a new
-//! one (`SET NX`: exactly one relay wins) and republishes the retained events
-//! (`outbox_published`) from the last point below which every consumer group had acknowledged
-//! everything, recorded as the stream is trimmed, less [`MARGIN`] for the clocks of Redis and
-//! Postgres (entry ids carry Redis's time, `published_at` Postgres's). Never measured, it
-//! republishes everything retained. Consumers skip what they applied already and recreate
-//! their group; events published since the loss wait (parked) for the republished ones before
-//! them. What is older than `OUTBOX_RETENTION` is no longer retained and cannot come back.
-//!
-//! A failover to a replica that had not received the last entries, or a restart from an AOF
-//! that missed its last second, keeps the marker. For those, each relay checks after Redis went
-//! away that Redis still holds the newest entry each of its publishers had added
-//! ([`crate::tails`]). The trimming never removes an entry younger than
-//! `REDIS_STREAM_RETENTION`, and a replica (or an AOF) holds a prefix of what was written, so
-//! if that entry is gone, everything after the newest entry still held before it may be gone:
-//! the events published since then (less the margin) are owed, as after a restart. Not
-//! noticed: a loss of entries that only relays which died with it had added.
+//! A lost stream is noticed by its marker (`<stream>:relay-epoch`, also kept in
+//! `stream_positions`) being gone: the one relay whose `SET NX` of a new marker wins records the
+//! retained events owed since the last point every group had acknowledged, less [`MARGIN`];
+//! whichever relay leases that owed republishing does it. Lost tail entries under a kept marker
+//! are noticed by [`crate::tails`]. The argument for why nothing is skipped, and what is not
+//! noticed: docs/RELIABILITY.md, "Bounded state".
 
 use std::time::Duration;
 

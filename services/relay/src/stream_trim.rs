@@ -1,17 +1,8 @@
-//! Keeping the stream to what its consumer groups still need.
-//!
-//! An entry may go once **every** group of the stream is past it (it is below the group's
-//! oldest pending entry and at or below its last delivered id) and it is older than
-//! `REDIS_STREAM_RETENTION`. The lowest id some group still needs and the cut are computed and
-//! applied by one Lua script, atomically: no group can take or claim an entry between the look
-//! and the trim, so any number of relays may run it. A stream with no group yet is not
-//! trimmed (a group created later reads it from the start).
-//!
-//! Each call trims at most [`TRIM_LIMIT`] entries in whole radix-tree nodes (`XTRIM MINID ~ …
-//! LIMIT`), so Redis is never blocked long; when what is left below the cut is no more than
-//! [`EXACT_AT_MOST`] entries (part of one node, once the whole nodes are gone), those go too,
-//! exactly. A pass calls again while entries below the cut remain, at most [`CALLS_PER_PASS`]
-//! times.
+//! Keeping the stream to what its consumer groups still need: an entry goes once every group
+//! is past it and it is older than `REDIS_STREAM_RETENTION`. One Lua script computes the cut
+//! and trims below it, atomically, so any number of relays may run it; each call trims at most
+//! [`TRIM_LIMIT`] entries in whole nodes, then at most [`EXACT_AT_MOST`] exactly, and a pass
+//! makes at most [`CALLS_PER_PASS`] calls.
 
 use std::time::Duration;
 

@@ -1,17 +1,8 @@
-//! The accept loop: HTTP/1.1 connections, each bounded in number and in time.
-//!
-//! - At most `max_connections` are served at once. One over the cap is answered `503` (a
-//!   problem document, `Retry-After: 1`) and closed, rather than left waiting in the listen
-//!   queue where a normal request could not be told apart from an attack.
-//! - A request's headers must arrive within `header_timeout` of their first byte: a client
-//!   trickling them (slowloris) is cut off at the first byte it sends past that, however slow
-//!   its pace (checked as bytes arrive, so a served request costs no timer of its own).
-//! - A connection waiting for its next request (or its first), or gone silent in the middle of
-//!   one's headers, is closed `idle_timeout` after it became ready for that request (hyper's
-//!   header-read timer).
-//! - On shutdown no connection is accepted, idle ones close at once, and each in-flight request
-//!   finishes before its connection closes; connections still open after a grace period are
-//!   closed regardless.
+//! The accept loop: HTTP/1.1 connections, bounded in number (`max_connections`; one over the
+//! cap is answered `503` and closed) and in time (headers within `header_timeout` of their
+//! first byte, checked as bytes arrive, so trickling them gets a client cut off; an idle
+//! connection closed after `idle_timeout`). On shutdown nothing new is accepted, idle
+//! connections close, in-flight requests finish, and stragglers are closed after a grace.
 
 use std::io;
 use std::net::SocketAddr;
