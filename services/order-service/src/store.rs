@@ -64,8 +64,6 @@ impl TryFrom<OrderRow> for Order {
     }
 }
 
-const COLUMNS: &str = "id, customer_id, status, items, total_cents, created_at, updated_at";
-
 /// The order row of [`insert_order`], written in the outbox append's statement; its
 /// parameters follow the append's own.
 const CREATED_CTE: &str = "created AS (INSERT INTO orders \
@@ -119,10 +117,12 @@ pub async fn insert_order<'c>(
 
 #[tracing::instrument(skip_all, fields(%order_id, db.system = "postgresql"))]
 pub async fn find_order(conn: &mut PgConnection, order_id: OrderId) -> Result<Option<Order>, StoreError> {
-    let row: Option<OrderRow> = sqlx::query_as(&format!("SELECT {COLUMNS} FROM orders WHERE id = $1"))
-        .bind(order_id.to_string())
-        .fetch_optional(conn)
-        .await?;
+    let row: Option<OrderRow> = sqlx::query_as(
+        "SELECT id, customer_id, status, items, total_cents, created_at, updated_at FROM orders WHERE id = $1",
+    )
+    .bind(order_id.to_string())
+    .fetch_optional(conn)
+    .await?;
     row.map(Order::try_from).transpose()
 }
 
@@ -173,8 +173,9 @@ pub async fn transition_order(
     let aggregate_id = order_id.to_string();
     let json = payload.to_json();
     let event = order_event(&payload, &aggregate_id, &json, at, notify);
-    let select = format!("SELECT {COLUMNS}, (SELECT seq FROM appended) AS seq FROM cur");
-    let found = outbox::append_gated(conn, event, TRANSITION_CTES, "moved", &select, |q| {
+    let select = "SELECT id, customer_id, status, items, total_cents, created_at, updated_at, \
+                  (SELECT seq FROM appended) AS seq FROM cur";
+    let found = outbox::append_gated(conn, event, TRANSITION_CTES, "moved", select, |q| {
         q.bind(aggregate_id.clone()).bind(from).bind(next)
     })
     .await;
