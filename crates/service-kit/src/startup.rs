@@ -11,11 +11,6 @@ use crate::{Backoff, Shutdown};
 
 /// A pool that connects on first use, so a service starts (and reports not-ready) while
 /// Postgres is down.
-pub fn lazy_pool(url: &str, max_connections: u32) -> Result<PgPool, sqlx::Error> {
-    Ok(lazy_pool_with(url.parse()?, max_connections))
-}
-
-/// [`lazy_pool`] with explicit connection options (e.g. session settings).
 pub fn lazy_pool_with(options: PgConnectOptions, max_connections: u32) -> PgPool {
     PgPoolOptions::new()
         .max_connections(max_connections)

@@ -2,10 +2,11 @@
 //! seq order per aggregate, safely with any number of relays.
 //!
 //! A batch is claimed by a transaction that holds its rows' locks, and that the database ends
-//! if it sits idle past the lease ([`claim`]). The batch is published in one pipeline
+//! if it sits idle past the lease ([`outbox::claim`]). The batch is published in one pipeline
 //! ([`publish::Publisher`]) and recorded by committing that transaction; failures are
-//! recorded after it rolled back, fenced against relays that took over ([`finish`]). Relays
-//! wake on `NOTIFY`, on a fallback poll, and when a backing-off row becomes due ([`wake`]).
+//! recorded after it rolled back, fenced against relays that took over
+//! ([`outbox::failures`]). Relays wake on `NOTIFY`, on a fallback poll, and when a backing-off
+//! row becomes due ([`wake`]).
 
 pub mod backoff;
 pub mod batch;
@@ -43,9 +44,10 @@ pub struct Relay {
     addr: SocketAddr,
 }
 
-/// The pool's connections: the listener, the gauge sampler, retention, table upkeep, readiness,
-/// and the follow-up statements of a failed batch. Each worker claims on a connection of its
-/// own besides ([`outbox::claim::ClaimConnection`]).
+/// The pool's connections: the listener, the gauge sampler, retention, stream trimming,
+/// recovery (a page of republishing and its lease renewal), table upkeep, readiness, and the
+/// follow-up statements of a failed batch; not all at once. Each worker claims on a connection
+/// of its own besides ([`outbox::claim::ClaimConnection`]).
 const POOL_CONNECTIONS: u32 = 6;
 
 /// How long the ops endpoints' connections get to finish at shutdown.
@@ -118,6 +120,7 @@ impl Service for Relay {
             tokio::spawn(serve(listener, app, config.http.clone(), server_metrics, shutdown.clone(), HTTP_GRACE));
 
         if service_kit::startup::migrate_with_retry(&pool, &outbox::MIGRATOR, &shutdown).await.is_some() {
+            let batch_deadline = batch_deadline(&config);
             let wake = Arc::new(Notify::new());
             // Unnamed, the database is the user's own (Postgres's default).
             let options = pool.connect_options();
@@ -150,7 +153,7 @@ impl Service for Relay {
                     retention: config.retention,
                     stream_retention: config.stream_retention,
                     batch_size: config.batch_size,
-                    margin: recovery::MARGIN + batch_deadline(&config),
+                    margin: recovery::MARGIN + batch_deadline,
                 },
                 metrics.clone(),
                 shutdown.clone(),
@@ -161,7 +164,6 @@ impl Service for Relay {
                 config.upkeep_interval,
                 shutdown.clone(),
             ));
-            let batch_deadline = batch_deadline(&config);
             let pumps = publishers.into_iter().enumerate().map(|(i, publisher)| {
                 let settings = batch::Settings::from(&config);
                 let worker = batch::Worker::new(pool.clone(), publisher, settings, metrics.clone(), broker.clone());
