@@ -1,15 +1,14 @@
-//! Reading and validating request bodies by hand, so every failure is a problem document
-//! naming what is wrong rather than a framework rejection.
+//! Validating request bodies by hand, so every failure is a problem document naming what is
+//! wrong rather than a framework rejection.
 
-use axum::body::{Body, Bytes};
 use axum::http::{header, HeaderMap};
 use domain::{NewOrder, ValidationError};
-use futures::StreamExt;
 use serde::Deserialize;
 
 use crate::error::ApiError;
 
-/// Largest accepted request body.
+/// Largest accepted request body (enforced, with the body's deadline, by
+/// [`service_kit::http::body::read_within`] before any handler runs).
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
 /// `Content-Type` must be `application/json`; parameters such as `charset` are allowed.
@@ -22,26 +21,6 @@ pub fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
         Some(mime) if mime.eq_ignore_ascii_case("application/json") => Ok(()),
         _ => Err(ApiError::UnsupportedMediaType),
     }
-}
-
-/// Reads at most [`MAX_BODY_BYTES`]. A declared `Content-Length` over the limit is refused
-/// before reading; a body without one (chunked) is cut off as soon as it passes the limit.
-pub async fn read_limited(headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
-    let too_large = ApiError::PayloadTooLarge { limit: MAX_BODY_BYTES };
-    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
-        return Err(too_large);
-    }
-    let mut stream = body.into_data_stream();
-    let mut buf = Vec::with_capacity(declared.map_or(1024, |n| n as usize));
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|_| ApiError::BodyUnreadable)?;
-        if buf.len() + chunk.len() > MAX_BODY_BYTES {
-            return Err(too_large);
-        }
-        buf.extend_from_slice(&chunk);
-    }
-    Ok(Bytes::from(buf))
 }
 
 /// The create-order body as sent. Fields are optional here so a missing one is reported by

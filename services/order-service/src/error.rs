@@ -13,12 +13,8 @@ use crate::store::StoreError;
 pub enum ApiError {
     #[error("the body must be JSON (Content-Type: application/json)")]
     UnsupportedMediaType,
-    #[error("the body is larger than {limit} bytes")]
-    PayloadTooLarge { limit: usize },
     #[error("malformed JSON: {0}")]
     MalformedJson(String),
-    #[error("the request body could not be read")]
-    BodyUnreadable,
     #[error("{0}")]
     Invalid(#[from] ValidationError),
     #[error("order not found")]
@@ -56,12 +52,7 @@ impl ApiError {
             Self::UnsupportedMediaType => Problem::new(S::UNSUPPORTED_MEDIA_TYPE, "Unsupported Media Type")
                 .detail(self.to_string())
                 .field("Content-Type"),
-            Self::PayloadTooLarge { .. } => {
-                Problem::new(S::PAYLOAD_TOO_LARGE, "Payload Too Large").detail(self.to_string())
-            }
-            Self::MalformedJson(_) | Self::BodyUnreadable => {
-                Problem::new(S::BAD_REQUEST, "Bad Request").detail(self.to_string())
-            }
+            Self::MalformedJson(_) => Problem::new(S::BAD_REQUEST, "Bad Request").detail(self.to_string()),
             // An error about the body as a whole (e.g. not an object) names no field.
             Self::Invalid(e) if e.field.is_empty() => {
                 Problem::new(S::UNPROCESSABLE_ENTITY, "Unprocessable Content").detail(e.message.clone())

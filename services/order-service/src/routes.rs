@@ -1,6 +1,6 @@
 //! The order API handlers.
 
-use axum::body::Body;
+use axum::body::Bytes;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -10,7 +10,7 @@ use axum::{Json, Router};
 use domain::{Order, OrderId, Transition};
 
 use crate::app::AppState;
-use crate::body::{parse_create, read_limited, require_json};
+use crate::body::{parse_create, require_json};
 use crate::error::ApiError;
 use crate::idempotency::{request_hash, IdempotencyKey};
 use crate::orders::Created;
@@ -23,11 +23,11 @@ pub fn api() -> Router<AppState> {
         .route("/orders/{id}/cancel", post(cancel_order))
 }
 
-async fn create_order(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+/// `body` was read whole, within its deadline and size limit, by the body middleware.
+async fn create_order(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
     require_json(&headers)?;
     let key = IdempotencyKey::from_headers(&headers)?;
-    let bytes = read_limited(&headers, body).await?;
-    let request = parse_create(&bytes)?;
+    let request = parse_create(&body)?;
     let key = key.map(|key| (key, request_hash(&request.canonical)));
     Ok(match state.orders.create(request.order, key).await? {
         Created::New(order) => {
