@@ -1,6 +1,6 @@
 //! The read → apply → acknowledge loop of one replica.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use chrono::Utc;
@@ -287,6 +287,8 @@ impl Consumer {
         }
     }
 
+    /// How often each entry of `batch` has been delivered (read from this consumer's pending
+    /// list over the batch's id range, which may hold other entries: those are left out).
     async fn delivery_counts(
         &self,
         conn: &mut MultiplexedConnection,
@@ -297,7 +299,12 @@ impl Consumer {
         let max = batch.iter().map(|d| id_key(&d.id)).max().unwrap_or_default();
         let (min, max) = (format!("{}-{}", min.0, min.1), format!("{}-{}", max.0, max.1));
         let limit = (batch.len() * 4).max(c.batch_size as usize);
-        stream::delivery_counts(conn, &c.redis_stream, &c.consumer_group, &c.consumer_name, (&min, &max), limit).await
+        let mut counts =
+            stream::delivery_counts(conn, &c.redis_stream, &c.consumer_group, &c.consumer_name, (&min, &max), limit)
+                .await?;
+        let ids: HashSet<&str> = batch.iter().map(|d| d.id.as_str()).collect();
+        counts.retain(|id, _| ids.contains(id.as_str()));
+        Ok(counts)
     }
 
     fn entry_span(&self, i: &Incoming) -> tracing::Span {
