@@ -12,7 +12,7 @@ use crate::common::{confirmed, created, Harness};
 /// The shipped `DEDUPE_RETENTION`.
 const RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 
-pub(crate) fn incoming(event: domain::Event, stream_id: &str) -> Incoming {
+fn incoming(event: domain::Event, stream_id: &str) -> Incoming {
     let fields = event.to_entry().to_fields().into_iter().map(|(k, v)| (k.to_owned(), v.into_bytes())).collect();
     Incoming { stream_id: stream_id.to_owned(), event, fields }
 }

@@ -249,6 +249,13 @@ impl Running {
         format!("http://{}{}", self.addr, path)
     }
 
+    /// The value of the unlabelled metric `name`, as text.
+    pub async fn metric(&self, name: &str) -> String {
+        let text = reqwest::get(self.url("/metrics")).await.unwrap().text().await.unwrap();
+        let prefix = format!("{name} ");
+        text.lines().find_map(|l| l.strip_prefix(&prefix)).unwrap_or_else(|| panic!("no {name} in\n{text}")).to_owned()
+    }
+
     pub async fn stop(self) {
         self.shutdown.cancel();
         tokio::time::timeout(Duration::from_secs(30), self.task)

@@ -48,12 +48,6 @@ async fn read_as(h: &Harness, consumer: &str, n: usize) -> Vec<String> {
         .collect()
 }
 
-async fn metric(h: &crate::common::Running, name: &str) -> String {
-    let text = reqwest::get(h.url("/metrics")).await.unwrap().text().await.unwrap();
-    let prefix = format!("{name} ");
-    text.lines().find_map(|l| l.strip_prefix(&prefix)).unwrap_or_else(|| panic!("no {name} in\n{text}")).to_owned()
-}
-
 #[tokio::test]
 async fn consumers_that_left_are_removed_and_one_holding_entries_stays() {
     let h = Harness::new("departed").await;
@@ -76,7 +70,7 @@ async fn consumers_that_left_are_removed_and_one_holding_entries_stays() {
         (names == BTreeSet::from(["c1".to_owned(), "gone-holding".to_owned()])).then_some(())
     })
     .await;
-    assert_eq!(metric(&running, "consumer_departed_consumers_removed_total").await, "1");
+    assert_eq!(running.metric("consumer_departed_consumers_removed_total").await, "1");
     // The one holding an entry keeps it: removing it would leave the entry unclaimable.
     assert!(consumers(&h).await.contains(&("gone-holding".to_owned(), 1)));
     let pending =
@@ -121,7 +115,7 @@ async fn pending_entries_deleted_from_the_stream_are_counted_when_claimed() {
     config.claim_min_idle = Duration::from_secs(1);
     let running = crate::common::Running::start(config).await;
     h.drained().await;
-    assert_eq!(metric(&running, "consumer_entries_gone_total").await, "2");
+    assert_eq!(running.metric("consumer_entries_gone_total").await, "2");
     // The one still there was claimed and dead-lettered for what it carries.
     assert_eq!(h.count("SELECT count(*) FROM dead_letters").await, 1);
     running.stop().await;
@@ -143,13 +137,13 @@ async fn old_dead_letters_go_and_a_gap_that_does_not_fill_shows() {
         (h.count("SELECT count(*) FROM dead_letters").await == 0).then_some(())
     })
     .await;
-    assert_eq!(metric(&running, "consumer_pruned_dead_letters_total").await, "3");
+    assert_eq!(running.metric("consumer_pruned_dead_letters_total").await, "3");
     test_support::eventually("the parked event sampled", Duration::from_secs(10), || async {
-        let age: f64 = metric(&running, "consumer_parked_oldest_age_seconds").await.parse().ok()?;
+        let age: f64 = running.metric("consumer_parked_oldest_age_seconds").await.parse().ok()?;
         (age >= 1.0).then_some(())
     })
     .await;
-    assert_eq!(metric(&running, "consumer_parked_events").await, "1");
+    assert_eq!(running.metric("consumer_parked_events").await, "1");
     running.stop().await;
 }
 

@@ -8,12 +8,6 @@ use domain::OrderId;
 
 use crate::common::{cancelled, confirmed, created, Harness, Running};
 
-async fn metric(running: &Running, name: &str) -> String {
-    let text = reqwest::get(running.url("/metrics")).await.unwrap().text().await.unwrap();
-    let prefix = format!("{name} ");
-    text.lines().find_map(|l| l.strip_prefix(&prefix)).unwrap_or_else(|| panic!("no {name} in\n{text}")).to_owned()
-}
-
 async fn reasons(h: &Harness) -> Vec<(Option<String>, String)> {
     sqlx::query_as("SELECT event_id, reason FROM dead_letters ORDER BY id").fetch_all(h.pool()).await.unwrap()
 }
@@ -47,8 +41,8 @@ async fn with_a_short_retention_state_is_pruned_and_old_events_never_apply_again
     assert_eq!(h.reservation(closed).await, None, "with its reservation");
     assert_eq!(h.checkpoint(kept).await, 2, "open orders keep theirs: more events may come");
     assert_eq!(h.checkpoint(open).await, 1);
-    assert_eq!(metric(&running, "consumer_pruned_processed_messages_total").await, "5");
-    assert_eq!(metric(&running, "consumer_pruned_closed_orders_total").await, "1");
+    assert_eq!(running.metric("consumer_pruned_processed_messages_total").await, "5");
+    assert_eq!(running.metric("consumer_pruned_closed_orders_total").await, "1");
 
     // Every event of the pruned order, delivered again, is too old to apply.
     h.xadd(&closed_created).await;
@@ -93,7 +87,7 @@ async fn with_the_shipped_retention_an_event_of_eight_days_ago_is_expired_and_si
     assert_eq!(letters.len(), 1);
     assert_eq!(letters[0].0.as_deref(), Some(too_old.event_id.to_string().as_str()));
     assert!(letters[0].1.contains("DEDUPE_RETENTION"), "{}", letters[0].1);
-    assert_eq!(metric(&running, r#"consumer_events_total{result="dead"}"#).await, "1");
+    assert_eq!(running.metric(r#"consumer_events_total{result="dead"}"#).await, "1");
     running.stop().await;
 }
 
