@@ -15,7 +15,7 @@ use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use sqlx::postgres::{PgConnectOptions, PgDatabaseError, PgSeverity};
+use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection as _, PgConnection};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
@@ -210,10 +210,7 @@ impl PooledConnection {
 /// as a terminated backend or an idle-in-transaction timeout).
 pub fn keeps_connection(error: &sqlx::Error) -> bool {
     if let sqlx::Error::Database(e) = error {
-        let fatal = e
-            .try_downcast_ref::<PgDatabaseError>()
-            .is_some_and(|pg| matches!(pg.severity(), PgSeverity::Fatal | PgSeverity::Panic));
-        return !fatal;
+        return !crate::failure::ends_session(e.as_ref());
     }
     matches!(
         error,

@@ -47,9 +47,7 @@ pub fn of_postgres(error: &sqlx::Error) -> FailureClass {
     match error {
         E::Io(_) | E::Tls(_) | E::PoolTimedOut | E::PoolClosed | E::WorkerCrashed => FailureClass::transient,
         E::Database(db) => {
-            let fatal = db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>().is_some_and(|pg| {
-                matches!(pg.severity(), sqlx::postgres::PgSeverity::Fatal | sqlx::postgres::PgSeverity::Panic)
-            });
+            let fatal = ends_session(db.as_ref());
             match db.code() {
                 Some(code) => of_sqlstate(&code, fatal),
                 None if fatal => FailureClass::transient,
@@ -58,6 +56,14 @@ pub fn of_postgres(error: &sqlx::Error) -> FailureClass {
         }
         _ => FailureClass::bug,
     }
+}
+
+/// Whether the server ended the session with this error (a `FATAL` or `PANIC` one, such as a
+/// terminated backend or an idle-in-transaction timeout).
+pub fn ends_session(error: &dyn sqlx::error::DatabaseError) -> bool {
+    error.try_downcast_ref::<sqlx::postgres::PgDatabaseError>().is_some_and(|pg| {
+        matches!(pg.severity(), sqlx::postgres::PgSeverity::Fatal | sqlx::postgres::PgSeverity::Panic)
+    })
 }
 
 /// Whether a Postgres error is a conflict with other transactions (a serialization failure,
