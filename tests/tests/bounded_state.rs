@@ -193,28 +193,27 @@ async fn redis_restarted_empty_mid_load_drains_to_the_exact_model_with_nothing_r
     let mut cluster = start_cluster(spec, &plan).await.expect("cluster");
     let gate = Gate::new(ORDERS / 3);
     let load = tokio::spawn(drive(cluster.http.clone(), cluster.api(), plan.clone(), load_spec(seed), gate.clone()));
-    let started = |n: usize| {
-        let gate = gate.clone();
-        async move {
-            test_support::eventually("the load reached the gate", Duration::from_secs(120), || async {
-                (gate.started.load(std::sync::atomic::Ordering::SeqCst) >= n).then_some(())
-            })
-            .await
-        }
-    };
 
     // A third of the load consumed as it comes; the consumers then fall behind for another third.
-    started(ORDERS / 3).await;
+    gate.reached(ORDERS / 3, Duration::from_secs(120)).await;
     for c in &cluster.consumers {
         c.signal("STOP").expect("freeze consumer");
     }
     gate.open_to(2 * ORDERS / 3);
-    started(2 * ORDERS / 3).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let mut conn = cluster.redis_client().expect("redis").get_multiplexed_async_connection().await.expect("redis");
-    let behind = backlog(&cluster.orders_db, &cluster.inventory_db, &mut conn, &cluster.stream, &cluster.group)
-        .await
-        .expect("backlog");
+    gate.reached(2 * ORDERS / 3, Duration::from_secs(120)).await;
+    let conn = cluster.redis_client().expect("redis").get_multiplexed_async_connection().await.expect("redis");
+    // The relays have published every event written so far (the load waits at the gate).
+    let behind = test_support::eventually("the outbox published up to the gate", Duration::from_secs(60), || {
+        let mut conn = conn.clone();
+        let cluster = &cluster;
+        async move {
+            let b = backlog(&cluster.orders_db, &cluster.inventory_db, &mut conn, &cluster.stream, &cluster.group)
+                .await
+                .ok()?;
+            (b.outbox_pending == 0).then_some(b)
+        }
+    })
+    .await;
     // The restart loses what the consumers had not read yet.
     assert!(behind.stream_undelivered > 0, "the consumers are behind: {behind:?}");
     eprintln!("Redis restarted empty with the consumers behind: {behind:?}");

@@ -124,9 +124,7 @@ async fn a_consumer_frozen_mid_transaction_and_never_resumed_blocks_no_other_rep
     let spec = LoadSpec { seed, concurrency: 32, step_deadline: Duration::from_secs(60), spread_over: None };
     let gate = Gate::new(usize::MAX);
     let load = tokio::spawn(drive(cluster.http.clone(), cluster.api(), plan.clone(), spec, gate.clone()));
-    while gate.started.load(std::sync::atomic::Ordering::SeqCst) < 600 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    gate.reached(600, Duration::from_secs(120)).await;
     let backend = cluster.freeze_consumer_mid_transaction(0).await.expect("freeze");
     let frozen_at = Instant::now();
     // The frozen transaction holds row locks the others need (hot SKUs, checkpoints).
@@ -146,15 +144,10 @@ async fn a_consumer_frozen_mid_transaction_and_never_resumed_blocks_no_other_rep
     }
     // A replica that ran into the locks gives up after the lock timeout (5 s), which may come
     // after the load has ended.
-    let mut given_up = 0.0;
-    for _ in 0..40 {
-        given_up = lock_waits_given_up(&cluster).await - given_up_before;
-        if given_up > 0.0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    assert!(given_up > 0.0, "the frozen transaction's locks were in the others' way");
+    test_support::eventually("the frozen transaction's locks in the others' way", Duration::from_secs(20), || async {
+        (lock_waits_given_up(&cluster).await > given_up_before).then_some(())
+    })
+    .await;
     let bound = FROZEN_DRAIN_BOUND.saturating_sub(frozen_at.elapsed()).max(Duration::from_secs(20));
     let report =
         settle_and_check(&mut cluster, &plan, load, Injected::default(), sampler, seed, bound).await.expect("check");

@@ -32,6 +32,14 @@ impl Gate {
         self.limit.send_replace(limit);
     }
 
+    /// Waits until the load has started `n` orders; panics after `within`.
+    pub async fn reached(&self, n: usize, within: Duration) {
+        test_support::eventually("the load to reach its mark", within, || async {
+            (self.started.load(Ordering::SeqCst) >= n).then_some(())
+        })
+        .await
+    }
+
     async fn admit(&self, index: usize) {
         let mut rx = self.limit.subscribe();
         // Bounded by the fault executor: it raises the limit after every fault, then to MAX.
