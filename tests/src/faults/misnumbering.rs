@@ -5,35 +5,20 @@
 
 use std::collections::HashMap;
 
-use chrono::{DateTime, Utc};
-use domain::StreamEntry;
+use outbox::row::{OutboxRow, EVENT_COLUMNS};
 
 use super::cluster::Cluster;
 use super::FaultError;
-
-#[derive(sqlx::FromRow)]
-struct Row {
-    event_id: String,
-    aggregate_type: String,
-    aggregate_id: String,
-    seq: i64,
-    event_type: String,
-    payload: String,
-    occurred_at: DateTime<Utc>,
-}
 
 /// Publishes every outbox row (none must have been published yet) with its seq reversed within
 /// its order, and moves them all to `outbox_published`. Returns how many orders had more than
 /// one event (those are applied out of order).
 pub async fn publish_numbering_backwards(cluster: &Cluster) -> Result<usize, FaultError> {
     let pg = |e: sqlx::Error| FaultError::Postgres(e.to_string());
-    let rows: Vec<Row> = sqlx::query_as(
-        "SELECT event_id, aggregate_type, aggregate_id, seq, event_type, payload::text AS payload, occurred_at \
-         FROM outbox ORDER BY id",
-    )
-    .fetch_all(&cluster.orders_db)
-    .await
-    .map_err(pg)?;
+    let rows: Vec<OutboxRow> = sqlx::query_as(&format!("SELECT {EVENT_COLUMNS} FROM outbox ORDER BY id"))
+        .fetch_all(&cluster.orders_db)
+        .await
+        .map_err(pg)?;
     let mut events_per_order: HashMap<&str, i64> = HashMap::new();
     for r in &rows {
         *events_per_order.entry(&r.aggregate_id).or_default() += 1;
@@ -42,18 +27,8 @@ pub async fn publish_numbering_backwards(cluster: &Cluster) -> Result<usize, Fau
     let mut conn = client.get_multiplexed_async_connection().await.map_err(|e| FaultError::Redis(e.to_string()))?;
     let mut pipe = redis::pipe();
     for r in &rows {
-        let event_id = r.event_id.parse().map_err(|_| FaultError::Setup(format!("event id {}", r.event_id)))?;
-        let entry = StreamEntry {
-            event_id,
-            event_type: r.event_type.clone(),
-            aggregate_type: r.aggregate_type.clone(),
-            aggregate_id: r.aggregate_id.clone(),
-            seq: events_per_order[r.aggregate_id.as_str()] + 1 - r.seq,
-            occurred_at: r.occurred_at,
-            payload: r.payload.clone(),
-            traceparent: None,
-            tracestate: None,
-        };
+        let mut entry = r.to_entry(usize::MAX).map_err(FaultError::Setup)?;
+        entry.seq = events_per_order[r.aggregate_id.as_str()] + 1 - r.seq;
         let cmd = pipe.cmd("XADD").arg(&cluster.stream).arg("*");
         for (field, value) in entry.to_fields() {
             cmd.arg(field).arg(value);
