@@ -141,13 +141,21 @@ async fn connections_over_the_cap_get_503_and_the_cap_frees_when_they_close() {
         .into_iter()
         .map(|c| c.expect("connect"))
         .collect();
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    let open = |n: usize| {
+        let expected = format!("http_server_open_connections {n}\n");
+        let server = &server;
+        test_support::eventually("the connections served", Duration::from_secs(5), move || {
+            let found = metrics(server).contains(&expected);
+            async move { found.then_some(()) }
+        })
+    };
+    open(2).await;
     let answer = exchange(server.addr, "GET /hello HTTP/1.1\r\nhost: x\r\n\r\n", Duration::from_secs(2)).await;
     assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
     assert!(answer.contains("application/problem+json") && answer.contains("retry-after: 1"), "{answer}");
     assert!(metrics(&server).contains("http_server_rejected_connections_total 1"));
     drop(held);
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    open(0).await;
     let answer =
         exchange(server.addr, "GET /hello HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n", Duration::from_secs(2))
             .await;
