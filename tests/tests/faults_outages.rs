@@ -102,16 +102,8 @@ const FROZEN_DRAIN_BOUND: Duration = Duration::from_secs(30 + 10 + 5 + 20);
 
 /// Batches the unfrozen consumers retried after a transient Postgres failure (lock timeouts).
 async fn lock_waits_given_up(cluster: &Cluster) -> f64 {
-    let mut total = 0.0;
-    for other in &cluster.consumers[1..] {
-        let (_, metrics) = get(cluster, other.http_port, "/metrics").await;
-        total += metrics
-            .lines()
-            .filter(|l| l.starts_with(r#"consumer_failures_total{class="transient",source="postgres"}"#))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum::<f64>();
-    }
-    total
+    let others = cluster.consumers[1..].iter().map(|c| c.http_port);
+    cluster.metric_sum(others, "consumer_failures_total", r#"{class="transient",source="postgres"}"#).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -8,7 +8,7 @@ use std::time::Duration;
 use sqlx::PgPool;
 use test_support::{fresh_database_on, PrivatePostgres, PrivateRedis};
 
-use super::drain::{Backlog, RedeliverySampler};
+use super::drain::{metrics_text, sample, Backlog, RedeliverySampler};
 use super::process::{binary, Service};
 use super::FaultError;
 
@@ -328,17 +328,17 @@ impl Cluster {
 
     /// The sum of an unlabelled counter over the relays' `/metrics` (relays not answering count 0).
     pub async fn relays_counter(&self, name: &str) -> f64 {
-        let prefix = format!("{name} ");
+        self.metric_sum(self.relays.iter().map(|r| r.http_port), name, "").await
+    }
+
+    /// Metric `name` (its label sets that contain `label`) summed over the services on `ports`;
+    /// one that does not answer counts 0.
+    pub async fn metric_sum(&self, ports: impl IntoIterator<Item = u16>, name: &str, label: &str) -> f64 {
         let mut total = 0.0;
-        for relay in &self.relays {
-            let url = format!("http://127.0.0.1:{}/metrics", relay.http_port);
-            let Ok(response) = self.http.get(url).timeout(Duration::from_secs(2)).send().await else { continue };
-            let text = response.text().await.unwrap_or_default();
-            total += text
-                .lines()
-                .find_map(|l| l.strip_prefix(&prefix))
-                .and_then(|v| v.trim().parse::<f64>().ok())
-                .unwrap_or(0.0);
+        for port in ports {
+            if let Some(text) = metrics_text(&self.http, port, Duration::from_secs(2)).await {
+                total += sample(&text, name, label).unwrap_or(0.0);
+            }
         }
         total
     }

@@ -163,7 +163,7 @@ impl RedeliverySampler {
                         }
                     }
                     for port in &consumer_ports {
-                        let Some(text) = metrics_text(&http, *port).await else { continue };
+                        let Some(text) = metrics_text(&http, *port, Duration::from_millis(500)).await else { continue };
                         for (label, counts) in [("result=\"duplicate\"", &duplicates), ("result=\"applied\"", &applied)]
                         {
                             if let (Some(now), Ok(mut c)) =
@@ -194,14 +194,14 @@ impl RedeliverySampler {
     }
 }
 
-/// A service's `/metrics` text.
-async fn metrics_text(http: &reqwest::Client, port: u16) -> Option<String> {
-    let response = http.get(format!("http://127.0.0.1:{port}/metrics")).timeout(Duration::from_millis(500)).send();
+/// A service's `/metrics` text, if it answers within `within`.
+pub async fn metrics_text(http: &reqwest::Client, port: u16, within: Duration) -> Option<String> {
+    let response = http.get(format!("http://127.0.0.1:{port}/metrics")).timeout(within).send();
     response.await.ok()?.text().await.ok()
 }
 
 /// One sample (summed over matching label sets) of `name` from a `/metrics` text.
-fn sample(text: &str, name: &str, label: &str) -> Option<f64> {
+pub fn sample(text: &str, name: &str, label: &str) -> Option<f64> {
     let values: Vec<f64> = text
         .lines()
         .filter(|l| l.split(['{', ' ']).next() == Some(name) && l.contains(label))
