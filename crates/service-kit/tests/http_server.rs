@@ -10,7 +10,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use prometheus_client::registry::Registry;
 use service_kit::http::body::{read_within, BodyLimits};
-use service_kit::http::server::{serve, ServerMetrics};
+use service_kit::http::server::{serve, ServerMetrics, REJECTING_AT_ONCE};
 use service_kit::http::HttpSettings;
 use service_kit::{ops_router, Liveness, Readiness, Shutdown};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -160,6 +160,32 @@ async fn connections_over_the_cap_get_503_and_the_cap_frees_when_they_close() {
         exchange(server.addr, "GET /hello HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n", Duration::from_secs(2))
             .await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
+
+#[tokio::test]
+async fn a_flood_over_the_cap_is_answered_by_a_bounded_number_of_tasks_and_the_rest_closed() {
+    let server = start(HttpSettings { max_connections: 1, ..settings() }, Liveness::new()).await;
+    let _held = TcpStream::connect(server.addr).await.expect("connect");
+    test_support::eventually("the first connection served", Duration::from_secs(5), || {
+        let found = metrics(&server).contains("http_server_open_connections 1\n");
+        async move { found.then_some(()) }
+    })
+    .await;
+    // Clients that never close: each one answered holds its task for up to a second.
+    let flood_size = REJECTING_AT_ONCE + 20;
+    let mut flood = Vec::new();
+    for _ in 0..flood_size {
+        flood.push(TcpStream::connect(server.addr).await.expect("connect"));
+    }
+    let mut answered = 0;
+    for mut connection in flood {
+        let mut buf = [0_u8; 64];
+        if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(500), connection.read(&mut buf)).await {
+            answered += usize::from(buf[..n].starts_with(b"HTTP/1.1 503"));
+        }
+    }
+    assert_eq!(answered, REJECTING_AT_ONCE, "503s written while the answered ones were still open");
+    assert!(metrics(&server).contains(&format!("http_server_rejected_connections_total {flood_size}\n")));
 }
 
 #[tokio::test]

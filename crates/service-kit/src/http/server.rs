@@ -1,5 +1,5 @@
 //! The accept loop: HTTP/1.1 connections, bounded in number (`max_connections`; one over the
-//! cap is answered `503` and closed) and in time (headers within `header_timeout` of their
+//! cap is answered `503` and closed, by at most [`REJECTING_AT_ONCE`] tasks) and in time (headers within `header_timeout` of their
 //! first byte, checked as bytes arrive, so trickling them gets a client cut off; an idle
 //! connection closed after `idle_timeout`). On shutdown nothing new is accepted, idle
 //! connections close, in-flight requests finish, and stragglers are closed after a grace.
@@ -89,6 +89,7 @@ pub async fn serve(
 ) -> io::Result<()> {
     warn_if_descriptors_run_short(settings.max_connections);
     let permits = Arc::new(Semaphore::new(settings.max_connections as usize));
+    let rejecting = Arc::new(Semaphore::new(REJECTING_AT_ONCE));
     let tracker = TaskTracker::new();
     let close_all = Shutdown::new();
     let settings = Arc::new(settings);
@@ -120,7 +121,14 @@ pub async fn serve(
             }
             Err(_) => {
                 metrics.rejected.inc();
-                tracker.spawn(reject(stream));
+                // Past the cap a flood is answered too, but by a bounded number of tasks: a
+                // connection beyond them is closed at once.
+                if let Ok(answering) = rejecting.clone().try_acquire_owned() {
+                    tracker.spawn(async move {
+                        reject(stream).await;
+                        drop(answering);
+                    });
+                }
             }
         }
     }
@@ -137,6 +145,9 @@ pub async fn serve(
     }
     Ok(())
 }
+
+/// Connections over the cap answered `503` at once; each is held for at most a second.
+pub const REJECTING_AT_ONCE: usize = 64;
 
 /// Answers a connection over the cap with 503 and closes it.
 async fn reject(mut stream: TcpStream) {
@@ -361,7 +372,8 @@ fn warn_if_descriptors_run_short(max_connections: u32) {
         .and_then(|l| l.split_whitespace().nth(3))
         .and_then(|n| n.parse::<u64>().ok());
     if let Some(soft) = soft {
-        // Database and Redis connections, log files, the listener.
+        // Connections being answered 503, database and Redis connections, log files, the
+        // listener.
         if soft < u64::from(max_connections) + 256 {
             tracing::warn!(
                 open_files_limit = soft,
