@@ -148,14 +148,24 @@ impl Consumer {
     }
 
     /// Removes consumers of the group that have left (see [`stream::remove_departed`]).
+    /// Housekeeping: Redis refusing it (a server that runs no scripts for this user, say) is
+    /// counted and logged, and consuming goes on; only a broken connection ends the session.
     async fn remove_departed(&self, conn: &mut MultiplexedConnection) -> Result<(), redis::RedisError> {
         let c = &self.config;
-        let removed =
-            stream::remove_departed(conn, &c.redis_stream, &c.consumer_group, &c.consumer_name, c.departed_after)
-                .await?;
-        if !removed.is_empty() {
-            self.metrics.consumers_removed.inc_by(removed.len() as u64);
-            tracing::info!(consumers = ?removed, "removed consumers that left the group");
+        match stream::remove_departed(conn, &c.redis_stream, &c.consumer_group, &c.consumer_name, c.departed_after)
+            .await
+        {
+            Ok(removed) if removed.is_empty() => {}
+            Ok(removed) => {
+                self.metrics.consumers_removed.inc_by(removed.len() as u64);
+                tracing::info!(consumers = ?removed, "removed consumers that left the group");
+            }
+            Err(e) if failure::of_redis(&e).is_transient() => return Err(e),
+            Err(e) => {
+                let class = failure::of_redis(&e);
+                self.metrics.failure(class, "redis");
+                tracing::warn!(error = %e, failure_class = %class, "removing departed consumers refused; consuming on");
+            }
         }
         Ok(())
     }

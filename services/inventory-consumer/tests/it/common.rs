@@ -65,13 +65,20 @@ impl Harness {
     /// The config of a replica whose Redis user may do everything but `XACK`: it commits the
     /// batches it reads and can never acknowledge them, as if each time it died between its
     /// commit and its XACK.
-    pub async fn config_without_ack(&self, name: &str) -> (Config, NoAckUser) {
-        let user = test_support::unique_name("no-ack");
+    pub async fn config_without_ack(&self, name: &str) -> (Config, AclUser) {
+        self.config_denied(name, &["-xack"]).await
+    }
+
+    /// The config of a replica whose Redis user may do everything but what `denied` (ACL
+    /// rules such as `-xack` or `-@scripting`) takes away.
+    pub async fn config_denied(&self, name: &str, denied: &[&str]) -> (Config, AclUser) {
+        let user = test_support::unique_name("acl");
         let mut conn = self.redis.clone();
         redis::cmd("ACL")
             .arg("SETUSER")
             .arg(&user)
-            .arg(&["on", "nopass", "~*", "&*", "+@all", "-xack"])
+            .arg(&["on", "nopass", "~*", "&*", "+@all"])
+            .arg(denied)
             .query_async::<()>(&mut conn)
             .await
             .expect("ACL SETUSER");
@@ -82,7 +89,7 @@ impl Harness {
             .expect("TEST_REDIS_URL is redis://host:port without credentials");
         let mut config = self.config(name);
         config.redis_url = format!("redis://{user}:any@{address}");
-        (config, NoAckUser { name: user })
+        (config, AclUser { name: user })
     }
 
     pub async fn start(&self, name: &str) -> Running {
@@ -208,18 +215,18 @@ fn text(v: &Value) -> Option<String> {
     }
 }
 
-/// A Redis user without `XACK` ([`Harness::config_without_ack`]), deleted when dropped.
-pub struct NoAckUser {
+/// A Redis user with commands taken away ([`Harness::config_denied`]), deleted when dropped.
+pub struct AclUser {
     name: String,
 }
 
-impl NoAckUser {
+impl AclUser {
     /// Deletes the user: Redis closes its connections and it cannot connect again, so its
     /// replica is cut off for good with what it has applied still unacknowledged.
     pub fn cut(self) {}
 }
 
-impl Drop for NoAckUser {
+impl Drop for AclUser {
     fn drop(&mut self) {
         let deleted = redis::Client::open(test_support::redis_url())
             .and_then(|client| client.get_connection())

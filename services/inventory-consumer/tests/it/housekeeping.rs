@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use redis::Value;
 
-use crate::common::Harness;
+use domain::OrderId;
+
+use crate::common::{created, Harness, Running};
 
 fn junk(i: usize) -> Vec<(String, Vec<u8>)> {
     vec![("junk".to_owned(), i.to_string().into_bytes())]
@@ -64,7 +66,7 @@ async fn consumers_that_left_are_removed_and_one_holding_entries_stays() {
 
     let mut config = h.config("c1");
     config.departed_after = Duration::from_secs(1);
-    let running = crate::common::Running::start(config).await;
+    let running = Running::start(config).await;
     test_support::eventually("the consumer with nothing pending removed", Duration::from_secs(10), || async {
         let names: BTreeSet<String> = consumers(&h).await.into_iter().map(|(n, _)| n).collect();
         (names == BTreeSet::from(["c1".to_owned(), "gone-holding".to_owned()])).then_some(())
@@ -90,7 +92,7 @@ async fn the_dead_letter_stream_is_capped_and_the_table_keeps_every_letter() {
     }
     let mut config = h.config("c1");
     config.dlq_max_len = 10;
-    let running = crate::common::Running::start(config).await;
+    let running = Running::start(config).await;
     h.drained().await;
     assert_eq!(h.count("SELECT count(*) FROM dead_letters").await, letters as i64);
     let mut conn = h.redis.clone();
@@ -113,7 +115,7 @@ async fn pending_entries_deleted_from_the_stream_are_counted_when_claimed() {
     assert_eq!(deleted, 2);
     let mut config = h.config("c1");
     config.claim_min_idle = Duration::from_secs(1);
-    let running = crate::common::Running::start(config).await;
+    let running = Running::start(config).await;
     h.drained().await;
     assert_eq!(running.metric("consumer_entries_gone_total").await, "2");
     // The one still there was claimed and dead-lettered for what it carries.
@@ -131,7 +133,7 @@ async fn old_dead_letters_go_and_a_gap_that_does_not_fill_shows() {
     h.xadd(&crate::common::confirmed(domain::OrderId::new(), 2)).await;
     let mut config = h.config("c1");
     config.dead_letter_retention = Duration::from_secs(1);
-    let running = crate::common::Running::start(config).await;
+    let running = Running::start(config).await;
     h.drained().await;
     test_support::eventually("old dead letters removed", Duration::from_secs(10), || async {
         (h.count("SELECT count(*) FROM dead_letters").await == 0).then_some(())
@@ -173,4 +175,21 @@ async fn dead_letters_can_be_purged_by_hand() {
     let gone = purge("0s");
     assert_eq!(last_line(&gone), "2 dead letters removed");
     assert_eq!(h.count("SELECT count(*) FROM dead_letters").await, 0);
+}
+
+#[tokio::test]
+async fn a_replica_whose_redis_runs_no_scripts_for_it_still_consumes() {
+    let h = Harness::new("noscripts").await;
+    h.set_stock("SKU-1", 100).await;
+    for _ in 0..5 {
+        h.xadd(&created(OrderId::new(), &[("SKU-1", 1)])).await;
+    }
+    // Removing departed consumers is one script; the rest of the loop needs none.
+    let (config, _user) = h.config_denied("c1", &["-@scripting"]).await;
+    let running = Running::start(config).await;
+    h.drained().await;
+    assert_eq!(h.stock("SKU-1").await, (100, 5));
+    let metrics = reqwest::get(running.url("/metrics")).await.unwrap().text().await.unwrap();
+    assert!(metrics.contains(r#"consumer_failures_total{class="permanent",source="redis"}"#), "{metrics}");
+    running.stop().await;
 }
