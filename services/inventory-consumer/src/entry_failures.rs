@@ -3,7 +3,9 @@
 //! `MAX_DELIVERIES`; Redis's own delivery count also counts restarts, claims and outages, and
 //! dead-lettering by it would turn those into lost orders.
 
-use sqlx::PgConnection;
+use std::time::Duration;
+
+use sqlx::{PgConnection, PgPool};
 
 /// Counts one more failure of `stream_entry_id`; returns how many it has had.
 pub async fn record(
@@ -35,4 +37,25 @@ pub async fn forget(conn: &mut PgConnection, stream_entry_ids: &[&str]) -> Resul
         .execute(conn)
         .await
         .map(|_| ())
+}
+
+/// Removes the counts of entries whose last failure is older than `older_than`, in batches
+/// ([`service_kit::prune`]), until none is left, `statements` were run, or shutdown.
+pub async fn prune(
+    pool: &PgPool,
+    older_than: Duration,
+    statements: u32,
+    shutdown: &service_kit::Shutdown,
+) -> Result<u64, sqlx::Error> {
+    service_kit::prune::delete_in_batches(
+        pool,
+        "DELETE FROM entry_failures WHERE stream_entry_id IN ( \
+           SELECT stream_entry_id FROM entry_failures \
+           WHERE last_failed_at < now() - $1 * interval '1 millisecond' \
+           ORDER BY last_failed_at LIMIT $2 FOR UPDATE SKIP LOCKED)",
+        older_than,
+        statements,
+        shutdown,
+    )
+    .await
 }

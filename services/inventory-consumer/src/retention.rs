@@ -1,6 +1,6 @@
 //! Pruning the dedupe and ordering state older than `DEDUPE_RETENTION`, in bounded batches:
-//! `processed_messages` rows older than the retention, and the checkpoint and reservation of
-//! each closed order whose latest applied event is. Nothing can then apply twice because an
+//! `processed_messages` rows older than the retention, the checkpoint and reservation of each
+//! closed order whose latest applied event is, and counted entry failures last seen before it. Nothing can then apply twice because an
 //! event older than the retention is never applied ([`crate::apply`] dead-letters it as
 //! expired); the whole argument is in docs/RELIABILITY.md, "Bounded state".
 
@@ -21,6 +21,8 @@ pub struct Pruned {
     pub processed: u64,
     /// Checkpoints of closed orders, each with its reservation.
     pub closed_orders: u64,
+    /// Counted failures of entries that failed last before the retention.
+    pub entry_failures: u64,
 }
 
 /// One round: dedupe rows, then closed orders. Rows another replica is removing are skipped.
@@ -51,7 +53,11 @@ pub async fn prune(pool: &PgPool, retention: Duration, shutdown: &Shutdown) -> R
         shutdown,
     )
     .await?;
-    Ok(Pruned { processed, closed_orders })
+    // An entry still failing fails again within the claim interval; one that has not for a
+    // whole retention was settled without its count being cleared (it left the stream, or
+    // another replica applied it), and a count pruned too early only allows more tries.
+    let entry_failures = crate::entry_failures::prune(pool, retention, STATEMENTS, shutdown).await?;
+    Ok(Pruned { processed, closed_orders, entry_failures })
 }
 
 /// What the pruning loop keeps and watches.
@@ -80,7 +86,12 @@ pub async fn prune_loop(pool: PgPool, settings: RetentionSettings, metrics: Metr
                 metrics.pruned_processed.inc_by(p.processed);
                 metrics.pruned_closed_orders.inc_by(p.closed_orders);
                 if p != Pruned::default() {
-                    tracing::debug!(processed = p.processed, closed_orders = p.closed_orders, "pruned dedupe state");
+                    tracing::debug!(
+                        processed = p.processed,
+                        closed_orders = p.closed_orders,
+                        entry_failures = p.entry_failures,
+                        "pruned dedupe state"
+                    );
                 }
             }
             Err(e) => tracing::debug!(error = %e, "pruning dedupe state failed; trying again next round"),

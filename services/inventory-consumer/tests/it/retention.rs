@@ -6,6 +6,8 @@ use std::time::Duration;
 use chrono::Utc;
 use domain::OrderId;
 
+use inventory_consumer::Shutdown;
+
 use crate::common::{cancelled, confirmed, created, Harness, Running};
 
 async fn reasons(h: &Harness) -> Vec<(Option<String>, String)> {
@@ -111,4 +113,25 @@ async fn control_state_removed_without_the_expiry_rule_lets_an_event_apply_twice
     assert_eq!(h.stock("SKU-C").await, (10, 8), "applied twice: the checker sees it");
     assert!(reasons(&h).await.is_empty());
     running.stop().await;
+}
+
+#[tokio::test]
+async fn counted_entry_failures_last_seen_before_the_retention_go() {
+    let h = Harness::new("failures_expiry").await;
+    for (entry, ago) in [("1-1", "2 hours"), ("2-1", "30 minutes")] {
+        sqlx::query(&format!(
+            "INSERT INTO entry_failures (stream_entry_id, failures, last_error, last_failed_at) \
+             VALUES ($1, 1, 'refused', now() - interval '{ago}')"
+        ))
+        .bind(entry)
+        .execute(h.pool())
+        .await
+        .unwrap();
+    }
+    let pruned =
+        inventory_consumer::retention::prune(h.pool(), Duration::from_secs(3600), &Shutdown::new()).await.unwrap();
+    assert_eq!(pruned.entry_failures, 1);
+    let left: Vec<String> =
+        sqlx::query_scalar("SELECT stream_entry_id FROM entry_failures").fetch_all(h.pool()).await.unwrap();
+    assert_eq!(left, ["2-1"], "one that failed within the retention stays");
 }
