@@ -6,7 +6,7 @@ use std::time::Duration;
 use chrono::Utc;
 use domain::{Event, StreamEntry};
 use redis::aio::MultiplexedConnection;
-use service_kit::connections::{Connections, Ended};
+use service_kit::connections::Connections;
 use service_kit::{failure, Backoff, Heartbeat};
 use tokio::time::Instant;
 use tracing::Instrument;
@@ -284,16 +284,8 @@ impl Consumer {
         if ids.is_empty() {
             return;
         }
-        let forgotten = async {
-            let mut conn = self.db.acquire().await?;
-            let done = entry_failures::forget(&mut conn, ids).await;
-            conn.put_back(Ended::from(&done)).await;
-            done
-        };
-        match tokio::time::timeout(self.apply_deadline, forgotten).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::debug!(error = %e, "counted failures of applied entries not cleared"),
-            Err(_) => tracing::debug!("counted failures of applied entries not cleared in time"),
+        if let Err(e) = self.on_connection(async |c| entry_failures::forget(c, ids).await).await {
+            tracing::debug!(error = %e, "counted failures of applied entries not cleared");
         }
     }
 

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use service_kit::connections::Ended;
 use service_kit::{failure, Backoff, FailureClass};
+use sqlx::PgConnection;
 
 use crate::apply::{apply_batch, BatchResult, Outcome};
 use crate::consumer::Consumer;
@@ -156,26 +157,17 @@ impl Consumer {
         let event = &entry.event;
         let reason = error.to_string();
         let event_id = event.event_id.to_string();
-        let mut conn = self.db.acquire().await?;
-        let counted = entry_failures::record(&mut conn, &entry.stream_id, Some(&event_id), &reason).await;
-        let failures = match counted {
-            Ok(n) => n,
-            Err(e) => {
-                conn.put_back(Ended::Failed(&e)).await;
-                return Err(e);
-            }
-        };
+        let failures = self
+            .on_connection(async |c| entry_failures::record(c, &entry.stream_id, Some(&event_id), &reason).await)
+            .await?;
         let max = self.config.max_deliveries;
         tracing::warn!(entry_id = %entry.stream_id, event_id = %event.event_id, aggregate_id = %event.aggregate_id,
             seq = event.seq, failures, max_deliveries = max, error = %reason, failure_class = "permanent",
             "the database refused the entry");
         if u32::try_from(failures).unwrap_or(0) < max {
-            conn.put_back(Ended::Completed).await;
             return Ok(None);
         }
-        let applied = rows::already_applied(&mut conn, event).await;
-        conn.put_back(Ended::from(&applied)).await;
-        if applied? {
+        if self.on_connection(async |c| rows::already_applied(c, event).await).await? {
             return Ok(Some(Counted::Duplicate));
         }
         let letter = DeadLetter {
@@ -189,17 +181,26 @@ impl Consumer {
         Ok(Some(Counted::Dead(letter)))
     }
 
-    /// [`apply_batch`] on a connection of `db` (kept unless it failed itself), bounded in time:
-    /// a server or network that stops answering costs the connection, not the loop.
+    /// [`apply_batch`] on a connection of `db`.
     async fn apply_batch(&self, incoming: &[Incoming], dead: &[DeadLetter]) -> Result<BatchResult, sqlx::Error> {
-        let work = async {
+        let retention = self.config.dedupe_retention;
+        self.on_connection(async |c| apply_batch(c, incoming, dead, retention).await).await
+    }
+
+    /// `work` on a connection of `db` (kept unless it failed itself), bounded in time: a server
+    /// or network that stops answering costs the connection, not the loop.
+    pub(crate) async fn on_connection<T>(
+        &self,
+        work: impl AsyncFnOnce(&mut PgConnection) -> Result<T, sqlx::Error>,
+    ) -> Result<T, sqlx::Error> {
+        let bounded = async {
             let mut conn = self.db.acquire().await?;
-            let applied = apply_batch(&mut conn, incoming, dead, self.config.dedupe_retention).await;
-            conn.put_back(Ended::from(&applied)).await;
-            applied
+            let done = work(&mut conn).await;
+            conn.put_back(Ended::from(&done)).await;
+            done
         };
-        match tokio::time::timeout(self.apply_deadline, work).await {
-            Ok(applied) => applied,
+        match tokio::time::timeout(self.apply_deadline, bounded).await {
+            Ok(done) => done,
             Err(_) => Err(sqlx::Error::Io(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
                 format!("Postgres did not answer within {:?}; connection closed", self.apply_deadline),
