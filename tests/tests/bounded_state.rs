@@ -152,6 +152,17 @@ async fn second_long_retentions_leave_the_stream_and_tables_empty_and_the_invent
         .await
         .expect("open orders");
     assert!(sizes.reservations <= open, "only open orders keep a reservation: {sizes:?}, {open} open");
+    let cancelled_ids: Vec<String> = sqlx::query_scalar("SELECT id FROM orders WHERE status = 'CANCELLED'")
+        .fetch_all(&cluster.orders_db)
+        .await
+        .expect("cancelled orders");
+    let kept: i64 = sqlx::query_scalar("SELECT count(*) FROM order_reservations WHERE order_id = ANY($1)")
+        .bind(&cancelled_ids)
+        .fetch_one(&cluster.inventory_db)
+        .await
+        .expect("reservations of cancelled orders");
+    assert!(!cancelled_ids.is_empty(), "the plan cancels orders");
+    assert_eq!(kept, 0, "no cancelled order keeps its reservation");
 
     // Old events added again: every retained event published once more, and the first event of
     // some cancelled orders on its own. Their dedupe rows are gone; their age turns them away.
