@@ -21,8 +21,9 @@ use sqlx::{Connection, PgConnection, PgPool};
 use tokio::sync::Notify;
 
 /// The channel relays LISTEN on. A notification's payload is the outbox id of the event whose
-/// transaction sent it, or empty when sent on its own (by the background task).
-pub const CHANNEL: &str = channel!();
+/// transaction sent it, or empty when sent on its own (by the background task). `outbox_append`
+/// names it too (migration 0011).
+pub const CHANNEL: &str = "outbox_events";
 
 /// Writes in flight that carry the notification.
 const MAX_CARRIERS: usize = 1;

@@ -64,12 +64,13 @@ impl TryFrom<OrderRow> for Order {
     }
 }
 
-/// The order row of [`insert_order`], written in the outbox append's statement; its
-/// parameters follow the append's own.
-const CREATED_CTE: &str = "created AS (INSERT INTO orders \
-     (id, customer_id, status, items, total_cents, created_at, updated_at) \
-     VALUES ($9, $10, $11, $12, $13, $14, $15))";
-const _: () = assert!(outbox::FIRST_CALLER_PARAM == 9, "CREATED_CTE numbers its parameters from $9");
+/// The order row and its first event, `outbox_append`ed with the order's `version` (1) as seq.
+const INSERT_ORDER: &str = "\
+    WITH created AS ( \
+      INSERT INTO orders (id, customer_id, status, items, total_cents, created_at, updated_at) \
+      VALUES ($1, $2, $3, $4, $5, $6, $7) \
+      RETURNING version) \
+    SELECT outbox_append($8, created.version) AS seq FROM created";
 
 /// The outbox event of `payload`, for the order `aggregate_id`, its JSON being `json`.
 fn order_event<'a>(
@@ -78,7 +79,7 @@ fn order_event<'a>(
     json: &'a str,
     occurred_at: DateTime<Utc>,
     notify: bool,
-) -> outbox::NewEvent<'a> {
+) -> outbox::Stamped<'a> {
     outbox::NewEvent {
         aggregate_type: domain::AGGREGATE_TYPE,
         aggregate_id,
@@ -87,6 +88,7 @@ fn order_event<'a>(
         occurred_at,
         notify,
     }
+    .stamp()
 }
 
 /// Inserts a new order and its `OrderCreated` event in one statement: atomic by itself, so
@@ -102,17 +104,18 @@ pub async fn insert_order<'c>(
     let aggregate_id = order.id.to_string();
     let json = payload.to_json();
     let event = order_event(&payload, &aggregate_id, &json, order.created_at, notify);
-    let appended = outbox::append_with(executor, event, Some(CREATED_CTE), |q| {
-        q.bind(order.id.to_string())
-            .bind(order.customer_id.as_str().to_owned())
-            .bind(order.status.as_str())
-            .bind(Json(order.items.clone()))
-            .bind(order.total_cents)
-            .bind(order.created_at)
-            .bind(order.updated_at)
-    })
-    .await?;
-    Ok(appended)
+    let query = sqlx::query(INSERT_ORDER)
+        .bind(&aggregate_id)
+        .bind(order.customer_id.as_str())
+        .bind(order.status.as_str())
+        .bind(Json(&order.items))
+        .bind(order.total_cents)
+        .bind(order.created_at)
+        .bind(order.updated_at)
+        .bind(&event);
+    let (appended, _) = outbox::write(executor, &event, query).await?;
+    // The statement returns the event's seq: a created order always has its event.
+    appended.ok_or(StoreError::Database(sqlx::Error::RowNotFound))
 }
 
 #[tracing::instrument(skip_all, fields(%order_id, db.system = "postgresql"))]
@@ -126,16 +129,23 @@ pub async fn find_order(conn: &mut PgConnection, order_id: OrderId) -> Result<Op
     row.map(Order::try_from).transpose()
 }
 
-/// The transition of [`transition_order`]: lock the order (`cur`, the latest committed version),
-/// and move it to the status its current one leads to (`$10` from-statuses, `$11` their next
-/// statuses), unless its `updated_at` is later than the new one (`$6`, the event time; a clock
-/// behind the last writer's). Parameters follow the append's own.
-const TRANSITION_CTES: &str = "cur AS (SELECT id, customer_id, status, items, total_cents, created_at, updated_at \
-       FROM orders WHERE id = $9 FOR UPDATE), \
-     moved AS (UPDATE orders o SET status = m.next, updated_at = $6 \
-       FROM cur JOIN unnest($10::text[], $11::text[]) AS m(from_status, next) ON m.from_status = cur.status \
-       WHERE o.id = cur.id AND cur.updated_at <= $6 RETURNING o.id)";
-const _: () = assert!(outbox::FIRST_CALLER_PARAM == 9, "TRANSITION_CTES numbers its parameters from $9");
+/// The transition of [`transition_order`]: lock the order (`cur`, as last committed),
+/// and move it to the status its current one leads to (`$3` from-statuses, `$4` their next
+/// statuses) and its next version, unless its `updated_at` is later than the new one (`$2`, the
+/// event time; a clock behind the last writer's). If it moved, its event is written with the
+/// new version as seq. Returns the order as locked, and the seq if the event was written.
+const TRANSITION_ORDER: &str = "\
+    WITH cur AS ( \
+      SELECT id, customer_id, status, items, total_cents, created_at, updated_at \
+      FROM orders WHERE id = $1 FOR UPDATE), \
+    moved AS ( \
+      UPDATE orders o SET status = m.next, updated_at = $2, version = o.version + 1 \
+      FROM cur JOIN unnest($3::text[], $4::text[]) AS m(from_status, next) ON m.from_status = cur.status \
+      WHERE o.id = cur.id AND cur.updated_at <= $2 \
+      RETURNING o.version) \
+    SELECT id, customer_id, status, items, total_cents, created_at, updated_at, \
+      (SELECT outbox_append($5, moved.version) FROM moved) AS seq \
+    FROM cur";
 
 /// What [`transition_order`] found and did.
 pub struct Transitioned {
@@ -173,12 +183,8 @@ pub async fn transition_order(
     let aggregate_id = order_id.to_string();
     let json = payload.to_json();
     let event = order_event(&payload, &aggregate_id, &json, at, notify);
-    let select = "SELECT id, customer_id, status, items, total_cents, created_at, updated_at, \
-                  (SELECT seq FROM appended) AS seq FROM cur";
-    let found = outbox::append_gated(conn, event, TRANSITION_CTES, "moved", select, |q| {
-        q.bind(aggregate_id.clone()).bind(from).bind(next)
-    })
-    .await;
+    let query = sqlx::query(TRANSITION_ORDER).bind(&aggregate_id).bind(at).bind(from).bind(next).bind(&event);
+    let found = outbox::write(conn, &event, query).await;
     let (appended, row) = match found {
         Ok(found) => found,
         Err(outbox::OutboxError::Database(sqlx::Error::RowNotFound)) => return Ok(None),

@@ -119,7 +119,7 @@ async fn three_relays_publish_every_event_once_in_seq_order_per_order() {
 
     let entries = read_stream(&redis, &stream).await;
     let expected: HashMap<String, i64> =
-        sqlx::query_as::<_, (String, i64)>("SELECT aggregate_id, last_seq FROM outbox_sequences")
+        sqlx::query_as::<_, (String, i64)>("SELECT aggregate_id, last_seq FROM outbox_counters")
             .fetch_all(&db.pool)
             .await
             .expect("sequences")
