@@ -15,11 +15,11 @@ use domain::Event;
 use sqlx::{Connection, PgConnection};
 
 use crate::entries::{DeadLetter, Incoming, Parked};
-use crate::entry_failures;
-use crate::rows::{
+use crate::rules::{self, Reservation, Stock};
+use crate::store::batch::{
     load_and_lock_stock, lock_checkpoints, record_dead_letters, write, Loaded, Locked, Mark, ProcessedRow, Writes,
 };
-use crate::rules::{self, Reservation, Stock};
+use crate::store::entry_failures;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {

@@ -15,8 +15,9 @@ use crate::apply::Outcome;
 use crate::entries::{DeadLetter, Incoming};
 use crate::metrics::{EventResult, Metrics};
 use crate::settle::Settlement;
+use crate::store::entry_failures;
 use crate::stream::{self, id_key, Delivery};
-use crate::{entry_failures, Config, Shutdown};
+use crate::{Config, Shutdown};
 
 pub struct Consumer {
     pub config: Config,

@@ -1,5 +1,5 @@
 //! What a batch is made of, shared by the code that applies it ([`crate::apply`]) and the
-//! statements that read and write its rows ([`crate::rows`]): entries as read, dead letters,
+//! statements that read and write its rows ([`crate::store::batch`]): entries as read, dead letters,
 //! parked events, and the JSON form in which an entry's fields are kept.
 
 use domain::Event;

@@ -16,6 +16,8 @@ use serde::{Deserialize, Serialize};
 use service_kit::{failure, Problem};
 use sqlx::PgPool;
 
+use crate::store::stock::{self, SetOutcome, SetWhen, StockRow};
+
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 64 * 1024;
 
@@ -100,7 +102,8 @@ fn parse_sku(raw: &str) -> Result<Sku, ApiError> {
 }
 
 /// The stock and its `ETag`.
-fn stock_response(sku: &Sku, on_hand: i64, reserved: i64, version: i64) -> Response {
+fn stock_response(sku: &Sku, row: StockRow) -> Response {
+    let StockRow { on_hand, reserved, version } = row;
     let view = StockView { sku: sku.to_string(), on_hand, reserved, available: on_hand - reserved };
     let mut response = Json(view).into_response();
     if let Ok(tag) = HeaderValue::from_str(&format!("\"{version}\"")) {
@@ -111,13 +114,8 @@ fn stock_response(sku: &Sku, on_hand: i64, reserved: i64, version: i64) -> Respo
 
 async fn get_stock(State(pool): State<PgPool>, Path(sku): Path<String>) -> Result<Response, ApiError> {
     let sku = parse_sku(&sku)?;
-    let row: Option<(i64, i64, i64)> =
-        sqlx::query_as("SELECT on_hand, reserved, version FROM inventory WHERE sku = $1")
-            .bind(sku.as_str())
-            .fetch_optional(&pool)
-            .await?;
-    let (on_hand, reserved, version) = row.ok_or(ApiError::NotFound)?;
-    Ok(stock_response(&sku, on_hand, reserved, version))
+    let row = stock::find(&pool, sku.as_str()).await?.ok_or(ApiError::NotFound)?;
+    Ok(stock_response(&sku, row))
 }
 
 /// What a `PUT` requires of the row it writes.
@@ -174,53 +172,19 @@ async fn put_stock(
         .as_i64()
         .filter(|n| (0..=MAX_ON_HAND).contains(n))
         .ok_or_else(|| ApiError::Rule("on_hand", format!("must be an integer from 0 to {MAX_ON_HAND}")))?;
-    let written: Result<Option<(i64, i64, i64)>, sqlx::Error> = match &precondition {
-        Precondition::None => {
-            sqlx::query_as(
-                "INSERT INTO inventory (sku, on_hand) VALUES ($1, $2) \
-             ON CONFLICT (sku) DO UPDATE SET on_hand = excluded.on_hand, updated_at = now(), \
-                                             version = inventory.version + 1 \
-             RETURNING on_hand, reserved, version",
-            )
-            .bind(sku.as_str())
-            .bind(on_hand)
-            .fetch_optional(&pool)
-            .await
-        }
-        Precondition::Absent => {
-            sqlx::query_as(
-                "INSERT INTO inventory (sku, on_hand) VALUES ($1, $2) ON CONFLICT (sku) DO NOTHING \
-             RETURNING on_hand, reserved, version",
-            )
-            .bind(sku.as_str())
-            .bind(on_hand)
-            .fetch_optional(&pool)
-            .await
-        }
-        Precondition::Exists | Precondition::Version(_) => {
-            let versions = match &precondition {
-                Precondition::Version(v) => Some(v.clone()),
-                _ => None,
-            };
-            sqlx::query_as(
-                "UPDATE inventory SET on_hand = $2, updated_at = now(), version = version + 1 \
-                 WHERE sku = $1 AND ($3::bigint[] IS NULL OR version = ANY($3)) \
-                 RETURNING on_hand, reserved, version",
-            )
-            .bind(sku.as_str())
-            .bind(on_hand)
-            .bind(versions)
-            .fetch_optional(&pool)
-            .await
-        }
+    let when = match precondition {
+        Precondition::None => SetWhen::Always,
+        Precondition::Absent => SetWhen::Absent,
+        Precondition::Exists => SetWhen::Exists { versions: None },
+        Precondition::Version(versions) => SetWhen::Exists { versions: Some(versions) },
     };
-    let (on_hand, reserved, version) = match written {
-        Err(sqlx::Error::Database(e)) if e.constraint() == Some("inventory_reserved_within_on_hand") => {
-            return Err(ApiError::Rule("on_hand", "must not be below the quantity reserved".to_owned()));
+    match stock::set(&pool, sku.as_str(), on_hand, &when).await? {
+        SetOutcome::Written(row) => Ok(stock_response(&sku, row)),
+        SetOutcome::Refused => Err(ApiError::Stale),
+        SetOutcome::BelowReserved => {
+            Err(ApiError::Rule("on_hand", "must not be below the quantity reserved".to_owned()))
         }
-        other => other?.ok_or(ApiError::Stale)?,
-    };
-    Ok(stock_response(&sku, on_hand, reserved, version))
+    }
 }
 
 #[cfg(test)]

@@ -14,14 +14,13 @@ pub mod config;
 pub mod consumer;
 pub mod dead_letters;
 pub mod entries;
-pub mod entry_failures;
 pub mod http;
 pub mod metrics;
 pub mod replay_demo;
 pub mod retention;
-pub mod rows;
 pub mod rules;
 pub mod settle;
+pub mod store;
 pub mod stream;
 
 use std::net::SocketAddr;

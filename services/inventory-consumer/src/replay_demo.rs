@@ -8,6 +8,7 @@ use redis::aio::MultiplexedConnection;
 use redis::Value;
 use sqlx::PgPool;
 
+use crate::store::inspect;
 use crate::{stream, Config};
 
 #[derive(Debug, thiserror::Error)]
@@ -69,18 +70,9 @@ pub async fn run(
         .find(|(k, _)| k == domain::fields::EVENT_ID)
         .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
         .ok_or_else(|| DemoError::NoEventId(entry_id.clone()))?;
-    let applied: Option<String> = sqlx::query_scalar("SELECT aggregate_id FROM processed_messages WHERE event_id = $1")
-        .bind(&event_id)
-        .fetch_optional(pool)
-        .await?;
-    let aggregate_id = applied.ok_or_else(|| DemoError::NotApplied(event_id.clone()))?;
-    let checkpoint = || async {
-        sqlx::query_scalar::<_, i64>("SELECT last_seq FROM aggregate_checkpoints WHERE aggregate_id = $1")
-            .bind(&aggregate_id)
-            .fetch_one(pool)
-            .await
-    };
-    let checkpoint_before = checkpoint().await?;
+    let aggregate_id =
+        inspect::applied_order(pool, &event_id).await?.ok_or_else(|| DemoError::NotApplied(event_id.clone()))?;
+    let checkpoint_before = inspect::checkpoint(pool, &aggregate_id).await?;
     let copy_entry_id = stream::add(conn, stream_key, &fields).await?;
     let deadline = tokio::time::Instant::now() + timeout;
     while !handled(conn, stream_key, &config.consumer_group, &copy_entry_id).await? {
@@ -89,17 +81,14 @@ pub async fn run(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let processed_rows: i64 = sqlx::query_scalar("SELECT count(*) FROM processed_messages WHERE event_id = $1")
-        .bind(&event_id)
-        .fetch_one(pool)
-        .await?;
+    let processed_rows = inspect::processed_rows(pool, &event_id).await?;
     Ok(ReplayReport {
         original_entry_id: entry_id,
         copy_entry_id,
         event_id,
         processed_rows,
         checkpoint_before,
-        checkpoint_after: checkpoint().await?,
+        checkpoint_after: inspect::checkpoint(pool, &aggregate_id).await?,
     })
 }
 

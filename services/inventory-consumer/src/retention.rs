@@ -6,11 +6,13 @@
 
 use std::time::Duration;
 
-use service_kit::prune::{delete_in_batches, pass_interval};
+use service_kit::prune::pass_interval;
 use service_kit::Shutdown;
 use sqlx::PgPool;
 
 use crate::metrics::Metrics;
+use crate::store;
+use crate::store::prune::ParkedSample;
 
 /// Statements per table per round: a larger backlog takes several rounds.
 const STATEMENTS: u32 = 100;
@@ -27,36 +29,12 @@ pub struct Pruned {
 
 /// One round: dedupe rows, then closed orders. Rows another replica is removing are skipped.
 pub async fn prune(pool: &PgPool, retention: Duration, shutdown: &Shutdown) -> Result<Pruned, sqlx::Error> {
-    let processed = delete_in_batches(
-        pool,
-        "DELETE FROM processed_messages WHERE event_id IN ( \
-           SELECT event_id FROM processed_messages \
-           WHERE processed_at < now() - $1 * interval '1 millisecond' \
-           ORDER BY processed_at LIMIT $2 FOR UPDATE SKIP LOCKED)",
-        retention,
-        STATEMENTS,
-        shutdown,
-    )
-    .await?;
-    let closed_orders = delete_in_batches(
-        pool,
-        "WITH gone AS ( \
-           DELETE FROM aggregate_checkpoints WHERE aggregate_id IN ( \
-             SELECT aggregate_id FROM aggregate_checkpoints \
-             WHERE closed AND last_occurred_at < now() - $1 * interval '1 millisecond' \
-             LIMIT $2 FOR UPDATE SKIP LOCKED) \
-           RETURNING aggregate_id), \
-         reservations AS (DELETE FROM order_reservations WHERE order_id IN (SELECT aggregate_id FROM gone)) \
-         SELECT 1 FROM gone",
-        retention,
-        STATEMENTS,
-        shutdown,
-    )
-    .await?;
+    let processed = store::prune::processed(pool, retention, STATEMENTS, shutdown).await?;
+    let closed_orders = store::prune::closed_orders(pool, retention, STATEMENTS, shutdown).await?;
     // An entry still failing fails again within the claim interval; one that has not for a
     // whole retention was settled without its count being cleared (it left the stream, or
     // another replica applied it), and a count pruned too early only allows more tries.
-    let entry_failures = crate::entry_failures::prune(pool, retention, STATEMENTS, shutdown).await?;
+    let entry_failures = store::entry_failures::prune(pool, retention, STATEMENTS, shutdown).await?;
     Ok(Pruned { processed, closed_orders, entry_failures })
 }
 
@@ -96,34 +74,17 @@ pub async fn prune_loop(pool: PgPool, settings: RetentionSettings, metrics: Metr
             }
             Err(e) => tracing::debug!(error = %e, "pruning dedupe state failed; trying again next round"),
         }
-        match crate::dead_letters::purge(&pool, settings.dead_letters, STATEMENTS, &shutdown).await {
+        match store::dead_letters::purge(&pool, settings.dead_letters, STATEMENTS, &shutdown).await {
             Ok(n) => {
                 metrics.pruned_dead_letters.inc_by(n);
             }
             Err(e) => tracing::debug!(error = %e, "removing old dead letters failed; trying again next round"),
         }
-        match oldest_parked(&pool).await {
+        match store::prune::parked(&pool).await {
             Ok(parked) => watch_parked(&metrics, parked, settings.parked_warn_after),
             Err(e) => tracing::debug!(error = %e, "sampling parked events failed"),
         }
     }
-}
-
-/// How many events are parked, and the oldest: its order, seq and age in seconds.
-pub struct ParkedSample {
-    pub count: i64,
-    pub oldest: Option<(String, i64, f64)>,
-}
-
-pub async fn oldest_parked(pool: &PgPool) -> Result<ParkedSample, sqlx::Error> {
-    let (count,): (i64,) = sqlx::query_as("SELECT count(*) FROM parked_events").fetch_one(pool).await?;
-    let oldest: Option<(String, i64, f64)> = sqlx::query_as(
-        "SELECT aggregate_id, seq, EXTRACT(EPOCH FROM now() - parked_at)::float8 FROM parked_events \
-         ORDER BY parked_at LIMIT 1",
-    )
-    .fetch_optional(pool)
-    .await?;
-    Ok(ParkedSample { count, oldest })
 }
 
 fn watch_parked(metrics: &Metrics, parked: ParkedSample, warn_after: Duration) {

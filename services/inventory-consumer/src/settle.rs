@@ -19,7 +19,7 @@ use sqlx::PgConnection;
 use crate::apply::{apply_batch, BatchResult, Outcome};
 use crate::consumer::Consumer;
 use crate::entries::{DeadLetter, Incoming};
-use crate::{entry_failures, rows};
+use crate::store::{batch, entry_failures};
 
 /// Conflicts (serialization, deadlock) or statement timeouts of one batch retried whole.
 const CONFLICT_RETRIES: u32 = 3;
@@ -167,7 +167,7 @@ impl Consumer {
         if u32::try_from(failures).unwrap_or(0) < max {
             return Ok(None);
         }
-        if self.on_connection(async |c| rows::already_applied(c, event).await).await? {
+        if self.on_connection(async |c| batch::already_applied(c, event).await).await? {
             return Ok(Some(Counted::Duplicate));
         }
         let letter = DeadLetter {

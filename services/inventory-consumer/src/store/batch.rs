@@ -1,4 +1,4 @@
-//! Reading and writing the rows a batch touches, set-based (`unnest` arrays) so a batch costs
+//! The rows a batch touches, read and written set-based (`unnest` arrays) so a batch costs
 //! the same three statements whatever its size: lock checkpoints; read and lock stock; write.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};

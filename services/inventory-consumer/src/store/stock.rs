@@ -1,0 +1,88 @@
+//! The stock API's statements on `inventory` (events change it through [`super::batch`]).
+
+use sqlx::PgPool;
+
+/// A stock row as the API shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::FromRow)]
+pub struct StockRow {
+    pub on_hand: i64,
+    pub reserved: i64,
+    /// Bumped by every change, events' included: the row's `ETag`.
+    pub version: i64,
+}
+
+/// Which rows a [`set`] may write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SetWhen {
+    /// Creates the sku or updates it.
+    Always,
+    /// Creates it only if it does not exist.
+    Absent,
+    /// Updates it only if it exists, and (if given) is at one of these versions.
+    Exists { versions: Option<Vec<i64>> },
+}
+
+/// What [`set`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SetOutcome {
+    Written(StockRow),
+    /// The row was not as [`SetWhen`] required.
+    Refused,
+    /// The quantity is below what is reserved.
+    BelowReserved,
+}
+
+pub async fn find(pool: &PgPool, sku: &str) -> Result<Option<StockRow>, sqlx::Error> {
+    sqlx::query_as("SELECT on_hand, reserved, version FROM inventory WHERE sku = $1")
+        .bind(sku)
+        .fetch_optional(pool)
+        .await
+}
+
+/// Sets the on-hand quantity of `sku`, keeping its reservations.
+pub async fn set(pool: &PgPool, sku: &str, on_hand: i64, when: &SetWhen) -> Result<SetOutcome, sqlx::Error> {
+    let written = match when {
+        SetWhen::Always => {
+            sqlx::query_as(
+                "INSERT INTO inventory (sku, on_hand) VALUES ($1, $2) \
+                 ON CONFLICT (sku) DO UPDATE SET on_hand = excluded.on_hand, updated_at = now(), \
+                                                 version = inventory.version + 1 \
+                 RETURNING on_hand, reserved, version",
+            )
+            .bind(sku)
+            .bind(on_hand)
+            .fetch_optional(pool)
+            .await
+        }
+        SetWhen::Absent => {
+            sqlx::query_as(
+                "INSERT INTO inventory (sku, on_hand) VALUES ($1, $2) ON CONFLICT (sku) DO NOTHING \
+                 RETURNING on_hand, reserved, version",
+            )
+            .bind(sku)
+            .bind(on_hand)
+            .fetch_optional(pool)
+            .await
+        }
+        SetWhen::Exists { versions } => {
+            sqlx::query_as(
+                "UPDATE inventory SET on_hand = $2, updated_at = now(), version = version + 1 \
+                 WHERE sku = $1 AND ($3::bigint[] IS NULL OR version = ANY($3)) \
+                 RETURNING on_hand, reserved, version",
+            )
+            .bind(sku)
+            .bind(on_hand)
+            .bind(versions)
+            .fetch_optional(pool)
+            .await
+        }
+    };
+    match written {
+        Ok(Some(row)) => Ok(SetOutcome::Written(row)),
+        Ok(None) => Ok(SetOutcome::Refused),
+        Err(sqlx::Error::Database(e)) if e.constraint() == Some("inventory_reserved_within_on_hand") => {
+            Ok(SetOutcome::BelowReserved)
+        }
+        Err(e) => Err(e),
+    }
+}
