@@ -5,6 +5,7 @@ use sqlx::postgres::types::PgRecordEncoder;
 use sqlx::postgres::{PgArgumentBuffer, PgArguments, PgRow, PgTypeInfo};
 use sqlx::query::Query;
 use sqlx::{PgConnection, PgExecutor, Postgres, Row};
+use tracing::Instrument;
 use ulid::Ulid;
 
 /// An event to append; `payload` is JSON.
@@ -21,11 +22,23 @@ pub struct NewEvent<'a> {
 }
 
 impl<'a> NewEvent<'a> {
-    /// The event with a new id and the current span's trace context, ready to be bound as the
-    /// `event` argument of `outbox_append(event, seq)`.
+    /// The event with a new id, ready to be bound as the `event` argument of
+    /// `outbox_append(event, seq)`. Its span (`outbox append`, a child of the current one) opens
+    /// here, and its trace context is the one stored with the event, so the relay's publish
+    /// span hangs under it; [`write`] runs the statement in it.
     pub fn stamp(self) -> Stamped<'a> {
-        let (traceparent, tracestate) = telemetry::propagation::current_context_headers();
-        Stamped { event_id: Ulid::new(), event: self, traceparent, tracestate }
+        let span = tracing::info_span!(
+            "outbox append",
+            aggregate_id = self.aggregate_id,
+            event_type = self.event_type,
+            event_id = tracing::field::Empty,
+            seq = tracing::field::Empty,
+            db.system = "postgresql",
+            db.operation.name = "INSERT",
+            db.collection.name = "outbox",
+        );
+        let (traceparent, tracestate) = span.in_scope(telemetry::propagation::current_context_headers);
+        Stamped { event_id: Ulid::new(), event: self, traceparent, tracestate, span }
     }
 }
 
@@ -37,6 +50,7 @@ pub struct Stamped<'a> {
     event: NewEvent<'a>,
     traceparent: Option<String>,
     tracestate: Option<String>,
+    span: tracing::Span,
 }
 
 /// What an append assigned.
@@ -75,30 +89,16 @@ pub async fn append(conn: &mut PgConnection, event: NewEvent<'_>) -> Result<Appe
 ///
 /// A caller numbering its aggregate's events passes `seq` from its own row, changed in the same
 /// statement under that row's lock (see `migrations/orders/0011_outbox_append.sql`).
-#[tracing::instrument(
-    name = "outbox append",
-    skip_all,
-    fields(
-        aggregate_id = event.event.aggregate_id,
-        event_type = event.event.event_type,
-        event_id = tracing::field::Empty,
-        seq = tracing::field::Empty,
-        db.system = "postgresql",
-        db.operation.name = "INSERT",
-        db.collection.name = "outbox",
-    )
-)]
 pub async fn write<'c, 'q>(
     executor: impl PgExecutor<'c>,
     event: &Stamped<'_>,
     query: Query<'q, Postgres, PgArguments>,
 ) -> Result<(Option<Appended>, PgRow), OutboxError> {
-    let row = query.fetch_one(executor).await?;
+    let row = query.fetch_one(executor).instrument(event.span.clone()).await?;
     let seq: Option<i64> = row.try_get("seq")?;
     let appended = seq.map(|seq| {
-        let span = tracing::Span::current();
-        span.record("event_id", tracing::field::display(event.event_id));
-        span.record("seq", seq);
+        event.span.record("event_id", tracing::field::display(event.event_id));
+        event.span.record("seq", seq);
         Appended { event_id: event.event_id, seq }
     });
     Ok((appended, row))

@@ -1,10 +1,12 @@
-//! The trace context of the span around `append` is stored in the outbox row.
+//! The trace context of the `outbox append` span, a child of the span around `append`, is
+//! stored in the outbox row.
 //! (Its own test binary: it installs a global subscriber.)
 
 use chrono::Utc;
-use opentelemetry::trace::TracerProvider as _;
+use opentelemetry::trace::{TraceContextExt as _, TracerProvider as _};
 use outbox::{append, NewEvent, MIGRATOR};
 use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 use tracing_subscriber::layer::SubscriberExt;
 
 #[tokio::test]
@@ -19,6 +21,7 @@ async fn the_current_trace_context_is_stored_with_the_event() {
     let incoming = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
     let span = tracing::info_span!("request");
     telemetry::propagation::set_remote_parent(&span, Some(incoming), Some("vendor=1"));
+    let request_span_id = span.context().span().span_context().span_id().to_string();
     let pool = db.pool.clone();
     async move {
         let mut tx = pool.begin().await.expect("begin");
@@ -43,6 +46,7 @@ async fn the_current_trace_context_is_stored_with_the_event() {
     assert_eq!(parts.len(), 4, "{tp}");
     assert_eq!(parts[1], "4bf92f3577b34da6a3ce929d0e0e4736", "same trace as the request");
     assert_ne!(parts[2], "00f067aa0ba902b7", "the stored parent is our span, not the caller's");
+    assert_ne!(parts[2], request_span_id, "the stored parent is the append's own span, not its caller's");
     assert_eq!(parts[3], "01", "sampled flag kept");
     assert_eq!(ts.as_deref(), Some("vendor=1"));
 }
