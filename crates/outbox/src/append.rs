@@ -72,7 +72,8 @@ pub enum OutboxError {
 /// The aggregate's counter row is bumped first; its row lock is held until the caller commits,
 /// so a second writer to the same aggregate waits, then reads the committed value: seqs are
 /// 1, 2, 3 … without gaps in commit order, and the outbox `id` (taken after the lock) grows
-/// with `seq`.
+/// with `seq`. Not for an aggregate whose owner numbers its events ([`write`]): the counter
+/// knows nothing of those.
 pub async fn append(conn: &mut PgConnection, event: NewEvent<'_>) -> Result<Appended, OutboxError> {
     let event = event.stamp();
     let query = sqlx::query("SELECT outbox_append($1, NULL) AS seq").bind(&event);
