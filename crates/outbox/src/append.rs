@@ -60,6 +60,13 @@ pub struct Appended {
     pub seq: i64,
 }
 
+/// What [`write`] ran: the statement's first row, and the event's id and seq if it was written.
+#[derive(Debug)]
+pub struct Written {
+    pub appended: Option<Appended>,
+    pub row: PgRow,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum OutboxError {
     #[error("outbox write failed")]
@@ -77,16 +84,16 @@ pub enum OutboxError {
 pub async fn append(conn: &mut PgConnection, event: NewEvent<'_>) -> Result<Appended, OutboxError> {
     let event = event.stamp();
     let query = sqlx::query("SELECT outbox_append($1, NULL) AS seq").bind(&event);
-    let (appended, _) = write(conn, &event, query).await?;
+    let written = write(conn, &event, query).await?;
     // `outbox_append` returns the new row's seq, so an event was written.
-    appended.ok_or(OutboxError::Database(sqlx::Error::RowNotFound))
+    written.appended.ok_or(OutboxError::Database(sqlx::Error::RowNotFound))
 }
 
 /// Runs `query`: a whole statement of the caller's that changes its own rows and writes
 /// `event` (bound among its parameters) with `outbox_append(event, seq)`, so the change and the
 /// event commit together, in one round trip without an explicit transaction. Its first row has
 /// a `seq` column, the function's result, null where the statement wrote no event (a change
-/// that did not happen); that row is returned with the event's id and seq if it was written.
+/// that did not happen).
 ///
 /// A caller numbering its aggregate's events passes `seq` from its own row, changed in the same
 /// statement under that row's lock (see `migrations/orders/0011_outbox_append.sql`).
@@ -94,7 +101,7 @@ pub async fn write<'c, 'q>(
     executor: impl PgExecutor<'c>,
     event: &Stamped<'_>,
     query: Query<'q, Postgres, PgArguments>,
-) -> Result<(Option<Appended>, PgRow), OutboxError> {
+) -> Result<Written, OutboxError> {
     let row = query.fetch_one(executor).instrument(event.span.clone()).await?;
     let seq: Option<i64> = row.try_get("seq")?;
     let appended = seq.map(|seq| {
@@ -102,7 +109,7 @@ pub async fn write<'c, 'q>(
         event.span.record("seq", seq);
         Appended { event_id: event.event_id, seq }
     });
-    Ok((appended, row))
+    Ok(Written { appended, row })
 }
 
 impl sqlx::Type<Postgres> for Stamped<'_> {

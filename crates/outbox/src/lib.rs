@@ -19,7 +19,7 @@ pub mod published;
 pub mod row;
 pub mod stats;
 
-pub use append::{append, write, Appended, NewEvent, OutboxError, Stamped};
+pub use append::{append, write, Appended, NewEvent, OutboxError, Stamped, Written};
 pub use notify::{Notifier, Wake, CHANNEL, FALLBACK_DELAY};
 
 /// Migrations of the orders database (orders, idempotency keys, outbox).

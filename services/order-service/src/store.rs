@@ -113,9 +113,9 @@ pub async fn insert_order<'c>(
         .bind(order.created_at)
         .bind(order.updated_at)
         .bind(&event);
-    let (appended, _) = outbox::write(executor, &event, query).await?;
+    let written = outbox::write(executor, &event, query).await?;
     // The statement returns the event's seq: a created order always has its event.
-    appended.ok_or(StoreError::Database(sqlx::Error::RowNotFound))
+    written.appended.ok_or(StoreError::Database(sqlx::Error::RowNotFound))
 }
 
 #[tracing::instrument(skip_all, fields(%order_id, db.system = "postgresql"))]
@@ -185,8 +185,8 @@ pub async fn transition_order(
     let event = order_event(&payload, &aggregate_id, &json, at, notify);
     let query = sqlx::query(TRANSITION_ORDER).bind(&aggregate_id).bind(at).bind(from).bind(next).bind(&event);
     let found = outbox::write(conn, &event, query).await;
-    let (appended, row) = match found {
-        Ok(found) => found,
+    let outbox::Written { appended, row } = match found {
+        Ok(written) => written,
         Err(outbox::OutboxError::Database(sqlx::Error::RowNotFound)) => return Ok(None),
         Err(e) => return Err(e.into()),
     };
