@@ -13,18 +13,6 @@ use sqlx::{Connection, Executor, FromRow, PgConnection, Row};
 
 use crate::row::OutboxRow;
 
-/// A row is "free" when it is pending and due.
-///
-/// A row never attempted is always due. Its `next_attempt_at` defaults to its writer's
-/// transaction start, which can be later than this claim's `now()` even though the row
-/// committed before the claim's snapshot; judging such a row "not due" would let its
-/// aggregate's next row, written by a transaction that started earlier, go out ahead of it.
-macro_rules! free {
-    ($t:literal) => {
-        concat!($t, ".status = 'pending' AND (", $t, ".attempts = 0 OR ", $t, ".next_attempt_at <= now())")
-    };
-}
-
 /// The claim, in one statement:
 ///
 /// - `locked`: free rows in id order, skipping rows another claim holds, and rows with an
@@ -48,34 +36,7 @@ macro_rules! free {
 /// `outbox_held_back_idx` (migration 0007). The earlier-row count of `accepted` probes the
 /// `(aggregate_id, seq)` index once per locked row (an order rarely has more than a few rows in
 /// the outbox).
-pub const CLAIM_SQL: &str = concat!(
-    "WITH locked AS ( \
-       SELECT o.id, o.aggregate_id, o.seq FROM outbox o WHERE ",
-    free!("o"),
-    "  AND NOT EXISTS (SELECT 1 FROM outbox e WHERE e.aggregate_id = o.aggregate_id AND e.seq < o.seq \
-                       AND (e.status <> 'pending' OR e.attempts > 0) AND NOT (",
-    free!("e"),
-    ")) \
-       ORDER BY o.id LIMIT $1 FOR UPDATE SKIP LOCKED), \
-     accepted AS ( \
-       SELECT id FROM (SELECT l.id, \
-                              (SELECT count(*) FROM outbox e \
-                               WHERE e.aggregate_id = l.aggregate_id AND e.seq < l.seq) AS earlier, \
-                              row_number() OVER (PARTITION BY l.aggregate_id ORDER BY l.seq) - 1 AS locked_before \
-                       FROM locked l) c \
-       WHERE earlier = locked_before), \
-     moved AS ( \
-       DELETE FROM outbox WHERE id IN (SELECT id FROM accepted) \
-       RETURNING id, event_id, aggregate_type, aggregate_id, seq, event_type, payload, occurred_at, \
-                 traceparent, tracestate, attempts, created_at), \
-     published AS ( \
-       INSERT INTO outbox_published (id, event_id, aggregate_type, aggregate_id, seq, event_type, payload, \
-                                     occurred_at, traceparent, tracestate, attempts, created_at) \
-       SELECT * FROM moved) \
-     SELECT n.locked, m.id, m.event_id, m.aggregate_type, m.aggregate_id, m.seq, m.event_type, \
-            m.payload::text AS payload, m.occurred_at, m.traceparent, m.tracestate, m.attempts, m.created_at \
-     FROM (SELECT count(*) AS locked FROM locked) n LEFT JOIN moved m ON true"
-);
+pub const CLAIM_SQL: &str = include_str!("sql/claim.sql");
 
 /// Starts a claim's transaction, in the same round trip as `BEGIN`: the claim must walk the
 /// primary key whatever the statistics say ([`CLAIM_SQL`]). A planner that believes the outbox
