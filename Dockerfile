@@ -6,8 +6,9 @@
 #   docker build --target inventory-consumer -t outbox/inventory-consumer .
 # The default (last) stage holds all three binaries.
 #
-# No database is needed at build time: queries are checked at run time and migrations are
-# embedded from migrations/ by `sqlx::migrate!`.
+# No database is needed at build time: statements are checked against the descriptions in
+# .sqlx/ (SQLX_OFFLINE; see scripts/sqlx-prepare), and migrations are embedded from
+# migrations/ by `sqlx::migrate!`.
 
 # The builder and the runtime must share a Debian release, or the binaries may need a newer
 # glibc than the runtime has.
@@ -19,7 +20,8 @@ RUN cargo install cargo-chef --locked --version 0.1.77
 WORKDIR /app
 # Debug info is for local profiling; images ship without it (symbols stay for backtraces).
 ENV CARGO_PROFILE_RELEASE_DEBUG=0 \
-    CARGO_TERM_COLOR=never
+    CARGO_TERM_COLOR=never \
+    SQLX_OFFLINE=true
 
 # The recipe only lists manifests and the lock file, so it (and the dependency layer below)
 # changes only when dependencies do. Copying the whole context keeps new workspace members

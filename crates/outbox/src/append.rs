@@ -2,9 +2,10 @@ use chrono::{DateTime, Utc};
 use sqlx::encode::IsNull;
 use sqlx::error::BoxDynError;
 use sqlx::postgres::types::PgRecordEncoder;
-use sqlx::postgres::{PgArgumentBuffer, PgArguments, PgRow, PgTypeInfo};
-use sqlx::query::Query;
-use sqlx::{PgConnection, PgExecutor, Postgres, Row};
+use std::future::Future;
+
+use sqlx::postgres::{PgArgumentBuffer, PgTypeInfo};
+use sqlx::{PgConnection, Postgres};
 use tracing::Instrument;
 use ulid::Ulid;
 
@@ -25,7 +26,7 @@ impl<'a> NewEvent<'a> {
     /// The event with a new id, ready to be bound as the `event` argument of
     /// `outbox_append(event, seq)`. Its span (`outbox append`, a child of the current one) opens
     /// here, and its trace context is the one stored with the event, so the relay's publish
-    /// span hangs under it; [`write`] runs the statement in it.
+    /// span hangs under it; [`Stamped::run`] runs the statement in it.
     pub fn stamp(self) -> Stamped<'a> {
         let span = tracing::info_span!(
             "outbox append",
@@ -60,13 +61,6 @@ pub struct Appended {
     pub seq: i64,
 }
 
-/// What [`write`] ran: the statement's first row, and the event's id and seq if it was written.
-#[derive(Debug)]
-pub struct Written {
-    pub appended: Option<Appended>,
-    pub row: PgRow,
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum OutboxError {
     #[error("outbox write failed")]
@@ -79,37 +73,35 @@ pub enum OutboxError {
 /// The aggregate's counter row is bumped first; its row lock is held until the caller commits,
 /// so a second writer to the same aggregate waits, then reads the committed value: seqs are
 /// 1, 2, 3 … without gaps in commit order, and the outbox `id` (taken after the lock) grows
-/// with `seq`. Not for an aggregate whose owner numbers its events ([`write`]): the counter
-/// knows nothing of those.
+/// with `seq`. Not for an aggregate whose owner numbers its events ([`Stamped::run`]): the
+/// counter knows nothing of those.
 pub async fn append(conn: &mut PgConnection, event: NewEvent<'_>) -> Result<Appended, OutboxError> {
     let event = event.stamp();
-    let query = sqlx::query("SELECT outbox_append($1, NULL) AS seq").bind(&event);
-    let written = write(conn, &event, query).await?;
+    let seq = event.run(sqlx::query_scalar!("SELECT outbox_append($1, NULL)", &event as _).fetch_one(conn)).await?;
     // `outbox_append` returns the new row's seq, so an event was written.
-    written.appended.ok_or(OutboxError::Database(sqlx::Error::RowNotFound))
+    event.appended(seq).ok_or(OutboxError::Database(sqlx::Error::RowNotFound))
 }
 
-/// Runs `query`: a whole statement of the caller's that changes its own rows and writes
-/// `event` (bound among its parameters) with `outbox_append(event, seq)`, so the change and the
-/// event commit together, in one round trip without an explicit transaction. Its first row has
-/// a `seq` column, the function's result, null where the statement wrote no event (a change
-/// that did not happen).
-///
-/// A caller numbering its aggregate's events passes `seq` from its own row, changed in the same
-/// statement under that row's lock (see `migrations/orders/0011_outbox_append.sql`).
-pub async fn write<'c, 'q>(
-    executor: impl PgExecutor<'c>,
-    event: &Stamped<'_>,
-    query: Query<'q, Postgres, PgArguments>,
-) -> Result<Written, OutboxError> {
-    let row = query.fetch_one(executor).instrument(event.span.clone()).await?;
-    let seq: Option<i64> = row.try_get("seq")?;
-    let appended = seq.map(|seq| {
-        event.span.record("event_id", tracing::field::display(event.event_id));
-        event.span.record("seq", seq);
-        Appended { event_id: event.event_id, seq }
-    });
-    Ok(Written { appended, row })
+impl Stamped<'_> {
+    /// Runs `statement` in the append's span: a whole statement of the caller's that changes
+    /// its own rows and writes this event (bound among its parameters) with
+    /// `outbox_append(event, seq)`, so the change and the event commit together, in one round
+    /// trip without an explicit transaction.
+    ///
+    /// A caller numbering its aggregate's events passes `seq` from its own row, changed in the
+    /// same statement under that row's lock (see `migrations/orders/0011_outbox_append.sql`).
+    pub async fn run<T>(&self, statement: impl Future<Output = Result<T, sqlx::Error>>) -> Result<T, OutboxError> {
+        Ok(statement.instrument(self.span.clone()).await?)
+    }
+
+    /// The event as written, given what the statement's `outbox_append` returned: the event's
+    /// seq, or null where the statement wrote no event (a change that did not happen).
+    pub fn appended(&self, seq: Option<i64>) -> Option<Appended> {
+        let seq = seq?;
+        self.span.record("event_id", tracing::field::display(self.event_id));
+        self.span.record("seq", seq);
+        Some(Appended { event_id: self.event_id, seq })
+    }
 }
 
 impl sqlx::Type<Postgres> for Stamped<'_> {

@@ -12,8 +12,9 @@ pub struct DeadEvent {
 }
 
 pub async fn list_dead(pool: &PgPool) -> Result<Vec<DeadEvent>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT event_id, aggregate_id, seq, attempts, last_error FROM outbox WHERE status = 'dead' ORDER BY id",
+    sqlx::query_as!(
+        DeadEvent,
+        "SELECT event_id, aggregate_id, seq, attempts, last_error FROM outbox WHERE status = 'dead' ORDER BY id"
     )
     .fetch_all(pool)
     .await
@@ -33,14 +34,14 @@ pub async fn retry_dead(pool: &PgPool, which: Retry<'_>) -> Result<u64, sqlx::Er
         Retry::One(id) => Some(id),
         Retry::All => None,
     };
-    let done = sqlx::query(
-        "UPDATE outbox SET status = 'pending', attempts = 0, next_attempt_at = now() \
+    let done = sqlx::query!(
+        "UPDATE outbox SET status = 'pending', attempts = 0, next_attempt_at = now()
          WHERE status = 'dead' AND ($1::text IS NULL OR event_id = $1)",
+        event_id,
     )
-    .bind(event_id)
     .execute(pool)
     .await?;
-    sqlx::query("SELECT pg_notify($1, '')").bind(crate::CHANNEL).execute(pool).await?;
+    sqlx::query!(r#"SELECT pg_notify($1, '') AS "notified: ()""#, crate::CHANNEL).execute(pool).await?;
     Ok(done.rows_affected())
 }
 
@@ -63,16 +64,17 @@ const PURGE_BATCH: i64 = 1_000;
 pub async fn purge_dead(pool: &PgPool, older_than: std::time::Duration) -> Result<Vec<PurgedEvent>, sqlx::Error> {
     let mut purged = Vec::new();
     loop {
-        let rows: Vec<PurgedEvent> = sqlx::query_as(
-            "WITH doomed AS ( \
-               SELECT aggregate_id, min(seq) AS seq FROM outbox \
-               WHERE status = 'dead' AND created_at < now() - $1 * interval '1 millisecond' \
-               GROUP BY aggregate_id ORDER BY aggregate_id LIMIT $2) \
-             DELETE FROM outbox o USING doomed d WHERE o.aggregate_id = d.aggregate_id AND o.seq >= d.seq \
+        let rows = sqlx::query_as!(
+            PurgedEvent,
+            "WITH doomed AS (
+               SELECT aggregate_id, min(seq) AS seq FROM outbox
+               WHERE status = 'dead' AND created_at < now() - $1 * interval '1 millisecond'
+               GROUP BY aggregate_id ORDER BY aggregate_id LIMIT $2)
+             DELETE FROM outbox o USING doomed d WHERE o.aggregate_id = d.aggregate_id AND o.seq >= d.seq
              RETURNING o.event_id, o.aggregate_id, o.seq, o.status",
+            older_than.as_secs_f64() * 1000.0,
+            PURGE_BATCH,
         )
-        .bind(older_than.as_secs_f64() * 1000.0)
-        .bind(PURGE_BATCH)
         .fetch_all(pool)
         .await?;
         let orders = rows

@@ -43,22 +43,23 @@ pub async fn record_failures(
     let seen: Vec<i32> = failures.iter().map(|f| f.attempts).collect();
     let delays_ms: Vec<f64> = failures.iter().map(|f| f.retry_in.as_secs_f64() * 1000.0).collect();
     let errors: Vec<&str> = failures.iter().map(|f| f.error.as_str()).collect();
-    sqlx::query_as(
-        "WITH f AS (SELECT * FROM unnest($1::bigint[], $2::int[], $3::float8[], $4::text[]) \
-                    AS f(id, seen, delay_ms, error)), \
-         mine AS (SELECT o.id, f.delay_ms, f.error FROM outbox o JOIN f ON f.id = o.id \
-                  WHERE o.status = 'pending' AND o.attempts = f.seen FOR UPDATE OF o SKIP LOCKED) \
-         UPDATE outbox o SET attempts = o.attempts + 1, last_error = mine.error, \
-             next_attempt_at = now() + mine.delay_ms * interval '1 millisecond', \
-             status = CASE WHEN o.attempts + 1 >= $5 THEN 'dead' ELSE 'pending' END \
-         FROM mine WHERE o.id = mine.id \
+    sqlx::query_as!(
+        FailureOutcome,
+        "WITH f AS (SELECT * FROM unnest($1::bigint[], $2::int[], $3::float8[], $4::text[])
+                    AS f(id, seen, delay_ms, error)),
+         mine AS (SELECT o.id, f.delay_ms, f.error FROM outbox o JOIN f ON f.id = o.id
+                  WHERE o.status = 'pending' AND o.attempts = f.seen FOR UPDATE OF o SKIP LOCKED)
+         UPDATE outbox o SET attempts = o.attempts + 1, last_error = mine.error,
+             next_attempt_at = now() + mine.delay_ms * interval '1 millisecond',
+             status = CASE WHEN o.attempts + 1 >= $5::bigint THEN 'dead' ELSE 'pending' END
+         FROM mine WHERE o.id = mine.id
          RETURNING o.id, o.attempts, o.status",
+        &ids,
+        &seen,
+        &delays_ms,
+        &errors as _,
+        i64::from(max_attempts),
     )
-    .bind(&ids)
-    .bind(&seen)
-    .bind(&delays_ms)
-    .bind(&errors)
-    .bind(i64::from(max_attempts))
     .fetch_all(pool)
     .await
 }
@@ -81,16 +82,16 @@ pub async fn mark_dead(pool: &PgPool, rows: &[Poison]) -> Result<u64, sqlx::Erro
     let ids: Vec<i64> = rows.iter().map(|p| p.id).collect();
     let seen: Vec<i32> = rows.iter().map(|p| p.attempts).collect();
     let reasons: Vec<&str> = rows.iter().map(|p| p.reason.as_str()).collect();
-    let done = sqlx::query(
-        "WITH d AS (SELECT * FROM unnest($1::bigint[], $2::int[], $3::text[]) AS d(id, seen, reason)), \
-         mine AS (SELECT o.id, d.reason FROM outbox o JOIN d ON d.id = o.id \
-                  WHERE o.status = 'pending' AND o.attempts = d.seen FOR UPDATE OF o SKIP LOCKED) \
-         UPDATE outbox o SET status = 'dead', attempts = o.attempts + 1, last_error = mine.reason \
+    let done = sqlx::query!(
+        "WITH d AS (SELECT * FROM unnest($1::bigint[], $2::int[], $3::text[]) AS d(id, seen, reason)),
+         mine AS (SELECT o.id, d.reason FROM outbox o JOIN d ON d.id = o.id
+                  WHERE o.status = 'pending' AND o.attempts = d.seen FOR UPDATE OF o SKIP LOCKED)
+         UPDATE outbox o SET status = 'dead', attempts = o.attempts + 1, last_error = mine.reason
          FROM mine WHERE o.id = mine.id",
+        &ids,
+        &seen,
+        &reasons as _,
     )
-    .bind(&ids)
-    .bind(&seen)
-    .bind(&reasons)
     .execute(pool)
     .await?;
     Ok(done.rows_affected())

@@ -3,7 +3,7 @@
 //! other tables' owners write events.
 //!
 //! Writing: an owner's statement changes its rows and calls `outbox_append`, so the change and
-//! its event commit or roll back together; [`write`] runs such a statement, [`append`] appends
+//! its event commit or roll back together; [`Stamped::run`] runs such a statement, [`append`] appends
 //! alone; [`Notifier`] decides which writes carry the relays' wake-up (a `NOTIFY` at their
 //! commit). Relaying: [`claim`] takes due rows and moves them to `outbox_published` in a
 //! transaction that commits once they are published; [`failures`] records what went wrong with
@@ -19,7 +19,7 @@ pub mod published;
 pub mod row;
 pub mod stats;
 
-pub use append::{append, write, Appended, NewEvent, OutboxError, Stamped, Written};
+pub use append::{append, Appended, NewEvent, OutboxError, Stamped};
 pub use notify::{Notifier, Wake, CHANNEL, FALLBACK_DELAY};
 
 /// Migrations of the orders database (orders, idempotency keys, outbox).

@@ -32,12 +32,6 @@ const MAX_CARRIERS: usize = 1;
 /// for them: about the time a carrier in flight takes to commit and the next to start.
 pub const FALLBACK_DELAY: Duration = Duration::from_millis(2);
 
-/// The background task's notification, as its own transaction. A `NOTIFY` gives its
-/// transaction an id, so its commit would wait for a WAL flush like any write; nothing needs
-/// this one to be durable (the events it announces were committed durably, and relays poll),
-/// so it commits without waiting.
-const NOTIFY_SQL: &str = "SELECT set_config('synchronous_commit', 'off', true), pg_notify($1, '')";
-
 /// Decides which writes carry the relays' notification, and notifies for the others.
 #[derive(Clone, Debug)]
 pub struct Notifier {
@@ -185,7 +179,16 @@ async fn notify(pool: &PgPool, conn: &mut Option<PgConnection>) -> bool {
             Some(c) => c,
             None => conn.insert(PgConnection::connect_with(&pool.connect_options()).await?),
         };
-        sqlx::query(NOTIFY_SQL).bind(CHANNEL).execute(c).await.map(|_| ())
+        // A transaction of its own. A `NOTIFY` gives its transaction an id, so its commit would
+        // wait for a WAL flush like any write; nothing needs this one to be durable (the events
+        // it announces were committed durably, and relays poll), so it commits without waiting.
+        sqlx::query!(
+            r#"SELECT set_config('synchronous_commit', 'off', true), pg_notify($1, '') AS "notified: ()""#,
+            CHANNEL,
+        )
+        .fetch_one(c)
+        .await
+        .map(drop)
     })
     .await;
     matches!(sent, Ok(Ok(())))

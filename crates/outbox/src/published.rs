@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::row::{OutboxRow, EVENT_COLUMNS};
+use crate::row::OutboxRow;
 
 /// Session advisory lock held by the relay that trims ("outbox" + 1).
 const RETENTION_LOCK: i64 = 0x6f75_7462_6f79;
@@ -38,22 +38,23 @@ pub async fn trim_published(
     shutdown: &CancellationToken,
 ) -> Result<TrimReport, sqlx::Error> {
     let mut conn = pool.acquire().await?;
-    let locked: bool =
-        sqlx::query_scalar("SELECT pg_try_advisory_lock($1)").bind(RETENTION_LOCK).fetch_one(&mut *conn).await?;
+    let locked = sqlx::query_scalar!(r#"SELECT pg_try_advisory_lock($1) AS "locked!""#, RETENTION_LOCK)
+        .fetch_one(&mut *conn)
+        .await?;
     if !locked {
         return Ok(TrimReport { skipped: true, ..TrimReport::default() });
     }
     let retention_ms = retention.as_millis() as f64;
     let mut report = TrimReport::default();
     let result = loop {
-        let deleted = sqlx::query(
-            "DELETE FROM outbox_published WHERE id IN ( \
-               SELECT id FROM (SELECT id, published_at FROM outbox_published ORDER BY id LIMIT $3) oldest \
+        let deleted = sqlx::query!(
+            "DELETE FROM outbox_published WHERE id IN (
+               SELECT id FROM (SELECT id, published_at FROM outbox_published ORDER BY id LIMIT $3) oldest
                WHERE published_at < now() - $1 * interval '1 millisecond' LIMIT $2)",
+            retention_ms,
+            i64::from(batch),
+            i64::from(batch) * WINDOW,
         )
-        .bind(retention_ms)
-        .bind(i64::from(batch))
-        .bind(i64::from(batch) * WINDOW)
         .execute(&mut *conn)
         .await;
         match deleted {
@@ -71,7 +72,7 @@ pub async fn trim_published(
             () = tokio::time::sleep(pause) => {}
         }
     };
-    let unlocked = sqlx::query("SELECT pg_advisory_unlock($1)").bind(RETENTION_LOCK).execute(&mut *conn).await;
+    let unlocked = sqlx::query_scalar!("SELECT pg_advisory_unlock($1)", RETENTION_LOCK).fetch_one(&mut *conn).await;
     if unlocked.is_err() {
         // The lock is session scoped: never hand a connection that may still hold it back to the pool.
         conn.detach();
@@ -88,9 +89,18 @@ pub async fn page(
     after: i64,
     limit: u32,
 ) -> Result<Vec<OutboxRow>, sqlx::Error> {
-    let sql = format!(
-        "SELECT {EVENT_COLUMNS} FROM outbox_published WHERE published_at >= $1 AND id > $2 \
-         AND ($3::text IS NULL OR aggregate_id = $3) ORDER BY id LIMIT $4"
-    );
-    sqlx::query_as(&sql).bind(since).bind(after).bind(aggregate_id).bind(i64::from(limit)).fetch_all(pool).await
+    sqlx::query_as!(
+        OutboxRow,
+        r#"SELECT id, event_id, aggregate_type, aggregate_id, seq, event_type, payload::text AS "payload!",
+                  occurred_at, traceparent, tracestate, attempts, created_at
+           FROM outbox_published
+           WHERE published_at >= $1 AND id > $2 AND ($3::text IS NULL OR aggregate_id = $3)
+           ORDER BY id LIMIT $4"#,
+        since,
+        after,
+        aggregate_id,
+        i64::from(limit),
+    )
+    .fetch_all(pool)
+    .await
 }

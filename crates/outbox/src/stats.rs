@@ -15,22 +15,23 @@ pub struct Sample {
 }
 
 pub async fn sample(pool: &PgPool) -> Result<Sample, sqlx::Error> {
-    let (pending, dead, oldest): (i64, i64, Option<f64>) = sqlx::query_as(
-        "SELECT count(*) FILTER (WHERE status = 'pending'), count(*) FILTER (WHERE status = 'dead'), \
-                EXTRACT(EPOCH FROM now() - min(created_at) FILTER (WHERE status = 'pending'))::float8 \
-         FROM outbox",
+    let row = sqlx::query!(
+        r#"SELECT count(*) FILTER (WHERE status = 'pending') AS "pending!",
+                  count(*) FILTER (WHERE status = 'dead') AS "dead!",
+                  EXTRACT(EPOCH FROM now() - min(created_at) FILTER (WHERE status = 'pending'))::float8 AS oldest
+           FROM outbox"#
     )
     .fetch_one(pool)
     .await?;
-    Ok(Sample { pending, dead, oldest_pending_age_seconds: oldest.unwrap_or(0.0).max(0.0) })
+    Ok(Sample { pending: row.pending, dead: row.dead, oldest_pending_age_seconds: row.oldest.unwrap_or(0.0).max(0.0) })
 }
 
 /// How long until the earliest backing-off row is due, if any is. Only attempted rows back off;
 /// they are in the small `outbox_held_back_idx`.
 pub async fn next_due_in(pool: &PgPool) -> Result<Option<Duration>, sqlx::Error> {
-    let secs: Option<f64> = sqlx::query_scalar(
-        "SELECT EXTRACT(EPOCH FROM min(next_attempt_at) - now())::float8 FROM outbox \
-         WHERE status = 'pending' AND attempts > 0 AND next_attempt_at > now()",
+    let secs = sqlx::query_scalar!(
+        "SELECT EXTRACT(EPOCH FROM min(next_attempt_at) - now())::float8 FROM outbox
+         WHERE status = 'pending' AND attempts > 0 AND next_attempt_at > now()"
     )
     .fetch_one(pool)
     .await?;

@@ -68,18 +68,18 @@ pub async fn claim(
     body: &serde_json::Value,
     ttl: Duration,
 ) -> Result<bool, StoreError> {
-    let claimed = sqlx::query(
-        "INSERT INTO idempotency_keys (key, request_hash, order_id, response_body) VALUES ($1, $2, $3, $4) \
-         ON CONFLICT ON CONSTRAINT idempotency_keys_pkey DO UPDATE \
-           SET request_hash = EXCLUDED.request_hash, order_id = EXCLUDED.order_id, \
-               response_body = EXCLUDED.response_body, created_at = EXCLUDED.created_at \
+    let claimed = sqlx::query!(
+        "INSERT INTO idempotency_keys (key, request_hash, order_id, response_body) VALUES ($1, $2, $3, $4)
+         ON CONFLICT ON CONSTRAINT idempotency_keys_pkey DO UPDATE
+           SET request_hash = EXCLUDED.request_hash, order_id = EXCLUDED.order_id,
+               response_body = EXCLUDED.response_body, created_at = EXCLUDED.created_at
            WHERE idempotency_keys.created_at < now() - $5 * interval '1 millisecond'",
+        key.as_str(),
+        request_hash,
+        order_id,
+        body,
+        millis(ttl),
     )
-    .bind(key.as_str())
-    .bind(request_hash)
-    .bind(order_id)
-    .bind(body)
-    .bind(millis(ttl))
     .execute(conn)
     .await?
     .rows_affected();
@@ -89,12 +89,14 @@ pub async fn claim(
 /// The committed response stored under `key`.
 #[tracing::instrument(skip_all, fields(db.system = "postgresql"))]
 pub async fn stored(conn: &mut PgConnection, key: &IdempotencyKey) -> Result<Option<Stored>, StoreError> {
-    let row: Option<(String, String, serde_json::Value)> =
-        sqlx::query_as("SELECT request_hash, order_id, response_body FROM idempotency_keys WHERE key = $1")
-            .bind(key.as_str())
-            .fetch_optional(conn)
-            .await?;
-    Ok(row.map(|(request_hash, order_id, body)| Stored { request_hash, order_id, body }))
+    let stored = sqlx::query_as!(
+        Stored,
+        r#"SELECT request_hash, order_id, response_body AS body FROM idempotency_keys WHERE key = $1"#,
+        key.as_str(),
+    )
+    .fetch_optional(conn)
+    .await?;
+    Ok(stored)
 }
 
 /// Statements per round: a larger backlog takes several rounds.

@@ -3,7 +3,7 @@
 use chrono::{DateTime, Utc};
 use domain::{EventPayload, LineItem, Order, OrderCancelled, OrderConfirmed, OrderId, OrderStatus, Transition};
 use sqlx::types::Json;
-use sqlx::{FromRow, PgConnection, PgExecutor};
+use sqlx::{PgConnection, PgExecutor};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -37,7 +37,6 @@ impl StoreError {
     }
 }
 
-#[derive(sqlx::FromRow)]
 struct OrderRow {
     id: String,
     customer_id: String,
@@ -63,14 +62,6 @@ impl TryFrom<OrderRow> for Order {
         })
     }
 }
-
-/// The order row and its first event, `outbox_append`ed with the order's `version` (1) as seq.
-const INSERT_ORDER: &str = "\
-    WITH created AS ( \
-      INSERT INTO orders (id, customer_id, status, items, total_cents, created_at, updated_at) \
-      VALUES ($1, $2, $3, $4, $5, $6, $7) \
-      RETURNING version) \
-    SELECT outbox_append($8, created.version) AS seq FROM created";
 
 /// The outbox event of `payload`, for the order `aggregate_id`, its JSON being `json`.
 fn order_event<'a>(
@@ -104,48 +95,39 @@ pub async fn insert_order<'c>(
     let aggregate_id = order.id.to_string();
     let json = payload.to_json();
     let event = order_event(&payload, &aggregate_id, &json, order.created_at, notify);
-    let query = sqlx::query(INSERT_ORDER)
-        .bind(&aggregate_id)
-        .bind(order.customer_id.as_str())
-        .bind(order.status.as_str())
-        .bind(Json(&order.items))
-        .bind(order.total_cents)
-        .bind(order.created_at)
-        .bind(order.updated_at)
-        .bind(&event);
-    let written = outbox::write(executor, &event, query).await?;
+    // The order row and its first event, `outbox_append`ed with the order's `version` (1) as seq.
+    let insert = sqlx::query_scalar!(
+        "WITH created AS (
+           INSERT INTO orders (id, customer_id, status, items, total_cents, created_at, updated_at)
+           VALUES ($1, $2, $3, $4, $5, $6, $7)
+           RETURNING version)
+         SELECT outbox_append($8, created.version) AS seq FROM created",
+        &aggregate_id,
+        order.customer_id.as_str(),
+        order.status.as_str(),
+        Json(&order.items) as _,
+        order.total_cents,
+        order.created_at,
+        order.updated_at,
+        &event as _,
+    );
+    let seq = event.run(insert.fetch_one(executor)).await?;
     // The statement returns the event's seq: a created order always has its event.
-    written.appended.ok_or(StoreError::Database(sqlx::Error::RowNotFound))
+    event.appended(seq).ok_or(StoreError::Database(sqlx::Error::RowNotFound))
 }
 
 #[tracing::instrument(skip_all, fields(%order_id, db.system = "postgresql"))]
 pub async fn find_order(conn: &mut PgConnection, order_id: OrderId) -> Result<Option<Order>, StoreError> {
-    let row: Option<OrderRow> = sqlx::query_as(
-        "SELECT id, customer_id, status, items, total_cents, created_at, updated_at FROM orders WHERE id = $1",
+    let row = sqlx::query_as!(
+        OrderRow,
+        r#"SELECT id, customer_id, status, items AS "items: Json<Vec<LineItem>>", total_cents, created_at, updated_at
+           FROM orders WHERE id = $1"#,
+        order_id.to_string(),
     )
-    .bind(order_id.to_string())
     .fetch_optional(conn)
     .await?;
     row.map(Order::try_from).transpose()
 }
-
-/// The transition of [`transition_order`]: lock the order (`cur`, as last committed),
-/// and move it to the status its current one leads to (`$3` from-statuses, `$4` their next
-/// statuses) and its next version, unless its `updated_at` is later than the new one (`$2`, the
-/// event time; a clock behind the last writer's). If it moved, its event is written with the
-/// new version as seq. Returns the order as locked, and the seq if the event was written.
-const TRANSITION_ORDER: &str = "\
-    WITH cur AS ( \
-      SELECT id, customer_id, status, items, total_cents, created_at, updated_at \
-      FROM orders WHERE id = $1 FOR UPDATE), \
-    moved AS ( \
-      UPDATE orders o SET status = m.next, updated_at = $2, version = o.version + 1 \
-      FROM cur JOIN unnest($3::text[], $4::text[]) AS m(from_status, next) ON m.from_status = cur.status \
-      WHERE o.id = cur.id AND cur.updated_at <= $2 \
-      RETURNING o.version) \
-    SELECT id, customer_id, status, items, total_cents, created_at, updated_at, \
-      (SELECT outbox_append($5, moved.version) FROM moved) AS seq \
-    FROM cur";
 
 /// What [`transition_order`] found and did.
 pub struct Transitioned {
@@ -183,13 +165,42 @@ pub async fn transition_order(
     let aggregate_id = order_id.to_string();
     let json = payload.to_json();
     let event = order_event(&payload, &aggregate_id, &json, at, notify);
-    let query = sqlx::query(TRANSITION_ORDER).bind(&aggregate_id).bind(at).bind(from).bind(next).bind(&event);
-    let found = outbox::write(conn, &event, query).await;
-    let outbox::Written { appended, row } = match found {
-        Ok(written) => written,
-        Err(outbox::OutboxError::Database(sqlx::Error::RowNotFound)) => return Ok(None),
-        Err(e) => return Err(e.into()),
+    // Lock the order (`cur`, as last committed), and move it to the status its current one
+    // leads to (`$3` from-statuses, `$4` their next statuses) and its next version, unless its
+    // `updated_at` is later than the new one (`$2`, the event time; a clock behind the last
+    // writer's). If it moved, its event is written with the new version as seq. Returns the
+    // order as locked, and the seq if the event was written.
+    let transition = sqlx::query!(
+        r#"WITH cur AS (
+             SELECT id, customer_id, status, items, total_cents, created_at, updated_at
+             FROM orders WHERE id = $1 FOR UPDATE),
+           moved AS (
+             UPDATE orders o SET status = m.next, updated_at = $2, version = o.version + 1
+             FROM cur JOIN unnest($3::text[], $4::text[]) AS m(from_status, next) ON m.from_status = cur.status
+             WHERE o.id = cur.id AND cur.updated_at <= $2
+             RETURNING o.version)
+           SELECT id AS "id!", customer_id AS "customer_id!", status AS "status!",
+                  items AS "items!: Json<Vec<LineItem>>", total_cents AS "total_cents!",
+                  created_at AS "created_at!", updated_at AS "updated_at!",
+                  (SELECT outbox_append($5, moved.version) FROM moved) AS seq
+           FROM cur"#,
+        &aggregate_id,
+        at,
+        &from as _,
+        &next as _,
+        &event as _,
+    );
+    let Some(row) = event.run(transition.fetch_optional(conn)).await? else {
+        return Ok(None);
     };
-    let before = Order::try_from(OrderRow::from_row(&row)?)?;
-    Ok(Some(Transitioned { before, appended }))
+    let before = Order::try_from(OrderRow {
+        id: row.id,
+        customer_id: row.customer_id,
+        status: row.status,
+        items: row.items,
+        total_cents: row.total_cents,
+        created_at: row.created_at,
+        updated_at: row.updated_at,
+    })?;
+    Ok(Some(Transitioned { before, appended: event.appended(row.seq) }))
 }
