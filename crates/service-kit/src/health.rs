@@ -38,7 +38,7 @@ impl Readiness {
     pub fn postgres(self, pool: sqlx::PgPool) -> Self {
         self.check("postgres", move || {
             let pool = pool.clone();
-            async move { sqlx::query("SELECT 1").execute(&pool).await.map(|_| ()).map_err(|e| e.to_string()) }
+            async move { sqlx::query!("SELECT 1 AS one").fetch_one(&pool).await.map(drop).map_err(|e| e.to_string()) }
         })
     }
 

@@ -11,7 +11,7 @@
 
 use std::time::Duration;
 
-use sqlx::{Executor, PgPool, Row};
+use sqlx::{Executor, PgPool};
 
 use crate::Shutdown;
 
@@ -65,18 +65,18 @@ impl Counters {
 /// table name. The statistics collector's counters lag writes by up to about a second.
 pub async fn upkeep_once(pool: &PgPool, tables: &[&str]) -> Result<Vec<(String, Action)>, sqlx::Error> {
     let names: Vec<String> = tables.iter().map(|t| (*t).to_owned()).collect();
-    let rows = sqlx::query(
-        "SELECT relname::text, n_live_tup, n_dead_tup, n_mod_since_analyze FROM pg_stat_user_tables \
-         WHERE relid = ANY($1::text[]::regclass[])",
+    let rows = sqlx::query!(
+        r#"SELECT relname::text AS "table!", n_live_tup AS "live!", n_dead_tup AS "dead!",
+                  n_mod_since_analyze AS "changed_since_analyze!"
+           FROM pg_stat_user_tables WHERE relid = ANY($1::text[]::regclass[])"#,
+        &names,
     )
-    .bind(&names)
     .fetch_all(pool)
     .await?;
     let mut done = Vec::new();
     for row in rows {
-        let table: String = row.try_get(0)?;
-        let counters =
-            Counters { live: row.try_get(1)?, dead: row.try_get(2)?, changed_since_analyze: row.try_get(3)? };
+        let table = row.table;
+        let counters = Counters { live: row.live, dead: row.dead, changed_since_analyze: row.changed_since_analyze };
         let Some(action) = counters.due() else { continue };
         let action = run_locked(pool, &table, action).await?;
         tracing::debug!(table, ?action, ?counters, "table upkeep");
@@ -88,11 +88,10 @@ pub async fn upkeep_once(pool: &PgPool, tables: &[&str]) -> Result<Vec<(String, 
 /// Runs `action` on `table` under its advisory lock, on one connection.
 async fn run_locked(pool: &PgPool, table: &str, action: Action) -> Result<Action, sqlx::Error> {
     let mut conn = pool.acquire().await?;
-    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, hashtext($2))")
-        .bind(LOCK_NAMESPACE)
-        .bind(table)
-        .fetch_one(&mut *conn)
-        .await?;
+    let locked =
+        sqlx::query_scalar!(r#"SELECT pg_try_advisory_lock($1, hashtext($2)) AS "locked!""#, LOCK_NAMESPACE, table)
+            .fetch_one(&mut *conn)
+            .await?;
     if !locked {
         return Ok(Action::Skipped);
     }
@@ -112,10 +111,8 @@ async fn run_locked(pool: &PgPool, table: &str, action: Action) -> Result<Action
         Err(e) => Err(e),
     };
     let reset = conn.execute("RESET statement_timeout").await;
-    let unlocked = sqlx::query("SELECT pg_advisory_unlock($1, hashtext($2))")
-        .bind(LOCK_NAMESPACE)
-        .bind(table)
-        .execute(&mut *conn)
+    let unlocked = sqlx::query_scalar!("SELECT pg_advisory_unlock($1, hashtext($2))", LOCK_NAMESPACE, table)
+        .fetch_one(&mut *conn)
         .await;
     if unlocked.is_err() || reset.is_err() {
         // The lock and the setting are session scoped: never hand back a connection that may

@@ -55,10 +55,10 @@ pub enum Check {
 /// The marker recorded for `stream`, and the point below which every group had acknowledged
 /// everything (ms), if any was recorded.
 async fn recorded(pool: &PgPool, stream: &str) -> Result<Option<(String, Option<i64>)>, sqlx::Error> {
-    sqlx::query_as("SELECT epoch, acked_below_ms FROM stream_positions WHERE stream = $1")
-        .bind(stream)
+    let row = sqlx::query!("SELECT epoch, acked_below_ms FROM stream_positions WHERE stream = $1", stream)
         .fetch_optional(pool)
-        .await
+        .await?;
+    Ok(row.map(|r| (r.epoch, r.acked_below_ms)))
 }
 
 /// Looks at the marker, setting it (and recording what to republish) if it is gone.
@@ -77,11 +77,13 @@ pub async fn check(
             // Set before this database knew of it (a database restored or replaced): record it.
             let current: Option<String> = redis::cmd("GET").arg(marker_key(stream)).query_async(conn).await?;
             if let Some(current) = current {
-                sqlx::query("INSERT INTO stream_positions (stream, epoch) VALUES ($1, $2) ON CONFLICT DO NOTHING")
-                    .bind(stream)
-                    .bind(current)
-                    .execute(pool)
-                    .await?;
+                sqlx::query!(
+                    "INSERT INTO stream_positions (stream, epoch) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                    stream,
+                    current,
+                )
+                .execute(pool)
+                .await?;
             }
         }
         return Ok(Check::Intact);
@@ -89,15 +91,15 @@ pub async fn check(
     let since = recorded.as_ref().map(|(_, acked_below_ms)| owed_from(*acked_below_ms, retention, margin));
     // The marker and what is owed are recorded together; a second loss before the first is
     // republished owes from the earlier point.
-    let recorded_now = sqlx::query(
-        "INSERT INTO stream_positions (stream, epoch, recover_since) VALUES ($1, $2, $3) \
-         ON CONFLICT (stream) DO UPDATE SET epoch = EXCLUDED.epoch, updated_at = now(), \
-           recover_since = LEAST(COALESCE(stream_positions.recover_since, EXCLUDED.recover_since), \
+    let recorded_now = sqlx::query!(
+        "INSERT INTO stream_positions (stream, epoch, recover_since) VALUES ($1, $2, $3)
+         ON CONFLICT (stream) DO UPDATE SET epoch = EXCLUDED.epoch, updated_at = now(),
+           recover_since = LEAST(COALESCE(stream_positions.recover_since, EXCLUDED.recover_since),
                                  EXCLUDED.recover_since)",
+        stream,
+        &token,
+        since,
     )
-    .bind(stream)
-    .bind(&token)
-    .bind(since)
     .execute(pool)
     .await;
     if let Err(e) = recorded_now {
@@ -195,13 +197,13 @@ pub async fn check_tails(
         }
     }
     let Some(since) = since else { return Ok(TailCheck::Held) };
-    let owed = sqlx::query(
-        "UPDATE stream_positions SET recover_since = LEAST(COALESCE(recover_since, $3), $3), updated_at = now() \
+    let owed = sqlx::query!(
+        "UPDATE stream_positions SET recover_since = LEAST(COALESCE(recover_since, $3), $3), updated_at = now()
          WHERE stream = $1 AND epoch = $2",
+        stream,
+        &epoch,
+        since,
     )
-    .bind(stream)
-    .bind(&epoch)
-    .bind(since)
     .execute(pool)
     .await?
     .rows_affected();
@@ -211,13 +213,13 @@ pub async fn check_tails(
 /// The republishing owed for `stream`, if any and no other relay holds it: held by this relay
 /// for [`LEASE`] (renew it while republishing).
 pub async fn claim_owed(pool: &PgPool, stream: &str) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
-    sqlx::query_scalar(
-        "UPDATE stream_positions SET recovering_until = now() + $2 * interval '1 millisecond' \
-         WHERE stream = $1 AND recover_since IS NOT NULL AND (recovering_until IS NULL OR recovering_until < now()) \
+    sqlx::query_scalar!(
+        "UPDATE stream_positions SET recovering_until = now() + $2 * interval '1 millisecond'
+         WHERE stream = $1 AND recover_since IS NOT NULL AND (recovering_until IS NULL OR recovering_until < now())
          RETURNING recover_since",
+        stream,
+        service_kit::prune::millis(LEASE),
     )
-    .bind(stream)
-    .bind(service_kit::prune::millis(LEASE))
     .fetch_optional(pool)
     .await
     .map(Option::flatten)
@@ -225,11 +227,11 @@ pub async fn claim_owed(pool: &PgPool, stream: &str) -> Result<Option<DateTime<U
 
 /// Keeps holding the owed republishing.
 async fn renew(pool: &PgPool, stream: &str) -> Result<(), sqlx::Error> {
-    sqlx::query(
+    sqlx::query!(
         "UPDATE stream_positions SET recovering_until = now() + $2 * interval '1 millisecond' WHERE stream = $1",
+        stream,
+        service_kit::prune::millis(LEASE),
     )
-    .bind(stream)
-    .bind(service_kit::prune::millis(LEASE))
     .execute(pool)
     .await
     .map(|_| ())
@@ -238,12 +240,12 @@ async fn renew(pool: &PgPool, stream: &str) -> Result<(), sqlx::Error> {
 /// The republishing owed from `since` is done (unless a later loss owes from an earlier point
 /// meanwhile, which stays owed).
 async fn owed_done(pool: &PgPool, stream: &str, since: DateTime<Utc>) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "UPDATE stream_positions SET recover_since = NULL, recovering_until = NULL \
+    sqlx::query!(
+        "UPDATE stream_positions SET recover_since = NULL, recovering_until = NULL
          WHERE stream = $1 AND recover_since = $2",
+        stream,
+        since,
     )
-    .bind(stream)
-    .bind(since)
     .execute(pool)
     .await
     .map(|_| ())
@@ -251,8 +253,7 @@ async fn owed_done(pool: &PgPool, stream: &str, since: DateTime<Utc>) -> Result<
 
 /// Lets the owed republishing go, for the next relay to look (this one included) to take over.
 async fn let_owed_go(pool: &PgPool, stream: &str) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE stream_positions SET recovering_until = NULL WHERE stream = $1")
-        .bind(stream)
+    sqlx::query!("UPDATE stream_positions SET recovering_until = NULL WHERE stream = $1", stream)
         .execute(pool)
         .await
         .map(|_| ())
@@ -271,13 +272,13 @@ pub async fn record_acked_below(
     epoch: &str,
     acked_below_ms: i64,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "UPDATE stream_positions SET acked_below_ms = GREATEST(acked_below_ms, $2), updated_at = now() \
+    sqlx::query!(
+        "UPDATE stream_positions SET acked_below_ms = GREATEST(acked_below_ms, $2), updated_at = now()
          WHERE stream = $1 AND epoch = $3",
+        stream,
+        acked_below_ms,
+        epoch,
     )
-    .bind(stream)
-    .bind(acked_below_ms)
-    .bind(epoch)
     .execute(pool)
     .await
     .map(|_| ())

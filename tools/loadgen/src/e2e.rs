@@ -41,14 +41,15 @@ pub async fn measure(
 
     let mut written: HashMap<String, DateTime<Utc>> = HashMap::with_capacity(order_ids.len() * 2);
     for chunk in order_ids.chunks(CHUNK) {
-        let rows: Vec<(String, DateTime<Utc>)> = sqlx::query_as(
-            "SELECT event_id, created_at FROM outbox_published WHERE aggregate_id = ANY($1) \
-             UNION ALL SELECT event_id, created_at FROM outbox WHERE aggregate_id = ANY($1)",
+        let rows = sqlx::query!(
+            r#"SELECT event_id AS "event_id!", created_at AS "created_at!" FROM outbox_published
+               WHERE aggregate_id = ANY($1)
+               UNION ALL SELECT event_id, created_at FROM outbox WHERE aggregate_id = ANY($1)"#,
+            chunk,
         )
-        .bind(chunk)
         .fetch_all(&mut orders)
         .await?;
-        written.extend(rows);
+        written.extend(rows.into_iter().map(|r| (r.event_id, r.created_at)));
     }
     let event_ids: Vec<String> = written.keys().cloned().collect();
 
@@ -67,15 +68,14 @@ pub async fn measure(
     let mut histogram = new_histogram();
     let mut applied = 0;
     for chunk in event_ids.chunks(CHUNK) {
-        let rows: Vec<(String, DateTime<Utc>)> =
-            sqlx::query_as("SELECT event_id, processed_at FROM processed_messages WHERE event_id = ANY($1)")
-                .bind(chunk)
+        let rows =
+            sqlx::query!("SELECT event_id, processed_at FROM processed_messages WHERE event_id = ANY($1)", chunk)
                 .fetch_all(&mut inventory)
                 .await?;
-        for (event_id, processed_at) in rows {
-            if let Some(created_at) = written.get(&event_id) {
+        for row in rows {
+            if let Some(created_at) = written.get(&row.event_id) {
                 applied += 1;
-                histogram.saturating_record(latency_micros(*created_at, processed_at));
+                histogram.saturating_record(latency_micros(*created_at, row.processed_at));
             }
         }
     }
@@ -87,11 +87,12 @@ pub async fn measure(
 async fn count_applied(inventory: &mut PgConnection, event_ids: &[String]) -> Result<i64, sqlx::Error> {
     let mut total = 0;
     for chunk in event_ids.chunks(CHUNK) {
-        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM processed_messages WHERE event_id = ANY($1)")
-            .bind(chunk)
-            .fetch_one(&mut *inventory)
-            .await?;
-        total += n;
+        total += sqlx::query_scalar!(
+            r#"SELECT count(*) AS "count!" FROM processed_messages WHERE event_id = ANY($1)"#,
+            chunk,
+        )
+        .fetch_one(&mut *inventory)
+        .await?;
     }
     Ok(total)
 }

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use domain::{Event, EventPayload};
-use sqlx::{PgConnection, Postgres, QueryBuilder, Row};
+use sqlx::{PgConnection, Postgres, QueryBuilder};
 
 use crate::entries::{fields_from_json, fields_json, DeadLetter, Incoming, Parked};
 use crate::rules::{Reservation, ReservationStatus, ReservedItem, Stock};
@@ -17,19 +17,18 @@ use crate::rules::{Reservation, ReservationStatus, ReservedItem, Stock};
 /// snapshot, by another replica applying the same new order. Rows are locked in the array's
 /// order, so replicas lock in one order and wait for each other rather than deadlock.
 pub(crate) async fn lock_checkpoints(tx: &mut PgConnection, aggregates: &[String]) -> Result<Locked, sqlx::Error> {
-    let rows = sqlx::query(
-        "INSERT INTO aggregate_checkpoints (aggregate_id, last_seq) SELECT id, 0 FROM unnest($1::text[]) AS id \
-         ON CONFLICT (aggregate_id) DO UPDATE SET last_seq = aggregate_checkpoints.last_seq \
-         RETURNING aggregate_id, last_seq, clock_timestamp()",
+    let rows = sqlx::query!(
+        r#"INSERT INTO aggregate_checkpoints (aggregate_id, last_seq) SELECT id, 0 FROM unnest($1::text[]) AS id
+           ON CONFLICT (aggregate_id) DO UPDATE SET last_seq = aggregate_checkpoints.last_seq
+           RETURNING aggregate_id, last_seq, clock_timestamp() AS "now!""#,
+        aggregates,
     )
-    .bind(aggregates)
     .fetch_all(&mut *tx)
     .await?;
     let mut locked = Locked { last_seq: HashMap::with_capacity(rows.len()), now: None };
     for row in rows {
-        locked.last_seq.insert(row.try_get(0)?, row.try_get(1)?);
-        let at: DateTime<Utc> = row.try_get(2)?;
-        locked.now = locked.now.max(Some(at));
+        locked.last_seq.insert(row.aggregate_id, row.last_seq);
+        locked.now = locked.now.max(Some(row.now));
     }
     Ok(locked)
 }
@@ -66,61 +65,66 @@ pub(crate) async fn load_and_lock_stock(
     let event_ids: Vec<String> = events.iter().map(|e| e.event.event_id.to_string()).collect();
     let skus: Vec<String> = created_skus(events.iter().map(|i| &i.event)).into_iter().collect();
     // One row shape for the four tables: kind, key, seq, text, jsonb, text, bigint, bigint.
-    let rows = sqlx::query(
-        "WITH loaded AS ( \
-           SELECT 0 AS kind, event_id AS key, NULL::bigint AS seq, NULL::text AS a, NULL::jsonb AS j, \
-                  NULL::text AS b \
-             FROM processed_messages WHERE event_id = ANY($1) \
-           UNION ALL SELECT 1, aggregate_id, seq, stream_entry_id, fields, NULL FROM parked_events \
-             WHERE aggregate_id = ANY($2) \
-           UNION ALL SELECT 2, order_id, NULL, status, items, reason FROM order_reservations \
-             WHERE order_id = ANY($2)), \
-         stock AS ( \
-           SELECT i.sku, i.on_hand, i.reserved FROM inventory i \
-           WHERE i.sku IN (SELECT unnest($3::text[]) \
-                           UNION SELECT item->>'sku' FROM loaded l, jsonb_array_elements(l.j) AS item \
-                           WHERE l.kind = 2) \
-           ORDER BY i.sku FOR UPDATE OF i) \
-         SELECT kind, key, seq, a, j, b, NULL::bigint AS on_hand, NULL::bigint AS reserved FROM loaded \
-         UNION ALL SELECT 3, sku, NULL, NULL, NULL, NULL, on_hand, reserved FROM stock",
+    let rows = sqlx::query!(
+        r#"WITH loaded AS (
+             SELECT 0 AS kind, event_id AS key, NULL::bigint AS seq, NULL::text AS a, NULL::jsonb AS j,
+                    NULL::text AS b
+               FROM processed_messages WHERE event_id = ANY($1)
+             UNION ALL SELECT 1, aggregate_id, seq, stream_entry_id, fields, NULL FROM parked_events
+               WHERE aggregate_id = ANY($2)
+             UNION ALL SELECT 2, order_id, NULL, status, items, reason FROM order_reservations
+               WHERE order_id = ANY($2)),
+           stock AS (
+             SELECT i.sku, i.on_hand, i.reserved FROM inventory i
+             WHERE i.sku IN (SELECT unnest($3::text[])
+                             UNION SELECT item->>'sku' FROM loaded l, jsonb_array_elements(l.j) AS item
+                             WHERE l.kind = 2)
+             ORDER BY i.sku FOR UPDATE OF i)
+           SELECT kind AS "kind!", key AS "key!", seq, a, j, b, NULL::bigint AS on_hand, NULL::bigint AS reserved
+           FROM loaded
+           UNION ALL SELECT 3, sku, NULL, NULL, NULL, NULL, on_hand, reserved FROM stock"#,
+        &event_ids,
+        aggregates,
+        &skus,
     )
-    .bind(&event_ids)
-    .bind(aggregates)
-    .bind(&skus)
     .fetch_all(&mut *tx)
     .await?;
+    // Each kind's columns are not null in its table.
+    let missing = |column: &str| sqlx::Error::ColumnNotFound(column.to_owned());
     let mut loaded =
         Loaded { seen: HashSet::new(), parked: BTreeMap::new(), reservations: HashMap::new(), stock: HashMap::new() };
     for row in rows {
-        let key: String = row.try_get(1)?;
-        match row.try_get::<i32, _>(0)? {
+        let key = row.key;
+        match row.kind {
             0 => {
                 loaded.seen.insert(key);
             }
             1 => {
-                let seq: i64 = row.try_get(2)?;
-                let fields = fields_from_json(&row.try_get::<serde_json::Value, _>(4)?);
+                let seq = row.seq.ok_or_else(|| missing("seq"))?;
+                let fields = fields_from_json(&row.j.ok_or_else(|| missing("j"))?);
                 // Parked entries decoded once already; a row that no longer does is left alone.
                 let decoded = domain::StreamEntry::from_fields(fields.iter().map(|(k, v)| (k, v)))
                     .and_then(|e| Event::try_from(&e));
                 match decoded {
                     Ok(event) => {
-                        let incoming = Incoming { stream_id: row.try_get(3)?, event, fields };
+                        let incoming = Incoming { stream_id: row.a.ok_or_else(|| missing("a"))?, event, fields };
                         loaded.parked.insert((key, seq), Parked { incoming, stored: true });
                     }
                     Err(e) => tracing::error!(aggregate_id = %key, seq, error = %e, "parked event no longer decodes"),
                 }
             }
             2 => {
-                let status: String = row.try_get(3)?;
+                let status = row.a.ok_or_else(|| missing("a"))?;
                 let status = ReservationStatus::parse(&status)
                     .ok_or_else(|| sqlx::Error::Decode(format!("unknown reservation status {status}").into()))?;
-                let items: Vec<ReservedItem> =
-                    serde_json::from_value(row.try_get(4)?).map_err(|e| sqlx::Error::Decode(e.into()))?;
-                loaded.reservations.insert(key, Reservation { status, items, reason: row.try_get(5)? });
+                let items: Vec<ReservedItem> = serde_json::from_value(row.j.ok_or_else(|| missing("j"))?)
+                    .map_err(|e| sqlx::Error::Decode(e.into()))?;
+                loaded.reservations.insert(key, Reservation { status, items, reason: row.b });
             }
             _ => {
-                loaded.stock.insert(key, Stock { on_hand: row.try_get(6)?, reserved: row.try_get(7)? });
+                let on_hand = row.on_hand.ok_or_else(|| missing("on_hand"))?;
+                let reserved = row.reserved.ok_or_else(|| missing("reserved"))?;
+                loaded.stock.insert(key, Stock { on_hand, reserved });
             }
         }
     }
@@ -151,13 +155,11 @@ fn created_skus<'a>(events: impl Iterator<Item = &'a Event>) -> BTreeSet<String>
 
 /// Locks (sorted by sku) the inventory rows `skus`.
 async fn lock_stock(tx: &mut PgConnection, skus: &[String]) -> Result<HashMap<String, Stock>, sqlx::Error> {
-    sqlx::query("SELECT sku, on_hand, reserved FROM inventory WHERE sku = ANY($1) ORDER BY sku FOR UPDATE")
-        .bind(skus)
-        .fetch_all(&mut *tx)
-        .await?
-        .into_iter()
-        .map(|r| Ok((r.try_get(0)?, Stock { on_hand: r.try_get(1)?, reserved: r.try_get(2)? })))
-        .collect()
+    let rows =
+        sqlx::query!("SELECT sku, on_hand, reserved FROM inventory WHERE sku = ANY($1) ORDER BY sku FOR UPDATE", skus)
+            .fetch_all(&mut *tx)
+            .await?;
+    Ok(rows.into_iter().map(|r| (r.sku, Stock { on_hand: r.on_hand, reserved: r.reserved })).collect())
 }
 
 /// What the applied events of one order say of it.
@@ -326,13 +328,14 @@ impl Ctes<'_> {
 /// Whether `event` was applied already: its event id is recorded, or its order's checkpoint
 /// is at or past its seq.
 pub(crate) async fn already_applied(conn: &mut PgConnection, event: &Event) -> Result<bool, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM processed_messages WHERE event_id = $1) \
-             OR EXISTS (SELECT 1 FROM aggregate_checkpoints WHERE aggregate_id = $2 AND last_seq >= $3)",
+    sqlx::query_scalar!(
+        r#"SELECT EXISTS (SELECT 1 FROM processed_messages WHERE event_id = $1)
+               OR EXISTS (SELECT 1 FROM aggregate_checkpoints WHERE aggregate_id = $2 AND last_seq >= $3)
+             AS "applied!""#,
+        event.event_id.to_string(),
+        event.aggregate_id.to_string(),
+        event.seq,
     )
-    .bind(event.event_id.to_string())
-    .bind(event.aggregate_id.to_string())
-    .bind(event.seq)
     .fetch_one(conn)
     .await
 }
@@ -341,16 +344,16 @@ pub(crate) async fn record_dead_letters(tx: &mut PgConnection, dead: &[DeadLette
     if dead.is_empty() {
         return Ok(());
     }
-    sqlx::query(
-        "INSERT INTO dead_letters (stream_entry_id, event_id, aggregate_id, reason, fields) \
-         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::jsonb[]) \
+    sqlx::query!(
+        "INSERT INTO dead_letters (stream_entry_id, event_id, aggregate_id, reason, fields)
+         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::jsonb[])
          ON CONFLICT ON CONSTRAINT dead_letters_stream_entry_unique DO NOTHING",
+        &dead.iter().map(|d| d.stream_entry_id.clone()).collect::<Vec<_>>(),
+        &dead.iter().map(|d| d.event_id.clone()).collect::<Vec<_>>() as _,
+        &dead.iter().map(|d| d.aggregate_id.clone()).collect::<Vec<_>>() as _,
+        &dead.iter().map(|d| d.reason.clone()).collect::<Vec<_>>(),
+        &dead.iter().map(|d| fields_json(&d.fields)).collect::<Vec<_>>(),
     )
-    .bind(dead.iter().map(|d| d.stream_entry_id.clone()).collect::<Vec<_>>())
-    .bind(dead.iter().map(|d| d.event_id.clone()).collect::<Vec<_>>())
-    .bind(dead.iter().map(|d| d.aggregate_id.clone()).collect::<Vec<_>>())
-    .bind(dead.iter().map(|d| d.reason.clone()).collect::<Vec<_>>())
-    .bind(dead.iter().map(|d| fields_json(&d.fields)).collect::<Vec<_>>())
     .execute(&mut *tx)
     .await
     .map(|_| ())

@@ -3,7 +3,7 @@
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use sqlx::{PgConnection, PgPool, Row};
+use sqlx::{PgConnection, PgPool};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct DeadLetterRow {
@@ -19,27 +19,14 @@ pub struct DeadLetterRow {
 
 /// Newest first; `all` includes those already re-driven.
 pub async fn list(pool: &PgPool, all: bool) -> Result<Vec<DeadLetterRow>, sqlx::Error> {
-    let rows = sqlx::query(
-        "SELECT id, stream_entry_id, event_id, aggregate_id, reason, fields, created_at, redriven_at \
+    sqlx::query_as!(
+        DeadLetterRow,
+        "SELECT id, stream_entry_id, event_id, aggregate_id, reason, fields, created_at, redriven_at
          FROM dead_letters WHERE $1 OR redriven_at IS NULL ORDER BY id DESC LIMIT 1000",
+        all,
     )
-    .bind(all)
     .fetch_all(pool)
-    .await?;
-    rows.into_iter()
-        .map(|r| {
-            Ok(DeadLetterRow {
-                id: r.try_get(0)?,
-                stream_entry_id: r.try_get(1)?,
-                event_id: r.try_get(2)?,
-                aggregate_id: r.try_get(3)?,
-                reason: r.try_get(4)?,
-                fields: r.try_get(5)?,
-                created_at: r.try_get(6)?,
-                redriven_at: r.try_get(7)?,
-            })
-        })
-        .collect()
+    .await
 }
 
 /// Locks the dead letters not yet re-driven (`id`, or all), oldest first, with their fields.
@@ -47,18 +34,18 @@ pub async fn lock_waiting(
     tx: &mut PgConnection,
     id: Option<i64>,
 ) -> Result<Vec<(i64, serde_json::Value)>, sqlx::Error> {
-    let rows = sqlx::query(
-        "SELECT id, fields FROM dead_letters WHERE redriven_at IS NULL AND ($1::bigint IS NULL OR id = $1) \
+    let rows = sqlx::query!(
+        "SELECT id, fields FROM dead_letters WHERE redriven_at IS NULL AND ($1::bigint IS NULL OR id = $1)
          ORDER BY id LIMIT 10000 FOR UPDATE",
+        id,
     )
-    .bind(id)
     .fetch_all(tx)
     .await?;
-    rows.into_iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).collect()
+    Ok(rows.into_iter().map(|r| (r.id, r.fields)).collect())
 }
 
 pub async fn mark_redriven(tx: &mut PgConnection, id: i64) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE dead_letters SET redriven_at = now() WHERE id = $1").bind(id).execute(tx).await.map(drop)
+    sqlx::query!("UPDATE dead_letters SET redriven_at = now() WHERE id = $1", id).execute(tx).await.map(drop)
 }
 
 /// Removes dead letters recorded longer than `older_than` ago, the oldest first, in batches

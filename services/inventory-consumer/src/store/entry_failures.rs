@@ -14,15 +14,15 @@ pub async fn record(
     event_id: Option<&str>,
     error: &str,
 ) -> Result<i32, sqlx::Error> {
-    sqlx::query_scalar(
-        "INSERT INTO entry_failures (stream_entry_id, event_id, failures, last_error) VALUES ($1, $2, 1, $3) \
-         ON CONFLICT (stream_entry_id) DO UPDATE \
-         SET failures = entry_failures.failures + 1, last_error = excluded.last_error, last_failed_at = now() \
+    sqlx::query_scalar!(
+        "INSERT INTO entry_failures (stream_entry_id, event_id, failures, last_error) VALUES ($1, $2, 1, $3)
+         ON CONFLICT (stream_entry_id) DO UPDATE
+         SET failures = entry_failures.failures + 1, last_error = excluded.last_error, last_failed_at = now()
          RETURNING failures",
+        stream_entry_id,
+        event_id,
+        error,
     )
-    .bind(stream_entry_id)
-    .bind(event_id)
-    .bind(error)
     .fetch_one(conn)
     .await
 }
@@ -32,8 +32,7 @@ pub async fn forget(conn: &mut PgConnection, stream_entry_ids: &[&str]) -> Resul
     if stream_entry_ids.is_empty() {
         return Ok(());
     }
-    sqlx::query("DELETE FROM entry_failures WHERE stream_entry_id = ANY($1)")
-        .bind(stream_entry_ids)
+    sqlx::query!("DELETE FROM entry_failures WHERE stream_entry_id = ANY($1)", stream_entry_ids as _)
         .execute(conn)
         .await
         .map(|_| ())

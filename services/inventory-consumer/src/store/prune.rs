@@ -61,12 +61,12 @@ pub struct ParkedSample {
 }
 
 pub async fn parked(pool: &PgPool) -> Result<ParkedSample, sqlx::Error> {
-    let (count,): (i64,) = sqlx::query_as("SELECT count(*) FROM parked_events").fetch_one(pool).await?;
-    let oldest: Option<(String, i64, f64)> = sqlx::query_as(
-        "SELECT aggregate_id, seq, EXTRACT(EPOCH FROM now() - parked_at)::float8 FROM parked_events \
-         ORDER BY parked_at LIMIT 1",
+    let count = sqlx::query_scalar!(r#"SELECT count(*) AS "count!" FROM parked_events"#).fetch_one(pool).await?;
+    let oldest = sqlx::query!(
+        r#"SELECT aggregate_id, seq, EXTRACT(EPOCH FROM now() - parked_at)::float8 AS "age!"
+           FROM parked_events ORDER BY parked_at LIMIT 1"#
     )
     .fetch_optional(pool)
     .await?;
-    Ok(ParkedSample { count, oldest })
+    Ok(ParkedSample { count, oldest: oldest.map(|o| (o.aggregate_id, o.seq, o.age)) })
 }

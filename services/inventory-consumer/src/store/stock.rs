@@ -3,7 +3,7 @@
 use sqlx::PgPool;
 
 /// A stock row as the API shows it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::FromRow)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StockRow {
     pub on_hand: i64,
     pub reserved: i64,
@@ -33,8 +33,7 @@ pub enum SetOutcome {
 }
 
 pub async fn find(pool: &PgPool, sku: &str) -> Result<Option<StockRow>, sqlx::Error> {
-    sqlx::query_as("SELECT on_hand, reserved, version FROM inventory WHERE sku = $1")
-        .bind(sku)
+    sqlx::query_as!(StockRow, "SELECT on_hand, reserved, version FROM inventory WHERE sku = $1", sku)
         .fetch_optional(pool)
         .await
 }
@@ -43,36 +42,39 @@ pub async fn find(pool: &PgPool, sku: &str) -> Result<Option<StockRow>, sqlx::Er
 pub async fn set(pool: &PgPool, sku: &str, on_hand: i64, when: &SetWhen) -> Result<SetOutcome, sqlx::Error> {
     let written = match when {
         SetWhen::Always => {
-            sqlx::query_as(
-                "INSERT INTO inventory (sku, on_hand) VALUES ($1, $2) \
-                 ON CONFLICT (sku) DO UPDATE SET on_hand = excluded.on_hand, updated_at = now(), \
-                                                 version = inventory.version + 1 \
+            sqlx::query_as!(
+                StockRow,
+                "INSERT INTO inventory (sku, on_hand) VALUES ($1, $2)
+                 ON CONFLICT (sku) DO UPDATE SET on_hand = excluded.on_hand, updated_at = now(),
+                                                 version = inventory.version + 1
                  RETURNING on_hand, reserved, version",
+                sku,
+                on_hand,
             )
-            .bind(sku)
-            .bind(on_hand)
             .fetch_optional(pool)
             .await
         }
         SetWhen::Absent => {
-            sqlx::query_as(
-                "INSERT INTO inventory (sku, on_hand) VALUES ($1, $2) ON CONFLICT (sku) DO NOTHING \
+            sqlx::query_as!(
+                StockRow,
+                "INSERT INTO inventory (sku, on_hand) VALUES ($1, $2) ON CONFLICT (sku) DO NOTHING
                  RETURNING on_hand, reserved, version",
+                sku,
+                on_hand,
             )
-            .bind(sku)
-            .bind(on_hand)
             .fetch_optional(pool)
             .await
         }
         SetWhen::Exists { versions } => {
-            sqlx::query_as(
-                "UPDATE inventory SET on_hand = $2, updated_at = now(), version = version + 1 \
-                 WHERE sku = $1 AND ($3::bigint[] IS NULL OR version = ANY($3)) \
+            sqlx::query_as!(
+                StockRow,
+                "UPDATE inventory SET on_hand = $2, updated_at = now(), version = version + 1
+                 WHERE sku = $1 AND ($3::bigint[] IS NULL OR version = ANY($3))
                  RETURNING on_hand, reserved, version",
+                sku,
+                on_hand,
+                versions.as_deref(),
             )
-            .bind(sku)
-            .bind(on_hand)
-            .bind(versions)
             .fetch_optional(pool)
             .await
         }
