@@ -1,9 +1,9 @@
+use std::future::Future;
+
 use chrono::{DateTime, Utc};
 use sqlx::encode::IsNull;
 use sqlx::error::BoxDynError;
 use sqlx::postgres::types::PgRecordEncoder;
-use std::future::Future;
-
 use sqlx::postgres::{PgArgumentBuffer, PgTypeInfo};
 use sqlx::{PgConnection, Postgres};
 use tracing::Instrument;

@@ -4,7 +4,8 @@ use chrono::{DateTime, Utc};
 use domain::StreamEntry;
 use ulid::Ulid;
 
-/// Columns every read of an event returns (outbox or outbox_published).
+/// The columns of an [`OutboxRow`], for reads built at run time (tests). The claim
+/// (`sql/claim.sql`) and [`crate::published::page`] name them in their own statements.
 pub const EVENT_COLUMNS: &str =
     "id, event_id, aggregate_type, aggregate_id, seq, event_type, payload::text AS payload, \
      occurred_at, traceparent, tracestate, attempts, created_at";

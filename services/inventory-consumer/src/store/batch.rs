@@ -90,7 +90,7 @@ pub(crate) async fn load_and_lock_stock(
     .fetch_all(&mut *tx)
     .await?;
     // Each kind's columns are not null in its table.
-    let missing = |column: &str| sqlx::Error::ColumnNotFound(column.to_owned());
+    let missing = |column: &str| sqlx::Error::Decode(format!("`{column}` is null in a loaded row").into());
     let mut loaded =
         Loaded { seen: HashSet::new(), parked: BTreeMap::new(), reservations: HashMap::new(), stock: HashMap::new() };
     for row in rows {
