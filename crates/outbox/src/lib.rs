@@ -3,9 +3,9 @@
 //! other tables' owners write events.
 //!
 //! Writing: an owner's statement changes its rows and calls `outbox_append`, so the change and
-//! its event commit or roll back together; [`Stamped::run`] runs such a statement, [`append`] appends
-//! alone; [`Notifier`] decides which writes carry the relays' wake-up (a `NOTIFY` at their
-//! commit). Relaying: [`claim`] takes due rows and moves them to `outbox_published` in a
+//! its event commit or roll back together; [`Stamped::run`] runs such a statement, [`append`]
+//! appends alone; [`Notifier`] decides which writes carry the relays' wake-up (a `NOTIFY` at
+//! their commit). Relaying: [`claim`] takes due rows and moves them to `outbox_published` in a
 //! transaction that commits once they are published; [`failures`] records what went wrong with
 //! a row; [`dead`] lists, retries and purges rows given up on; [`published`] reads published
 //! events back and trims them; [`stats`] is what the relays watch.
