@@ -10,7 +10,7 @@ use test_support::{fresh_database_on, PrivatePostgres, PrivateRedis};
 
 use super::drain::{metrics_text, sample, Backlog, RedeliverySampler};
 use super::process::{binary, Service};
-use super::FaultError;
+use super::{plan, FaultError};
 
 #[derive(Debug, Clone)]
 pub struct ClusterSpec {
@@ -254,11 +254,13 @@ impl Cluster {
     /// has locked rows, and leaves it frozen. Returns the pid of the frozen transaction's
     /// server backend.
     ///
-    /// Caught, not hoped for: this test's own transaction locks every stock row, waits until
-    /// the consumer's batch transaction is waiting for one of them (it has its checkpoints
+    /// Caught, not hoped for: this test's own transaction locks the hot SKUs' stock rows, waits
+    /// until the consumer's batch transaction is waiting for one of them (it has its checkpoints
     /// locked by then), freezes the consumer and lets the locks go. The server finishes the
     /// consumer's statement, which takes the stock rows' locks, and the frozen client never
-    /// ends its transaction.
+    /// ends its transaction. It then holds a hot SKU's row, which most orders need, so the
+    /// others run into it at once; a batch holding only rows no later event needs would be
+    /// in nobody's way.
     pub async fn freeze_consumer_mid_transaction(&self, index: usize) -> Result<i32, FaultError> {
         let name = self.consumer_name(index);
         let pg = |e: sqlx::Error| FaultError::Postgres(e.to_string());
@@ -266,9 +268,14 @@ impl Cluster {
         let waiting = "SELECT pid FROM pg_stat_activity WHERE application_name = $1 AND wait_event_type = 'Lock' \
                        AND $2 = ANY(pg_blocking_pids(pid))";
         let holding = "SELECT state FROM pg_stat_activity WHERE pid = $1";
+        let hot: Vec<String> = (0..plan::HOT_SKUS).map(plan::hot_sku).collect();
         for attempt in 0..100 {
             let mut blocker = self.inventory_db.begin().await.map_err(pg)?;
-            sqlx::query("SELECT 1 FROM inventory ORDER BY sku FOR UPDATE").execute(&mut *blocker).await.map_err(pg)?;
+            sqlx::query("SELECT 1 FROM inventory WHERE sku = ANY($1) ORDER BY sku FOR UPDATE")
+                .bind(&hot)
+                .execute(&mut *blocker)
+                .await
+                .map_err(pg)?;
             let blocker_pid: i32 =
                 sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut *blocker).await.map_err(pg)?;
             let mut caught = None;
