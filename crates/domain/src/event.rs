@@ -4,7 +4,7 @@ use ulid::Ulid;
 
 use crate::order::{LineItem, Order};
 use crate::stream::{DecodeError, StreamEntry};
-use crate::types::{CustomerId, OrderId};
+use crate::types::{CustomerId, OrderId, TenantId};
 use crate::AGGREGATE_TYPE;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -111,6 +111,7 @@ pub struct Event {
     pub payload: EventPayload,
     pub traceparent: Option<String>,
     pub tracestate: Option<String>,
+    pub tenant_id: TenantId,
 }
 
 impl Event {
@@ -129,6 +130,7 @@ impl Event {
             payload: self.payload.to_json(),
             traceparent: self.traceparent.clone(),
             tracestate: self.tracestate.clone(),
+            tenant_id: self.tenant_id.clone(),
         }
     }
 }
@@ -159,6 +161,7 @@ impl TryFrom<&StreamEntry> for Event {
             payload,
             traceparent: entry.traceparent.clone(),
             tracestate: entry.tracestate.clone(),
+            tenant_id: entry.tenant_id.clone(),
         })
     }
 }

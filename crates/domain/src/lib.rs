@@ -12,7 +12,7 @@ mod types;
 pub use event::{Event, EventPayload, EventType, OrderCancelled, OrderConfirmed, OrderCreated};
 pub use order::{LineItem, NewOrder, Order, OrderStatus, Transition, TransitionError};
 pub use stream::{fields, DecodeError, StreamEntry};
-pub use types::{Cents, CustomerId, OrderId, Quantity, Sku, ValidationError};
+pub use types::{Cents, CustomerId, OrderId, Quantity, Sku, TenantId, ValidationError};
 
 /// The `aggregate_type` of every order event.
 pub const AGGREGATE_TYPE: &str = "order";

@@ -3,6 +3,8 @@
 use chrono::{DateTime, SecondsFormat, Utc};
 use ulid::Ulid;
 
+use crate::TenantId;
+
 /// Field names of a stream entry.
 pub mod fields {
     pub const EVENT_ID: &str = "event_id";
@@ -14,6 +16,7 @@ pub mod fields {
     pub const PAYLOAD: &str = "payload";
     pub const TRACEPARENT: &str = "traceparent";
     pub const TRACESTATE: &str = "tracestate";
+    pub const TENANT_ID: &str = "tenant_id";
 }
 
 /// Why a field map is not an event, naming the field.
@@ -52,6 +55,9 @@ pub struct StreamEntry {
     pub payload: String,
     pub traceparent: Option<String>,
     pub tracestate: Option<String>,
+    /// The tenant the event belongs to; entries written before there were tenants have no
+    /// such field and belong to the tenant `default`.
+    pub tenant_id: TenantId,
 }
 
 impl StreamEntry {
@@ -70,6 +76,7 @@ impl StreamEntry {
             (fields::SEQ, self.seq.to_string()),
             (fields::OCCURRED_AT, Self::format_time(&self.occurred_at)),
             (fields::PAYLOAD, self.payload.clone()),
+            (fields::TENANT_ID, self.tenant_id.to_string()),
         ];
         if let Some(tp) = &self.traceparent {
             out.push((fields::TRACEPARENT, tp.clone()));
@@ -88,8 +95,8 @@ impl StreamEntry {
         K: AsRef<str>,
         V: AsRef<[u8]>,
     {
-        let mut raw: [Option<String>; 9] = Default::default();
-        const NAMES: [&str; 9] = [
+        let mut raw: [Option<String>; 10] = Default::default();
+        const NAMES: [&str; 10] = [
             fields::EVENT_ID,
             fields::EVENT_TYPE,
             fields::AGGREGATE_TYPE,
@@ -99,6 +106,7 @@ impl StreamEntry {
             fields::PAYLOAD,
             fields::TRACEPARENT,
             fields::TRACESTATE,
+            fields::TENANT_ID,
         ];
         for (key, value) in pairs {
             let Some(i) = NAMES.iter().position(|n| *n == key.as_ref()) else { continue };
@@ -127,6 +135,11 @@ impl StreamEntry {
         }
         let traceparent = take(7).ok().filter(|s| !s.is_empty());
         let tracestate = take(8).ok().filter(|s| !s.is_empty());
+        let tenant_id = match take(9) {
+            Ok(tenant) => TenantId::parse(tenant)
+                .map_err(|_| DecodeError::invalid(fields::TENANT_ID, "must match [a-z0-9][a-z0-9-]{0,63}"))?,
+            Err(_) => TenantId::default_tenant(),
+        };
         Ok(Self {
             event_id,
             event_type,
@@ -137,6 +150,7 @@ impl StreamEntry {
             payload,
             traceparent,
             tracestate,
+            tenant_id,
         })
     }
 }
@@ -167,6 +181,7 @@ mod tests {
             payload: EventPayload::created(&order),
             traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
             tracestate: None,
+            tenant_id: crate::TenantId::parse("t-1").unwrap(),
         }
     }
 
@@ -184,7 +199,9 @@ mod tests {
     #[test]
     fn each_missing_field_is_named() {
         let fields = created_event().to_entry().to_fields();
-        for (name, _) in fields.iter().filter(|(n, _)| !n.starts_with("trace")) {
+        // Trace context is optional; an entry without a tenant is the tenant `default`'s.
+        let optional = [fields::TRACEPARENT, fields::TRACESTATE, fields::TENANT_ID];
+        for (name, _) in fields.iter().filter(|(n, _)| !optional.contains(n)) {
             let without: Vec<_> = fields.iter().filter(|(n, _)| n != name).cloned().collect();
             assert_eq!(StreamEntry::from_fields(as_bytes(without)), Err(DecodeError::Missing(name)));
         }
@@ -200,12 +217,21 @@ mod tests {
             (fields::OCCURRED_AT, "yesterday"),
             (fields::PAYLOAD, "{"),
             (fields::AGGREGATE_ID, ""),
+            (fields::TENANT_ID, ""),
+            (fields::TENANT_ID, "T-1"),
         ];
         for (field, value) in cases {
             let mut fields = created_event().to_entry().to_fields();
             fields.iter_mut().find(|(n, _)| *n == field).unwrap().1 = value.to_owned();
             assert_eq!(StreamEntry::from_fields(as_bytes(fields)).unwrap_err().field(), field, "{field}={value}");
         }
+    }
+
+    #[test]
+    fn an_entry_without_a_tenant_is_the_default_tenants() {
+        let fields: Vec<_> =
+            created_event().to_entry().to_fields().into_iter().filter(|(n, _)| *n != fields::TENANT_ID).collect();
+        assert_eq!(StreamEntry::from_fields(as_bytes(fields)).unwrap().tenant_id.as_str(), "default");
     }
 
     #[test]
@@ -235,9 +261,9 @@ mod tests {
             0i64..4_000_000_000_000_000,
             prop::option::of("[0-9a-f-]{1,60}"),
             prop::option::of("\\PC{1,60}"),
-            prop::collection::vec(any::<i32>(), 0..5),
+            (prop::collection::vec(any::<i32>(), 0..5), "[a-z0-9][a-z0-9-]{0,63}"),
         )
-            .prop_map(|(id, et, at, aid, seq, micros, tp, ts, payload)| StreamEntry {
+            .prop_map(|(id, et, at, aid, seq, micros, tp, ts, (payload, tenant))| StreamEntry {
                 event_id: Ulid(id),
                 event_type: et,
                 aggregate_type: at,
@@ -247,6 +273,7 @@ mod tests {
                 payload: serde_json::to_string(&payload).unwrap(),
                 traceparent: tp,
                 tracestate: ts,
+                tenant_id: crate::TenantId::parse(tenant).unwrap(),
             })
     }
 
@@ -260,7 +287,7 @@ mod tests {
         fn any_field_map_decodes_or_names_a_known_field(
             pairs in prop::collection::vec(
                 (prop::sample::select(vec!["event_id", "event_type", "aggregate_type", "aggregate_id",
-                    "seq", "occurred_at", "payload", "traceparent", "other"]),
+                    "seq", "occurred_at", "payload", "traceparent", "tenant_id", "other"]),
                  prop::collection::vec(any::<u8>(), 0..30)),
                 0..12)
         ) {

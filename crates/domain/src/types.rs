@@ -101,6 +101,58 @@ impl From<CustomerId> for String {
     }
 }
 
+/// A tenant: `[a-z0-9][a-z0-9-]{0,63}`. Every order, event and stock row belongs to one, and
+/// no tenant sees another's. The pattern keeps it safe to write into a statement as a literal.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct TenantId(String);
+
+impl TenantId {
+    pub const MAX_LEN: usize = 64;
+    /// The tenant of every request when authentication is off, and of rows written before
+    /// there were tenants.
+    pub const DEFAULT: &'static str = "default";
+
+    pub fn parse(s: impl Into<String>) -> Result<Self, ValidationError> {
+        let s = s.into();
+        let mut bytes = s.bytes();
+        let first_ok = bytes.next().is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+        let rest_ok = bytes.all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if !first_ok || !rest_ok || s.len() > Self::MAX_LEN {
+            return Err(ValidationError::new("tenant_id", "must match [a-z0-9][a-z0-9-]{0,63}"));
+        }
+        Ok(Self(s))
+    }
+
+    /// The tenant `default`.
+    pub fn default_tenant() -> Self {
+        Self(Self::DEFAULT.to_owned())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for TenantId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl TryFrom<String> for TenantId {
+    type Error = ValidationError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        Self::parse(s)
+    }
+}
+
+impl From<TenantId> for String {
+    fn from(t: TenantId) -> Self {
+        t.0
+    }
+}
+
 /// A stock-keeping unit: `[A-Z0-9][A-Z0-9-]{0,31}`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
@@ -214,6 +266,18 @@ impl From<Cents> for i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tenant_rules() {
+        let longest = "a".repeat(64);
+        for ok in ["default", "t-1", "0", "a-", longest.as_str()] {
+            assert!(TenantId::parse(ok).is_ok(), "{ok}");
+        }
+        let too_long = "a".repeat(65);
+        for bad in ["", "-a", "T-1", "t_1", "t 1", "t'1", "té", too_long.as_str()] {
+            assert_eq!(TenantId::parse(bad).map_err(|e| e.field), Err("tenant_id".to_owned()), "{bad}");
+        }
+    }
 
     #[test]
     fn sku_rules() {
