@@ -17,6 +17,8 @@ type Check = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), String>> + S
 #[derive(Clone, Default)]
 pub struct Readiness {
     checks: Vec<(&'static str, Check)>,
+    /// Lines `/readyz` adds to its body whatever the checks say (a setting to be aware of).
+    notes: Vec<String>,
 }
 
 impl Readiness {
@@ -31,6 +33,12 @@ impl Readiness {
         Fut: Future<Output = Result<(), String>> + Send + 'static,
     {
         self.checks.push((name, Arc::new(move || Box::pin(f()))));
+        self
+    }
+
+    /// Adds a line to every `/readyz` body.
+    pub fn note(mut self, line: impl Into<String>) -> Self {
+        self.notes.push(line.into());
         self
     }
 
@@ -91,10 +99,12 @@ async fn healthz(State(state): State<OpsState>) -> impl IntoResponse {
 
 async fn readyz(State(state): State<OpsState>) -> impl IntoResponse {
     let failures = state.readiness.failures().await;
+    let notes = state.readiness.notes.iter().cloned();
     if failures.is_empty() {
-        (StatusCode::OK, "ready".to_owned())
+        let text = std::iter::once("ready".to_owned()).chain(notes).collect::<Vec<_>>().join("\n");
+        (StatusCode::OK, text)
     } else {
-        let text = failures.iter().map(|(n, e)| format!("{n}: {e}")).collect::<Vec<_>>().join("\n");
+        let text = failures.iter().map(|(n, e)| format!("{n}: {e}")).chain(notes).collect::<Vec<_>>().join("\n");
         (StatusCode::SERVICE_UNAVAILABLE, text)
     }
 }

@@ -4,6 +4,7 @@
 //! crash-looping, upkeep of the busiest tables, the classes of failure, the limits of every
 //! database session and every HTTP connection.
 
+pub mod auth;
 pub mod backoff;
 pub mod connections;
 pub mod duration;
@@ -19,6 +20,7 @@ pub mod shutdown;
 pub mod startup;
 pub mod upkeep;
 
+pub use auth::{Authenticator, Principal, Scope};
 pub use backoff::Backoff;
 pub use duration::parse_duration;
 pub use failure::FailureClass;

@@ -58,6 +58,41 @@ impl SessionLimits {
     }
 }
 
+/// A Postgres role a service switches to (`SET LOCAL ROLE`): `[a-z_][a-z0-9_]{0,62}`, so it
+/// can be written into a statement as a quoted identifier.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoleName(String);
+
+impl RoleName {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let mut bytes = s.bytes();
+        let first_ok = bytes.next().is_some_and(|b| b.is_ascii_lowercase() || b == b'_');
+        let rest_ok = bytes.all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+        if first_ok && rest_ok && s.len() <= 63 {
+            Ok(Self(s.to_owned()))
+        } else {
+            Err(format!("`{s}` is not a role name of the form [a-z_][a-z0-9_]{{0,62}}"))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for RoleName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::str::FromStr for RoleName {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::parse(s)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
