@@ -92,7 +92,7 @@ pub async fn page(
     sqlx::query_as!(
         OutboxRow,
         r#"SELECT id, event_id, aggregate_type, aggregate_id, seq, event_type, payload::text AS "payload!",
-                  occurred_at, traceparent, tracestate, attempts, created_at
+                  occurred_at, traceparent, tracestate, attempts, created_at, tenant_id
            FROM outbox_published
            WHERE published_at >= $1 AND id > $2 AND ($3::text IS NULL OR aggregate_id = $3)
            ORDER BY id LIMIT $4"#,

@@ -1,14 +1,14 @@
 //! An outbox row as the relay reads it, and its stream entry.
 
 use chrono::{DateTime, Utc};
-use domain::StreamEntry;
+use domain::{StreamEntry, TenantId};
 use ulid::Ulid;
 
 /// The columns of an [`OutboxRow`], for reads built at run time (tests). The claim
 /// (`sql/claim.sql`) and [`crate::published::page`] name them in their own statements.
 pub const EVENT_COLUMNS: &str =
     "id, event_id, aggregate_type, aggregate_id, seq, event_type, payload::text AS payload, \
-     occurred_at, traceparent, tracestate, attempts, created_at";
+     occurred_at, traceparent, tracestate, attempts, created_at, tenant_id";
 
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct OutboxRow {
@@ -26,6 +26,7 @@ pub struct OutboxRow {
     /// Failed attempts so far.
     pub attempts: i32,
     pub created_at: DateTime<Utc>,
+    pub tenant_id: String,
 }
 
 impl OutboxRow {
@@ -39,6 +40,8 @@ impl OutboxRow {
         if self.aggregate_id.is_empty() || self.event_type.is_empty() || self.aggregate_type.is_empty() {
             return Err("aggregate_id, aggregate_type and event_type must not be empty".to_owned());
         }
+        let tenant_id = TenantId::parse(self.tenant_id.as_str())
+            .map_err(|_| format!("tenant_id `{}` does not match [a-z0-9][a-z0-9-]{{0,63}}", self.tenant_id))?;
         Ok(StreamEntry {
             event_id,
             event_type: self.event_type.clone(),
@@ -49,6 +52,7 @@ impl OutboxRow {
             payload: self.payload.clone(),
             traceparent: self.traceparent.clone(),
             tracestate: self.tracestate.clone(),
+            tenant_id,
         })
     }
 }

@@ -30,14 +30,15 @@ accepted AS (
 moved AS (
   DELETE FROM outbox WHERE id IN (SELECT id FROM accepted)
   RETURNING id, event_id, aggregate_type, aggregate_id, seq, event_type, payload, occurred_at,
-            traceparent, tracestate, attempts, created_at
+            traceparent, tracestate, attempts, created_at, tenant_id
 ),
 published AS (
   INSERT INTO outbox_published (id, event_id, aggregate_type, aggregate_id, seq, event_type, payload,
-                                occurred_at, traceparent, tracestate, attempts, created_at)
+                                occurred_at, traceparent, tracestate, attempts, created_at, tenant_id)
   SELECT * FROM moved
 )
 SELECT n.locked, m.id, m.event_id, m.aggregate_type, m.aggregate_id, m.seq, m.event_type,
-       m.payload::text AS payload, m.occurred_at, m.traceparent, m.tracestate, m.attempts, m.created_at
+       m.payload::text AS payload, m.occurred_at, m.traceparent, m.tracestate, m.attempts, m.created_at,
+       m.tenant_id
 FROM (SELECT count(*) AS locked FROM locked) n
 LEFT JOIN moved m ON true
