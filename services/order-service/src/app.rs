@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use axum::middleware;
@@ -13,7 +13,7 @@ use service_kit::http::body::{read_within, BodyLimits};
 use service_kit::http::server::{serve, ServerMetrics};
 use service_kit::http::HttpSettings;
 use service_kit::runner::{drain, TaskTracker, TASKS_GRACE};
-use service_kit::{Liveness, Readiness, Service, Shutdown, StartError};
+use service_kit::{Authenticator, Liveness, Readiness, Service, Shutdown, StartError};
 use sqlx::postgres::PgConnectOptions;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
@@ -24,6 +24,7 @@ use crate::config::Config;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::orders::Orders;
+use crate::tenancy::{self, Tenancy};
 use crate::{observe, routes};
 
 /// Connections besides the API's: migrations, readiness checks, key expiry and the upkeep of
@@ -43,8 +44,14 @@ pub struct AppState {
 
 /// The whole router: the order API, `/healthz`, `/readyz`, `/metrics`, and problem+json for
 /// unknown routes and methods. Every request's body is read within the body timeout first.
-pub fn router(state: AppState, readiness: Readiness, registry: Arc<Mutex<Registry>>, http: &HttpSettings) -> Router {
-    let api = routes::api().route_layer(middleware::from_fn_with_state(state.clone(), observe::guard_api));
+pub fn router(
+    state: AppState,
+    readiness: Readiness,
+    registry: Arc<Mutex<Registry>>,
+    http: &HttpSettings,
+    auth: &Authenticator,
+) -> Router {
+    let api = routes::api(auth).route_layer(middleware::from_fn_with_state(state.clone(), observe::guard_api));
     let body_limits = BodyLimits { timeout: http.body_timeout, max_bytes: MAX_BODY_BYTES };
     Router::new()
         .merge(api)
@@ -62,8 +69,13 @@ pub struct OrderService {
     local_addr: SocketAddr,
     router: Router,
     pool: PgPool,
+    /// The owner's connection for migrations: `pool` unless `DATABASE_MIGRATION_URL` is set.
+    migration_pool: PgPool,
     db: Connections,
     migrated: Arc<AtomicBool>,
+    /// Why the API cannot serve although the schema is migrated (the runtime role is unfit).
+    unfit: Arc<OnceLock<String>>,
+    tenancy: Tenancy,
     metrics: Metrics,
     /// Stops the notifier's background task when dropped: after the last request has finished,
     /// since writes that commit while the server drains still need their notifications.
@@ -83,9 +95,18 @@ impl OrderService {
         let local_addr = listener.local_addr().map_err(|source| StartError::Bind { addr: config.http_addr, source })?;
         // Migrations and readiness checks have a small pool of their own, so a saturated API
         // neither delays them nor is delayed by them.
+        let auth = Authenticator::from_settings(&config.auth).map_err(|e| StartError::Config(e.to_string()))?;
         let options = config.database_url.parse::<PgConnectOptions>().map_err(StartError::DatabaseUrl)?;
         let options = config.session_limits().apply(options, Self::NAME);
         let pool = service_kit::startup::lazy_pool_with(options, SPARE_CONNECTIONS);
+        let migration_pool = match &config.database_migration_url {
+            None => pool.clone(),
+            Some(url) => {
+                let options = url.parse::<PgConnectOptions>().map_err(StartError::DatabaseUrl)?;
+                service_kit::startup::lazy_pool_with(config.session_limits().apply(options, Self::NAME), 1)
+            }
+        };
+        let tenancy = Tenancy::new(config.database_runtime_role.clone());
         let db = Connections::new(
             pool.connect_options().as_ref().clone(),
             config.database_max_connections,
@@ -93,37 +114,40 @@ impl OrderService {
         );
 
         let migrated = Arc::new(AtomicBool::new(false));
+        let unfit = Arc::new(OnceLock::<String>::new());
         let notifier_stop = Shutdown::new();
         let notifier = outbox::Notifier::spawn(pool.clone(), notifier_stop.clone().cancelled_owned());
 
         let registry = Arc::new(Mutex::new(Registry::default()));
         let metrics = Metrics::register(&registry);
         let server_metrics = ServerMetrics::register(&mut registry.lock().unwrap_or_else(|e| e.into_inner()));
-        let schema = migrated.clone();
+        let (schema, role) = (migrated.clone(), unfit.clone());
         let readiness = Readiness::new().postgres(pool.clone()).check("migrations", move || {
-            let applied = schema.load(Ordering::Acquire);
-            async move {
-                if applied {
-                    Ok(())
-                } else {
-                    Err("not applied yet".to_owned())
-                }
-            }
+            let checked = match role.get() {
+                Some(why) => Err(why.clone()),
+                None if schema.load(Ordering::Acquire) => Ok(()),
+                None => Err("not applied yet".to_owned()),
+            };
+            async move { checked }
         });
+        let readiness = service_kit::auth::announce(&auth, readiness);
         let state = AppState {
-            orders: Orders::new(db.clone(), notifier, config.idempotency_key_ttl),
+            orders: Orders::new(db.clone(), tenancy.clone(), notifier, config.idempotency_key_ttl),
             metrics: metrics.clone(),
             migrated: migrated.clone(),
             request_timeout: config.request_timeout(),
         };
-        let router = router(state, readiness, registry, &config.http);
+        let router = router(state, readiness, registry, &config.http, &auth);
         Ok(Self {
             listener,
             local_addr,
             router,
             pool,
+            migration_pool,
             db,
             migrated,
+            unfit,
+            tenancy,
             metrics,
             notifier: notifier_stop.drop_guard(),
             request_timeout: config.request_timeout(),
@@ -153,7 +177,16 @@ impl Service for OrderService {
     /// period (a client stalling mid-request) are closed.
     async fn run(self, shutdown: Shutdown) -> Result<(), StartError> {
         let tasks = TaskTracker::new();
-        tasks.spawn(migrate(self.pool.clone(), self.migrated.clone(), shutdown.clone()));
+        tasks.spawn(migrate(
+            Migration {
+                owner: self.migration_pool.clone(),
+                service: self.pool.clone(),
+                tenancy: self.tenancy.clone(),
+                migrated: self.migrated.clone(),
+                unfit: self.unfit.clone(),
+            },
+            shutdown.clone(),
+        ));
         tasks.spawn(service_kit::upkeep::upkeep_loop(
             self.pool.clone(),
             &["idempotency_keys"],
@@ -174,7 +207,7 @@ impl Service for OrderService {
         // Every request is done; release connections, but never hang on an unresponsive server.
         drop(self.notifier);
         drain(&tasks, TASKS_GRACE).await;
-        let closed = async { tokio::join!(self.db.close(), self.pool.close()) };
+        let closed = async { tokio::join!(self.db.close(), self.pool.close(), self.migration_pool.close()) };
         if tokio::time::timeout(Duration::from_secs(5), closed).await.is_err() {
             tracing::warn!("closing database connections timed out");
         }
@@ -183,9 +216,52 @@ impl Service for OrderService {
     }
 }
 
-async fn migrate(pool: PgPool, migrated: Arc<AtomicBool>, shutdown: Shutdown) {
-    if service_kit::startup::migrate_with_retry(&pool, &outbox::MIGRATOR, &shutdown).await.is_some() {
-        migrated.store(true, Ordering::Release);
-        tracing::info!("orders database migrated");
+/// The start-up migration and what it opens the API to.
+struct Migration {
+    /// The tables' owner.
+    owner: PgPool,
+    /// The service's own connection, which switches to the runtime role.
+    service: PgPool,
+    tenancy: Tenancy,
+    migrated: Arc<AtomicBool>,
+    unfit: Arc<OnceLock<String>>,
+}
+
+/// Applies the migrations as the owner, then checks that row-level security holds the runtime
+/// role; only then does the API serve. An unfit role leaves the service not ready, saying why.
+async fn migrate(m: Migration, shutdown: Shutdown) {
+    if service_kit::startup::migrate_with_retry(&m.owner, &outbox::MIGRATOR, &shutdown).await.is_none() {
+        return;
     }
+    tracing::info!("orders database migrated");
+    let mut retry = service_kit::Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    let checked = loop {
+        let checked = async { tenancy::check_role(&mut *m.service.acquire().await?, m.tenancy.role()).await };
+        match checked.await {
+            Ok(checked) => break checked,
+            Err(e) => tracing::warn!(error = %e, "checking the runtime role failed; retrying"),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(retry.next_delay()) => {}
+        }
+    };
+    match checked {
+        None => m.migrated.store(true, Ordering::Release),
+        Some(why) => {
+            tracing::error!(role = %m.tenancy.role(), "{why}; the API stays closed");
+            let _ = m.unfit.set(why);
+        }
+    }
+}
+
+/// `order-service migrate`: applies the migrations on `DATABASE_MIGRATION_URL` (or
+/// `DATABASE_URL`) and returns.
+pub async fn migrate_once(config: &Config) -> Result<(), StartError> {
+    let url = config.database_migration_url.as_deref().unwrap_or(&config.database_url);
+    let options = url.parse::<PgConnectOptions>().map_err(StartError::DatabaseUrl)?;
+    let pool = service_kit::startup::lazy_pool_with(options, 1);
+    let applied = outbox::MIGRATOR.run(&pool).await.map_err(|e| StartError::Config(format!("migrations: {e}")));
+    pool.close().await;
+    applied
 }

@@ -1,17 +1,34 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use service_kit::auth::AuthSettings;
 use service_kit::http::HttpSettings;
+use service_kit::session::RoleName;
 use service_kit::{parse_duration, SessionLimits};
 use telemetry::LogFormat;
 
 /// Settings of order-service, from flags or the environment (flags win).
 #[derive(Debug, Clone, clap::Parser)]
-#[command(name = "order-service", version, about = "The orders HTTP API (transactional outbox writer)")]
+#[command(
+    name = "order-service",
+    version,
+    about = "The orders HTTP API (transactional outbox writer)",
+    after_help = "Commands (instead of serving):\n  order-service migrate   apply the migrations and exit\n  order-service token     mint a bearer token for development (see `order-service token --help`)"
+)]
 pub struct Config {
     /// Postgres URL of the orders database.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: String,
+
+    /// Postgres URL the migrations run on, as the tables' owner (default: DATABASE_URL).
+    #[arg(long, env = "DATABASE_MIGRATION_URL", hide_env_values = true)]
+    pub database_migration_url: Option<String>,
+
+    /// Role every request transaction runs as (`SET LOCAL ROLE`), which row-level security
+    /// applies to: not a superuser, not the tables' owner, no BYPASSRLS. The migrations create
+    /// `outbox_app` with the privileges requests need; another role must be a member of it.
+    #[arg(long, env = "DATABASE_RUNTIME_ROLE", default_value = "outbox_app")]
+    pub database_runtime_role: RoleName,
 
     /// HTTP listen address; port 0 picks a free port (the bound address is logged at start).
     #[arg(long, env = "HTTP_ADDR", default_value = "0.0.0.0:8080")]
@@ -55,6 +72,9 @@ pub struct Config {
 
     #[command(flatten)]
     pub http: HttpSettings,
+
+    #[command(flatten)]
+    pub auth: AuthSettings,
 }
 
 impl Config {
@@ -62,6 +82,8 @@ impl Config {
     pub fn new(database_url: impl Into<String>, http_addr: SocketAddr) -> Self {
         Self {
             database_url: database_url.into(),
+            database_migration_url: None,
+            database_runtime_role: RoleName::parse("outbox_app").unwrap_or_else(|e| unreachable!("{e}")),
             http_addr,
             log_format: LogFormat::Text,
             database_max_connections: 10,
@@ -72,6 +94,7 @@ impl Config {
             idempotency_key_ttl: Duration::from_secs(24 * 3600),
             upkeep_interval: Duration::from_secs(5),
             http: HttpSettings::default(),
+            auth: AuthSettings::default(),
         }
     }
 

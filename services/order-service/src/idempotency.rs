@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use axum::http::HeaderMap;
-use domain::ValidationError;
+use domain::{TenantId, ValidationError};
 use service_kit::prune::{delete_in_batches, millis, pass_interval};
 use service_kit::Shutdown;
 use sha2::{Digest, Sha256};
@@ -17,7 +17,8 @@ use crate::store::StoreError;
 pub const HEADER: &str = "Idempotency-Key";
 const MAX_LEN: usize = 255;
 
-/// A validated key: 1 to 255 visible ASCII characters.
+/// A validated key: 1 to 255 visible ASCII characters. Keys are per tenant. A key is never
+/// logged nor put in a span: it may be a secret of the client's.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IdempotencyKey(String);
 
@@ -59,9 +60,10 @@ pub struct Stored {
 /// Records `key` for a new order as the transaction's first write, taking it over if it has
 /// expired. Returns `false` when the key is taken; if another transaction holds it uncommitted,
 /// this waits for that one to end, so two requests with one key never both create an order.
-#[tracing::instrument(skip_all, fields(order_id = order_id, idempotency_key = key.as_str(), db.system = "postgresql"))]
+#[tracing::instrument(skip_all, fields(order_id = order_id, db.system = "postgresql"))]
 pub async fn claim(
     conn: &mut PgConnection,
+    tenant: &TenantId,
     key: &IdempotencyKey,
     request_hash: &str,
     order_id: &str,
@@ -69,7 +71,8 @@ pub async fn claim(
     ttl: Duration,
 ) -> Result<bool, StoreError> {
     let claimed = sqlx::query!(
-        "INSERT INTO idempotency_keys (key, request_hash, order_id, response_body) VALUES ($1, $2, $3, $4)
+        "INSERT INTO idempotency_keys (key, request_hash, order_id, response_body, tenant_id)
+         VALUES ($1, $2, $3, $4, $6)
          ON CONFLICT ON CONSTRAINT idempotency_keys_pkey DO UPDATE
            SET request_hash = EXCLUDED.request_hash, order_id = EXCLUDED.order_id,
                response_body = EXCLUDED.response_body, created_at = EXCLUDED.created_at
@@ -79,6 +82,7 @@ pub async fn claim(
         order_id,
         body,
         millis(ttl),
+        tenant.as_str(),
     )
     .execute(conn)
     .await?
@@ -86,12 +90,18 @@ pub async fn claim(
     Ok(claimed == 1)
 }
 
-/// The committed response stored under `key`.
+/// The committed response stored under `tenant`'s `key`.
 #[tracing::instrument(skip_all, fields(db.system = "postgresql"))]
-pub async fn stored(conn: &mut PgConnection, key: &IdempotencyKey) -> Result<Option<Stored>, StoreError> {
+pub async fn stored(
+    conn: &mut PgConnection,
+    tenant: &TenantId,
+    key: &IdempotencyKey,
+) -> Result<Option<Stored>, StoreError> {
     let stored = sqlx::query_as!(
         Stored,
-        r#"SELECT request_hash, order_id, response_body AS body FROM idempotency_keys WHERE key = $1"#,
+        r#"SELECT request_hash, order_id, response_body AS body FROM idempotency_keys
+           WHERE tenant_id = $1 AND key = $2"#,
+        tenant.as_str(),
         key.as_str(),
     )
     .fetch_optional(conn)
@@ -108,8 +118,8 @@ const EXPIRY_STATEMENTS: u32 = 100;
 pub async fn remove_expired(pool: &PgPool, ttl: Duration, shutdown: &Shutdown) -> Result<u64, sqlx::Error> {
     delete_in_batches(
         pool,
-        "DELETE FROM idempotency_keys WHERE key IN ( \
-           SELECT key FROM idempotency_keys WHERE created_at < now() - $1 * interval '1 millisecond' \
+        "DELETE FROM idempotency_keys WHERE (tenant_id, key) IN ( \
+           SELECT tenant_id, key FROM idempotency_keys WHERE created_at < now() - $1 * interval '1 millisecond' \
            ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED)",
         ttl,
         EXPIRY_STATEMENTS,

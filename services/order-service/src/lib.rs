@@ -14,8 +14,10 @@ mod observe;
 mod orders;
 mod routes;
 mod store;
+mod tenancy;
+pub mod token;
 
-pub use app::OrderService;
+pub use app::{migrate_once, OrderService};
 pub use body::MAX_BODY_BYTES;
 pub use config::Config;
 pub use service_kit::{Service, Shutdown, StartError};

@@ -3,14 +3,15 @@
 use std::time::Duration;
 
 use chrono::{SubsecRound, Utc};
-use domain::{NewOrder, Order, OrderId, Transition, ValidationError};
+use domain::{NewOrder, Order, OrderId, TenantId, Transition, ValidationError};
 use outbox::{Notifier, Wake};
 use service_kit::connections::{keeps_connection, Connections, Ended, PooledConnection};
-use sqlx::{Connection as _, PgConnection};
+use sqlx::PgConnection;
 
 use crate::error::ApiError;
 use crate::idempotency::{self, IdempotencyKey};
 use crate::store::{self, StoreError};
+use crate::tenancy::Tenancy;
 
 /// The result of a create request.
 pub enum Created {
@@ -25,55 +26,87 @@ fn now() -> chrono::DateTime<Utc> {
     Utc::now().trunc_subsecs(6)
 }
 
-/// The order workflows on the API's connections, waking relays after each event.
+/// The order workflows on the API's connections, each in a transaction of the request's
+/// tenant as the runtime role ([`Tenancy`]), waking relays after each event.
 #[derive(Clone, Debug)]
 pub struct Orders {
     db: Connections,
+    tenancy: Tenancy,
     notifier: Notifier,
     /// How long an `Idempotency-Key` answers retries.
     key_ttl: Duration,
 }
 
 impl Orders {
-    pub fn new(db: Connections, notifier: Notifier, key_ttl: Duration) -> Self {
-        Self { db, notifier, key_ttl }
+    pub fn new(db: Connections, tenancy: Tenancy, notifier: Notifier, key_ttl: Duration) -> Self {
+        Self { db, tenancy, notifier, key_ttl }
     }
 
-    /// Creates an order, or replays the stored response of an earlier request with the same
-    /// key.
-    #[tracing::instrument(skip_all, fields(order_id = tracing::field::Empty, idempotency_key = tracing::field::Empty))]
-    pub async fn create(&self, new: NewOrder, key: Option<(IdempotencyKey, String)>) -> Result<Created, ApiError> {
+    /// Creates an order of `tenant`, or replays the stored response of an earlier request of
+    /// the tenant with the same key.
+    #[tracing::instrument(skip_all, fields(order_id = tracing::field::Empty, %tenant, keyed = key.is_some()))]
+    pub async fn create(
+        &self,
+        tenant: &TenantId,
+        new: NewOrder,
+        key: Option<(IdempotencyKey, String)>,
+    ) -> Result<Created, ApiError> {
         let order = Order::create(new, now());
         let mut conn = self.db.acquire().await.map_err(StoreError::from)?;
         let wake = self.notifier.write();
-        let created = create_on(&mut conn, order, key, self.key_ttl, wake.carries()).await;
+        let write = Write { tenancy: &self.tenancy, tenant, notify: wake.carries() };
+        let created = create_on(&mut conn, write, order, key, self.key_ttl).await;
         finish(wake, &created, |c| matches!(c, Created::New(_)));
         put_back(conn, &created).await;
         created
     }
 
-    /// The order `order_id`.
-    pub async fn find(&self, order_id: OrderId) -> Result<Order, ApiError> {
+    /// `tenant`'s order `order_id`; another tenant's is not found.
+    pub async fn find(&self, tenant: &TenantId, order_id: OrderId) -> Result<Order, ApiError> {
         let mut conn = self.db.acquire().await.map_err(StoreError::from)?;
-        let found = match store::find_order(&mut conn, order_id).await {
-            Ok(order) => order.ok_or(ApiError::OrderNotFound),
-            Err(e) => Err(e.into()),
-        };
+        let found = find_on(&mut conn, &self.tenancy, tenant, order_id).await;
         put_back(conn, &found).await;
         found
     }
 
-    /// Applies `transition` under the order's row lock, in one statement. Returns the order and
-    /// whether it changed (a no-op transition writes nothing).
+    /// Applies `transition` to `tenant`'s order under its row lock, in one statement. Returns
+    /// the order and whether it changed (a no-op transition writes nothing).
     #[tracing::instrument(skip(self, order_id), fields(%order_id))]
-    pub async fn transition(&self, order_id: OrderId, transition: Transition) -> Result<(Order, bool), ApiError> {
+    pub async fn transition(
+        &self,
+        tenant: &TenantId,
+        order_id: OrderId,
+        transition: Transition,
+    ) -> Result<(Order, bool), ApiError> {
         let mut conn = self.db.acquire().await.map_err(StoreError::from)?;
         let wake = self.notifier.write();
-        let moved = transition_on(&mut conn, order_id, transition, wake.carries()).await;
+        let write = Write { tenancy: &self.tenancy, tenant, notify: wake.carries() };
+        let moved = transition_on(&mut conn, write, order_id, transition).await;
         finish(wake, &moved, |(_, changed)| *changed);
         put_back(conn, &moved).await;
         moved
     }
+}
+
+/// How a write runs: in a transaction of `tenant` as the runtime role; `notify`: the event's
+/// transaction wakes the relays.
+#[derive(Clone, Copy)]
+struct Write<'a> {
+    tenancy: &'a Tenancy,
+    tenant: &'a TenantId,
+    notify: bool,
+}
+
+async fn find_on(
+    conn: &mut PgConnection,
+    tenancy: &Tenancy,
+    tenant: &TenantId,
+    order_id: OrderId,
+) -> Result<Order, ApiError> {
+    let mut tx = tenancy.begin(conn, tenant).await.map_err(StoreError::from)?;
+    let order = store::find_order(&mut tx, tenant, order_id).await?;
+    tx.commit().await.map_err(StoreError::from)?;
+    order.ok_or(ApiError::OrderNotFound)
 }
 
 /// Tells `wake` whether the write that ended with `result` committed an event: `appended` for
@@ -101,33 +134,33 @@ async fn put_back<T>(conn: PooledConnection, result: &Result<T, ApiError>) {
     conn.put_back(ended).await;
 }
 
-/// `notify`: the event's transaction wakes the relays.
 async fn create_on(
     conn: &mut PgConnection,
+    write: Write<'_>,
     order: Order,
     key: Option<(IdempotencyKey, String)>,
     key_ttl: Duration,
-    notify: bool,
 ) -> Result<Created, ApiError> {
+    let Write { tenancy, tenant, notify } = write;
     let span = tracing::Span::current();
     let appended = match &key {
         Some((key, hash)) => {
-            span.record("idempotency_key", key.as_str());
             let body = serde_json::to_value(&order).map_err(StoreError::from)?;
             // A key taken when claimed may expire and be removed before its response is read;
             // then it is free, and the second try takes it (or finds whoever did).
             let mut tries = 0;
             loop {
                 tries += 1;
-                let mut tx = conn.begin().await.map_err(StoreError::from)?;
-                if idempotency::claim(&mut tx, key, hash, &order.id.to_string(), &body, key_ttl).await? {
+                let mut tx = tenancy.begin(conn, tenant).await.map_err(StoreError::from)?;
+                if idempotency::claim(&mut tx, tenant, key, hash, &order.id.to_string(), &body, key_ttl).await? {
                     span.record("order_id", tracing::field::display(order.id));
-                    let appended = store::insert_order(&mut *tx, &order, notify).await?;
+                    let appended = store::insert_order(&mut *tx, tenant, &order, notify).await?;
                     tx.commit().await.map_err(StoreError::from)?;
                     break appended;
                 }
+                let replayed = replay(&mut tx, tenant, key, hash).await;
                 tx.rollback().await.map_err(StoreError::from)?;
-                match replay(conn, key, hash).await? {
+                match replayed? {
                     Some(replayed) => return Ok(replayed),
                     None if tries < 2 => continue,
                     None => {
@@ -141,17 +174,26 @@ async fn create_on(
         }
         None => {
             span.record("order_id", tracing::field::display(order.id));
-            // One statement: the order and its event commit together, in one round trip.
-            store::insert_order(conn, &order, notify).await?
+            // One statement: the order and its event commit together.
+            let mut tx = tenancy.begin(conn, tenant).await.map_err(StoreError::from)?;
+            let appended = store::insert_order(&mut *tx, tenant, &order, notify).await?;
+            tx.commit().await.map_err(StoreError::from)?;
+            appended
         }
     };
     tracing::debug!(order_id = %order.id, event_id = %appended.event_id, seq = appended.seq, "order created");
     Ok(Created::New(order))
 }
 
-/// The stored response of `key`; `None` if the key was removed since it was found taken.
-async fn replay(conn: &mut PgConnection, key: &IdempotencyKey, hash: &str) -> Result<Option<Created>, ApiError> {
-    let Some(stored) = idempotency::stored(conn, key).await? else { return Ok(None) };
+/// The stored response of `tenant`'s `key`; `None` if the key was removed since it was found
+/// taken.
+async fn replay(
+    conn: &mut PgConnection,
+    tenant: &TenantId,
+    key: &IdempotencyKey,
+    hash: &str,
+) -> Result<Option<Created>, ApiError> {
+    let Some(stored) = idempotency::stored(conn, tenant, key).await? else { return Ok(None) };
     if stored.request_hash != hash {
         return Err(ApiError::Invalid(ValidationError::new(
             idempotency::HEADER,
@@ -164,17 +206,19 @@ async fn replay(conn: &mut PgConnection, key: &IdempotencyKey, hash: &str) -> Re
 
 async fn transition_on(
     conn: &mut PgConnection,
+    write: Write<'_>,
     order_id: OrderId,
     transition: Transition,
-    notify: bool,
 ) -> Result<(Order, bool), ApiError> {
+    let Write { tenancy, tenant, notify } = write;
     let mut at = now();
     // Bounded: a second round runs at a time no earlier than the order's `updated_at`, which
     // only a transition of this very order (serialised by its row lock) could move on.
     for _ in 0..3 {
-        let found = store::transition_order(&mut *conn, order_id, transition, at, notify)
-            .await?
-            .ok_or(ApiError::OrderNotFound)?;
+        let mut tx = tenancy.begin(conn, tenant).await.map_err(StoreError::from)?;
+        let found = store::transition_order(&mut tx, tenant, order_id, transition, at, notify).await?;
+        tx.commit().await.map_err(StoreError::from)?;
+        let found = found.ok_or(ApiError::OrderNotFound)?;
         let mut order = found.before;
         let Some(next) = order.status.apply(transition)? else {
             return Ok((order, false));

@@ -4,10 +4,12 @@ use axum::body::Bytes;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::from_fn_with_state;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use domain::{Order, OrderId, Transition};
+use service_kit::auth::{require, Authenticator, Principal, Scope};
 
 use crate::app::AppState;
 use crate::body::{parse_create, require_json};
@@ -15,21 +17,32 @@ use crate::error::ApiError;
 use crate::idempotency::{request_hash, IdempotencyKey};
 use crate::orders::Created;
 
-pub fn api() -> Router<AppState> {
-    Router::new()
-        .route("/orders", post(create_order))
+/// The order API: reads need the scope `orders:read`, writes `orders:write`
+/// ([`service_kit::auth`]); every handler works on the token's tenant only.
+pub fn api(auth: &Authenticator) -> Router<AppState> {
+    let read = Router::new()
         .route("/orders/{id}", get(get_order))
+        .route_layer(from_fn_with_state((auth.clone(), Scope::OrdersRead), require));
+    let write = Router::new()
+        .route("/orders", post(create_order))
         .route("/orders/{id}/confirm", post(confirm_order))
         .route("/orders/{id}/cancel", post(cancel_order))
+        .route_layer(from_fn_with_state((auth.clone(), Scope::OrdersWrite), require));
+    read.merge(write)
 }
 
 /// `body` was read whole, within its deadline and size limit, by the body middleware.
-async fn create_order(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+async fn create_order(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     require_json(&headers)?;
     let key = IdempotencyKey::from_headers(&headers)?;
     let request = parse_create(&body)?;
     let key = key.map(|key| (key, request_hash(&request.canonical)));
-    Ok(match state.orders.create(request.order, key).await? {
+    Ok(match state.orders.create(&principal.tenant, request.order, key).await? {
         Created::New(order) => {
             state.metrics.order_created();
             created(&order.id.to_string(), Json(order).into_response(), false)
@@ -59,28 +72,36 @@ fn order_id(path: Result<Path<String>, PathRejection>) -> Result<OrderId, ApiErr
 
 async fn get_order(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Order>, ApiError> {
     let id = order_id(path)?;
-    Ok(Json(state.orders.find(id).await?))
+    Ok(Json(state.orders.find(&principal.tenant, id).await?))
 }
 
 async fn confirm_order(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Order>, ApiError> {
-    transition(state, order_id(path)?, Transition::Confirm).await
+    transition(state, principal, order_id(path)?, Transition::Confirm).await
 }
 
 async fn cancel_order(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Order>, ApiError> {
-    transition(state, order_id(path)?, Transition::Cancel).await
+    transition(state, principal, order_id(path)?, Transition::Cancel).await
 }
 
-async fn transition(state: AppState, id: OrderId, transition: Transition) -> Result<Json<Order>, ApiError> {
-    let (order, changed) = state.orders.transition(id, transition).await?;
+async fn transition(
+    state: AppState,
+    principal: Principal,
+    id: OrderId,
+    transition: Transition,
+) -> Result<Json<Order>, ApiError> {
+    let (order, changed) = state.orders.transition(&principal.tenant, id, transition).await?;
     if changed {
         state.metrics.order_transitioned(order.status);
     }

@@ -1,7 +1,9 @@
 //! SQL on the `orders` table and the outbox write of an order event.
 
 use chrono::{DateTime, Utc};
-use domain::{EventPayload, LineItem, Order, OrderCancelled, OrderConfirmed, OrderId, OrderStatus, Transition};
+use domain::{
+    EventPayload, LineItem, Order, OrderCancelled, OrderConfirmed, OrderId, OrderStatus, TenantId, Transition,
+};
 use sqlx::types::Json;
 use sqlx::{PgConnection, PgExecutor};
 
@@ -82,12 +84,13 @@ fn order_event<'a>(
     .stamp()
 }
 
-/// Inserts a new order and its `OrderCreated` event in one statement: atomic by itself, so
-/// `executor` may be a connection (one round trip, no explicit transaction) or a transaction.
+/// Inserts a new order of `tenant` and its `OrderCreated` event in one statement, in a
+/// transaction of that tenant ([`crate::tenancy`]; the event takes its tenant from it).
 /// `notify`: the transaction wakes the relays at its commit.
 #[tracing::instrument(skip_all, fields(order_id = %order.id, db.system = "postgresql"))]
 pub async fn insert_order<'c>(
     executor: impl PgExecutor<'c>,
+    tenant: &TenantId,
     order: &Order,
     notify: bool,
 ) -> Result<outbox::Appended, StoreError> {
@@ -98,8 +101,8 @@ pub async fn insert_order<'c>(
     // The order row and its first event, `outbox_append`ed with the order's `version` (1) as seq.
     let insert = sqlx::query_scalar!(
         "WITH created AS (
-           INSERT INTO orders (id, customer_id, status, items, total_cents, created_at, updated_at)
-           VALUES ($1, $2, $3, $4, $5, $6, $7)
+           INSERT INTO orders (id, customer_id, status, items, total_cents, created_at, updated_at, tenant_id)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $9)
            RETURNING version)
          SELECT outbox_append($8, created.version) AS seq FROM created",
         &aggregate_id,
@@ -110,6 +113,7 @@ pub async fn insert_order<'c>(
         order.created_at,
         order.updated_at,
         &event as _,
+        tenant.as_str(),
     );
     let seq = event.run(insert.fetch_one(executor)).await?;
     // The statement returns the event's seq: a created order always has its event.
@@ -117,12 +121,17 @@ pub async fn insert_order<'c>(
 }
 
 #[tracing::instrument(skip_all, fields(%order_id, db.system = "postgresql"))]
-pub async fn find_order(conn: &mut PgConnection, order_id: OrderId) -> Result<Option<Order>, StoreError> {
+pub async fn find_order(
+    conn: &mut PgConnection,
+    tenant: &TenantId,
+    order_id: OrderId,
+) -> Result<Option<Order>, StoreError> {
     let row = sqlx::query_as!(
         OrderRow,
         r#"SELECT id, customer_id, status, items AS "items: Json<Vec<LineItem>>", total_cents, created_at, updated_at
-           FROM orders WHERE id = $1"#,
+           FROM orders WHERE id = $1 AND tenant_id = $2"#,
         order_id.to_string(),
+        tenant.as_str(),
     )
     .fetch_optional(conn)
     .await?;
@@ -137,15 +146,16 @@ pub struct Transitioned {
     pub appended: Option<outbox::Appended>,
 }
 
-/// Moves the order along `transition` and appends its event, in one autocommit statement: the
-/// order row is locked, updated if its status allows, and the event written only if it was
-/// (`notify`: with the relays' wake-up).
-/// `None` if there is no such order. The caller checks `before` against the state machine: a
+/// Moves the order along `transition` and appends its event, in one statement (in a
+/// transaction of `tenant`): the order row is locked, updated if its status allows, and the
+/// event written only if it was (`notify`: with the relays' wake-up).
+/// `None` if the tenant has no such order. The caller checks `before` against the state machine: a
 /// transition that should have happened but did not means `at` is older than the order's
 /// `updated_at`, and is retried with a later time.
 #[tracing::instrument(skip_all, fields(%order_id, db.system = "postgresql"))]
 pub async fn transition_order(
     conn: &mut PgConnection,
+    tenant: &TenantId,
     order_id: OrderId,
     transition: Transition,
     at: DateTime<Utc>,
@@ -173,7 +183,7 @@ pub async fn transition_order(
     let transition = sqlx::query!(
         r#"WITH cur AS (
              SELECT id, customer_id, status, items, total_cents, created_at, updated_at
-             FROM orders WHERE id = $1 FOR UPDATE),
+             FROM orders WHERE id = $1 AND tenant_id = $6 FOR UPDATE),
            moved AS (
              UPDATE orders o SET status = m.next, updated_at = $2, version = o.version + 1
              FROM cur JOIN unnest($3::text[], $4::text[]) AS m(from_status, next) ON m.from_status = cur.status
@@ -189,6 +199,7 @@ pub async fn transition_order(
         &from as _,
         &next as _,
         &event as _,
+        tenant.as_str(),
     );
     let Some(row) = event.run(transition.fetch_optional(conn)).await? else {
         return Ok(None);

@@ -1,0 +1,88 @@
+//! The role and tenant every request transaction runs as, which row-level security sees.
+//!
+//! Each transaction starts with one round trip that begins it, switches to the runtime role
+//! (`SET LOCAL ROLE`, `DATABASE_RUNTIME_ROLE`) and names the request's tenant
+//! (`SET LOCAL app.tenant_id`). Both end with the transaction, so a pooled connection never
+//! carries one request's tenant into the next. The role and the tenant are validated names
+//! ([`RoleName`], [`TenantId`]), safe to write into the statement.
+
+use domain::TenantId;
+use service_kit::session::RoleName;
+use sqlx::{Connection as _, PgConnection, Postgres, Transaction};
+
+/// Starts request transactions as the runtime role.
+#[derive(Debug, Clone)]
+pub struct Tenancy {
+    role: RoleName,
+}
+
+impl Tenancy {
+    pub fn new(role: RoleName) -> Self {
+        Self { role }
+    }
+
+    pub fn role(&self) -> &RoleName {
+        &self.role
+    }
+
+    /// The statement that begins a transaction of `tenant`.
+    pub fn begin_statement(&self, tenant: &TenantId) -> String {
+        format!("BEGIN; SET LOCAL ROLE \"{}\"; SET LOCAL app.tenant_id = '{tenant}'", self.role)
+    }
+
+    /// Begins a transaction of `tenant` on `conn`, as the runtime role.
+    pub async fn begin<'c>(
+        &self,
+        conn: &'c mut PgConnection,
+        tenant: &TenantId,
+    ) -> Result<Transaction<'c, Postgres>, sqlx::Error> {
+        conn.begin_with(self.begin_statement(tenant)).await
+    }
+}
+
+/// Why the runtime role would not be held by row-level security, if it would not.
+pub async fn check_role(conn: &mut PgConnection, role: &RoleName) -> Result<Option<String>, sqlx::Error> {
+    let found = sqlx::query!(
+        r#"SELECT r.rolsuper AS "superuser!", r.rolbypassrls AS "bypasses_rls!",
+                  pg_has_role(current_user, r.oid, 'MEMBER') AS "reachable!",
+                  EXISTS (SELECT 1 FROM pg_class c
+                          WHERE c.relname IN ('orders', 'idempotency_keys', 'outbox', 'outbox_published')
+                            AND c.relnamespace = current_schema()::regnamespace
+                            AND pg_has_role(r.oid, c.relowner, 'MEMBER')) AS "owns_tables!"
+           FROM pg_roles r WHERE r.rolname = $1"#,
+        role.as_str(),
+    )
+    .fetch_optional(conn)
+    .await?;
+    Ok(match found {
+        None => Some(format!("the runtime role {role} does not exist")),
+        Some(r) if r.superuser => {
+            Some(format!("the runtime role {role} is a superuser: row-level security would not apply"))
+        }
+        Some(r) if r.bypasses_rls => {
+            Some(format!("the runtime role {role} has BYPASSRLS: row-level security would not apply"))
+        }
+        Some(r) if r.owns_tables => {
+            Some(format!("the runtime role {role} owns the tables (or is a member of their owner)"))
+        }
+        Some(r) if !r.reachable => {
+            Some(format!("the database user is not a member of the runtime role {role}, so cannot SET ROLE to it"))
+        }
+        Some(_) => None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_begin_statement_names_role_and_tenant() {
+        let tenancy = Tenancy::new(RoleName::parse("outbox_app").expect("role"));
+        let tenant = TenantId::parse("t-1").expect("tenant");
+        assert_eq!(
+            tenancy.begin_statement(&tenant),
+            "BEGIN; SET LOCAL ROLE \"outbox_app\"; SET LOCAL app.tenant_id = 't-1'"
+        );
+    }
+}
