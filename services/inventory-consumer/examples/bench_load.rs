@@ -66,5 +66,6 @@ fn event(order: OrderId, seq: i64, payload: EventPayload) -> Event {
         payload,
         traceparent: None,
         tracestate: None,
+        tenant_id: domain::TenantId::default_tenant(),
     }
 }

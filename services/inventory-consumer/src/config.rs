@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use service_kit::auth::AuthSettings;
 use service_kit::http::HttpSettings;
 use service_kit::{parse_duration, SessionLimits};
 use telemetry::LogFormat;
@@ -135,6 +136,8 @@ pub struct Config {
     pub departed_after: Duration,
     #[command(flatten)]
     pub http: HttpSettings,
+    #[command(flatten)]
+    pub auth: AuthSettings,
     #[arg(long, env = "LOG_FORMAT", default_value = "text")]
     pub log_format: LogFormat,
 }

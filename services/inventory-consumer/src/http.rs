@@ -8,11 +8,13 @@
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::from_fn_with_state;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, put};
 use axum::{Json, Router};
 use domain::Sku;
 use serde::{Deserialize, Serialize};
+use service_kit::auth::{require, Authenticator, Scope};
 use service_kit::{failure, Problem};
 use sqlx::PgPool;
 
@@ -26,9 +28,12 @@ pub const MAX_BODY: usize = 64 * 1024;
 /// saturate all the same).
 pub const MAX_ON_HAND: i64 = 1_000_000_000_000;
 
-pub fn router(pool: PgPool) -> Router {
+/// `GET` needs the scope `inventory:read`, `PUT` `inventory:write` ([`service_kit::auth`]).
+pub fn router(pool: PgPool, auth: &Authenticator) -> Router {
+    let read = get(get_stock).route_layer(from_fn_with_state((auth.clone(), Scope::InventoryRead), require));
+    let write = put(put_stock).route_layer(from_fn_with_state((auth.clone(), Scope::InventoryWrite), require));
     Router::new()
-        .route("/inventory/{sku}", get(get_stock).put(put_stock))
+        .route("/inventory/{sku}", read.merge(write))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(pool)
 }

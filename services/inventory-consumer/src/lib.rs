@@ -53,6 +53,7 @@ pub struct InventoryConsumer {
     listener: tokio::net::TcpListener,
     local_addr: SocketAddr,
     registry: Arc<Mutex<Registry>>,
+    auth: service_kit::Authenticator,
 }
 
 /// Connections the consumer loop applies batches on, besides the pool (HTTP API, readiness,
@@ -66,6 +67,8 @@ pub const UPKEEP_TABLES: &[&str] =
 impl InventoryConsumer {
     pub async fn bind(config: Config) -> Result<Self, StartError> {
         let limits = config.session_limits().map_err(StartError::Config)?;
+        let auth =
+            service_kit::Authenticator::from_settings(&config.auth).map_err(|e| StartError::Config(e.to_string()))?;
         let options = config.database_url.parse::<PgConnectOptions>().map_err(StartError::DatabaseUrl)?;
         let options = limits.apply(options, &config.consumer_name);
         let pool = service_kit::startup::lazy_pool_with(options, config.database_max_connections);
@@ -74,7 +77,7 @@ impl InventoryConsumer {
             .map_err(|source| StartError::Bind { addr: config.http_addr, source })?;
         let local_addr = listener.local_addr().map_err(|source| StartError::Bind { addr: config.http_addr, source })?;
         let registry = Arc::new(Mutex::new(Registry::default()));
-        Ok(Self { config, limits, pool, redis, listener, local_addr, registry })
+        Ok(Self { config, limits, pool, redis, listener, local_addr, registry, auth })
     }
 }
 
@@ -111,8 +114,9 @@ impl Service for InventoryConsumer {
                     }
                 }
             });
+        let readiness = service_kit::auth::announce(&self.auth, readiness);
         let body_limits = BodyLimits { timeout: self.config.http.body_timeout, max_bytes: http::MAX_BODY };
-        let app = http::router(self.pool.clone())
+        let app = http::router(self.pool.clone(), &self.auth)
             .merge(ops_router(readiness, liveness.clone(), self.registry.clone()))
             .layer(axum::middleware::from_fn_with_state(body_limits, read_within));
         // The server stops after the consumer, so in-flight work is visible to the end.

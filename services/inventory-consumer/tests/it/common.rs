@@ -58,6 +58,7 @@ impl Harness {
             db_lock_timeout: None,
             db_idle_in_transaction_timeout: None,
             http: service_kit::http::HttpSettings::default(),
+            auth: service_kit::auth::AuthSettings::default(),
             log_format: telemetry::LogFormat::Text,
         }
     }
@@ -303,5 +304,6 @@ fn event(order: OrderId, seq: i64, payload: EventPayload) -> Event {
         payload,
         traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".to_owned()),
         tracestate: None,
+        tenant_id: domain::TenantId::default_tenant(),
     }
 }

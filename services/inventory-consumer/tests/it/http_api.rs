@@ -125,3 +125,56 @@ async fn stock_is_bounded_and_a_stale_if_match_write_is_refused_with_412() {
     assert_eq!(client.get(&missing).send().await.unwrap().status(), 404, "If-Match never creates");
     running.stop().await;
 }
+
+/// With `AUTH_JWT_SECRET` set, `GET` needs `inventory:read` and `PUT` `inventory:write`: no,
+/// forged, expired or unscoped tokens get 401/403 problem+json with the Bearer challenge, and
+/// change nothing.
+#[tokio::test]
+async fn the_inventory_routes_need_a_token_with_their_scope() {
+    use domain::TenantId;
+    use service_kit::auth::{mint, SigningKey};
+
+    const SECRET: &str = "inventory-test-secret-of-32-bytes-plus";
+    let h = Harness::new("http-auth").await;
+    let mut config = h.config("c1");
+    config.auth.auth_jwt_secret = Some(SECRET.to_owned());
+    let running = crate::common::Running::start(config).await;
+    let client = reqwest::Client::new();
+    let url = running.url("/inventory/SKU-A");
+    let tenant = TenantId::parse("t-a").unwrap();
+    let now = chrono::Utc::now().timestamp().unsigned_abs();
+    let token = |key: &str, scope: &str, exp: u64| mint(SigningKey::Secret(key), &tenant, scope, exp).unwrap();
+    let all = "orders:read orders:write inventory:read inventory:write admin";
+    let good = token(SECRET, all, now + 600);
+    let r = client.put(&url).bearer_auth(&good).json(&json!({"on_hand": 3})).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+
+    let forged = token("another-secret-that-is-32-bytes-long!", all, now + 600);
+    let expired = token(SECRET, all, now - 3600);
+    for (method, scope) in [("GET", "inventory:read"), ("PUT", "inventory:write")] {
+        let send = |bearer: Option<String>| {
+            let req = if method == "GET" { client.get(&url) } else { client.put(&url).json(&json!({"on_hand": 99})) };
+            let req = match bearer {
+                Some(t) => req.bearer_auth(t),
+                None => req,
+            };
+            async move { req.send().await.unwrap() }
+        };
+        let unscoped = token(SECRET, &all.split(' ').filter(|s| *s != scope).collect::<Vec<_>>().join(" "), now + 600);
+        for (bearer, status, challenge) in [
+            (None, 401, "Bearer"),
+            (Some(forged.clone()), 401, "Bearer error=\"invalid_token\""),
+            (Some(expired.clone()), 401, "Bearer error=\"invalid_token\""),
+            (Some(unscoped), 403, "Bearer error=\"insufficient_scope\""),
+        ] {
+            let r = send(bearer).await;
+            assert_eq!(r.status(), status, "{method}");
+            let header = r.headers().get("www-authenticate").and_then(|v| v.to_str().ok()).unwrap_or_default();
+            assert!(header.starts_with(challenge), "{method}: {header}");
+            assert_eq!(r.headers().get("content-type").and_then(|v| v.to_str().ok()), Some("application/problem+json"));
+        }
+    }
+    let got: Value = client.get(&url).bearer_auth(&good).send().await.unwrap().json().await.unwrap();
+    assert_eq!(got["on_hand"], 3, "no refused PUT changed the stock");
+    running.stop().await;
+}
