@@ -18,6 +18,7 @@ pub mod runner;
 pub mod session;
 pub mod shutdown;
 pub mod startup;
+pub mod tenancy;
 pub mod upkeep;
 
 pub use auth::{Authenticator, Principal, Scope};

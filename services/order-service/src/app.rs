@@ -24,13 +24,16 @@ use crate::config::Config;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::orders::Orders;
-use crate::tenancy::{self, Tenancy};
 use crate::{observe, routes};
+use service_kit::tenancy::{self, Tenancy};
 
 /// Connections besides the API's: migrations, readiness checks, key expiry and the upkeep of
 /// `idempotency_keys` (a vacuum may hold one for a while). (The outbox notifier keeps one more
 /// of its own.)
 const SPARE_CONNECTIONS: u32 = 3;
+
+/// The tables row-level security keeps tenants apart in.
+const TENANT_TABLES: &[&str] = &["orders", "idempotency_keys", "outbox", "outbox_published"];
 
 /// What handlers share.
 #[derive(Clone)]
@@ -236,7 +239,8 @@ async fn migrate(m: Migration, shutdown: Shutdown) {
     tracing::info!("orders database migrated");
     let mut retry = service_kit::Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     let checked = loop {
-        let checked = async { tenancy::check_role(&mut *m.service.acquire().await?, m.tenancy.role()).await };
+        let checked =
+            async { tenancy::check_role(&mut *m.service.acquire().await?, m.tenancy.role(), TENANT_TABLES).await };
         match checked.await {
             Ok(checked) => break checked,
             Err(e) => tracing::warn!(error = %e, "checking the runtime role failed; retrying"),

@@ -14,7 +14,6 @@ mod observe;
 mod orders;
 mod routes;
 mod store;
-mod tenancy;
 pub mod token;
 
 pub use app::{migrate_once, OrderService};

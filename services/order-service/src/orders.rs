@@ -11,7 +11,7 @@ use sqlx::PgConnection;
 use crate::error::ApiError;
 use crate::idempotency::{self, IdempotencyKey};
 use crate::store::{self, StoreError};
-use crate::tenancy::Tenancy;
+use service_kit::tenancy::Tenancy;
 
 /// The result of a create request.
 pub enum Created {

@@ -85,7 +85,7 @@ fn order_event<'a>(
 }
 
 /// Inserts a new order of `tenant` and its `OrderCreated` event in one statement, in a
-/// transaction of that tenant ([`crate::tenancy`]; the event takes its tenant from it).
+/// transaction of that tenant ([`service_kit::tenancy`]; the event takes its tenant from it).
 /// `notify`: the transaction wakes the relays at its commit.
 #[tracing::instrument(skip_all, fields(order_id = %order.id, db.system = "postgresql"))]
 pub async fn insert_order<'c>(

@@ -7,8 +7,9 @@
 //! ([`RoleName`], [`TenantId`]), safe to write into the statement.
 
 use domain::TenantId;
-use service_kit::session::RoleName;
 use sqlx::{Connection as _, PgConnection, Postgres, Transaction};
+
+use crate::session::RoleName;
 
 /// Starts request transactions as the runtime role.
 #[derive(Debug, Clone)]
@@ -40,17 +41,34 @@ impl Tenancy {
     }
 }
 
-/// Why the runtime role would not be held by row-level security, if it would not.
-pub async fn check_role(conn: &mut PgConnection, role: &RoleName) -> Result<Option<String>, sqlx::Error> {
+impl Tenancy {
+    /// [`Tenancy::begin`] on a connection of `pool`, which the transaction owns.
+    pub async fn begin_in(
+        &self,
+        pool: &sqlx::PgPool,
+        tenant: &TenantId,
+    ) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
+        pool.begin_with(self.begin_statement(tenant)).await
+    }
+}
+
+/// Why the runtime role would not be held by row-level security on `tables` (of the current
+/// schema), if it would not.
+pub async fn check_role(
+    conn: &mut PgConnection,
+    role: &RoleName,
+    tables: &[&str],
+) -> Result<Option<String>, sqlx::Error> {
     let found = sqlx::query!(
         r#"SELECT r.rolsuper AS "superuser!", r.rolbypassrls AS "bypasses_rls!",
                   pg_has_role(current_user, r.oid, 'MEMBER') AS "reachable!",
                   EXISTS (SELECT 1 FROM pg_class c
-                          WHERE c.relname IN ('orders', 'idempotency_keys', 'outbox', 'outbox_published')
+                          WHERE c.relname = ANY($2)
                             AND c.relnamespace = current_schema()::regnamespace
                             AND pg_has_role(r.oid, c.relowner, 'MEMBER')) AS "owns_tables!"
            FROM pg_roles r WHERE r.rolname = $1"#,
         role.as_str(),
+        tables as _,
     )
     .fetch_optional(conn)
     .await?;
