@@ -15,9 +15,10 @@ use domain::Event;
 use sqlx::{Connection, PgConnection};
 
 use crate::entries::{DeadLetter, Incoming, Parked};
-use crate::rules::{self, Reservation, Stock};
+use crate::rules::{self, Reservation};
 use crate::store::batch::{
-    load_and_lock_stock, lock_checkpoints, record_dead_letters, write, Loaded, Locked, Mark, ProcessedRow, Writes,
+    load_and_lock_stock, lock_checkpoints, record_dead_letters, write, Loaded, Locked, Mark, ProcessedRow, TenantStock,
+    Writes,
 };
 use crate::store::entry_failures;
 
@@ -78,7 +79,7 @@ async fn apply_events(
     let expired_before = expiry_cutoff(now.unwrap_or_else(Utc::now), retention);
     let mut marks: HashMap<String, Mark> = HashMap::new();
 
-    let Loaded { mut seen, mut parked, mut reservations, mut stock } =
+    let Loaded { mut seen, mut parked, mut reservations, mut owners, mut stock } =
         load_and_lock_stock(tx, events, &aggregates).await?;
     let original_reservations = reservations.clone();
     let original_stock = stock.clone();
@@ -106,13 +107,13 @@ async fn apply_events(
                 }
             }
         } else {
-            effect(event, &mut reservations, &mut stock);
+            effect(event, &mut reservations, &mut owners, &mut stock);
             Mark::add(&mut marks, event);
             processed.push(ProcessedRow::of(event));
             // The gap may have closed for events parked earlier.
             let mut next = event.seq + 1;
             while let Some(p) = parked.remove(&(aggregate.clone(), next)) {
-                effect(&p.incoming.event, &mut reservations, &mut stock);
+                effect(&p.incoming.event, &mut reservations, &mut owners, &mut stock);
                 Mark::add(&mut marks, &p.incoming.event);
                 seen.insert(p.incoming.event.event_id.to_string());
                 result.applied.push(Applied {
@@ -150,8 +151,17 @@ async fn apply_events(
             .collect()
     };
     let writes = Writes {
-        stock: stock.iter().filter(|(k, v)| original_stock.get(*k) != Some(*v)).collect(),
-        reservations: reservations.iter().filter(|(k, v)| original_reservations.get(*k) != Some(*v)).collect(),
+        stock: stock
+            .iter()
+            .flat_map(|(tenant, rows)| rows.iter().map(move |(sku, row)| (tenant, sku, row)))
+            .filter(|(tenant, sku, row)| original_stock.get(*tenant).and_then(|rows| rows.get(*sku)) != Some(*row))
+            .collect(),
+        reservations: reservations
+            .iter()
+            .filter(|(k, v)| original_reservations.get(*k) != Some(*v))
+            // Every reservation has its owner: loaded with it, or set by the create that made it.
+            .filter_map(|(k, v)| Some((k, owners.get(k)?, v)))
+            .collect(),
         checkpoints: checkpoints.iter().filter(|(k, v)| original_checkpoints.get(*k) != Some(*v)).collect(),
         marks: &marks,
         processed: &processed,
@@ -187,9 +197,19 @@ fn expired_letter(incoming: &Incoming, retention: Duration) -> DeadLetter {
     }
 }
 
-fn effect(event: &Event, reservations: &mut HashMap<String, Reservation>, stock: &mut HashMap<String, Stock>) {
+/// Applies `event` to its order's reservation and its tenant's stock. An order's stock is
+/// that of the tenant of the event that created it (its reservation's owner), whatever tenant
+/// later events name.
+fn effect(
+    event: &Event,
+    reservations: &mut HashMap<String, Reservation>,
+    owners: &mut HashMap<String, String>,
+    stock: &mut TenantStock,
+) {
     let order = event.aggregate_id.to_string();
-    if let Some(next) = rules::apply(&event.payload, reservations.get(&order), stock) {
+    let tenant = owners.entry(order.clone()).or_insert_with(|| event.tenant_id.as_str().to_owned());
+    let tenant_stock = stock.entry(tenant.clone()).or_default();
+    if let Some(next) = rules::apply(&event.payload, reservations.get(&order), tenant_stock) {
         reservations.insert(order, next);
     }
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use service_kit::auth::AuthSettings;
 use service_kit::http::HttpSettings;
+use service_kit::session::RoleName;
 use service_kit::{parse_duration, SessionLimits};
 use telemetry::LogFormat;
 
@@ -65,6 +66,14 @@ pub struct Config {
     /// The inventory database.
     #[arg(long, env = "DATABASE_URL")]
     pub database_url: String,
+    /// Postgres URL the migrations run on, as the tables' owner (default: DATABASE_URL).
+    #[arg(long, env = "DATABASE_MIGRATION_URL", hide_env_values = true)]
+    pub database_migration_url: Option<String>,
+    /// Role every stock API transaction runs as (`SET LOCAL ROLE`), which row-level security
+    /// applies to: not a superuser, not the tables' owner, no BYPASSRLS. The migrations create
+    /// `inventory_app` with the privileges the API needs; another role must be a member of it.
+    #[arg(long, env = "DATABASE_RUNTIME_ROLE", default_value = "inventory_app")]
+    pub database_runtime_role: RoleName,
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
     pub redis_url: String,
     #[arg(long, env = "REDIS_STREAM", default_value = "orders.events")]

@@ -11,12 +11,15 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::from_fn_with_state;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
-use axum::{Json, Router};
-use domain::Sku;
+use std::sync::{Arc, OnceLock};
+
+use axum::{Extension, Json, Router};
+use domain::{Sku, TenantId};
 use serde::{Deserialize, Serialize};
-use service_kit::auth::{require, Authenticator, Scope};
+use service_kit::auth::{require, Authenticator, Principal, Scope};
+use service_kit::tenancy::Tenancy;
 use service_kit::{failure, Problem};
-use sqlx::PgPool;
+use sqlx::{PgPool, Postgres, Transaction};
 
 use crate::store::stock::{self, SetOutcome, SetWhen, StockRow};
 
@@ -28,14 +31,35 @@ pub const MAX_BODY: usize = 64 * 1024;
 /// saturate all the same).
 pub const MAX_ON_HAND: i64 = 1_000_000_000_000;
 
-/// `GET` needs the scope `inventory:read`, `PUT` `inventory:write` ([`service_kit::auth`]).
-pub fn router(pool: PgPool, auth: &Authenticator) -> Router {
+/// What the stock API's handlers share.
+#[derive(Clone)]
+pub struct StockApi {
+    pub pool: PgPool,
+    /// Each request's transaction runs as the runtime role, for the token's tenant.
+    pub tenancy: Tenancy,
+    /// Set when the runtime role is one row-level security would not hold: the API refuses.
+    pub unfit: Arc<OnceLock<String>>,
+}
+
+impl StockApi {
+    /// A transaction of `tenant`, as the runtime role.
+    async fn begin(&self, tenant: &TenantId) -> Result<Transaction<'static, Postgres>, ApiError> {
+        if self.unfit.get().is_some() {
+            return Err(ApiError::Unfit);
+        }
+        Ok(self.tenancy.begin_in(&self.pool, tenant).await?)
+    }
+}
+
+/// `GET` needs the scope `inventory:read`, `PUT` `inventory:write` ([`service_kit::auth`]);
+/// each works on the token's tenant's stock only.
+pub fn router(api: StockApi, auth: &Authenticator) -> Router {
     let read = get(get_stock).route_layer(from_fn_with_state((auth.clone(), Scope::InventoryRead), require));
     let write = put(put_stock).route_layer(from_fn_with_state((auth.clone(), Scope::InventoryWrite), require));
     Router::new()
         .route("/inventory/{sku}", read.merge(write))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
-        .with_state(pool)
+        .with_state(api)
 }
 
 #[derive(Debug, Serialize)]
@@ -64,6 +88,8 @@ enum ApiError {
     Body(#[from] JsonRejection),
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
+    #[error("the runtime role is unfit")]
+    Unfit,
 }
 
 impl IntoResponse for ApiError {
@@ -84,6 +110,7 @@ impl IntoResponse for ApiError {
                 tracing::error!(error = %e, failure_class = %class, "inventory request failed");
                 Problem::unavailable()
             }
+            Self::Unfit => Problem::unavailable().detail("the service is misconfigured; see /readyz"),
         }
         .into_response()
     }
@@ -117,10 +144,16 @@ fn stock_response(sku: &Sku, row: StockRow) -> Response {
     response
 }
 
-async fn get_stock(State(pool): State<PgPool>, Path(sku): Path<String>) -> Result<Response, ApiError> {
+async fn get_stock(
+    State(api): State<StockApi>,
+    Extension(principal): Extension<Principal>,
+    Path(sku): Path<String>,
+) -> Result<Response, ApiError> {
     let sku = parse_sku(&sku)?;
-    let row = stock::find(&pool, sku.as_str()).await?.ok_or(ApiError::NotFound)?;
-    Ok(stock_response(&sku, row))
+    let mut tx = api.begin(&principal.tenant).await?;
+    let row = stock::find(&mut tx, &principal.tenant, sku.as_str()).await?;
+    tx.commit().await?;
+    Ok(stock_response(&sku, row.ok_or(ApiError::NotFound)?))
 }
 
 /// What a `PUT` requires of the row it writes.
@@ -164,7 +197,8 @@ fn precondition(headers: &HeaderMap) -> Result<Precondition, ApiError> {
 /// Creates the sku or sets its on-hand quantity; reservations are kept, so the new quantity
 /// may not be below what is reserved (422).
 async fn put_stock(
-    State(pool): State<PgPool>,
+    State(api): State<StockApi>,
+    Extension(principal): Extension<Principal>,
     Path(sku): Path<String>,
     headers: HeaderMap,
     body: Result<Json<SetStock>, JsonRejection>,
@@ -183,7 +217,12 @@ async fn put_stock(
         Precondition::Exists => SetWhen::Exists { versions: None },
         Precondition::Version(versions) => SetWhen::Exists { versions: Some(versions) },
     };
-    match stock::set(&pool, sku.as_str(), on_hand, &when).await? {
+    let mut tx = api.begin(&principal.tenant).await?;
+    let outcome = stock::set(&mut tx, &principal.tenant, sku.as_str(), on_hand, &when).await?;
+    if matches!(outcome, SetOutcome::Written(_)) {
+        tx.commit().await?;
+    }
+    match outcome {
         SetOutcome::Written(row) => Ok(stock_response(&sku, row)),
         SetOutcome::Refused => Err(ApiError::Stale),
         SetOutcome::BelowReserved => {

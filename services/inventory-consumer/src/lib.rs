@@ -25,7 +25,7 @@ pub mod stream;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use prometheus_client::registry::Registry;
@@ -33,6 +33,8 @@ use service_kit::connections::Connections;
 use service_kit::http::body::{read_within, BodyLimits};
 use service_kit::http::server::{serve, ServerMetrics};
 use service_kit::runner::{drain, TaskTracker, TASKS_GRACE};
+use service_kit::session::RoleName;
+use service_kit::tenancy::Tenancy;
 use service_kit::{ops_router, Liveness, Readiness, SessionLimits};
 use sqlx::migrate::Migrator;
 use sqlx::postgres::PgConnectOptions;
@@ -49,6 +51,8 @@ pub struct InventoryConsumer {
     config: Config,
     limits: SessionLimits,
     pool: PgPool,
+    /// The owner's connection for migrations: `pool` unless `DATABASE_MIGRATION_URL` is set.
+    migration_pool: PgPool,
     redis: redis::Client,
     listener: tokio::net::TcpListener,
     local_addr: SocketAddr,
@@ -72,12 +76,19 @@ impl InventoryConsumer {
         let options = config.database_url.parse::<PgConnectOptions>().map_err(StartError::DatabaseUrl)?;
         let options = limits.apply(options, &config.consumer_name);
         let pool = service_kit::startup::lazy_pool_with(options, config.database_max_connections);
+        let migration_pool = match &config.database_migration_url {
+            None => pool.clone(),
+            Some(url) => {
+                let options = url.parse::<PgConnectOptions>().map_err(StartError::DatabaseUrl)?;
+                service_kit::startup::lazy_pool_with(limits.apply(options, &config.consumer_name), 1)
+            }
+        };
         let redis = redis::Client::open(config.redis_url.as_str()).map_err(StartError::RedisUrl)?;
         let listener = service_kit::http::server::bind(config.http_addr)
             .map_err(|source| StartError::Bind { addr: config.http_addr, source })?;
         let local_addr = listener.local_addr().map_err(|source| StartError::Bind { addr: config.http_addr, source })?;
         let registry = Arc::new(Mutex::new(Registry::default()));
-        Ok(Self { config, limits, pool, redis, listener, local_addr, registry, auth })
+        Ok(Self { config, limits, pool, migration_pool, redis, listener, local_addr, registry, auth })
     }
 }
 
@@ -114,9 +125,22 @@ impl Service for InventoryConsumer {
                     }
                 }
             });
+        let unfit = Arc::new(OnceLock::<String>::new());
+        let readiness = readiness.check("runtime role", {
+            let unfit = unfit.clone();
+            move || {
+                let checked = unfit.get().map_or(Ok(()), |why| Err(why.clone()));
+                async move { checked }
+            }
+        });
         let readiness = service_kit::auth::announce(&self.auth, readiness);
         let body_limits = BodyLimits { timeout: self.config.http.body_timeout, max_bytes: http::MAX_BODY };
-        let app = http::router(self.pool.clone(), &self.auth)
+        let stock_api = http::StockApi {
+            pool: self.pool.clone(),
+            tenancy: Tenancy::new(self.config.database_runtime_role.clone()),
+            unfit: unfit.clone(),
+        };
+        let app = http::router(stock_api, &self.auth)
             .merge(ops_router(readiness, liveness.clone(), self.registry.clone()))
             .layer(axum::middleware::from_fn_with_state(body_limits, read_within));
         // The server stops after the consumer, so in-flight work is visible to the end.
@@ -125,8 +149,9 @@ impl Service for InventoryConsumer {
         let server =
             tokio::spawn(serve(self.listener, app, self.config.http.clone(), server_metrics, stop_http.clone(), grace));
         // Nothing is consumed unless the migrations were applied (None: shut down first).
-        if service_kit::startup::migrate_with_retry(&self.pool, &MIGRATOR, &shutdown).await.is_some() {
+        if service_kit::startup::migrate_with_retry(&self.migration_pool, &MIGRATOR, &shutdown).await.is_some() {
             migrated.store(true, Ordering::Relaxed);
+            check_runtime_role(&self.pool, &self.config.database_runtime_role, &unfit).await;
             // Background work stops with the consumer.
             let stop_tasks = shutdown.child_token();
             let tasks = TaskTracker::new();
@@ -176,8 +201,26 @@ impl Service for InventoryConsumer {
             Ok(r) => r.map_err(StartError::Serve),
             Err(e) => Err(StartError::Serve(std::io::Error::other(e))),
         };
-        self.pool.close().await;
+        tokio::join!(self.pool.close(), self.migration_pool.close());
         served
+    }
+}
+
+/// The tables row-level security keeps tenants apart in.
+const TENANT_TABLES: &[&str] = &["inventory", "order_reservations"];
+
+/// Checks that row-level security holds the stock API's runtime role; if not, `unfit` says
+/// why (the API refuses and `/readyz` reports it). A check that cannot run is only logged:
+/// the role stays presumed fit, as the policies still apply to whoever it is.
+async fn check_runtime_role(pool: &PgPool, role: &RoleName, unfit: &OnceLock<String>) {
+    let checked = async { service_kit::tenancy::check_role(&mut *pool.acquire().await?, role, TENANT_TABLES).await };
+    match checked.await {
+        Ok(None) => {}
+        Ok(Some(why)) => {
+            tracing::error!(%role, "{why}; the stock API stays closed");
+            let _ = unfit.set(why);
+        }
+        Err(e) => tracing::warn!(error = %e, %role, "checking the runtime role failed"),
     }
 }
 

@@ -29,7 +29,11 @@ async fn run_command(config: inventory_consumer::Config, command: Command) -> an
         .context("connect to DATABASE_URL")?;
     match command {
         Command::Migrate => {
-            inventory_consumer::MIGRATOR.run(&pool).await.context("apply migrations")?;
+            let owner = match &config.database_migration_url {
+                None => pool.clone(),
+                Some(url) => sqlx::PgPool::connect(url).await.context("connect to DATABASE_MIGRATION_URL")?,
+            };
+            inventory_consumer::MIGRATOR.run(&owner).await.context("apply migrations")?;
             println!("inventory database migrated");
         }
         Command::DeadLetters(DeadLetterCommand::List { all }) => {

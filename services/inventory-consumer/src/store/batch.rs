@@ -42,57 +42,70 @@ pub(crate) struct Locked {
     pub(crate) now: Option<DateTime<Utc>>,
 }
 
+/// Stock rows by tenant, then sku.
+pub(crate) type TenantStock = HashMap<String, HashMap<String, Stock>>;
+
 /// What a batch reads once its checkpoints are locked.
 pub(crate) struct Loaded {
     /// Event ids of the batch already applied.
     pub(crate) seen: HashSet<String>,
     pub(crate) parked: BTreeMap<(String, i64), Parked>,
     pub(crate) reservations: HashMap<String, Reservation>,
+    /// The tenant of each order with a reservation: whose stock it holds.
+    pub(crate) owners: HashMap<String, String>,
     /// The inventory rows the batch may touch, locked.
-    pub(crate) stock: HashMap<String, Stock>,
+    pub(crate) stock: TenantStock,
 }
 
 /// Reads, in one statement, which of `event_ids` were applied already, the parked events and
-/// reservations of `aggregates`, and locks (sorted by sku) the inventory rows of the batch's
-/// orders: the skus of `events` and of the reservations read. Runs after the aggregates'
-/// checkpoints are locked, which guard their parked events and reservations; the stock rows'
-/// values are the latest committed, as rows locked by the statement are re-read.
+/// reservations of `aggregates`, and locks (sorted by tenant and sku) the inventory rows of the
+/// batch's orders: the tenants' skus of `events` and of the reservations read. Runs after the
+/// aggregates' checkpoints are locked, which guard their parked events and reservations; the
+/// stock rows' values are the latest committed, as rows locked by the statement are re-read.
 pub(crate) async fn load_and_lock_stock(
     tx: &mut PgConnection,
     events: &[Incoming],
     aggregates: &[String],
 ) -> Result<Loaded, sqlx::Error> {
     let event_ids: Vec<String> = events.iter().map(|e| e.event.event_id.to_string()).collect();
-    let skus: Vec<String> = created_skus(events.iter().map(|i| &i.event)).into_iter().collect();
-    // One row shape for the four tables: kind, key, seq, text, jsonb, text, bigint, bigint.
+    let wanted = created_skus(events.iter().map(|i| &i.event));
+    let (tenants, skus): (Vec<String>, Vec<String>) = wanted.iter().cloned().unzip();
+    // One row shape for the four tables: kind, key, seq, text, jsonb, text, tenant, bigint, bigint.
     let rows = sqlx::query!(
         r#"WITH loaded AS (
              SELECT 0 AS kind, event_id AS key, NULL::bigint AS seq, NULL::text AS a, NULL::jsonb AS j,
-                    NULL::text AS b
+                    NULL::text AS b, NULL::text AS t
                FROM processed_messages WHERE event_id = ANY($1)
-             UNION ALL SELECT 1, aggregate_id, seq, stream_entry_id, fields, NULL FROM parked_events
+             UNION ALL SELECT 1, aggregate_id, seq, stream_entry_id, fields, NULL, NULL FROM parked_events
                WHERE aggregate_id = ANY($2)
-             UNION ALL SELECT 2, order_id, NULL, status, items, reason FROM order_reservations
+             UNION ALL SELECT 2, order_id, NULL, status, items, reason, tenant_id FROM order_reservations
                WHERE order_id = ANY($2)),
            stock AS (
-             SELECT i.sku, i.on_hand, i.reserved FROM inventory i
-             WHERE i.sku IN (SELECT unnest($3::text[])
-                             UNION SELECT item->>'sku' FROM loaded l, jsonb_array_elements(l.j) AS item
-                             WHERE l.kind = 2)
-             ORDER BY i.sku FOR UPDATE OF i)
-           SELECT kind AS "kind!", key AS "key!", seq, a, j, b, NULL::bigint AS on_hand, NULL::bigint AS reserved
+             SELECT i.tenant_id, i.sku, i.on_hand, i.reserved FROM inventory i
+             WHERE (i.tenant_id, i.sku) IN (
+                     SELECT * FROM unnest($3::text[], $4::text[])
+                     UNION SELECT l.t, item->>'sku' FROM loaded l, jsonb_array_elements(l.j) AS item
+                     WHERE l.kind = 2)
+             ORDER BY i.tenant_id, i.sku FOR UPDATE OF i)
+           SELECT kind AS "kind!", key AS "key!", seq, a, j, b, t, NULL::bigint AS on_hand, NULL::bigint AS reserved
            FROM loaded
-           UNION ALL SELECT 3, sku, NULL, NULL, NULL, NULL, on_hand, reserved FROM stock"#,
+           UNION ALL SELECT 3, sku, NULL, NULL, NULL, NULL, tenant_id, on_hand, reserved FROM stock"#,
         &event_ids,
         aggregates,
+        &tenants,
         &skus,
     )
     .fetch_all(&mut *tx)
     .await?;
     // Each kind's columns are not null in its table.
     let missing = |column: &str| sqlx::Error::Decode(format!("`{column}` is null in a loaded row").into());
-    let mut loaded =
-        Loaded { seen: HashSet::new(), parked: BTreeMap::new(), reservations: HashMap::new(), stock: HashMap::new() };
+    let mut loaded = Loaded {
+        seen: HashSet::new(),
+        parked: BTreeMap::new(),
+        reservations: HashMap::new(),
+        owners: HashMap::new(),
+        stock: HashMap::new(),
+    };
     for row in rows {
         let key = row.key;
         match row.kind {
@@ -119,47 +132,65 @@ pub(crate) async fn load_and_lock_stock(
                     .ok_or_else(|| sqlx::Error::Decode(format!("unknown reservation status {status}").into()))?;
                 let items: Vec<ReservedItem> = serde_json::from_value(row.j.ok_or_else(|| missing("j"))?)
                     .map_err(|e| sqlx::Error::Decode(e.into()))?;
+                loaded.owners.insert(key.clone(), row.t.ok_or_else(|| missing("t"))?);
                 loaded.reservations.insert(key, Reservation { status, items, reason: row.b });
             }
             _ => {
                 let on_hand = row.on_hand.ok_or_else(|| missing("on_hand"))?;
                 let reserved = row.reserved.ok_or_else(|| missing("reserved"))?;
-                loaded.stock.insert(key, Stock { on_hand, reserved });
+                let tenant = row.t.ok_or_else(|| missing("t"))?;
+                loaded.stock.entry(tenant).or_default().insert(key, Stock { on_hand, reserved });
             }
         }
     }
     // A parked event is a confirm or a cancel, whose skus are its reservation's; one that
     // creates an order (a producer numbering it past 1) brings skus of its own.
-    let parked_skus: Vec<String> = created_skus(loaded.parked.values().map(|p| &p.incoming.event))
+    let reserved: BTreeSet<(String, String)> = loaded
+        .reservations
+        .iter()
+        .filter_map(|(order, r)| Some((loaded.owners.get(order)?, r)))
+        .flat_map(|(tenant, r)| r.items.iter().map(move |i| (tenant.clone(), i.sku.clone())))
+        .collect();
+    let parked_skus: Vec<(String, String)> = created_skus(loaded.parked.values().map(|p| &p.incoming.event))
         .into_iter()
-        .filter(|sku| {
-            !skus.contains(sku) && !loaded.reservations.values().any(|r| r.items.iter().any(|i| &i.sku == sku))
-        })
+        .filter(|key| !wanted.contains(key) && !reserved.contains(key))
         .collect();
     if !parked_skus.is_empty() {
-        loaded.stock.extend(lock_stock(tx, &parked_skus).await?);
+        for (tenant, sku, stock) in lock_stock(tx, &parked_skus).await? {
+            loaded.stock.entry(tenant).or_default().insert(sku, stock);
+        }
     }
     Ok(loaded)
 }
 
-/// The skus of the orders `events` create, sorted.
-fn created_skus<'a>(events: impl Iterator<Item = &'a Event>) -> BTreeSet<String> {
+/// The (tenant, sku) pairs of the orders `events` create, sorted.
+fn created_skus<'a>(events: impl Iterator<Item = &'a Event>) -> BTreeSet<(String, String)> {
     let mut skus = BTreeSet::new();
     for event in events {
         if let EventPayload::OrderCreated(c) = &event.payload {
-            skus.extend(c.items.iter().map(|i| i.sku.as_str().to_owned()));
+            let tenant = event.tenant_id.as_str();
+            skus.extend(c.items.iter().map(|i| (tenant.to_owned(), i.sku.as_str().to_owned())));
         }
     }
     skus
 }
 
-/// Locks (sorted by sku) the inventory rows `skus`.
-async fn lock_stock(tx: &mut PgConnection, skus: &[String]) -> Result<HashMap<String, Stock>, sqlx::Error> {
-    let rows =
-        sqlx::query!("SELECT sku, on_hand, reserved FROM inventory WHERE sku = ANY($1) ORDER BY sku FOR UPDATE", skus)
-            .fetch_all(&mut *tx)
-            .await?;
-    Ok(rows.into_iter().map(|r| (r.sku, Stock { on_hand: r.on_hand, reserved: r.reserved })).collect())
+/// Locks (sorted by tenant and sku) the inventory rows `keys` (tenant, sku).
+async fn lock_stock(
+    tx: &mut PgConnection,
+    keys: &[(String, String)],
+) -> Result<Vec<(String, String, Stock)>, sqlx::Error> {
+    let (tenants, skus): (Vec<String>, Vec<String>) = keys.iter().cloned().unzip();
+    let rows = sqlx::query!(
+        "SELECT tenant_id, sku, on_hand, reserved FROM inventory
+         WHERE (tenant_id, sku) IN (SELECT * FROM unnest($1::text[], $2::text[]))
+         ORDER BY tenant_id, sku FOR UPDATE",
+        &tenants,
+        &skus,
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    Ok(rows.into_iter().map(|r| (r.tenant_id, r.sku, Stock { on_hand: r.on_hand, reserved: r.reserved })).collect())
 }
 
 /// What the applied events of one order say of it.
@@ -199,8 +230,10 @@ impl ProcessedRow {
 
 /// Everything a batch writes besides dead letters.
 pub(crate) struct Writes<'a> {
-    pub(crate) stock: Vec<(&'a String, &'a Stock)>,
-    pub(crate) reservations: Vec<(&'a String, &'a Reservation)>,
+    /// Changed stock rows: tenant, sku, values.
+    pub(crate) stock: Vec<(&'a String, &'a String, &'a Stock)>,
+    /// Changed reservations: order, its tenant, the reservation.
+    pub(crate) reservations: Vec<(&'a String, &'a String, &'a Reservation)>,
     pub(crate) checkpoints: Vec<(&'a String, &'a i64)>,
     /// Of each order with events applied: the latest `occurred_at` among them, and whether one
     /// closed the order (no event can follow it).
@@ -226,21 +259,29 @@ pub(crate) async fn write(tx: &mut PgConnection, w: &Writes<'_>) -> Result<(), s
             "stock AS (UPDATE inventory i SET on_hand = u.on_hand, reserved = u.reserved, updated_at = now(), \
                                 version = i.version + 1 FROM unnest(",
         );
-        q.sql.push_bind(w.stock.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>()).push("::text[], ");
-        q.sql.push_bind(w.stock.iter().map(|(_, st)| st.on_hand).collect::<Vec<_>>()).push("::bigint[], ");
-        q.sql.push_bind(w.stock.iter().map(|(_, st)| st.reserved).collect::<Vec<_>>());
-        q.sql.push("::bigint[]) AS u(sku, on_hand, reserved) WHERE i.sku = u.sku)");
+        q.sql.push_bind(w.stock.iter().map(|(t, _, _)| t.as_str()).collect::<Vec<_>>()).push("::text[], ");
+        q.sql.push_bind(w.stock.iter().map(|(_, k, _)| k.as_str()).collect::<Vec<_>>()).push("::text[], ");
+        q.sql.push_bind(w.stock.iter().map(|(_, _, st)| st.on_hand).collect::<Vec<_>>()).push("::bigint[], ");
+        q.sql.push_bind(w.stock.iter().map(|(_, _, st)| st.reserved).collect::<Vec<_>>());
+        q.sql.push(
+            "::bigint[]) AS u(tenant_id, sku, on_hand, reserved) WHERE i.tenant_id = u.tenant_id AND i.sku = u.sku)",
+        );
     }
     if !w.reservations.is_empty() {
-        let items = w.reservations.iter().map(|(_, r)| serde_json::to_value(&r.items)).collect::<Result<Vec<_>, _>>();
+        let items =
+            w.reservations.iter().map(|(_, _, r)| serde_json::to_value(&r.items)).collect::<Result<Vec<_>, _>>();
         let items = items.map_err(|e| sqlx::Error::Encode(e.into()))?;
         q.open(
-            "reservations AS (INSERT INTO order_reservations (order_id, status, items, reason) SELECT * FROM unnest(",
+            "reservations AS (INSERT INTO order_reservations (order_id, tenant_id, status, items, reason) \
+                SELECT * FROM unnest(",
         );
-        q.sql.push_bind(w.reservations.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>()).push("::text[], ");
-        q.sql.push_bind(w.reservations.iter().map(|(_, r)| r.status.as_str()).collect::<Vec<_>>()).push("::text[], ");
+        q.sql.push_bind(w.reservations.iter().map(|(k, _, _)| k.as_str()).collect::<Vec<_>>()).push("::text[], ");
+        q.sql.push_bind(w.reservations.iter().map(|(_, t, _)| t.as_str()).collect::<Vec<_>>()).push("::text[], ");
+        q.sql
+            .push_bind(w.reservations.iter().map(|(_, _, r)| r.status.as_str()).collect::<Vec<_>>())
+            .push("::text[], ");
         q.sql.push_bind(items).push("::jsonb[], ");
-        q.sql.push_bind(w.reservations.iter().map(|(_, r)| r.reason.clone()).collect::<Vec<_>>());
+        q.sql.push_bind(w.reservations.iter().map(|(_, _, r)| r.reason.clone()).collect::<Vec<_>>());
         q.sql.push("::text[]) ON CONFLICT (order_id) DO UPDATE SET status = excluded.status, updated_at = now())");
     }
     if !w.checkpoints.is_empty() {

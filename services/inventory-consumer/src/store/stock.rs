@@ -1,6 +1,8 @@
-//! The stock API's statements on `inventory` (events change it through [`super::batch`]).
+//! The stock API's statements on `inventory` (events change it through [`super::batch`]),
+//! each on one tenant's stock, in a transaction of that tenant ([`service_kit::tenancy`]).
 
-use sqlx::PgPool;
+use domain::TenantId;
+use sqlx::PgConnection;
 
 /// A stock row as the API shows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,50 +34,65 @@ pub enum SetOutcome {
     BelowReserved,
 }
 
-pub async fn find(pool: &PgPool, sku: &str) -> Result<Option<StockRow>, sqlx::Error> {
-    sqlx::query_as!(StockRow, "SELECT on_hand, reserved, version FROM inventory WHERE sku = $1", sku)
-        .fetch_optional(pool)
-        .await
+pub async fn find(conn: &mut PgConnection, tenant: &TenantId, sku: &str) -> Result<Option<StockRow>, sqlx::Error> {
+    sqlx::query_as!(
+        StockRow,
+        "SELECT on_hand, reserved, version FROM inventory WHERE tenant_id = $1 AND sku = $2",
+        tenant.as_str(),
+        sku,
+    )
+    .fetch_optional(conn)
+    .await
 }
 
-/// Sets the on-hand quantity of `sku`, keeping its reservations.
-pub async fn set(pool: &PgPool, sku: &str, on_hand: i64, when: &SetWhen) -> Result<SetOutcome, sqlx::Error> {
+/// Sets the on-hand quantity of `tenant`'s `sku`, keeping its reservations.
+pub async fn set(
+    conn: &mut PgConnection,
+    tenant: &TenantId,
+    sku: &str,
+    on_hand: i64,
+    when: &SetWhen,
+) -> Result<SetOutcome, sqlx::Error> {
     let written = match when {
         SetWhen::Always => {
             sqlx::query_as!(
                 StockRow,
-                "INSERT INTO inventory (sku, on_hand) VALUES ($1, $2)
-                 ON CONFLICT (sku) DO UPDATE SET on_hand = excluded.on_hand, updated_at = now(),
-                                                 version = inventory.version + 1
+                "INSERT INTO inventory (tenant_id, sku, on_hand) VALUES ($1, $2, $3)
+                 ON CONFLICT (tenant_id, sku) DO UPDATE SET on_hand = excluded.on_hand, updated_at = now(),
+                                                            version = inventory.version + 1
                  RETURNING on_hand, reserved, version",
+                tenant.as_str(),
                 sku,
                 on_hand,
             )
-            .fetch_optional(pool)
+            .fetch_optional(conn)
             .await
         }
         SetWhen::Absent => {
             sqlx::query_as!(
                 StockRow,
-                "INSERT INTO inventory (sku, on_hand) VALUES ($1, $2) ON CONFLICT (sku) DO NOTHING
+                "INSERT INTO inventory (tenant_id, sku, on_hand) VALUES ($1, $2, $3)
+                 ON CONFLICT (tenant_id, sku) DO NOTHING
                  RETURNING on_hand, reserved, version",
+                tenant.as_str(),
                 sku,
                 on_hand,
             )
-            .fetch_optional(pool)
+            .fetch_optional(conn)
             .await
         }
         SetWhen::Exists { versions } => {
             sqlx::query_as!(
                 StockRow,
-                "UPDATE inventory SET on_hand = $2, updated_at = now(), version = version + 1
-                 WHERE sku = $1 AND ($3::bigint[] IS NULL OR version = ANY($3))
+                "UPDATE inventory SET on_hand = $3, updated_at = now(), version = version + 1
+                 WHERE tenant_id = $1 AND sku = $2 AND ($4::bigint[] IS NULL OR version = ANY($4))
                  RETURNING on_hand, reserved, version",
+                tenant.as_str(),
                 sku,
                 on_hand,
                 versions.as_deref(),
             )
-            .fetch_optional(pool)
+            .fetch_optional(conn)
             .await
         }
     };

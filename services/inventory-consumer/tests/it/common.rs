@@ -38,6 +38,8 @@ impl Harness {
     pub fn config(&self, name: &str) -> Config {
         Config {
             database_url: self.db.url.clone(),
+            database_migration_url: None,
+            database_runtime_role: "inventory_app".parse().expect("role"),
             redis_url: test_support::redis_url(),
             redis_stream: self.stream.clone(),
             consumer_group: self.group.clone(),
@@ -99,7 +101,7 @@ impl Harness {
 
     pub async fn set_stock(&self, sku: &str, on_hand: i64) {
         sqlx::query(
-            "INSERT INTO inventory (sku, on_hand) VALUES ($1, $2) ON CONFLICT (sku) DO UPDATE SET on_hand = $2",
+            "INSERT INTO inventory (sku, on_hand) VALUES ($1, $2) ON CONFLICT (tenant_id, sku) DO UPDATE SET on_hand = $2",
         )
         .bind(sku)
         .bind(on_hand)
@@ -113,6 +115,16 @@ impl Harness {
         sqlx::query_as("SELECT on_hand, reserved FROM inventory WHERE sku = $1")
             .bind(sku)
             .fetch_one(self.pool())
+            .await
+            .expect("stock row")
+    }
+
+    /// (on_hand, reserved) of `tenant`'s `sku`, if it has one.
+    pub async fn stock_of(&self, tenant: &str, sku: &str) -> Option<(i64, i64)> {
+        sqlx::query_as("SELECT on_hand, reserved FROM inventory WHERE tenant_id = $1 AND sku = $2")
+            .bind(tenant)
+            .bind(sku)
+            .fetch_optional(self.pool())
             .await
             .expect("stock row")
     }
@@ -285,6 +297,12 @@ pub fn created(order: OrderId, items: &[(&str, i64)]) -> Event {
         total_cents,
     });
     event(order, 1, payload)
+}
+
+/// `event`, of `tenant`.
+pub fn of_tenant(mut event: Event, tenant: &str) -> Event {
+    event.tenant_id = domain::TenantId::parse(tenant).expect("tenant");
+    event
 }
 
 pub fn confirmed(order: OrderId, seq: i64) -> Event {

@@ -11,3 +11,4 @@ mod poison;
 mod replicas;
 mod retention;
 mod rules;
+mod tenants;

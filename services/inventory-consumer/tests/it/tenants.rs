@@ -1,0 +1,107 @@
+//! Stock is per tenant: the same sku in two tenants is two stocks, each order moves its own
+//! tenant's, the stock API shows and sets only the token's tenant's, and Postgres' row-level
+//! security holds that on its own.
+
+use domain::{OrderId, TenantId};
+use serde_json::{json, Value};
+use service_kit::auth::{mint, SigningKey};
+use sqlx::{Connection as _, PgConnection};
+
+use crate::common::{cancelled, confirmed, created, of_tenant, Harness, Running};
+
+const SECRET: &str = "tenants-test-secret-of-32-bytes-plus!";
+const SKU: &str = "SHARED-SKU";
+
+fn token(tenant: &str) -> String {
+    let now = chrono::Utc::now().timestamp().unsigned_abs();
+    mint(SigningKey::Secret(SECRET), &TenantId::parse(tenant).unwrap(), "inventory:read inventory:write", now + 600)
+        .unwrap()
+}
+
+async fn start_authed(h: &Harness) -> Running {
+    let mut config = h.config("c1");
+    config.auth.auth_jwt_secret = Some(SECRET.to_owned());
+    Running::start(config).await
+}
+
+#[tokio::test]
+async fn the_same_sku_in_two_tenants_is_two_stocks() {
+    let h = Harness::new("tenants").await;
+    let running = start_authed(&h).await;
+    let client = reqwest::Client::new();
+    let url = running.url(&format!("/inventory/{SKU}"));
+    for (tenant, on_hand) in [("t-a", 10), ("t-b", 3)] {
+        let r = client.put(&url).bearer_auth(token(tenant)).json(&json!({"on_hand": on_hand})).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{tenant}");
+    }
+
+    // A reserves 4 of its 10; B asks for 4 of its 3 and is rejected, though A has plenty.
+    let (a1, b1, a2) = (OrderId::new(), OrderId::new(), OrderId::new());
+    h.xadd(&of_tenant(created(a1, &[(SKU, 4)]), "t-a")).await;
+    h.xadd(&of_tenant(created(b1, &[(SKU, 4)]), "t-b")).await;
+    h.xadd(&of_tenant(created(a2, &[(SKU, 5)]), "t-a")).await;
+    h.xadd(&of_tenant(confirmed(a1, 2), "t-a")).await;
+    // A cancel that names another tenant still releases the order's own tenant's stock.
+    h.xadd(&of_tenant(cancelled(a2, 2), "t-b")).await;
+    h.drained().await;
+
+    assert_eq!(h.reservation(b1).await.as_deref(), Some("REJECTED"));
+    assert_eq!(h.stock_of("t-a", SKU).await, Some((6, 0)), "A: 10 − 4 confirmed; 5 reserved, then released");
+    assert_eq!(h.stock_of("t-b", SKU).await, Some((3, 0)), "B: untouched");
+
+    // Each token sees its own tenant's stock only; a tenant without the sku gets 404.
+    for (tenant, on_hand) in [("t-a", 6), ("t-b", 3)] {
+        let got: Value = client.get(&url).bearer_auth(token(tenant)).send().await.unwrap().json().await.unwrap();
+        assert_eq!(got["on_hand"], on_hand, "{tenant}");
+    }
+    assert_eq!(client.get(&url).bearer_auth(token("t-c")).send().await.unwrap().status(), 404);
+    // An order of a tenant without the sku is rejected.
+    let c1 = OrderId::new();
+    h.xadd(&of_tenant(created(c1, &[(SKU, 1)]), "t-c")).await;
+    h.drained().await;
+    assert_eq!(h.reservation(c1).await.as_deref(), Some("REJECTED"));
+    running.stop().await;
+}
+
+/// As the stock API's runtime role in a transaction of tenant A, statements that name only the
+/// sku (no `tenant_id`) neither read nor change tenant B's row.
+#[tokio::test]
+async fn row_level_security_keeps_stock_apart_without_the_where_clause() {
+    let h = Harness::new("tenants-rls").await;
+    for tenant in ["t-a", "t-b"] {
+        sqlx::query("INSERT INTO inventory (tenant_id, sku, on_hand) VALUES ($1, $2, 5)")
+            .bind(tenant)
+            .bind(SKU)
+            .execute(h.pool())
+            .await
+            .unwrap();
+    }
+    sqlx::query("DELETE FROM inventory WHERE tenant_id = 't-a'").execute(h.pool()).await.unwrap();
+    let mut conn = PgConnection::connect(&h.config("x").database_url).await.unwrap();
+    async fn as_tenant(conn: &mut PgConnection, tenant: &str) -> (i64, u64) {
+        let mut tx = conn.begin().await.unwrap();
+        sqlx::query("SET LOCAL ROLE inventory_app").execute(&mut *tx).await.unwrap();
+        sqlx::query("SELECT set_config('app.tenant_id', $1, true)").bind(tenant).execute(&mut *tx).await.unwrap();
+        let seen: i64 = sqlx::query_scalar("SELECT count(*) FROM inventory WHERE sku = $1")
+            .bind(SKU)
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+        let changed = sqlx::query("UPDATE inventory SET on_hand = 0 WHERE sku = $1")
+            .bind(SKU)
+            .execute(&mut *tx)
+            .await
+            .unwrap()
+            .rows_affected();
+        tx.rollback().await.unwrap();
+        (seen, changed)
+    }
+    assert_eq!(as_tenant(&mut conn, "t-a").await, (0, 0), "A sees and changes nothing of B's");
+    // Control: B's own transaction finds and changes the row.
+    assert_eq!(as_tenant(&mut conn, "t-b").await, (1, 1));
+    // The runtime role reads no reservation and no dedupe state at all.
+    let mut tx = conn.begin().await.unwrap();
+    sqlx::query("SET LOCAL ROLE inventory_app").execute(&mut *tx).await.unwrap();
+    assert!(sqlx::query("SELECT 1 FROM processed_messages").execute(&mut *tx).await.is_err());
+    tx.rollback().await.unwrap();
+}
