@@ -1,5 +1,6 @@
 //! Tenants end to end, through the real binaries: a token minted with `order-service token`
-//! opens the API to its tenant only, and each event carries its tenant on the stream.
+//! opens the APIs to its tenant only, each event carries its tenant on the stream, and two
+//! tenants selling the same sku names each keep their own stock.
 
 use std::time::Duration;
 
@@ -20,8 +21,7 @@ fn mint(tenant: &str, scope: &str) -> String {
 
 #[tokio::test]
 async fn each_tenants_events_carry_their_tenant_on_the_stream() {
-    let env = Env { order_service: vec![("AUTH_JWT_SECRET".to_owned(), SECRET.to_owned())], ..Env::default() };
-    let mut system = System::start(env).await;
+    let mut system = System::start(Env::default().all("AUTH_JWT_SECRET", SECRET)).await;
     let service = &system.order_service;
     let body =
         serde_json::json!({"customer_id": "c-1", "items": [{"sku": "SKU-1", "quantity": 1, "unit_price_cents": 1}]});
@@ -57,6 +57,77 @@ async fn each_tenants_events_carry_their_tenant_on_the_stream() {
             assert_eq!(entry.get("tenant_id").map(String::as_str), Some(*tenant), "{entry:?}");
         }
     }
+    system.stop().await;
+}
+
+/// (on_hand, reserved) of `sku` as `tenant`'s token reads it from the inventory API.
+async fn stock(system: &System, tenant: &str, sku: &str) -> Option<(i64, i64)> {
+    let consumer = &system.consumer;
+    let r = consumer
+        .http()
+        .get(consumer.url(&format!("/inventory/{sku}")))
+        .bearer_auth(mint(tenant, "inventory:read"))
+        .send()
+        .await
+        .ok()?;
+    let body: serde_json::Value = r.json().await.ok()?;
+    Some((body["on_hand"].as_i64()?, body["reserved"].as_i64()?))
+}
+
+#[tokio::test]
+async fn two_tenants_with_the_same_skus_each_keep_their_own_stock() {
+    const SKU: &str = "SKU-SHARED";
+    let mut system = System::start(Env::default().all("AUTH_JWT_SECRET", SECRET)).await;
+    let (service, consumer) = (&system.order_service, &system.consumer);
+    for (tenant, on_hand) in [("t-a", 10), ("t-b", 4)] {
+        let r = consumer
+            .http()
+            .put(consumer.url(&format!("/inventory/{SKU}")))
+            .bearer_auth(mint(tenant, "inventory:write"))
+            .json(&serde_json::json!({"on_hand": on_hand}))
+            .send()
+            .await
+            .expect("PUT");
+        assert_eq!(r.status(), 200);
+    }
+    let order = |tenant: &'static str, quantity: u32| {
+        let body = serde_json::json!({"customer_id": "c-1", "items": [{"sku": SKU, "quantity": quantity, "unit_price_cents": 5}]});
+        async move {
+            let r = service.http().post(service.url("/orders")).bearer_auth(mint(tenant, "orders:write")).json(&body);
+            let r = r.send().await.expect("POST");
+            assert_eq!(r.status(), 201);
+            r.json::<serde_json::Value>().await.expect("order")["id"].as_str().expect("id").to_owned()
+        }
+    };
+    let transition = |tenant: &'static str, id: String, to: &'static str| async move {
+        let url = service.url(&format!("/orders/{id}/{to}"));
+        let r = service.http().post(url).bearer_auth(mint(tenant, "orders:write")).send().await.expect("POST");
+        assert_eq!(r.status(), 200);
+    };
+    // The model: A has 10; 2 confirmed, 3 cancelled, 1 pending → on hand 8, reserved 1.
+    // B has 4; 3 confirmed → on hand 1; then 2 more is more than is available: rejected.
+    let a1 = order("t-a", 2).await;
+    transition("t-a", a1, "confirm").await;
+    let a2 = order("t-a", 3).await;
+    transition("t-a", a2, "cancel").await;
+    order("t-a", 1).await;
+    let b1 = order("t-b", 3).await;
+    transition("t-b", b1, "confirm").await;
+    test_support::eventually("B's confirmation applied", Duration::from_secs(30), || async {
+        (stock(&system, "t-b", SKU).await == Some((1, 0))).then_some(())
+    })
+    .await;
+    order("t-b", 2).await;
+    test_support::eventually("each tenant's stock at its model", Duration::from_secs(30), || async {
+        let a = stock(&system, "t-a", SKU).await;
+        let b = stock(&system, "t-b", SKU).await;
+        (a == Some((8, 1)) && b == Some((1, 0))).then_some(())
+    })
+    .await;
+    // Settled: B's rejected order changed nothing, later either.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(stock(&system, "t-b", SKU).await, Some((1, 0)));
+    assert_eq!(stock(&system, "t-a", SKU).await, Some((8, 1)));
     system.stop().await;
 }
 
