@@ -39,5 +39,18 @@ EXCEPTION WHEN duplicate_object OR unique_violation THEN
 END
 $$;
 
+-- The migrating role (the tables' owner, which the services connect as unless told otherwise)
+-- becomes a member of the runtime role, so it can SET ROLE to it and a deployment upgraded
+-- with its existing DATABASE_URL keeps working. A superuser already may.
+DO $$
+BEGIN
+    IF NOT pg_has_role(current_user, 'inventory_app', 'MEMBER') THEN
+        EXECUTE format('GRANT inventory_app TO %I', current_user);
+    END IF;
+EXCEPTION WHEN insufficient_privilege THEN
+    RAISE NOTICE 'cannot make % a member of inventory_app: grant it before the services start', current_user;
+END
+$$;
+
 -- The stock API reads and sets stock; nothing else.
 GRANT SELECT, INSERT, UPDATE ON inventory TO inventory_app;

@@ -62,6 +62,19 @@ EXCEPTION WHEN duplicate_object OR unique_violation THEN
 END
 $$;
 
+-- The migrating role (the tables' owner, which the services connect as unless told otherwise)
+-- becomes a member of the runtime role, so it can SET ROLE to it and a deployment upgraded
+-- with its existing DATABASE_URL keeps working. A superuser already may.
+DO $$
+BEGIN
+    IF NOT pg_has_role(current_user, 'outbox_app', 'MEMBER') THEN
+        EXECUTE format('GRANT outbox_app TO %I', current_user);
+    END IF;
+EXCEPTION WHEN insufficient_privilege THEN
+    RAISE NOTICE 'cannot make % a member of outbox_app: grant it before the services start', current_user;
+END
+$$;
+
 -- What request transactions do: create, read and move orders (never delete them), claim and
 -- read idempotency keys, and append events (`outbox_append` returns the new row's id, so it
 -- reads that column back). Expired keys are removed by the service's own connection, not by
