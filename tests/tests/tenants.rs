@@ -144,3 +144,61 @@ fn token_refuses_an_unknown_scope_and_a_bad_tenant() {
         assert!(out.stdout.is_empty(), "no token printed for {args:?}");
     }
 }
+
+/// A relay or consumer connecting as a role that row-level security holds would see no
+/// tenant's rows (a relay stalls; a consumer finds no stock and rejects every order): each says
+/// so on `/readyz` and starts no work. The database is the role's own, so it migrates it
+/// itself, as an operator's owner role would.
+#[tokio::test]
+async fn a_relay_or_consumer_held_by_row_level_security_starts_no_work() {
+    let role = test_support::unique_name("held").replace('-', "_").to_lowercase();
+    let admin = test_support::fresh_database("held_admin").await;
+    sqlx::query(&format!("CREATE ROLE \"{role}\" LOGIN")).execute(&admin.pool).await.expect("role");
+    let mut dbs = Vec::new();
+    for (binary, prefix) in [("relay", "held_orders"), ("inventory-consumer", "held_inventory")] {
+        let db = test_support::fresh_database(prefix).await;
+        sqlx::query(&format!("ALTER DATABASE \"{}\" OWNER TO \"{role}\"", db.name))
+            .execute(&admin.pool)
+            .await
+            .expect("owner");
+        let url = db.url.replacen("postgres://postgres@", &format!("postgres://{role}@"), 1);
+        assert_ne!(url, db.url, "TEST_POSTGRES_URL is postgres://postgres@…");
+        let stream = test_support::unique_name("held-stream");
+        let process = system_tests::ServiceProcess::spawn(
+            binary,
+            [
+                ("DATABASE_URL", url.as_str()),
+                ("REDIS_URL", test_support::redis_url().as_str()),
+                ("REDIS_STREAM", stream.as_str()),
+                ("CONSUMER_NAME", "held-1"),
+            ],
+        );
+        let body = test_support::eventually("readyz to name the role", Duration::from_secs(60), || async {
+            let r = process.http().get(process.url("/readyz")).send().await.ok()?;
+            let status = r.status();
+            let body = r.text().await.ok()?;
+            (status == 503 && body.contains("row-level security")).then_some(body)
+        })
+        .await;
+        assert!(body.contains(&role), "{binary}: {body}");
+        // Control: the same database as the superuser (exempt) is ready.
+        let mut exempt = system_tests::ServiceProcess::spawn(
+            binary,
+            [
+                ("DATABASE_URL", db.url.as_str()),
+                ("REDIS_URL", test_support::redis_url().as_str()),
+                ("REDIS_STREAM", stream.as_str()),
+                ("CONSUMER_NAME", "exempt-1"),
+            ],
+        );
+        exempt.wait_ready(Duration::from_secs(60)).await;
+        drop(process);
+        drop(exempt);
+        dbs.push(db);
+    }
+    for db in dbs {
+        db.pool.close().await;
+        sqlx::query(&format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", db.name)).execute(&admin.pool).await.ok();
+    }
+    sqlx::query(&format!("DROP ROLE IF EXISTS \"{role}\"")).execute(&admin.pool).await.ok();
+}

@@ -90,6 +90,61 @@ pub async fn check_role(
     })
 }
 
+/// Why the connection's own role cannot do cross-tenant work (relaying every tenant's events,
+/// applying them), if it cannot: row-level security, forced on the tenant tables, would show it
+/// no tenant's rows unless it is a superuser or has `BYPASSRLS`. Work that went on regardless
+/// would stall (a relay) or be wrong (a consumer rejecting every order for lack of stock).
+pub async fn check_cross_tenant(conn: &mut PgConnection, service: &str) -> Result<Option<String>, sqlx::Error> {
+    let role = sqlx::query!(
+        r#"SELECT current_user AS "name!", rolsuper OR rolbypassrls AS "exempt!"
+           FROM pg_roles WHERE rolname = current_user"#
+    )
+    .fetch_one(conn)
+    .await?;
+    Ok((!role.exempt).then(|| {
+        format!(
+            "the {service} connects as {}, which row-level security holds on the tenant tables (it would see no \
+             tenant's rows): connect as a superuser or a role with BYPASSRLS",
+            role.name
+        )
+    }))
+}
+
+/// [`check_cross_tenant`] on `pool`, retried while it cannot run: `true` once the role is fit;
+/// `false` when it is not (`unfit` then says why, for `/readyz`, and it is logged) or shutdown
+/// came first.
+pub async fn verify_cross_tenant(
+    pool: &sqlx::PgPool,
+    service: &str,
+    unfit: &std::sync::OnceLock<String>,
+    shutdown: &crate::Shutdown,
+) -> bool {
+    let mut retry = crate::Backoff::new(std::time::Duration::from_millis(200), std::time::Duration::from_secs(10));
+    loop {
+        let checked = async { check_cross_tenant(&mut *pool.acquire().await?, service).await };
+        match checked.await {
+            Ok(None) => return true,
+            Ok(Some(why)) => {
+                tracing::error!("{why}; no work starts");
+                let _ = unfit.set(why);
+                return false;
+            }
+            Err(e) => tracing::warn!(error = %e, "checking the database role failed; retrying"),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return false,
+            () = tokio::time::sleep(retry.next_delay()) => {}
+        }
+    }
+}
+
+/// A `/readyz` check failing with what `unfit` says, once set.
+pub fn unfit_check(
+    unfit: std::sync::Arc<std::sync::OnceLock<String>>,
+) -> impl Fn() -> std::future::Ready<Result<(), String>> + Send + Sync + 'static {
+    move || std::future::ready(unfit.get().map_or(Ok(()), |why| Err(why.clone())))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -126,13 +126,9 @@ impl Service for InventoryConsumer {
                 }
             });
         let unfit = Arc::new(OnceLock::<String>::new());
-        let readiness = readiness.check("runtime role", {
-            let unfit = unfit.clone();
-            move || {
-                let checked = unfit.get().map_or(Ok(()), |why| Err(why.clone()));
-                async move { checked }
-            }
-        });
+        let readiness = readiness.check("runtime role", service_kit::tenancy::unfit_check(unfit.clone()));
+        let loop_unfit = Arc::new(OnceLock::<String>::new());
+        let readiness = readiness.check("database role", service_kit::tenancy::unfit_check(loop_unfit.clone()));
         let readiness = service_kit::auth::announce(&self.auth, readiness);
         let body_limits = BodyLimits { timeout: self.config.http.body_timeout, max_bytes: http::MAX_BODY };
         let stock_api = http::StockApi {
@@ -149,9 +145,17 @@ impl Service for InventoryConsumer {
         let server =
             tokio::spawn(serve(self.listener, app, self.config.http.clone(), server_metrics, stop_http.clone(), grace));
         // Nothing is consumed unless the migrations were applied (None: shut down first).
-        if service_kit::startup::migrate_with_retry(&self.migration_pool, &MIGRATOR, &shutdown).await.is_some() {
+        let applied =
+            service_kit::startup::migrate_with_retry(&self.migration_pool, &MIGRATOR, &shutdown).await.is_some();
+        if applied {
             migrated.store(true, Ordering::Relaxed);
             check_runtime_role(&self.pool, &self.config.database_runtime_role, &unfit).await;
+        }
+        // The loop applies every tenant's events: on a role row-level security holds, it would
+        // find no stock and reject every order. Not ready, saying why, until stopped.
+        if applied && !service_kit::tenancy::verify_cross_tenant(&self.pool, Self::NAME, &loop_unfit, &shutdown).await {
+            shutdown.cancelled().await;
+        } else if applied {
             // Background work stops with the consumer.
             let stop_tasks = shutdown.child_token();
             let tasks = TaskTracker::new();

@@ -113,13 +113,19 @@ impl Service for Relay {
                 }
             }
         });
+        let unfit = Arc::new(std::sync::OnceLock::<String>::new());
+        let readiness = readiness.check("database role", service_kit::tenancy::unfit_check(unfit.clone()));
         let liveness = Liveness::new();
         let app = ops_router::<()>(readiness, liveness.clone(), Arc::new(Mutex::new(registry)));
         tracing::info!(%addr, stream = config.redis_stream, "relay listening");
         let server =
             tokio::spawn(serve(listener, app, config.http.clone(), server_metrics, shutdown.clone(), HTTP_GRACE));
 
-        if service_kit::startup::migrate_with_retry(&pool, &outbox::MIGRATOR, &shutdown).await.is_some() {
+        let migrated = service_kit::startup::migrate_with_retry(&pool, &outbox::MIGRATOR, &shutdown).await.is_some();
+        if migrated && !service_kit::tenancy::verify_cross_tenant(&pool, Self::NAME, &unfit, &shutdown).await {
+            // Not ready, saying why, until stopped.
+            shutdown.cancelled().await;
+        } else if migrated {
             let batch_deadline = batch_deadline(&config);
             let wake = Arc::new(Notify::new());
             // Unnamed, the database is the user's own (Postgres's default).

@@ -105,3 +105,28 @@ async fn row_level_security_keeps_stock_apart_without_the_where_clause() {
     assert!(sqlx::query("SELECT 1 FROM processed_messages").execute(&mut *tx).await.is_err());
     tx.rollback().await.unwrap();
 }
+
+/// A runtime role that row-level security would not hold (here a superuser) closes the stock
+/// API, and `/readyz` says why; the event loop is not the API's business and keeps going.
+#[tokio::test]
+async fn a_runtime_role_exempt_from_row_level_security_closes_the_stock_api() {
+    let h = Harness::new("tenants-unfit").await;
+    let mut config = h.config("c1");
+    config.database_runtime_role = "postgres".parse().unwrap();
+    let running = Running::start(config).await;
+    let client = reqwest::Client::new();
+    let body = test_support::eventually("readyz to name the role", std::time::Duration::from_secs(30), || async {
+        let body = client.get(running.url("/readyz")).send().await.ok()?.text().await.ok()?;
+        body.contains("superuser").then_some(body)
+    })
+    .await;
+    assert!(body.contains("runtime role"), "{body}");
+    let r = client.put(running.url(&format!("/inventory/{SKU}"))).json(&json!({"on_hand": 1})).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(h.stock_of("default", SKU).await, None, "nothing written");
+    let order = OrderId::new();
+    h.xadd(&created(order, &[(SKU, 1)])).await;
+    h.drained().await;
+    assert_eq!(h.reservation(order).await.as_deref(), Some("REJECTED"), "the loop applied the event");
+    running.stop().await;
+}
