@@ -15,6 +15,10 @@ ALTER TABLE inventory DROP CONSTRAINT inventory_pkey;
 ALTER TABLE inventory ADD CONSTRAINT inventory_pkey PRIMARY KEY (tenant_id, sku);
 
 ALTER TABLE order_reservations ADD COLUMN tenant_id TEXT NOT NULL DEFAULT 'default';
+-- The consumer names each reservation's tenant: one from before this migration (which does
+-- not, and would merge the tenants' stock of a sku) fails its batches, and is replaced, instead
+-- of writing anything.
+ALTER TABLE order_reservations ALTER COLUMN tenant_id DROP DEFAULT;
 
 ALTER TABLE inventory ENABLE ROW LEVEL SECURITY;
 ALTER TABLE inventory FORCE ROW LEVEL SECURITY;
@@ -47,10 +51,22 @@ BEGIN
     IF NOT pg_has_role(current_user, 'inventory_app', 'MEMBER') THEN
         EXECUTE format('GRANT inventory_app TO %I', current_user);
     END IF;
-EXCEPTION WHEN insufficient_privilege THEN
-    RAISE NOTICE 'cannot make % a member of inventory_app: grant it before the services start', current_user;
+EXCEPTION
+    WHEN insufficient_privilege THEN
+        RAISE NOTICE 'cannot make % a member of inventory_app: grant it before the services start', current_user;
+    WHEN unique_violation THEN
+        NULL; -- granted meanwhile by a migration of another database
+
 END
 $$;
 
 -- The stock API reads and sets stock; nothing else.
 GRANT SELECT, INSERT, UPDATE ON inventory TO inventory_app;
+
+-- The role is the whole server's (see orders migration 0012): connecting is left to this
+-- database's owner, superusers and roles granted CONNECT.
+DO $$
+BEGIN
+    EXECUTE format('REVOKE CONNECT ON DATABASE %I FROM PUBLIC', current_database());
+END
+$$;

@@ -9,9 +9,9 @@
 -- `app.tenant_id`, and none when the setting is unset or empty. FORCE applies it to the
 -- tables' owner too; superusers and roles with BYPASSRLS are not subject to it.
 --
--- Request transactions run as the role `outbox_app` (or a role that is a member of it), which
--- this migration creates (NOLOGIN) unless it exists and grants only what requests need. An
--- outbox row takes its tenant from the transaction that appends it.
+-- Request transactions run as the role `outbox_app`, which this migration creates (NOLOGIN)
+-- unless it exists, and grants only what requests need. An outbox row takes its tenant from
+-- the transaction that appends it.
 
 ALTER TABLE orders ADD COLUMN tenant_id TEXT NOT NULL DEFAULT 'default';
 ALTER TABLE idempotency_keys ADD COLUMN tenant_id TEXT NOT NULL DEFAULT 'default';
@@ -23,6 +23,11 @@ ALTER TABLE outbox_published ADD COLUMN tenant_id TEXT NOT NULL DEFAULT 'default
 ALTER TABLE orders ALTER COLUMN tenant_id SET DEFAULT COALESCE(NULLIF(current_setting('app.tenant_id', true), ''), 'default');
 ALTER TABLE idempotency_keys ALTER COLUMN tenant_id SET DEFAULT COALESCE(NULLIF(current_setting('app.tenant_id', true), ''), 'default');
 ALTER TABLE outbox ALTER COLUMN tenant_id SET DEFAULT COALESCE(NULLIF(current_setting('app.tenant_id', true), ''), 'default');
+
+-- Published rows are only ever moved in by the claim, which names the tenant: a relay from
+-- before this migration (whose prepared claim does not) fails to publish, and is replaced,
+-- instead of labelling every tenant's events `default`.
+ALTER TABLE outbox_published ALTER COLUMN tenant_id DROP DEFAULT;
 
 ALTER TABLE idempotency_keys DROP CONSTRAINT idempotency_keys_pkey;
 ALTER TABLE idempotency_keys ADD CONSTRAINT idempotency_keys_pkey PRIMARY KEY (tenant_id, key);
@@ -70,8 +75,12 @@ BEGIN
     IF NOT pg_has_role(current_user, 'outbox_app', 'MEMBER') THEN
         EXECUTE format('GRANT outbox_app TO %I', current_user);
     END IF;
-EXCEPTION WHEN insufficient_privilege THEN
-    RAISE NOTICE 'cannot make % a member of outbox_app: grant it before the services start', current_user;
+EXCEPTION
+    WHEN insufficient_privilege THEN
+        RAISE NOTICE 'cannot make % a member of outbox_app: grant it before the services start', current_user;
+    WHEN unique_violation THEN
+        NULL; -- granted meanwhile by a migration of another database
+
 END
 $$;
 
@@ -83,4 +92,12 @@ GRANT SELECT, INSERT, UPDATE ON orders TO outbox_app;
 GRANT SELECT, INSERT, UPDATE ON idempotency_keys TO outbox_app;
 GRANT INSERT ON outbox TO outbox_app;
 GRANT SELECT (id) ON outbox TO outbox_app;
-GRANT SELECT, INSERT, UPDATE ON outbox_counters TO outbox_app;
+
+-- The role is the whole server's, granted the same on every database migrated there: a member
+-- of it could use it in another database of the server. Connecting is therefore left to this
+-- database's owner, superusers and roles granted CONNECT.
+DO $$
+BEGIN
+    EXECUTE format('REVOKE CONNECT ON DATABASE %I FROM PUBLIC', current_database());
+END
+$$;

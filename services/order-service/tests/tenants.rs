@@ -336,3 +336,24 @@ async fn public_key_tokens_verify() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A relay from before the tenants migration claims with a statement that names no tenant: it
+/// must fail to publish, not publish every tenant's events as the tenant `default`'s.
+#[tokio::test]
+async fn an_old_relays_claim_fails_instead_of_mislabelling_tenants() {
+    let app = spawn_authed().await;
+    app.create(&token("t-a", ALL)).await;
+    app.app.stop().await;
+    // The claim's move as the previous relay wrote it (columns without tenant_id).
+    let old_claim = "WITH moved AS (DELETE FROM outbox \
+           RETURNING id, event_id, aggregate_type, aggregate_id, seq, event_type, payload, occurred_at, \
+                     traceparent, tracestate, attempts, created_at) \
+         INSERT INTO outbox_published (id, event_id, aggregate_type, aggregate_id, seq, event_type, payload, \
+                                       occurred_at, traceparent, tracestate, attempts, created_at) \
+         SELECT * FROM moved";
+    let refused = sqlx::query(old_claim).execute(&app.db.pool).await;
+    let code = refused.err().and_then(|e| e.as_database_error().and_then(|d| d.code()).map(|c| c.into_owned()));
+    assert_eq!(code.as_deref(), Some("23502"), "not null: tenant_id");
+    assert_eq!(common::count(&app.db, "outbox").await, 1, "the event is still there to publish");
+    assert_eq!(common::count(&app.db, "outbox_published").await, 0);
+}

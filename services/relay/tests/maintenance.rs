@@ -23,9 +23,9 @@ async fn published_rows<'c>(
     let event_ids: Vec<String> = (0..n).map(|_| ulid::Ulid::new().to_string()).collect();
     sqlx::query(
         "INSERT INTO outbox_published (id, event_id, aggregate_type, aggregate_id, seq, event_type, payload, occurred_at, \
-             attempts, created_at, published_at) \
+             attempts, created_at, published_at, tenant_id) \
          SELECT $1 + g.n - 1, g.event_id, 'order', $3, g.n, 'OrderConfirmed', jsonb_build_object('order_id', $3::text), \
-                now() - $4, 0, now() - $4, now() - $4 \
+                now() - $4, 0, now() - $4, now() - $4, 'default' \
          FROM unnest($2::text[]) WITH ORDINALITY AS g(event_id, n)",
     )
     .bind(first_id)

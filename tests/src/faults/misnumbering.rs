@@ -39,9 +39,9 @@ pub async fn publish_numbering_backwards(cluster: &Cluster) -> Result<usize, Fau
     sqlx::query(
         "WITH moved AS (DELETE FROM outbox \
            RETURNING id, event_id, aggregate_type, aggregate_id, seq, event_type, payload, occurred_at, \
-                     traceparent, tracestate, attempts, created_at) \
+                     traceparent, tracestate, attempts, created_at, tenant_id) \
          INSERT INTO outbox_published (id, event_id, aggregate_type, aggregate_id, seq, event_type, payload, \
-                                       occurred_at, traceparent, tracestate, attempts, created_at) \
+                                       occurred_at, traceparent, tracestate, attempts, created_at, tenant_id) \
          SELECT * FROM moved",
     )
     .execute(&cluster.orders_db)

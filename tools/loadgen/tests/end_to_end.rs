@@ -12,7 +12,7 @@ static INVENTORY_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migra
 async fn publish(pool: &PgPool, id: i64, event_id: &str, order: &str, seq: i64, created_at: DateTime<Utc>) {
     sqlx::query(
         "INSERT INTO outbox_published (id, event_id, aggregate_type, aggregate_id, seq, event_type, payload, \
-         occurred_at, attempts, created_at) VALUES ($1, $2, 'order', $3, $4, 'OrderCreated', '{}', $5, 1, $5)",
+         occurred_at, attempts, created_at, tenant_id) VALUES ($1, $2, 'order', $3, $4, 'OrderCreated', '{}', $5, 1, $5, 'default')",
     )
     .bind(id)
     .bind(event_id)

@@ -130,3 +130,30 @@ async fn a_runtime_role_exempt_from_row_level_security_closes_the_stock_api() {
     assert_eq!(h.reservation(order).await.as_deref(), Some("REJECTED"), "the loop applied the event");
     running.stop().await;
 }
+
+/// A consumer from before the tenants migration writes reservations without a tenant (and
+/// would update every tenant's row of a sku): each of its batches must fail, writing nothing.
+#[tokio::test]
+async fn an_old_consumers_batch_fails_instead_of_mixing_tenants() {
+    let h = Harness::new("tenants-old").await;
+    for tenant in ["t-a", "t-b"] {
+        sqlx::query("INSERT INTO inventory (tenant_id, sku, on_hand) VALUES ($1, $2, 5)")
+            .bind(tenant)
+            .bind(SKU)
+            .execute(h.pool())
+            .await
+            .unwrap();
+    }
+    // The previous consumer's batch write: stock by sku alone, reservations without a tenant.
+    let old_write =
+        "WITH stock AS (UPDATE inventory i SET reserved = u.reserved FROM unnest($1::text[], $2::bigint[]) \
+                       AS u(sku, reserved) WHERE i.sku = u.sku), \
+                     reservations AS (INSERT INTO order_reservations (order_id, status, items, reason) \
+                       VALUES ('o-1', 'RESERVED', '[]', NULL)) SELECT 1";
+    let refused = sqlx::query(old_write).bind(vec![SKU]).bind(vec![1_i64]).execute(h.pool()).await;
+    let code = refused.err().and_then(|e| e.as_database_error().and_then(|d| d.code()).map(|c| c.into_owned()));
+    assert_eq!(code.as_deref(), Some("23502"), "not null: tenant_id");
+    for tenant in ["t-a", "t-b"] {
+        assert_eq!(h.stock_of(tenant, SKU).await, Some((5, 0)), "{tenant}: untouched");
+    }
+}
