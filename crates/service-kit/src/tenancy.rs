@@ -125,7 +125,7 @@ pub async fn verify_cross_tenant(
         match checked.await {
             Ok(None) => return true,
             Ok(Some(why)) => {
-                tracing::error!("{why}; no work starts");
+                tracing::error!("{why}; its work does not start");
                 let _ = unfit.set(why);
                 return false;
             }

@@ -231,7 +231,8 @@ struct Migration {
 }
 
 /// Applies the migrations as the owner, then checks that row-level security holds the runtime
-/// role; only then does the API serve. An unfit role leaves the service not ready, saying why.
+/// role and not the service's own (which removes every tenant's expired keys); only then does
+/// the API serve. An unfit role leaves the service not ready, saying why.
 async fn migrate(m: Migration, shutdown: Shutdown) {
     if service_kit::startup::migrate_with_retry(&m.owner, &outbox::MIGRATOR, &shutdown).await.is_none() {
         return;
@@ -250,12 +251,15 @@ async fn migrate(m: Migration, shutdown: Shutdown) {
             () = tokio::time::sleep(retry.next_delay()) => {}
         }
     };
-    match checked {
-        None => m.migrated.store(true, Ordering::Release),
-        Some(why) => {
-            tracing::error!(role = %m.tenancy.role(), "{why}; the API stays closed");
-            let _ = m.unfit.set(why);
-        }
+    if let Some(why) = checked {
+        tracing::error!(role = %m.tenancy.role(), "{why}; the API stays closed");
+        let _ = m.unfit.set(why);
+        return;
+    }
+    // Key expiry removes every tenant's expired keys on the service's own role: one that
+    // row-level security holds would remove none, and the table would grow without bound.
+    if tenancy::verify_cross_tenant(&m.service, OrderService::NAME, &m.unfit, &shutdown).await {
+        m.migrated.store(true, Ordering::Release);
     }
 }
 

@@ -165,9 +165,10 @@ async fn create_on(
                     None if tries < 2 => continue,
                     None => {
                         return Err(ApiError::Unavailable(StoreError::Corrupt {
-                            id: key.as_str().to_owned(),
+                            // Not the key itself: it may be a secret of the client's.
+                            id: "an idempotency key".to_owned(),
                             reason: "key expired while it was being read twice in a row".into(),
-                        }))
+                        }));
                     }
                 }
             }
