@@ -5,7 +5,8 @@
 //!   belongs to the tenant `default` and holds every scope, and the service says so at start
 //!   and in `/readyz`'s body.
 //! - Claims: `tenant_id` (`[a-z0-9][a-z0-9-]{0,63}`), `scope` (space-separated), `exp`
-//!   (required; 60 s of clock skew are allowed). Unknown scope names are ignored.
+//!   (required), `nbf` if present (60 s of clock skew are allowed); `aud` and `iss` when
+//!   `AUTH_JWT_AUDIENCE` / `AUTH_JWT_ISSUER` are set. Unknown scope names are ignored.
 //! - No token, a malformed, badly signed or expired one: `401` problem+json with
 //!   `WWW-Authenticate: Bearer` (RFC 6750). A valid token without the route's scope: `403`.
 //!
@@ -106,6 +107,12 @@ pub struct AuthSettings {
     /// authentication on.
     #[arg(long, env = "AUTH_JWT_PUBLIC_KEY")]
     pub auth_jwt_public_key: Option<PathBuf>,
+    /// The `aud` tokens must name (unset: `aud` is not checked).
+    #[arg(long, env = "AUTH_JWT_AUDIENCE")]
+    pub auth_jwt_audience: Option<String>,
+    /// The `iss` tokens must carry (unset: `iss` is not checked).
+    #[arg(long, env = "AUTH_JWT_ISSUER")]
+    pub auth_jwt_issuer: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -161,9 +168,20 @@ impl Authenticator {
             }
         };
         let mut validation = Validation::new(algorithm);
-        validation.set_required_spec_claims(&["exp"]);
+        let mut required = vec!["exp"];
+        required.extend(settings.auth_jwt_audience.as_ref().map(|_| "aud"));
+        required.extend(settings.auth_jwt_issuer.as_ref().map(|_| "iss"));
+        validation.set_required_spec_claims(&required);
         validation.validate_exp = true;
+        validation.validate_nbf = true;
         validation.leeway = 60;
+        match &settings.auth_jwt_audience {
+            Some(audience) => validation.set_audience(&[audience]),
+            None => validation.validate_aud = false,
+        }
+        if let Some(issuer) = &settings.auth_jwt_issuer {
+            validation.set_issuer(&[issuer]);
+        }
         Ok(Self { verifier: Some(Arc::new(Verifier { key, validation })) })
     }
 
@@ -191,6 +209,9 @@ impl Authenticator {
                 ErrorKind::InvalidSignature => "the token's signature does not verify",
                 ErrorKind::InvalidAlgorithm => "the token is not signed with the expected algorithm",
                 ErrorKind::MissingRequiredClaim(_) => "the token lacks a required claim (exp, tenant_id)",
+                ErrorKind::ImmatureSignature => "the token is not valid yet (nbf)",
+                ErrorKind::InvalidAudience => "the token is not for this audience (aud)",
+                ErrorKind::InvalidIssuer => "the token is not from the expected issuer (iss)",
                 _ => "the token is malformed",
             })
         })?;
@@ -305,7 +326,7 @@ mod tests {
     }
 
     fn hs256() -> Authenticator {
-        Authenticator::from_settings(&AuthSettings { auth_jwt_secret: Some(SECRET.into()), auth_jwt_public_key: None })
+        Authenticator::from_settings(&AuthSettings { auth_jwt_secret: Some(SECRET.into()), ..AuthSettings::default() })
             .expect("settings")
     }
 
@@ -355,6 +376,41 @@ mod tests {
     }
 
     #[test]
+    fn audience_issuer_and_not_before_are_checked() {
+        let key = EncodingKey::from_secret(SECRET.as_bytes()).expect("key");
+        let token =
+            |claims: serde_json::Value| jsonwebtoken::encode(&Header::default(), &claims, &key).expect("encode");
+        let base = |extra: serde_json::Value| {
+            let mut claims = serde_json::json!({"tenant_id": "t", "scope": "admin", "exp": now() + 600});
+            if let (Some(c), Some(e)) = (claims.as_object_mut(), extra.as_object()) {
+                c.extend(e.clone());
+            }
+            token(claims)
+        };
+        let plain = hs256();
+        // Without settings, an IdP's aud and iss are accepted; a future nbf is not.
+        let idp = base(serde_json::json!({"aud": "orders-api", "iss": "https://idp.example"}));
+        assert!(plain.authenticate(Some(&bearer(&idp))).is_ok());
+        let early = base(serde_json::json!({"nbf": now() + 3600}));
+        assert_eq!(
+            plain.authenticate(Some(&bearer(&early))),
+            Err(AuthError::Invalid("the token is not valid yet (nbf)"))
+        );
+        let strict = Authenticator::from_settings(&AuthSettings {
+            auth_jwt_secret: Some(SECRET.into()),
+            auth_jwt_audience: Some("orders-api".into()),
+            auth_jwt_issuer: Some("https://idp.example".into()),
+            ..AuthSettings::default()
+        })
+        .expect("settings");
+        assert!(strict.authenticate(Some(&bearer(&idp))).is_ok());
+        let other_aud = base(serde_json::json!({"aud": "billing", "iss": "https://idp.example"}));
+        assert!(matches!(strict.authenticate(Some(&bearer(&other_aud))), Err(AuthError::Invalid(_))));
+        let no_iss = base(serde_json::json!({"aud": "orders-api"}));
+        assert!(matches!(strict.authenticate(Some(&bearer(&no_iss))), Err(AuthError::Invalid(_))));
+    }
+
+    #[test]
     fn off_lets_everyone_in_as_default() {
         let principal = Authenticator::off().authenticate(None).expect("off");
         assert_eq!(principal.tenant.as_str(), "default");
@@ -363,12 +419,15 @@ mod tests {
 
     #[test]
     fn settings_are_checked() {
-        let short = AuthSettings { auth_jwt_secret: Some("short".into()), auth_jwt_public_key: None };
+        let short = AuthSettings { auth_jwt_secret: Some("short".into()), ..AuthSettings::default() };
         assert!(matches!(Authenticator::from_settings(&short), Err(AuthConfigError::ShortSecret)));
-        let both =
-            AuthSettings { auth_jwt_secret: Some(SECRET.into()), auth_jwt_public_key: Some("/nonexistent".into()) };
+        let both = AuthSettings {
+            auth_jwt_secret: Some(SECRET.into()),
+            auth_jwt_public_key: Some("/nonexistent".into()),
+            ..AuthSettings::default()
+        };
         assert!(matches!(Authenticator::from_settings(&both), Err(AuthConfigError::Both)));
-        let missing = AuthSettings { auth_jwt_secret: None, auth_jwt_public_key: Some("/nonexistent".into()) };
+        let missing = AuthSettings { auth_jwt_public_key: Some("/nonexistent".into()), ..AuthSettings::default() };
         assert!(matches!(Authenticator::from_settings(&missing), Err(AuthConfigError::Read { .. })));
     }
 
