@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{header, Method, Request, StatusCode, Uri};
+use http::{header, HeaderValue, Method, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
@@ -43,6 +43,8 @@ pub struct OrderConnection {
     /// The URL's path, without a trailing slash (usually empty).
     base: String,
     timeout: Duration,
+    /// `Bearer <token>`, sent with every request when set.
+    authorization: Option<HeaderValue>,
     sender: Option<SendRequest<Full<Bytes>>>,
 }
 
@@ -58,7 +60,23 @@ impl OrderConnection {
             Some(_) => authority.to_string(),
             None => format!("{}:80", authority.host()),
         };
-        Ok(Self { authority, base: uri.path().trim_end_matches('/').to_owned(), timeout, sender: None })
+        Ok(Self {
+            authority,
+            base: uri.path().trim_end_matches('/').to_owned(),
+            timeout,
+            authorization: None,
+            sender: None,
+        })
+    }
+
+    /// Sends `token` as a bearer token with every request.
+    pub fn with_token(mut self, token: Option<&str>) -> Result<Self, String> {
+        self.authorization = token
+            .map(|t| {
+                HeaderValue::from_str(&format!("Bearer {t}")).map_err(|_| "the token is not a header value".to_owned())
+            })
+            .transpose()?;
+        Ok(self)
     }
 
     /// `POST /orders`; returns the new order's id.
@@ -98,7 +116,10 @@ impl OrderConnection {
 
     /// Sends `request` and reads the whole response, within the timeout. Any failure drops the
     /// connection; the next request opens a new one.
-    async fn send(&mut self, request: Request<Full<Bytes>>) -> Result<(StatusCode, Bytes), Failure> {
+    async fn send(&mut self, mut request: Request<Full<Bytes>>) -> Result<(StatusCode, Bytes), Failure> {
+        if let Some(authorization) = &self.authorization {
+            request.headers_mut().insert(header::AUTHORIZATION, authorization.clone());
+        }
         let exchange = async {
             let sender = match &mut self.sender {
                 Some(sender) => sender,
@@ -138,6 +159,7 @@ async fn connect(authority: &str) -> Result<SendRequest<Full<Bytes>>, Failure> {
 pub struct Api {
     http: reqwest::Client,
     inventory_url: String,
+    token: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -148,19 +170,23 @@ struct CreatedOrder {
 impl Api {
     pub fn new(inventory_url: &str, timeout: Duration) -> Result<Self, reqwest::Error> {
         let http = reqwest::Client::builder().timeout(timeout).connect_timeout(timeout).tcp_nodelay(true).build()?;
-        Ok(Self { http, inventory_url: inventory_url.trim_end_matches('/').to_owned() })
+        Ok(Self { http, inventory_url: inventory_url.trim_end_matches('/').to_owned(), token: None })
+    }
+
+    /// Sends `token` as a bearer token with the stock seeding.
+    pub fn with_token(mut self, token: Option<&str>) -> Self {
+        self.token = token.map(str::to_owned);
+        self
     }
 
     /// `PUT /inventory/{sku}` with `{"on_hand": n}`.
     pub async fn set_stock(&self, sku: &str, on_hand: i64) -> Result<(), Failure> {
         let url = format!("{}/inventory/{sku}", self.inventory_url);
-        let response = self
-            .http
-            .put(url)
-            .json(&serde_json::json!({ "on_hand": on_hand }))
-            .send()
-            .await
-            .map_err(|e| Failure::from_reqwest(&e))?;
+        let mut request = self.http.put(url).json(&serde_json::json!({ "on_hand": on_hand }));
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await.map_err(|e| Failure::from_reqwest(&e))?;
         if !response.status().is_success() {
             return Err(Self::status_failure(response).await);
         }

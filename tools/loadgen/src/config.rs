@@ -21,6 +21,10 @@ pub struct Config {
     #[arg(long, env = "LOADGEN_INVENTORY_URL", default_value = "http://127.0.0.1:8081")]
     pub inventory_url: String,
 
+    /// Bearer token for both APIs, when they require one (`order-service token --help`).
+    #[arg(long, env = "LOADGEN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+
     /// Concurrent clients (sessions in flight at most).
     #[arg(long, short = 'c', default_value_t = 32)]
     pub concurrency: usize,

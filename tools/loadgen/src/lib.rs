@@ -44,7 +44,7 @@ pub enum LoadError {
 /// Runs the load until the duration or order count is reached, or `shutdown` fires.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Report, LoadError> {
     config.validate()?;
-    let api = Api::new(&config.inventory_url, config.request_timeout)?;
+    let api = Api::new(&config.inventory_url, config.request_timeout)?.with_token(config.token.as_deref());
     let mix = Arc::new(Mix {
         sku_prefix: config.sku_prefix.clone(),
         skus: config.skus,
@@ -57,7 +57,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Report, 
     }
     // Checked once here: every client connects to the same URL.
     OrderConnection::new(&config.order_url, config.request_timeout)
-        .map_err(|reason| LoadError::Config { field: "order-url", reason })?;
+        .map_err(|reason| LoadError::Config { field: "order-url", reason })?
+        .with_token(config.token.as_deref())
+        .map_err(|reason| LoadError::Config { field: "token", reason })?;
     let relays_before = relays::snapshot(&api, &config.relay_metrics).await;
 
     let schedule = Arc::new(Schedule::new(Instant::now(), config.duration, config.orders, config.rate));
@@ -73,6 +75,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Report, 
             let client = Client {
                 index: k,
                 order_url: config.order_url.clone(),
+                token: config.token.clone(),
                 request_timeout: config.request_timeout,
                 mix: mix.clone(),
                 schedule: schedule.clone(),
@@ -123,6 +126,7 @@ async fn seed_stock(api: &Api, mix: &Mix, on_hand: i64) -> Result<(), LoadError>
 struct Client {
     index: usize,
     order_url: String,
+    token: Option<String>,
     request_timeout: std::time::Duration,
     mix: Arc<Mix>,
     schedule: Arc<Schedule>,
@@ -138,7 +142,9 @@ impl Client {
         let mut recorder = Recorder::default();
         let mut order_ids = Vec::new();
         let mut sessions = self.mix.sessions(self.seed, self.index);
-        let Ok(mut conn) = OrderConnection::new(&self.order_url, self.request_timeout) else {
+        let conn = OrderConnection::new(&self.order_url, self.request_timeout)
+            .and_then(|conn| conn.with_token(self.token.as_deref()));
+        let Ok(mut conn) = conn else {
             return (recorder, order_ids);
         };
         while !shutdown.is_cancelled() {
