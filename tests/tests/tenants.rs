@@ -202,3 +202,53 @@ async fn a_relay_or_consumer_held_by_row_level_security_starts_no_work() {
     }
     sqlx::query(&format!("DROP ROLE IF EXISTS \"{role}\"")).execute(&admin.pool).await.ok();
 }
+
+/// Neither a bearer token nor an `Idempotency-Key` reaches a log line or a span, even at the
+/// most verbose log level; the order id, which the same requests carry, does (the control that
+/// shows the search sees what is there).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_and_idempotency_keys_reach_no_log_and_no_span() {
+    let collector = otlp_collector::Collector::start().await.expect("collector");
+    let env = Env::default()
+        .all("AUTH_JWT_SECRET", SECRET)
+        .all("OTEL_EXPORTER_OTLP_ENDPOINT", collector.grpc_endpoint())
+        .all("RUST_LOG", "trace")
+        .all("LOG_FORMAT", "json");
+    let mut system = System::start(env).await;
+    let service = &system.order_service;
+    let token = mint("t-a", "orders:write orders:read");
+    let key = format!("secret-key-{}", ulid::Ulid::new());
+    let body =
+        serde_json::json!({"customer_id": "c-1", "items": [{"sku": "SKU-1", "quantity": 1, "unit_price_cents": 1}]});
+    let mut order_id = String::new();
+    for _ in 0..2 {
+        let r = service
+            .http()
+            .post(service.url("/orders"))
+            .bearer_auth(&token)
+            .header("idempotency-key", &key)
+            .json(&body)
+            .send()
+            .await
+            .expect("POST");
+        assert_eq!(r.status(), 201);
+        order_id = r.json::<serde_json::Value>().await.expect("order")["id"].as_str().expect("id").to_owned();
+    }
+    // A refused token is not logged either.
+    let r =
+        service.http().get(service.url(&format!("/orders/{order_id}"))).bearer_auth("not.a.valid-token").send().await;
+    assert_eq!(r.expect("GET").status(), 401);
+    system.stop().await;
+
+    let logs: Vec<String> =
+        [&system.order_service, &system.relay, &system.consumer].iter().flat_map(|p| p.logs()).collect();
+    let spans: Vec<String> = collector.spans().iter().map(|s| format!("{} {:?}", s.name, s.attributes)).collect();
+    let signature = token.rsplit('.').next().expect("a JWT has a signature");
+    for (what, text) in [("logs", &logs), ("spans", &spans)] {
+        assert!(text.iter().any(|line| line.contains(&order_id)), "control: the order id is in the {what}");
+        for secret in [token.as_str(), signature, key.as_str(), "not.a.valid-token"] {
+            let leaked: Vec<&String> = text.iter().filter(|line| line.contains(secret)).collect();
+            assert!(leaked.is_empty(), "{what} carry {secret}: {leaked:?}");
+        }
+    }
+}

@@ -18,6 +18,16 @@ fn token(tenant: &str) -> String {
         .unwrap()
 }
 
+/// 5 of [`SKU`] for each of `tenants`.
+async fn seed(h: &Harness, tenants: &[&str]) {
+    sqlx::query("INSERT INTO inventory (tenant_id, sku, on_hand) SELECT t, $2, 5 FROM unnest($1::text[]) AS t")
+        .bind(tenants)
+        .bind(SKU)
+        .execute(h.pool())
+        .await
+        .unwrap();
+}
+
 async fn start_authed(h: &Harness) -> Running {
     let mut config = h.config("c1");
     config.auth.auth_jwt_secret = Some(SECRET.to_owned());
@@ -68,15 +78,7 @@ async fn the_same_sku_in_two_tenants_is_two_stocks() {
 #[tokio::test]
 async fn row_level_security_keeps_stock_apart_without_the_where_clause() {
     let h = Harness::new("tenants-rls").await;
-    for tenant in ["t-a", "t-b"] {
-        sqlx::query("INSERT INTO inventory (tenant_id, sku, on_hand) VALUES ($1, $2, 5)")
-            .bind(tenant)
-            .bind(SKU)
-            .execute(h.pool())
-            .await
-            .unwrap();
-    }
-    sqlx::query("DELETE FROM inventory WHERE tenant_id = 't-a'").execute(h.pool()).await.unwrap();
+    seed(&h, &["t-b"]).await;
     let mut conn = PgConnection::connect(&h.config("x").database_url).await.unwrap();
     async fn as_tenant(conn: &mut PgConnection, tenant: &str) -> (i64, u64) {
         let mut tx = conn.begin().await.unwrap();
@@ -136,14 +138,7 @@ async fn a_runtime_role_exempt_from_row_level_security_closes_the_stock_api() {
 #[tokio::test]
 async fn an_old_consumers_batch_fails_instead_of_mixing_tenants() {
     let h = Harness::new("tenants-old").await;
-    for tenant in ["t-a", "t-b"] {
-        sqlx::query("INSERT INTO inventory (tenant_id, sku, on_hand) VALUES ($1, $2, 5)")
-            .bind(tenant)
-            .bind(SKU)
-            .execute(h.pool())
-            .await
-            .unwrap();
-    }
+    seed(&h, &["t-a", "t-b"]).await;
     // The previous consumer's batch write: stock by sku alone, reservations without a tenant.
     let old_write =
         "WITH stock AS (UPDATE inventory i SET reserved = u.reserved FROM unnest($1::text[], $2::bigint[]) \
