@@ -5,14 +5,14 @@
 //! what it read cannot overwrite a change made since (a reservation, another `PUT`).
 //! `If-None-Match: *` creates the SKU only if it does not exist yet.
 
+use std::sync::{Arc, OnceLock};
+
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::from_fn_with_state;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
-use std::sync::{Arc, OnceLock};
-
 use axum::{Extension, Json, Router};
 use domain::{Sku, TenantId};
 use serde::{Deserialize, Serialize};

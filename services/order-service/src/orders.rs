@@ -6,12 +6,12 @@ use chrono::{SubsecRound, Utc};
 use domain::{NewOrder, Order, OrderId, TenantId, Transition, ValidationError};
 use outbox::{Notifier, Wake};
 use service_kit::connections::{keeps_connection, Connections, Ended, PooledConnection};
+use service_kit::tenancy::Tenancy;
 use sqlx::PgConnection;
 
 use crate::error::ApiError;
 use crate::idempotency::{self, IdempotencyKey};
 use crate::store::{self, StoreError};
-use service_kit::tenancy::Tenancy;
 
 /// The result of a create request.
 pub enum Created {
