@@ -39,9 +39,7 @@ impl Tenancy {
     ) -> Result<Transaction<'c, Postgres>, sqlx::Error> {
         conn.begin_with(self.begin_statement(tenant)).await
     }
-}
 
-impl Tenancy {
     /// [`Tenancy::begin`] on a connection of `pool`, which the transaction owns.
     pub async fn begin_in(
         &self,
@@ -119,17 +117,53 @@ pub async fn verify_cross_tenant(
     unfit: &std::sync::OnceLock<String>,
     shutdown: &crate::Shutdown,
 ) -> bool {
+    let check = move || async move { check_cross_tenant(&mut *pool.acquire().await?, service).await };
+    verified(check, Verdict { checking: "the database role", refused: "its work does not start" }, unfit, shutdown)
+        .await
+}
+
+/// [`check_role`] on `pool`, retried while it cannot run, with the outcomes of
+/// [`verify_cross_tenant`]: `refused` says what stays closed when the role is unfit.
+pub async fn verify_runtime_role(
+    pool: &sqlx::PgPool,
+    role: &RoleName,
+    tables: &[&str],
+    refused: &'static str,
+    unfit: &std::sync::OnceLock<String>,
+    shutdown: &crate::Shutdown,
+) -> bool {
+    let check = move || async move { check_role(&mut *pool.acquire().await?, role, tables).await };
+    verified(check, Verdict { checking: "the runtime role", refused }, unfit, shutdown).await
+}
+
+/// How a role check is logged: what it checks, and what does not start when it fails.
+struct Verdict {
+    checking: &'static str,
+    refused: &'static str,
+}
+
+/// Runs `check` until it answers (with backoff while it cannot run) or shutdown: `true` if
+/// the role is fit; otherwise `unfit` says why, and it is logged.
+async fn verified<F, Fut>(
+    check: F,
+    verdict: Verdict,
+    unfit: &std::sync::OnceLock<String>,
+    shutdown: &crate::Shutdown,
+) -> bool
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<String>, sqlx::Error>>,
+{
     let mut retry = crate::Backoff::new(std::time::Duration::from_millis(200), std::time::Duration::from_secs(10));
     loop {
-        let checked = async { check_cross_tenant(&mut *pool.acquire().await?, service).await };
-        match checked.await {
+        match check().await {
             Ok(None) => return true,
             Ok(Some(why)) => {
-                tracing::error!("{why}; its work does not start");
+                tracing::error!("{why}; {}", verdict.refused);
                 let _ = unfit.set(why);
                 return false;
             }
-            Err(e) => tracing::warn!(error = %e, "checking the database role failed; retrying"),
+            Err(e) => tracing::warn!(error = %e, "checking {} failed; retrying", verdict.checking),
         }
         tokio::select! {
             () = shutdown.cancelled() => return false,

@@ -238,22 +238,9 @@ async fn migrate(m: Migration, shutdown: Shutdown) {
         return;
     }
     tracing::info!("orders database migrated");
-    let mut retry = service_kit::Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
-    let checked = loop {
-        let checked =
-            async { tenancy::check_role(&mut *m.service.acquire().await?, m.tenancy.role(), TENANT_TABLES).await };
-        match checked.await {
-            Ok(checked) => break checked,
-            Err(e) => tracing::warn!(error = %e, "checking the runtime role failed; retrying"),
-        }
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(retry.next_delay()) => {}
-        }
-    };
-    if let Some(why) = checked {
-        tracing::error!(role = %m.tenancy.role(), "{why}; the API stays closed");
-        let _ = m.unfit.set(why);
+    let role = m.tenancy.role();
+    let stays_closed = "the API stays closed";
+    if !tenancy::verify_runtime_role(&m.service, role, TENANT_TABLES, stays_closed, &m.unfit, &shutdown).await {
         return;
     }
     // Key expiry removes every tenant's expired keys on the service's own role: one that
