@@ -12,6 +12,8 @@ pub struct System {
     pub orders: TestDatabase,
     pub inventory: TestDatabase,
     pub stream: String,
+    /// The Redis the test reads the stream from (an admin's URL).
+    pub redis_url: String,
     pub order_service: ServiceProcess,
     pub relay: ServiceProcess,
     pub consumer: ServiceProcess,
@@ -24,6 +26,9 @@ pub struct Env {
     pub order_service: Vec<(String, String)>,
     pub relay: Vec<(String, String)>,
     pub consumer: Vec<(String, String)>,
+    /// Another Redis than the shared one, and the stream on it (an admin's URL; the relay's
+    /// and the consumer's own may be set per service).
+    pub redis: Option<(String, String)>,
 }
 
 impl Env {
@@ -38,8 +43,13 @@ impl System {
     pub async fn start(env: Env) -> Self {
         let orders = test_support::fresh_database("sys_orders").await;
         let inventory = test_support::fresh_database("sys_inventory").await;
-        let stream = test_support::unique_name("sys-stream");
-        let redis = test_support::redis_url();
+        Self::start_on(orders, inventory, env).await
+    }
+
+    /// [`System::start`] on databases the test made (and may have migrated) itself.
+    pub async fn start_on(orders: TestDatabase, inventory: TestDatabase, env: Env) -> Self {
+        let (redis, stream) =
+            env.redis.clone().unwrap_or_else(|| (test_support::redis_url(), test_support::unique_name("sys-stream")));
         let with = |own: &[(String, String)], base: Vec<(String, String)>| {
             base.into_iter().chain(env.all.iter().cloned()).chain(own.iter().cloned()).collect::<Vec<_>>()
         };
@@ -70,7 +80,7 @@ impl System {
         order_service.wait_ready(ready).await;
         relay.wait_ready(ready).await;
         consumer.wait_ready(ready).await;
-        Self { orders, inventory, stream, order_service, relay, consumer }
+        Self { orders, inventory, stream, redis_url: redis, order_service, relay, consumer }
     }
 
     /// SIGTERM to all three, and each must exit successfully within 30 s.
@@ -140,7 +150,8 @@ impl System {
 
     /// The stream entries of `order_id`, as field maps, in stream order.
     pub async fn stream_entries(&self, order_id: &str) -> Vec<HashMap<String, String>> {
-        let mut redis = test_support::redis_connection().await;
+        let client = redis::Client::open(self.redis_url.as_str()).expect("Redis URL");
+        let mut redis = client.get_multiplexed_async_connection().await.expect("connect to Redis");
         let reply: redis::streams::StreamRangeReply =
             redis::cmd("XRANGE").arg(&self.stream).arg("-").arg("+").query_async(&mut redis).await.expect("XRANGE");
         reply
