@@ -145,33 +145,23 @@ fn token_refuses_an_unknown_scope_and_a_bad_tenant() {
     }
 }
 
-/// A relay or consumer connecting as a role that row-level security holds would see no
-/// tenant's rows (a relay stalls; a consumer finds no stock and rejects every order): each says
-/// so on `/readyz` and starts no work. The database is the role's own, so it migrates it
-/// itself, as an operator's owner role would.
+/// A relay or consumer whose work role row-level security holds would see no tenant's rows
+/// (a relay stalls; a consumer finds no stock and rejects every order): each says so on
+/// `/readyz`, naming the role, and starts no work. The control: the same database with the
+/// shipped roles is ready.
 #[tokio::test]
 async fn a_relay_or_consumer_held_by_row_level_security_starts_no_work() {
-    let role = test_support::unique_name("held").replace('-', "_").to_lowercase();
-    let admin = test_support::fresh_database("held_admin").await;
-    sqlx::query(&format!("CREATE ROLE \"{role}\" LOGIN")).execute(&admin.pool).await.expect("role");
-    let mut dbs = Vec::new();
-    for (binary, prefix) in [("relay", "held_orders"), ("inventory-consumer", "held_inventory")] {
+    for (binary, prefix, variable, held) in [
+        ("relay", "held_orders", "DATABASE_RUNTIME_ROLE", "outbox_app"),
+        ("inventory-consumer", "held_inventory", "DATABASE_CONSUMER_ROLE", "inventory_app"),
+    ] {
         let db = test_support::fresh_database(prefix).await;
-        sqlx::query(&format!("ALTER DATABASE \"{}\" OWNER TO \"{role}\"", db.name))
-            .execute(&admin.pool)
-            .await
-            .expect("owner");
-        let url = db.url.replacen("postgres://postgres@", &format!("postgres://{role}@"), 1);
-        assert_ne!(url, db.url, "TEST_POSTGRES_URL is postgres://postgres@…");
         let stream = test_support::unique_name("held-stream");
+        let redis = test_support::redis_url();
+        let common = [("DATABASE_URL", db.url.as_str()), ("REDIS_URL", redis.as_str()), ("REDIS_STREAM", &stream)];
         let process = system_tests::ServiceProcess::spawn(
             binary,
-            [
-                ("DATABASE_URL", url.as_str()),
-                ("REDIS_URL", test_support::redis_url().as_str()),
-                ("REDIS_STREAM", stream.as_str()),
-                ("CONSUMER_NAME", "held-1"),
-            ],
+            common.iter().copied().chain([(variable, held), ("CONSUMER_NAME", "held-1")]),
         );
         let body = test_support::eventually("readyz to name the role", Duration::from_secs(60), || async {
             let r = process.http().get(process.url("/readyz")).send().await.ok()?;
@@ -180,27 +170,88 @@ async fn a_relay_or_consumer_held_by_row_level_security_starts_no_work() {
             (status == 503 && body.contains("row-level security")).then_some(body)
         })
         .await;
-        assert!(body.contains(&role), "{binary}: {body}");
-        // Control: the same database as the superuser (exempt) is ready.
-        let mut exempt = system_tests::ServiceProcess::spawn(
-            binary,
-            [
-                ("DATABASE_URL", db.url.as_str()),
-                ("REDIS_URL", test_support::redis_url().as_str()),
-                ("REDIS_STREAM", stream.as_str()),
-                ("CONSUMER_NAME", "exempt-1"),
-            ],
-        );
-        exempt.wait_ready(Duration::from_secs(60)).await;
-        drop(process);
-        drop(exempt);
-        dbs.push(db);
+        assert!(body.contains(held), "{binary}: {body}");
+        let mut shipped =
+            system_tests::ServiceProcess::spawn(binary, common.iter().copied().chain([("CONSUMER_NAME", "shipped-1")]));
+        shipped.wait_ready(Duration::from_secs(60)).await;
     }
-    for db in dbs {
+}
+
+/// The relay and the consumer connect as logins that are neither superusers nor the tables'
+/// owners, members only of the roles the migrations made for them (`outbox_relay`;
+/// `inventory_consumer` and the stock API's `inventory_app`), with migrations on the owner's
+/// URL: an order still goes all the way through, and the relay's login cannot read orders.
+#[tokio::test]
+async fn relay_and_consumer_run_on_least_privileged_logins() {
+    let orders = test_support::fresh_database("least_orders").await;
+    let inventory = test_support::fresh_database("least_inventory").await;
+    for (binary, db) in [("order-service", &orders), ("inventory-consumer", &inventory)] {
+        let out = std::process::Command::new(system_tests::process::binary_path(binary))
+            .arg("migrate")
+            .env("DATABASE_URL", &db.url)
+            .output()
+            .expect("run migrate");
+        assert!(out.status.success(), "{binary} migrate: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let relay_login = test_support::unique_name("relay_login").replace('-', "_").to_lowercase();
+    let consumer_login = test_support::unique_name("consumer_login").replace('-', "_").to_lowercase();
+    for statement in [
+        format!("CREATE ROLE \"{relay_login}\" LOGIN"),
+        format!("GRANT outbox_relay TO \"{relay_login}\""),
+        format!("GRANT CONNECT ON DATABASE \"{}\" TO \"{relay_login}\"", orders.name),
+        format!("CREATE ROLE \"{consumer_login}\" LOGIN"),
+        format!("GRANT inventory_consumer, inventory_app TO \"{consumer_login}\""),
+        format!("GRANT CONNECT ON DATABASE \"{}\" TO \"{consumer_login}\"", inventory.name),
+    ] {
+        sqlx::query(&statement).execute(&orders.pool).await.unwrap_or_else(|e| panic!("{statement}: {e}"));
+    }
+    let as_login = |db: &test_support::TestDatabase, login: &str| {
+        let url = db.url.replacen("postgres://postgres@", &format!("postgres://{login}@"), 1);
+        assert_ne!(url, db.url, "TEST_POSTGRES_URL is postgres://postgres@…");
+        url
+    };
+    let (relay_url, consumer_url) = (as_login(&orders, &relay_login), as_login(&inventory, &consumer_login));
+
+    let env = Env {
+        relay: vec![("DATABASE_URL".into(), relay_url.clone()), ("DATABASE_MIGRATION_URL".into(), orders.url.clone())],
+        consumer: vec![("DATABASE_URL".into(), consumer_url), ("DATABASE_MIGRATION_URL".into(), inventory.url.clone())],
+        ..Env::default()
+    };
+    let mut system = System::start_on(orders, inventory, env).await;
+    system.set_stock("SKU-LEAST", 5).await;
+    let traceparent =
+        system_tests::system::traceparent(&system_tests::system::hex_id(16), &system_tests::system::hex_id(8), false);
+    let id = system.create_order("SKU-LEAST", 2, &traceparent).await;
+    system.post(&format!("/orders/{id}/confirm"), None, &traceparent).await;
+    system.wait_for_stock("SKU-LEAST", (3, 0), Duration::from_secs(30)).await;
+
+    // The relay's login, as its role, may not read orders; it does see every tenant's outbox.
+    let relay_pool = sqlx::PgPool::connect(&relay_url).await.expect("connect as the relay's login");
+    let mut conn = relay_pool.acquire().await.expect("connection");
+    sqlx::query("SET ROLE outbox_relay").execute(&mut *conn).await.expect("SET ROLE");
+    let denied = sqlx::query("SELECT count(*) FROM orders").execute(&mut *conn).await.expect_err("orders readable");
+    assert!(denied.to_string().contains("permission denied"), "{denied}");
+    let published: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox_published")
+        .fetch_one(&mut *conn)
+        .await
+        .expect("outbox_published readable");
+    assert_eq!(published, 2);
+    // Control: the owner reads orders.
+    let owner_count: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM orders").fetch_one(&system.orders.pool).await.expect("owner reads");
+    assert_eq!(owner_count, 1);
+    drop(conn);
+    relay_pool.close().await;
+    system.stop().await;
+
+    let admin = test_support::fresh_database("least_admin").await;
+    for db in [&system.orders, &system.inventory] {
         db.pool.close().await;
         sqlx::query(&format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", db.name)).execute(&admin.pool).await.ok();
     }
-    sqlx::query(&format!("DROP ROLE IF EXISTS \"{role}\"")).execute(&admin.pool).await.ok();
+    for login in [relay_login, consumer_login] {
+        sqlx::query(&format!("DROP ROLE IF EXISTS \"{login}\"")).execute(&admin.pool).await.ok();
+    }
 }
 
 /// Neither a bearer token nor an `Idempotency-Key` reaches a log line or a span, even at the

@@ -75,6 +75,13 @@ impl RoleName {
         }
     }
 
+    /// `options` whose sessions run as this role from the start (the startup parameter
+    /// `role`, as if each began with `SET ROLE`; `RESET ROLE` comes back to it). Connecting
+    /// fails while the role does not exist or the user may not switch to it.
+    pub fn session_role(&self, options: PgConnectOptions) -> PgConnectOptions {
+        options.options([("role", self.as_str())])
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }

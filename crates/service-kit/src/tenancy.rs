@@ -59,7 +59,7 @@ pub async fn check_role(
 ) -> Result<Option<String>, sqlx::Error> {
     let found = sqlx::query!(
         r#"SELECT r.rolsuper AS "superuser!", r.rolbypassrls AS "bypasses_rls!",
-                  pg_has_role(current_user, r.oid, 'MEMBER') AS "reachable!",
+                  pg_has_role(session_user, r.oid, 'MEMBER') AS "reachable!",
                   EXISTS (SELECT 1 FROM pg_class c
                           WHERE c.relname = ANY($2)
                             AND c.relnamespace = current_schema()::regnamespace
@@ -88,22 +88,36 @@ pub async fn check_role(
     })
 }
 
-/// Why the connection's own role cannot do cross-tenant work (relaying every tenant's events,
-/// applying them), if it cannot: row-level security, forced on the tenant tables, would show it
-/// no tenant's rows unless it is a superuser or has `BYPASSRLS`. Work that went on regardless
-/// would stall (a relay) or be wrong (a consumer rejecting every order for lack of stock).
-pub async fn check_cross_tenant(conn: &mut PgConnection, service: &str) -> Result<Option<String>, sqlx::Error> {
+/// Why the session's role cannot do cross-tenant work on `tables` (relaying every tenant's
+/// events, applying them), if it cannot: row-level security, forced on the tenant tables,
+/// shows it every tenant's rows only if it is a superuser, has `BYPASSRLS`, or a policy of
+/// its own admits every row of each table (the relay's and the consumer's roles have one).
+/// Work that went on regardless would stall (a relay) or be wrong (a consumer rejecting every
+/// order for lack of stock).
+pub async fn check_cross_tenant(
+    conn: &mut PgConnection,
+    service: &str,
+    tables: &[&str],
+) -> Result<Option<String>, sqlx::Error> {
     let role = sqlx::query!(
-        r#"SELECT current_user AS "name!", rolsuper OR rolbypassrls AS "exempt!"
-           FROM pg_roles WHERE rolname = current_user"#
+        r#"SELECT current_user AS "name!", rolsuper OR rolbypassrls AS "exempt!",
+                  ARRAY(SELECT t FROM unnest($1::text[]) AS t
+                        WHERE NOT EXISTS (SELECT 1 FROM pg_policies p
+                                          WHERE p.schemaname = current_schema() AND p.tablename = t
+                                            AND p.cmd = 'ALL' AND p.qual = 'true'
+                                            AND p.roles @> ARRAY[current_user])) AS "held!: Vec<String>"
+           FROM pg_roles WHERE rolname = current_user"#,
+        tables as _,
     )
     .fetch_one(conn)
     .await?;
-    Ok((!role.exempt).then(|| {
+    Ok((!role.exempt && !role.held.is_empty()).then(|| {
         format!(
-            "the {service} connects as {}, which row-level security holds on the tenant tables (it would see no \
-             tenant's rows): connect as a superuser or a role with BYPASSRLS",
-            role.name
+            "the {service} works as the database role {}, which row-level security holds to one tenant on {} (it \
+             would see no tenant's rows): use a role with a policy admitting every row (the migrations make one), \
+             BYPASSRLS, or a superuser",
+            role.name,
+            role.held.join(", ")
         )
     }))
 }
@@ -114,10 +128,11 @@ pub async fn check_cross_tenant(conn: &mut PgConnection, service: &str) -> Resul
 pub async fn verify_cross_tenant(
     pool: &sqlx::PgPool,
     service: &str,
+    tables: &[&str],
     unfit: &std::sync::OnceLock<String>,
     shutdown: &crate::Shutdown,
 ) -> bool {
-    let check = move || async move { check_cross_tenant(&mut *pool.acquire().await?, service).await };
+    let check = move || async move { check_cross_tenant(&mut *pool.acquire().await?, service, tables).await };
     verified(check, Verdict { checking: "the database role", refused: "its work does not start" }, unfit, shutdown)
         .await
 }

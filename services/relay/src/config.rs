@@ -6,6 +6,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use clap::{Args, Parser, Subcommand};
 use service_kit::http::HttpSettings;
+use service_kit::session::RoleName;
 use service_kit::{parse_duration, SessionLimits};
 use sqlx::postgres::PgConnectOptions;
 use telemetry::LogFormat;
@@ -81,14 +82,27 @@ pub struct Config {
     /// The orders database.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: String,
+    /// Postgres URL the migrations and vacuuming run on, as the tables' owner (default:
+    /// DATABASE_URL).
+    #[arg(long, env = "DATABASE_MIGRATION_URL", hide_env_values = true)]
+    pub database_migration_url: Option<String>,
+    /// Role the relay's work runs as (every session starts as it). It must see every tenant's
+    /// outbox rows: the migrations create `outbox_relay` with a policy for that and only the
+    /// privileges relaying needs; DATABASE_URL's user must be a member of it.
+    #[arg(long, env = "DATABASE_RUNTIME_ROLE", default_value = "outbox_relay")]
+    pub database_runtime_role: RoleName,
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379", hide_env_values = true)]
     pub redis_url: String,
     /// Stream the events go to.
     #[arg(long, env = "REDIS_STREAM", default_value = "orders.events")]
     pub redis_stream: String,
-    /// HTTP listen address for /healthz, /readyz, /metrics (port 0 = any free port).
+    /// HTTP listen address for /healthz, /readyz (port 0 = any free port).
     #[arg(long, env = "HTTP_ADDR", default_value = "0.0.0.0:9100")]
     pub http_addr: SocketAddr,
+    /// Admin listen address: /metrics, /healthz, /readyz (port 0 = any free port; the same
+    /// address as HTTP_ADDR serves /metrics there too).
+    #[arg(long, env = "ADMIN_ADDR", default_value = "0.0.0.0:9101")]
+    pub admin_addr: SocketAddr,
     /// Rows claimed (and published in one pipeline) per batch.
     #[arg(long, env = "OUTBOX_BATCH_SIZE", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub batch_size: u32,
