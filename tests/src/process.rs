@@ -25,6 +25,7 @@ const SERVICE_VARIABLES: &[&str] = &[
     "CONSUMER_GROUP",
     "CONSUMER_NAME",
     "HTTP_ADDR",
+    "ADMIN_ADDR",
     "LOG_FORMAT",
     "OTEL_EXPORTER_OTLP_ENDPOINT",
     "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
@@ -74,7 +75,8 @@ pub struct ServiceProcess {
 
 impl ServiceProcess {
     /// Starts `binary` (a cargo bin name) with `envs` on a free port (unless `envs` sets
-    /// `HTTP_ADDR`, which must then name a fixed port), without waiting for it to be ready.
+    /// `HTTP_ADDR`, which must then name a fixed port), `/metrics` there too (unless `envs`
+    /// sets `ADMIN_ADDR`), without waiting for it to be ready.
     /// Needs a tokio runtime.
     pub fn spawn<K: Into<String>, V: Into<String>>(binary: &str, envs: impl IntoIterator<Item = (K, V)>) -> Self {
         let mut envs: Vec<(String, String)> = envs.into_iter().map(|(k, v)| (k.into(), v.into())).collect();
@@ -94,6 +96,10 @@ impl ServiceProcess {
                 addr
             }
         };
+        // `/metrics` on the same listener, unless the test asks for an admin listener apart.
+        if !envs.iter().any(|(k, _)| k == "ADMIN_ADDR") {
+            envs.push(("ADMIN_ADDR".to_owned(), addr.to_string()));
+        }
         let lines: Lines = Arc::default();
         let child = launch(binary, &binary_path(binary), &envs, &lines);
         let http = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().expect("HTTP client");

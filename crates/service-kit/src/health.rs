@@ -77,11 +77,21 @@ pub fn ops_router<S: Clone + Send + Sync + 'static>(
     liveness: Liveness,
     registry: Arc<Mutex<Registry>>,
 ) -> Router<S> {
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .with_state(OpsState { readiness, liveness, registry })
+    health_routes().route("/metrics", get(metrics)).with_state(OpsState { readiness, liveness, registry })
+}
+
+/// `/healthz` and `/readyz` only: what a service's own listener serves when `/metrics` is on
+/// the admin listener ([`crate::admin`]).
+pub fn health_router<S: Clone + Send + Sync + 'static>(
+    readiness: Readiness,
+    liveness: Liveness,
+    registry: Arc<Mutex<Registry>>,
+) -> Router<S> {
+    health_routes().with_state(OpsState { readiness, liveness, registry })
+}
+
+fn health_routes() -> Router<OpsState> {
+    Router::new().route("/healthz", get(healthz)).route("/readyz", get(readyz))
 }
 
 async fn healthz(State(state): State<OpsState>) -> impl IntoResponse {

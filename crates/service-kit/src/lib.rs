@@ -1,9 +1,10 @@
 //! Pieces every service shares: one way to start and stop ([`runner`]), graceful shutdown,
-//! `/healthz` `/readyz` `/metrics`,
+//! `/healthz` `/readyz` `/metrics` (on an admin listener of their own),
 //! RFC 9457 problem responses, start-up that waits for its dependencies instead of
 //! crash-looping, upkeep of the busiest tables, the classes of failure, the limits of every
 //! database session and every HTTP connection.
 
+pub mod admin;
 pub mod auth;
 pub mod backoff;
 pub mod connections;

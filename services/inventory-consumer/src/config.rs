@@ -74,6 +74,12 @@ pub struct Config {
     /// `inventory_app` with the privileges the API needs; another role must be a member of it.
     #[arg(long, env = "DATABASE_RUNTIME_ROLE", default_value = "inventory_app")]
     pub database_runtime_role: RoleName,
+    /// Role the consumer loop (and the rest of the service's work but the stock API's
+    /// transactions) runs as: every session starts as it. It must see every tenant's stock:
+    /// the migrations create `inventory_consumer` with a policy for that and only the
+    /// privileges applying events needs; DATABASE_URL's user must be a member of it.
+    #[arg(long, env = "DATABASE_CONSUMER_ROLE", default_value = "inventory_consumer")]
+    pub database_consumer_role: RoleName,
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
     pub redis_url: String,
     #[arg(long, env = "REDIS_STREAM", default_value = "orders.events")]
@@ -85,6 +91,10 @@ pub struct Config {
     pub consumer_name: String,
     #[arg(long, env = "HTTP_ADDR", default_value = "0.0.0.0:8081")]
     pub http_addr: SocketAddr,
+    /// Admin listen address: /metrics, /healthz, /readyz (port 0 = any free port; the same
+    /// address as HTTP_ADDR serves /metrics there too).
+    #[arg(long, env = "ADMIN_ADDR", default_value = "0.0.0.0:9081")]
+    pub admin_addr: SocketAddr,
     /// Entries pending this long on a (probably dead) replica are claimed, e.g. `30s`.
     #[arg(long, env = "CLAIM_MIN_IDLE", default_value = "30s", value_parser = parse_duration)]
     pub claim_min_idle: Duration,

@@ -29,13 +29,14 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use prometheus_client::registry::Registry;
+use service_kit::admin::AdminListener;
 use service_kit::connections::Connections;
 use service_kit::http::body::{read_within, BodyLimits};
 use service_kit::http::server::{serve, ServerMetrics};
 use service_kit::runner::{drain, TaskTracker, TASKS_GRACE};
 use service_kit::session::RoleName;
 use service_kit::tenancy::Tenancy;
-use service_kit::{ops_router, Liveness, Readiness, SessionLimits};
+use service_kit::{Liveness, Readiness, SessionLimits};
 use sqlx::migrate::Migrator;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::PgPool;
@@ -50,18 +51,22 @@ pub static MIGRATOR: Migrator = sqlx::migrate!("../../migrations/inventory");
 pub struct InventoryConsumer {
     config: Config,
     limits: SessionLimits,
+    /// Sessions run as `DATABASE_CONSUMER_ROLE`; the stock API's transactions switch to
+    /// `DATABASE_RUNTIME_ROLE`.
     pool: PgPool,
-    /// The owner's connection for migrations: `pool` unless `DATABASE_MIGRATION_URL` is set.
-    migration_pool: PgPool,
+    /// The tables' owner (`DATABASE_MIGRATION_URL`, or `DATABASE_URL` as its own user):
+    /// migrations and vacuuming.
+    owner: PgPool,
     redis: redis::Client,
     listener: tokio::net::TcpListener,
     local_addr: SocketAddr,
+    admin: AdminListener,
     registry: Arc<Mutex<Registry>>,
     auth: service_kit::Authenticator,
 }
 
 /// Connections the consumer loop applies batches on, besides the pool (HTTP API, readiness,
-/// migrations, upkeep): the loop applies one batch at a time.
+/// retention) and the owner's (migrations, upkeep): the loop applies one batch at a time.
 const APPLY_CONNECTIONS: u32 = 1;
 
 /// The tables every applied event writes ([`service_kit::upkeep`]).
@@ -75,20 +80,27 @@ impl InventoryConsumer {
             service_kit::Authenticator::from_settings(&config.auth).map_err(|e| StartError::Config(e.to_string()))?;
         let options = config.database_url.parse::<PgConnectOptions>().map_err(StartError::DatabaseUrl)?;
         let options = limits.apply(options, &config.consumer_name);
-        let pool = service_kit::startup::lazy_pool_with(options, config.database_max_connections);
-        let migration_pool = match &config.database_migration_url {
-            None => pool.clone(),
-            Some(url) => {
-                let options = url.parse::<PgConnectOptions>().map_err(StartError::DatabaseUrl)?;
-                service_kit::startup::lazy_pool_with(limits.apply(options, &config.consumer_name), 1)
-            }
-        };
+        let pool = service_kit::startup::lazy_pool_with(
+            config.database_consumer_role.session_role(options),
+            config.database_max_connections,
+        );
+        let owner_url = config.database_migration_url.as_deref().unwrap_or(&config.database_url);
+        let owner = owner_url.parse::<PgConnectOptions>().map_err(StartError::DatabaseUrl)?;
+        let owner = service_kit::startup::lazy_pool_with(limits.apply(owner, &config.consumer_name), 1);
         let redis = redis::Client::open(config.redis_url.as_str()).map_err(StartError::RedisUrl)?;
         let listener = service_kit::http::server::bind(config.http_addr)
             .map_err(|source| StartError::Bind { addr: config.http_addr, source })?;
         let local_addr = listener.local_addr().map_err(|source| StartError::Bind { addr: config.http_addr, source })?;
+        let admin = AdminListener::bind(config.admin_addr, config.http_addr)?;
         let registry = Arc::new(Mutex::new(Registry::default()));
-        Ok(Self { config, limits, pool, migration_pool, redis, listener, local_addr, registry, auth })
+        Ok(Self { config, limits, pool, owner, redis, listener, local_addr, admin, registry, auth })
+    }
+}
+
+impl InventoryConsumer {
+    /// Where `/metrics` is served apart (`None`: on the API's listener).
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.local_addr()
     }
 }
 
@@ -137,30 +149,39 @@ impl Service for InventoryConsumer {
             unfit: unfit.clone(),
         };
         let app = http::router(stock_api, &self.auth)
-            .merge(ops_router(readiness, liveness.clone(), self.registry.clone()))
+            .merge(self.admin.service_routes(readiness.clone(), liveness.clone(), self.registry.clone()))
             .layer(axum::middleware::from_fn_with_state(body_limits, read_within));
         // The server stops after the consumer, so in-flight work is visible to the end.
         let stop_http = Shutdown::new();
         let grace = self.config.http.body_timeout + Duration::from_secs(5);
+        let admin_server = self.admin.spawn(
+            readiness,
+            liveness.clone(),
+            self.registry.clone(),
+            server_metrics.clone(),
+            stop_http.clone(),
+        );
         let server =
             tokio::spawn(serve(self.listener, app, self.config.http.clone(), server_metrics, stop_http.clone(), grace));
         // Nothing is consumed unless the migrations were applied (None: shut down first).
-        let applied =
-            service_kit::startup::migrate_with_retry(&self.migration_pool, &MIGRATOR, &shutdown).await.is_some();
+        let applied = service_kit::startup::migrate_with_retry(&self.owner, &MIGRATOR, &shutdown).await.is_some();
         if applied {
             migrated.store(true, Ordering::Relaxed);
             check_runtime_role(&self.pool, &self.config.database_runtime_role, &unfit).await;
         }
         // The loop applies every tenant's events: on a role row-level security holds, it would
         // find no stock and reject every order. Not ready, saying why, until stopped.
-        if applied && !service_kit::tenancy::verify_cross_tenant(&self.pool, Self::NAME, &loop_unfit, &shutdown).await {
+        if applied
+            && !service_kit::tenancy::verify_cross_tenant(&self.pool, Self::NAME, TENANT_TABLES, &loop_unfit, &shutdown)
+                .await
+        {
             shutdown.cancelled().await;
         } else if applied {
             // Background work stops with the consumer.
             let stop_tasks = shutdown.child_token();
             let tasks = TaskTracker::new();
             tasks.spawn(service_kit::upkeep::upkeep_loop(
-                self.pool.clone(),
+                self.owner.clone(),
                 UPKEEP_TABLES,
                 self.config.upkeep_interval,
                 stop_tasks.clone(),
@@ -201,11 +222,12 @@ impl Service for InventoryConsumer {
             drain(&tasks, TASKS_GRACE).await;
         }
         stop_http.cancel();
+        admin_server.stopped().await;
         let served = match server.await {
             Ok(r) => r.map_err(StartError::Serve),
             Err(e) => Err(StartError::Serve(std::io::Error::other(e))),
         };
-        tokio::join!(self.pool.close(), self.migration_pool.close());
+        tokio::join!(self.pool.close(), self.owner.close());
         served
     }
 }

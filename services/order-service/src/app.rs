@@ -8,6 +8,7 @@ use std::time::Duration;
 use axum::middleware;
 use axum::Router;
 use prometheus_client::registry::Registry;
+use service_kit::admin::AdminListener;
 use service_kit::connections::Connections;
 use service_kit::http::body::{read_within, BodyLimits};
 use service_kit::http::server::{serve, ServerMetrics};
@@ -45,20 +46,22 @@ pub struct AppState {
     pub request_timeout: Duration,
 }
 
-/// The whole router: the order API, `/healthz`, `/readyz`, `/metrics`, and problem+json for
-/// unknown routes and methods. Every request's body is read within the body timeout first.
+/// The whole router: the order API, `/healthz`, `/readyz`, `/metrics` (unless the admin
+/// listener serves it), and problem+json for unknown routes and methods. Every request's body
+/// is read within the body timeout first.
 pub fn router(
     state: AppState,
     readiness: Readiness,
     registry: Arc<Mutex<Registry>>,
     http: &HttpSettings,
     auth: &Authenticator,
+    admin: &AdminListener,
 ) -> Router {
     let api = routes::api(auth).route_layer(middleware::from_fn_with_state(state.clone(), observe::guard_api));
     let body_limits = BodyLimits { timeout: http.body_timeout, max_bytes: MAX_BODY_BYTES };
     Router::new()
         .merge(api)
-        .merge(service_kit::ops_router(readiness, Liveness::new(), registry))
+        .merge(admin.service_routes(readiness, Liveness::new(), registry))
         .fallback(|| async { ApiError::RouteNotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(middleware::from_fn_with_state(body_limits, read_within))
@@ -71,6 +74,10 @@ pub struct OrderService {
     listener: TcpListener,
     local_addr: SocketAddr,
     router: Router,
+    admin: AdminListener,
+    /// What the admin listener reports.
+    readiness: Readiness,
+    registry: Arc<Mutex<Registry>>,
     pool: PgPool,
     /// The owner's connection for migrations: `pool` unless `DATABASE_MIGRATION_URL` is set.
     migration_pool: PgPool,
@@ -140,11 +147,15 @@ impl OrderService {
             migrated: migrated.clone(),
             request_timeout: config.request_timeout(),
         };
-        let router = router(state, readiness, registry, &config.http, &auth);
+        let admin = AdminListener::bind(config.admin_addr, config.http_addr)?;
+        let router = router(state, readiness.clone(), registry.clone(), &config.http, &auth, &admin);
         Ok(Self {
             listener,
             local_addr,
             router,
+            admin,
+            readiness,
+            registry,
             pool,
             migration_pool,
             db,
@@ -164,6 +175,11 @@ impl OrderService {
     /// The router, for driving the service without a socket.
     pub fn router(&self) -> Router {
         self.router.clone()
+    }
+
+    /// Where `/metrics` is served apart (`None`: on the API's listener).
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.local_addr()
     }
 }
 
@@ -203,10 +219,18 @@ impl Service for OrderService {
             shutdown.clone(),
         ));
         tracing::info!(addr = %self.local_addr, "listening");
+        let admin_server = self.admin.spawn(
+            self.readiness,
+            Liveness::new(),
+            self.registry,
+            self.server_metrics.clone(),
+            shutdown.clone(),
+        );
         let grace = self.http.body_timeout + self.request_timeout + Duration::from_secs(5);
         let served = serve(self.listener, self.router, self.http, self.server_metrics, shutdown, grace)
             .await
             .map_err(StartError::Serve);
+        admin_server.stopped().await;
         // Every request is done; release connections, but never hang on an unresponsive server.
         drop(self.notifier);
         drain(&tasks, TASKS_GRACE).await;
@@ -245,7 +269,7 @@ async fn migrate(m: Migration, shutdown: Shutdown) {
     }
     // Key expiry removes every tenant's expired keys on the service's own role: one that
     // row-level security holds would remove none, and the table would grow without bound.
-    if tenancy::verify_cross_tenant(&m.service, OrderService::NAME, &m.unfit, &shutdown).await {
+    if tenancy::verify_cross_tenant(&m.service, OrderService::NAME, &["idempotency_keys"], &m.unfit, &shutdown).await {
         m.migrated.store(true, Ordering::Release);
     }
 }

@@ -33,6 +33,10 @@ pub struct Config {
     /// HTTP listen address; port 0 picks a free port (the bound address is logged at start).
     #[arg(long, env = "HTTP_ADDR", default_value = "0.0.0.0:8080")]
     pub http_addr: SocketAddr,
+    /// Admin listen address: /metrics, /healthz, /readyz (port 0 = any free port; the same
+    /// address as HTTP_ADDR serves /metrics on the API's listener too).
+    #[arg(long, env = "ADMIN_ADDR", default_value = "0.0.0.0:9080")]
+    pub admin_addr: SocketAddr,
 
     /// Log format: `text` or `json`.
     #[arg(long, env = "LOG_FORMAT", default_value = "text")]
@@ -78,13 +82,15 @@ pub struct Config {
 }
 
 impl Config {
-    /// A configuration with defaults for everything but the database.
+    /// A configuration with defaults for everything but the database and the address, on which
+    /// `/metrics` is served too (no admin listener of its own).
     pub fn new(database_url: impl Into<String>, http_addr: SocketAddr) -> Self {
         Self {
             database_url: database_url.into(),
             database_migration_url: None,
             database_runtime_role: RoleName::parse("outbox_app").unwrap_or_else(|e| unreachable!("{e}")),
             http_addr,
+            admin_addr: http_addr,
             log_format: LogFormat::Text,
             database_max_connections: 10,
             request_timeout_ms: 10_000,

@@ -27,9 +27,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prometheus_client::registry::Registry;
+use service_kit::admin::AdminListener;
 use service_kit::http::server::{serve, ServerMetrics};
 use service_kit::runner::{drain, TaskTracker};
-use service_kit::{ops_router, Liveness, Readiness, Service, Shutdown, StartError};
+use service_kit::{Liveness, Readiness, Service, Shutdown, StartError};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
@@ -39,19 +40,27 @@ pub use config::{Cli, Command, Config, DeadCommand, StreamCommand};
 /// A relay whose HTTP listener is bound; [`Service::run`] starts the work.
 pub struct Relay {
     config: Config,
+    /// The relay's work: every session runs as `DATABASE_RUNTIME_ROLE`.
     pool: PgPool,
+    /// The tables' owner: migrations and vacuuming.
+    owner: PgPool,
     listener: TcpListener,
     addr: SocketAddr,
+    admin: AdminListener,
 }
 
 /// The pool's connections: the listener, the gauge sampler, retention, stream trimming,
-/// recovery (a page of republishing and its lease renewal), table upkeep, readiness, and the
-/// follow-up statements of a failed batch; not all at once. Each worker claims on a connection
+/// recovery (a page of republishing and its lease renewal), readiness, and the follow-up
+/// statements of a failed batch; not all at once (migrations and table upkeep use the owner's
+/// one connection). Each worker claims on a connection
 /// of its own besides ([`outbox::claim::ClaimConnection`]).
 const POOL_CONNECTIONS: u32 = 6;
 
 /// How long the ops endpoints' connections get to finish at shutdown.
 const HTTP_GRACE: Duration = Duration::from_secs(5);
+
+/// The tables row-level security keeps tenants apart in, which the relay's role must see whole.
+const TENANT_TABLES: &[&str] = &["outbox", "outbox_published"];
 
 /// The tables whose rows the relays turn over ([`service_kit::upkeep`]).
 pub const UPKEEP_TABLES: &[&str] = &["outbox", "outbox_published"];
@@ -59,13 +68,25 @@ pub const UPKEEP_TABLES: &[&str] = &["outbox", "outbox_published"];
 impl Relay {
     /// Binds `HTTP_ADDR` (port 0 picks a free port) and prepares a lazy database pool.
     pub async fn bind(config: Config) -> Result<Self, StartError> {
-        let options =
-            config::connect_options(&config.database_url, &config.session_limits()).map_err(StartError::DatabaseUrl)?;
-        let pool = service_kit::startup::lazy_pool_with(options, POOL_CONNECTIONS);
+        let limits = config.session_limits();
+        let options = config::connect_options(&config.database_url, &limits).map_err(StartError::DatabaseUrl)?;
+        let owner_url = config.database_migration_url.as_deref().unwrap_or(&config.database_url);
+        let owner = config::connect_options(owner_url, &limits).map_err(StartError::DatabaseUrl)?;
+        let owner = service_kit::startup::lazy_pool_with(owner, 1);
+        let pool =
+            service_kit::startup::lazy_pool_with(config.database_runtime_role.session_role(options), POOL_CONNECTIONS);
         let listener = service_kit::http::server::bind(config.http_addr)
             .map_err(|source| StartError::Bind { addr: config.http_addr, source })?;
         let addr = listener.local_addr().map_err(|source| StartError::Bind { addr: config.http_addr, source })?;
-        Ok(Self { config, pool, listener, addr })
+        let admin = AdminListener::bind(config.admin_addr, config.http_addr)?;
+        Ok(Self { config, pool, owner, listener, addr, admin })
+    }
+}
+
+impl Relay {
+    /// Where `/metrics` is served apart (`None`: on the relay's own listener).
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.local_addr()
     }
 }
 
@@ -79,7 +100,7 @@ impl Service for Relay {
     /// Serves /healthz /readyz /metrics, applies migrations (retrying while Postgres is down),
     /// then relays until `shutdown`; the batch in flight is finished first.
     async fn run(self, shutdown: Shutdown) -> Result<(), StartError> {
-        let Self { config, pool, listener, addr } = self;
+        let Self { config, pool, owner, listener, addr, admin } = self;
         let redis = redis::Client::open(config.redis_url.as_str()).map_err(StartError::RedisUrl)?;
         let responder_client = redis.clone();
         let trim_client = redis.clone();
@@ -116,13 +137,17 @@ impl Service for Relay {
         let unfit = Arc::new(std::sync::OnceLock::<String>::new());
         let readiness = readiness.check("database role", service_kit::tenancy::unfit_check(unfit.clone()));
         let liveness = Liveness::new();
-        let app = ops_router::<()>(readiness, liveness.clone(), Arc::new(Mutex::new(registry)));
+        let registry = Arc::new(Mutex::new(registry));
+        let app = admin.service_routes::<()>(readiness.clone(), liveness.clone(), registry.clone());
         tracing::info!(%addr, stream = config.redis_stream, "relay listening");
+        let admin_server = admin.spawn(readiness, liveness.clone(), registry, server_metrics.clone(), shutdown.clone());
         let server =
             tokio::spawn(serve(listener, app, config.http.clone(), server_metrics, shutdown.clone(), HTTP_GRACE));
 
-        let migrated = service_kit::startup::migrate_with_retry(&pool, &outbox::MIGRATOR, &shutdown).await.is_some();
-        if migrated && !service_kit::tenancy::verify_cross_tenant(&pool, Self::NAME, &unfit, &shutdown).await {
+        let migrated = service_kit::startup::migrate_with_retry(&owner, &outbox::MIGRATOR, &shutdown).await.is_some();
+        if migrated
+            && !service_kit::tenancy::verify_cross_tenant(&pool, Self::NAME, TENANT_TABLES, &unfit, &shutdown).await
+        {
             // Not ready, saying why, until stopped.
             shutdown.cancelled().await;
         } else if migrated {
@@ -165,7 +190,7 @@ impl Service for Relay {
                 shutdown.clone(),
             ));
             tasks.spawn(service_kit::upkeep::upkeep_loop(
-                pool.clone(),
+                owner.clone(),
                 UPKEEP_TABLES,
                 config.upkeep_interval,
                 shutdown.clone(),
@@ -191,7 +216,8 @@ impl Service for Relay {
             // stop at once.
             drain(&tasks, batch_deadline + Duration::from_secs(10)).await;
         }
-        pool.close().await;
+        tokio::join!(pool.close(), owner.close());
+        admin_server.stopped().await;
         match server.await {
             Ok(result) => result.map_err(StartError::Serve),
             Err(e) => Err(StartError::Serve(std::io::Error::other(e))),

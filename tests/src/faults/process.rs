@@ -87,6 +87,8 @@ impl Service {
             .envs(self.env.iter().cloned())
             .envs((self.per_start)(&self.name, self.incarnation))
             .env("HTTP_ADDR", format!("127.0.0.1:{}", self.http_port))
+            // `/metrics` on the same listener, where the checks read it.
+            .env("ADMIN_ADDR", format!("127.0.0.1:{}", self.http_port))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(err)

@@ -22,9 +22,13 @@ pub async fn migrated_database(prefix: &str) -> TestDatabase {
 pub fn config(database_url: &str, redis_url: &str, stream: &str) -> Config {
     Config {
         database_url: database_url.to_owned(),
+        database_migration_url: None,
+        database_runtime_role: "outbox_relay".parse().expect("role"),
         redis_url: redis_url.to_owned(),
         redis_stream: stream.to_owned(),
         http_addr: "127.0.0.1:0".parse().expect("address"),
+        // /metrics on the same listener as /healthz (the tests read it there).
+        admin_addr: "127.0.0.1:0".parse().expect("address"),
         batch_size: 1000,
         workers: 2,
         lease: Duration::from_secs(30),
