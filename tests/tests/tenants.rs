@@ -145,13 +145,14 @@ fn token_refuses_an_unknown_scope_and_a_bad_tenant() {
     }
 }
 
-/// A relay or consumer whose work role row-level security holds would see no tenant's rows
-/// (a relay stalls; a consumer finds no stock and rejects every order): each says so on
-/// `/readyz`, naming the role, and starts no work. The control: the same database with the
-/// shipped roles is ready.
+/// A relay, consumer or key expiry whose work role row-level security holds would see no
+/// tenant's rows (a relay stalls; a consumer finds no stock and rejects every order; keys pile
+/// up): each says so on `/readyz`, naming the role, and starts no work (order-service keeps its
+/// API closed). The control: the same database with the shipped roles is ready.
 #[tokio::test]
-async fn a_relay_or_consumer_held_by_row_level_security_starts_no_work() {
+async fn a_work_role_held_by_row_level_security_starts_no_work() {
     for (binary, prefix, variable, held) in [
+        ("order-service", "held_keys", "DATABASE_KEY_EXPIRY_ROLE", "outbox_app"),
         ("relay", "held_orders", "DATABASE_RUNTIME_ROLE", "outbox_app"),
         ("inventory-consumer", "held_inventory", "DATABASE_CONSUMER_ROLE", "inventory_app"),
     ] {
@@ -177,12 +178,13 @@ async fn a_relay_or_consumer_held_by_row_level_security_starts_no_work() {
     }
 }
 
-/// The relay and the consumer connect as logins that are neither superusers nor the tables'
-/// owners, members only of the roles the migrations made for them (`outbox_relay`;
-/// `inventory_consumer` and the stock API's `inventory_app`), with migrations on the owner's
-/// URL: an order still goes all the way through, and the relay's login cannot read orders.
+/// Every service connects as a login that is neither a superuser nor the tables' owner, a
+/// member only of the roles the migrations made for it (`outbox_app` and `outbox_key_expiry`;
+/// `outbox_relay`; `inventory_consumer` and `inventory_app`), with migrations on the owner's
+/// URL: an order still goes all the way through, expired keys are removed, and the relay's
+/// login cannot read orders.
 #[tokio::test]
-async fn relay_and_consumer_run_on_least_privileged_logins() {
+async fn every_service_runs_on_a_least_privileged_login() {
     let orders = test_support::fresh_database("least_orders").await;
     let inventory = test_support::fresh_database("least_inventory").await;
     for (binary, db) in [("order-service", &orders), ("inventory-consumer", &inventory)] {
@@ -193,9 +195,13 @@ async fn relay_and_consumer_run_on_least_privileged_logins() {
             .expect("run migrate");
         assert!(out.status.success(), "{binary} migrate: {}", String::from_utf8_lossy(&out.stderr));
     }
+    let order_login = test_support::unique_name("order_login").replace('-', "_").to_lowercase();
     let relay_login = test_support::unique_name("relay_login").replace('-', "_").to_lowercase();
     let consumer_login = test_support::unique_name("consumer_login").replace('-', "_").to_lowercase();
     for statement in [
+        format!("CREATE ROLE \"{order_login}\" LOGIN"),
+        format!("GRANT outbox_app, outbox_key_expiry TO \"{order_login}\""),
+        format!("GRANT CONNECT ON DATABASE \"{}\" TO \"{order_login}\"", orders.name),
         format!("CREATE ROLE \"{relay_login}\" LOGIN"),
         format!("GRANT outbox_relay TO \"{relay_login}\""),
         format!("GRANT CONNECT ON DATABASE \"{}\" TO \"{relay_login}\"", orders.name),
@@ -213,6 +219,11 @@ async fn relay_and_consumer_run_on_least_privileged_logins() {
     let (relay_url, consumer_url) = (as_login(&orders, &relay_login), as_login(&inventory, &consumer_login));
 
     let env = Env {
+        order_service: vec![
+            ("DATABASE_URL".into(), as_login(&orders, &order_login)),
+            ("DATABASE_MIGRATION_URL".into(), orders.url.clone()),
+            ("IDEMPOTENCY_KEY_TTL".into(), "1s".into()),
+        ],
         relay: vec![("DATABASE_URL".into(), relay_url.clone()), ("DATABASE_MIGRATION_URL".into(), orders.url.clone())],
         consumer: vec![("DATABASE_URL".into(), consumer_url), ("DATABASE_MIGRATION_URL".into(), inventory.url.clone())],
         ..Env::default()
@@ -225,6 +236,23 @@ async fn relay_and_consumer_run_on_least_privileged_logins() {
     system.post(&format!("/orders/{id}/confirm"), None, &traceparent).await;
     system.wait_for_stock("SKU-LEAST", (3, 0), Duration::from_secs(30)).await;
 
+    // A key of its own; expiry, as its role, removes it once it is older than the TTL.
+    let service = &system.order_service;
+    let body = serde_json::json!({"customer_id": "c-1", "items": [{"sku": "SKU-LEAST", "quantity": 1, "unit_price_cents": 1}]});
+    let r = service.http().post(service.url("/orders")).header("Idempotency-Key", "k-1").json(&body).send().await;
+    assert_eq!(r.expect("POST").status(), 201);
+    let keys = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM idempotency_keys")
+            .fetch_one(&system.orders.pool)
+            .await
+            .expect("count keys")
+    };
+    assert_eq!(keys().await, 1, "the key is stored");
+    test_support::eventually("the expired key removed", Duration::from_secs(30), || async {
+        (keys().await == 0).then_some(())
+    })
+    .await;
+
     // The relay's login, as its role, may not read orders; it does see every tenant's outbox.
     let relay_pool = sqlx::PgPool::connect(&relay_url).await.expect("connect as the relay's login");
     let mut conn = relay_pool.acquire().await.expect("connection");
@@ -235,13 +263,25 @@ async fn relay_and_consumer_run_on_least_privileged_logins() {
         .fetch_one(&mut *conn)
         .await
         .expect("outbox_published readable");
-    assert_eq!(published, 2);
+    assert_eq!(published, 3);
     // Control: the owner reads orders.
     let owner_count: i64 =
         sqlx::query_scalar("SELECT count(*) FROM orders").fetch_one(&system.orders.pool).await.expect("owner reads");
-    assert_eq!(owner_count, 1);
+    assert_eq!(owner_count, 2);
     drop(conn);
     relay_pool.close().await;
+    // Key expiry's role reads a key's tenant, key and age, never the stored response.
+    let order_pool = sqlx::PgPool::connect(&as_login(&system.orders, &order_login)).await.expect("order login");
+    let mut conn = order_pool.acquire().await.expect("connection");
+    sqlx::query("SET ROLE outbox_key_expiry").execute(&mut *conn).await.expect("SET ROLE");
+    sqlx::query("SELECT tenant_id, key, created_at FROM idempotency_keys")
+        .execute(&mut *conn)
+        .await
+        .expect("its columns");
+    let denied = sqlx::query("SELECT * FROM idempotency_keys").execute(&mut *conn).await.expect_err("every column");
+    assert!(denied.to_string().contains("permission denied"), "{denied}");
+    drop(conn);
+    order_pool.close().await;
     system.stop().await;
 
     let admin = test_support::fresh_database("least_admin").await;
@@ -249,7 +289,7 @@ async fn relay_and_consumer_run_on_least_privileged_logins() {
         db.pool.close().await;
         sqlx::query(&format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", db.name)).execute(&admin.pool).await.ok();
     }
-    for login in [relay_login, consumer_login] {
+    for login in [order_login, relay_login, consumer_login] {
         sqlx::query(&format!("DROP ROLE IF EXISTS \"{login}\"")).execute(&admin.pool).await.ok();
     }
 }

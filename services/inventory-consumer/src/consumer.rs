@@ -258,13 +258,14 @@ impl Consumer {
         let mut ack: Vec<&str> = gone.iter().map(String::as_str).collect();
         ack.extend(settled.dead.iter().map(|d| d.stream_entry_id.as_str()));
         ack.extend(settled.outcomes.iter().map(|s| incoming[s.index].stream_id.as_str()));
+        // Counted before the acknowledgement: whoever sees the group drained sees the counts.
+        self.record(&incoming, &spans, &settled.outcomes, settled.dead.len(), started);
         stream::ack(conn, &c.redis_stream, &c.consumer_group, &ack).await?;
         if redelivered {
             // An entry applied on a later try may have failures counted from earlier ones.
             let done: Vec<&str> = settled.outcomes.iter().map(|s| incoming[s.index].stream_id.as_str()).collect();
             self.forget_failures(&done).await;
         }
-        self.record(&incoming, &spans, &settled.outcomes, settled.dead.len(), started);
         Ok(())
     }
 

@@ -28,9 +28,9 @@ use crate::orders::Orders;
 use crate::{observe, routes};
 use service_kit::tenancy::{self, Tenancy};
 
-/// Connections besides the API's: migrations, readiness checks, key expiry and the upkeep of
+/// Connections besides the API's: migrations, readiness checks and the upkeep of
 /// `idempotency_keys` (a vacuum may hold one for a while). (The outbox notifier keeps one more
-/// of its own.)
+/// of its own, and key expiry one as its role.)
 const SPARE_CONNECTIONS: u32 = 3;
 
 /// The tables row-level security keeps tenants apart in.
@@ -79,8 +79,11 @@ pub struct OrderService {
     readiness: Readiness,
     registry: Arc<Mutex<Registry>>,
     pool: PgPool,
-    /// The owner's connection for migrations: `pool` unless `DATABASE_MIGRATION_URL` is set.
+    /// The owner's connection for migrations and vacuuming: `pool` unless
+    /// `DATABASE_MIGRATION_URL` is set.
     migration_pool: PgPool,
+    /// Key expiry's connection, as `DATABASE_KEY_EXPIRY_ROLE`.
+    expiry_pool: PgPool,
     db: Connections,
     migrated: Arc<AtomicBool>,
     /// Why the API cannot serve although the schema is migrated (the runtime role is unfit).
@@ -108,7 +111,7 @@ impl OrderService {
         let auth = Authenticator::from_settings(&config.auth).map_err(|e| StartError::Config(e.to_string()))?;
         let options = config.database_url.parse::<PgConnectOptions>().map_err(StartError::DatabaseUrl)?;
         let options = config.session_limits().apply(options, Self::NAME);
-        let pool = service_kit::startup::lazy_pool_with(options, SPARE_CONNECTIONS);
+        let pool = service_kit::startup::lazy_pool_with(options.clone(), SPARE_CONNECTIONS);
         let migration_pool = match &config.database_migration_url {
             None => pool.clone(),
             Some(url) => {
@@ -116,6 +119,8 @@ impl OrderService {
                 service_kit::startup::lazy_pool_with(config.session_limits().apply(options, Self::NAME), 1)
             }
         };
+        let expiry_pool =
+            service_kit::startup::lazy_pool_with(config.database_key_expiry_role.session_role(options.clone()), 1);
         let tenancy = Tenancy::new(config.database_runtime_role.clone());
         let db = Connections::new(
             pool.connect_options().as_ref().clone(),
@@ -158,6 +163,7 @@ impl OrderService {
             registry,
             pool,
             migration_pool,
+            expiry_pool,
             db,
             migrated,
             unfit,
@@ -200,6 +206,7 @@ impl Service for OrderService {
             Migration {
                 owner: self.migration_pool.clone(),
                 service: self.pool.clone(),
+                expiry: self.expiry_pool.clone(),
                 tenancy: self.tenancy.clone(),
                 migrated: self.migrated.clone(),
                 unfit: self.unfit.clone(),
@@ -207,13 +214,13 @@ impl Service for OrderService {
             shutdown.clone(),
         ));
         tasks.spawn(service_kit::upkeep::upkeep_loop(
-            self.pool.clone(),
+            self.migration_pool.clone(),
             &["idempotency_keys"],
             self.upkeep_interval,
             shutdown.clone(),
         ));
         tasks.spawn(crate::idempotency::expiry_loop(
-            self.pool.clone(),
+            self.expiry_pool.clone(),
             self.idempotency_key_ttl,
             self.metrics.idempotency_keys_expired.clone(),
             shutdown.clone(),
@@ -234,7 +241,9 @@ impl Service for OrderService {
         // Every request is done; release connections, but never hang on an unresponsive server.
         drop(self.notifier);
         drain(&tasks, TASKS_GRACE).await;
-        let closed = async { tokio::join!(self.db.close(), self.pool.close(), self.migration_pool.close()) };
+        let closed = async {
+            tokio::join!(self.db.close(), self.pool.close(), self.migration_pool.close(), self.expiry_pool.close())
+        };
         if tokio::time::timeout(Duration::from_secs(5), closed).await.is_err() {
             tracing::warn!("closing database connections timed out");
         }
@@ -249,14 +258,16 @@ struct Migration {
     owner: PgPool,
     /// The service's own connection, which switches to the runtime role.
     service: PgPool,
+    /// Key expiry's connection, as its own role.
+    expiry: PgPool,
     tenancy: Tenancy,
     migrated: Arc<AtomicBool>,
     unfit: Arc<OnceLock<String>>,
 }
 
 /// Applies the migrations as the owner, then checks that row-level security holds the runtime
-/// role and not the service's own (which removes every tenant's expired keys); only then does
-/// the API serve. An unfit role leaves the service not ready, saying why.
+/// role and lets key expiry's role see every tenant's keys; only then does the API serve. An
+/// unfit role leaves the service not ready, saying why.
 async fn migrate(m: Migration, shutdown: Shutdown) {
     if service_kit::startup::migrate_with_retry(&m.owner, &outbox::MIGRATOR, &shutdown).await.is_none() {
         return;
@@ -267,9 +278,9 @@ async fn migrate(m: Migration, shutdown: Shutdown) {
     if !tenancy::verify_runtime_role(&m.service, role, TENANT_TABLES, stays_closed, &m.unfit, &shutdown).await {
         return;
     }
-    // Key expiry removes every tenant's expired keys on the service's own role: one that
-    // row-level security holds would remove none, and the table would grow without bound.
-    if tenancy::verify_cross_tenant(&m.service, OrderService::NAME, &["idempotency_keys"], &m.unfit, &shutdown).await {
+    // Key expiry removes every tenant's expired keys: as a role that row-level security holds
+    // to one tenant it would remove none, and the table would grow without bound.
+    if tenancy::verify_cross_tenant(&m.expiry, OrderService::NAME, &["idempotency_keys"], &m.unfit, &shutdown).await {
         m.migrated.store(true, Ordering::Release);
     }
 }

@@ -30,6 +30,12 @@ pub struct Config {
     #[arg(long, env = "DATABASE_RUNTIME_ROLE", default_value = "outbox_app")]
     pub database_runtime_role: RoleName,
 
+    /// Role the removal of expired idempotency keys runs as (its sessions start as it). It must
+    /// see every tenant's keys: the migrations create `outbox_key_expiry` with a policy for
+    /// that and only what the removal needs; DATABASE_URL's user must be a member of it.
+    #[arg(long, env = "DATABASE_KEY_EXPIRY_ROLE", default_value = "outbox_key_expiry")]
+    pub database_key_expiry_role: RoleName,
+
     /// HTTP listen address; port 0 picks a free port (the bound address is logged at start).
     #[arg(long, env = "HTTP_ADDR", default_value = "0.0.0.0:8080")]
     pub http_addr: SocketAddr,
@@ -89,6 +95,7 @@ impl Config {
             database_url: database_url.into(),
             database_migration_url: None,
             database_runtime_role: RoleName::parse("outbox_app").unwrap_or_else(|e| unreachable!("{e}")),
+            database_key_expiry_role: RoleName::parse("outbox_key_expiry").unwrap_or_else(|e| unreachable!("{e}")),
             http_addr,
             admin_addr: http_addr,
             log_format: LogFormat::Text,

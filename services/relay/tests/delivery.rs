@@ -149,8 +149,11 @@ async fn idle_relay_publishes_a_notified_event_and_exports_metrics() {
     let mut cfg = config(&db.url, &redis, &stream);
     // A poll far in the future: only the notification can wake the relay in time.
     cfg.poll_interval = Duration::from_secs(3600);
+    // `/metrics` on an admin listener apart, as with the defaults (9100 and 9101).
+    cfg.admin_addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let relay = RunningRelay::start(cfg).await;
     let base = format!("http://{}", relay.addr);
+    let admin = format!("http://{}", relay.admin.expect("an admin listener apart"));
     test_support::eventually("relay ready", Duration::from_secs(20), || async {
         let r = reqwest::get(format!("{base}/readyz")).await.ok()?;
         r.status().is_success().then_some(())
@@ -170,7 +173,9 @@ async fn idle_relay_publishes_a_notified_event_and_exports_metrics() {
 
     // The counters move once the row is recorded, just after the XADD.
     wait_until_published(&db.pool, 1, Duration::from_secs(20)).await;
-    let metrics = reqwest::get(format!("{base}/metrics")).await.expect("metrics").text().await.expect("body");
+    assert_eq!(reqwest::get(format!("{base}/metrics")).await.expect("metrics").status(), 404);
+    assert_eq!(reqwest::get(format!("{admin}/readyz")).await.expect("readyz").status(), 200);
+    let metrics = reqwest::get(format!("{admin}/metrics")).await.expect("metrics").text().await.expect("body");
     for name in [
         "outbox_published_total 1",
         "outbox_publish_failures_total 0",

@@ -89,10 +89,9 @@ impl Harness {
             .await
             .expect("ACL SETUSER");
         let url = test_support::redis_url();
-        let address = url
-            .strip_prefix("redis://")
-            .filter(|rest| !rest.contains('@'))
-            .expect("TEST_REDIS_URL is redis://host:port without credentials");
+        // The host and port, without the test's own credentials (compose's admin user, say).
+        let rest = url.strip_prefix("redis://").expect("TEST_REDIS_URL is redis://…");
+        let address = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
         let mut config = self.config(name);
         config.redis_url = format!("redis://{user}:any@{address}");
         (config, AclUser { name: user })

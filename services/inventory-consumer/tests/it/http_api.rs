@@ -178,3 +178,32 @@ async fn the_inventory_routes_need_a_token_with_their_scope() {
     assert_eq!(got["on_hand"], 3, "no refused PUT changed the stock");
     running.stop().await;
 }
+
+/// With an admin listener apart (as the defaults have it: 8081 and 9081), `/metrics` is served
+/// there and not on the API's listener; both answer the health checks.
+#[tokio::test]
+async fn metrics_are_served_on_the_admin_listener_only() {
+    let h = Harness::new("admin").await;
+    let mut config = h.config("c1");
+    // A free port of its own: "127.0.0.1:0" again would be the API's own listener.
+    config.admin_addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let service = inventory_consumer::InventoryConsumer::bind(config).await.expect("bind");
+    let api = inventory_consumer::Service::local_addr(&service);
+    let admin = service.admin_addr().expect("an admin listener apart");
+    let shutdown = inventory_consumer::Shutdown::new();
+    let task = tokio::spawn(inventory_consumer::Service::run(service, shutdown.clone()));
+    let client = reqwest::Client::new();
+    test_support::eventually("ready", std::time::Duration::from_secs(30), || async {
+        let r = client.get(format!("http://{admin}/readyz")).send().await.ok()?;
+        (r.status() == 200).then_some(())
+    })
+    .await;
+    let metrics = client.get(format!("http://{admin}/metrics")).send().await.unwrap();
+    assert_eq!(metrics.status(), 200);
+    assert!(metrics.text().await.unwrap().contains("consumer_redelivered_total"));
+    assert_eq!(client.get(format!("http://{api}/metrics")).send().await.unwrap().status(), 404);
+    assert_eq!(client.get(format!("http://{api}/readyz")).send().await.unwrap().status(), 200);
+    assert_eq!(client.get(format!("http://{admin}/inventory/SKU-1")).send().await.unwrap().status(), 404);
+    shutdown.cancel();
+    task.await.expect("task").expect("clean stop");
+}

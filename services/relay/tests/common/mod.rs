@@ -49,6 +49,8 @@ pub fn config(database_url: &str, redis_url: &str, stream: &str) -> Config {
 
 pub struct RunningRelay {
     pub addr: SocketAddr,
+    /// The admin listener, when apart from `addr`.
+    pub admin: Option<SocketAddr>,
     pub shutdown: Shutdown,
     pub task: JoinHandle<Result<(), service_kit::StartError>>,
 }
@@ -56,10 +58,10 @@ pub struct RunningRelay {
 impl RunningRelay {
     pub async fn start(config: Config) -> Self {
         let relay = relay::Relay::bind(config).await.expect("bind relay");
-        let addr = relay.local_addr();
+        let (addr, admin) = (relay.local_addr(), relay.admin_addr());
         let shutdown = Shutdown::new();
         let task = tokio::spawn(relay.run(shutdown.clone()));
-        Self { addr, shutdown, task }
+        Self { addr, admin, shutdown, task }
     }
 
     /// Requests shutdown and waits for a clean exit.
