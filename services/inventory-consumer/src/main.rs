@@ -22,43 +22,53 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn run_command(config: inventory_consumer::Config, command: Command) -> anyhow::Result<()> {
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(2)
-        .connect(&config.database_url)
-        .await
-        .context("connect to DATABASE_URL")?;
     match command {
         Command::Migrate => {
-            let owner = match &config.database_migration_url {
-                None => pool.clone(),
-                Some(url) => sqlx::PgPool::connect(url).await.context("connect to DATABASE_MIGRATION_URL")?,
-            };
+            // As the tables' owner.
+            let url = config.database_migration_url.as_deref().unwrap_or(&config.database_url);
+            let owner =
+                sqlx::PgPool::connect(url).await.context("connect to DATABASE_MIGRATION_URL (or DATABASE_URL)")?;
             inventory_consumer::MIGRATOR.run(&owner).await.context("apply migrations")?;
             println!("inventory database migrated");
         }
         Command::DeadLetters(DeadLetterCommand::List { all }) => {
+            let pool = consumer_pool(&config).await?;
             for row in dead_letters::list(&pool, all).await? {
                 println!("{}", serde_json::to_string(&row)?);
             }
         }
         Command::DeadLetters(DeadLetterCommand::Purge { older_than }) => {
+            let pool = consumer_pool(&config).await?;
             let removed = dead_letters::purge(&pool, older_than, u32::MAX, &Shutdown::new()).await?;
             println!("{removed} dead letters removed");
         }
         Command::DeadLetters(DeadLetterCommand::Redrive { id, all }) => {
             let id = if all { None } else { id };
+            let pool = consumer_pool(&config).await?;
             let mut redis = redis(&config).await?;
             for (dl, entry) in dead_letters::redrive(&pool, &mut redis, &config.redis_stream, id).await? {
                 println!("dead letter {dl} re-driven as entry {entry}");
             }
         }
         Command::ReplayDemo { entry_id, timeout } => {
+            let pool = consumer_pool(&config).await?;
             let mut redis = redis(&config).await?;
             let report = replay_demo::run(&pool, &mut redis, &config, entry_id.as_deref(), timeout).await?;
             println!("{report}");
         }
     }
     Ok(())
+}
+
+/// A pool on `DATABASE_URL` as `DATABASE_CONSUMER_ROLE`: the commands work on every tenant's
+/// rows, as the consumer does.
+async fn consumer_pool(config: &inventory_consumer::Config) -> anyhow::Result<sqlx::PgPool> {
+    let options = config.database_url.parse::<sqlx::postgres::PgConnectOptions>().context("DATABASE_URL")?;
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect_with(config.database_consumer_role.session_role(options))
+        .await
+        .context("connect to DATABASE_URL as DATABASE_CONSUMER_ROLE")
 }
 
 async fn redis(config: &inventory_consumer::Config) -> anyhow::Result<redis::aio::MultiplexedConnection> {

@@ -33,8 +33,12 @@ async fn one_off(config: &relay::Config, command: impl Future<Output = anyhow::R
     result
 }
 
+/// A connection to `DATABASE_URL` as `DATABASE_RUNTIME_ROLE`, like the relay's own work.
 async fn connect(config: &relay::Config) -> anyhow::Result<sqlx::PgPool> {
-    sqlx::PgPool::connect(&config.database_url).await.context("connecting to DATABASE_URL")
+    let options = config.database_url.parse::<sqlx::postgres::PgConnectOptions>().context("DATABASE_URL")?;
+    sqlx::PgPool::connect_with(config.database_runtime_role.session_role(options))
+        .await
+        .context("connecting to DATABASE_URL as DATABASE_RUNTIME_ROLE")
 }
 
 async fn replay(config: &relay::Config, since: relay::config::Since, aggregate_id: Option<&str>) -> anyhow::Result<()> {
