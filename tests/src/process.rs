@@ -20,6 +20,10 @@ const LINES_SHOWN_ON_FAILURE: usize = 200;
 /// developer's shell cannot change what a test runs; tests set the ones they need.
 const SERVICE_VARIABLES: &[&str] = &[
     "DATABASE_URL",
+    "DATABASE_MIGRATION_URL",
+    "DATABASE_RUNTIME_ROLE",
+    "DATABASE_CONSUMER_ROLE",
+    "DATABASE_KEY_EXPIRY_ROLE",
     "REDIS_URL",
     "REDIS_STREAM",
     "CONSUMER_GROUP",

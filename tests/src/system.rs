@@ -168,6 +168,11 @@ pub fn traceparent(trace: &str, span: &str, sampled: bool) -> String {
     format!("00-{trace}-{span}-{}", if sampled { "01" } else { "00" })
 }
 
+/// A `traceparent` of a new, unsampled trace: for requests whose trace a test does not follow.
+pub fn untraced() -> String {
+    traceparent(&hex_id(16), &hex_id(8), false)
+}
+
 /// A random lower-case hex id of `bytes` bytes (16 for a trace id, 8 for a span id).
 pub fn hex_id(bytes: usize) -> String {
     (0..bytes).map(|_| format!("{:02x}", rand::random::<u8>())).collect()

@@ -75,6 +75,16 @@ async fn refusal(conn: &mut MultiplexedConnection, cmd: &redis::Cmd) -> Option<S
     }
 }
 
+/// Waits until `key` holds `len` entries.
+async fn xlen_reaches(admin: &MultiplexedConnection, key: &str, len: u64, what: &str) {
+    test_support::eventually(what, Duration::from_secs(30), || async {
+        let mut admin = admin.clone();
+        let now: u64 = redis::cmd("XLEN").arg(key).query_async(&mut admin).await.ok()?;
+        (now == len).then_some(())
+    })
+    .await;
+}
+
 /// The `ACL LOG` entries of `user`: each a command (or key) it was refused.
 async fn denials(admin: &mut MultiplexedConnection, user: &str) -> Vec<String> {
     let log: Vec<Vec<Value>> = redis::cmd("ACL").arg("LOG").query_async(admin).await.expect("ACL LOG");
@@ -113,8 +123,7 @@ async fn relay_and_consumer_work_as_their_own_redis_users_and_may_do_no_more() {
 
     // The whole flow: an order reserved then confirmed, and a poison entry dead-lettered.
     system.set_stock("SKU-ACL", 10).await;
-    let traceparent =
-        system_tests::system::traceparent(&system_tests::system::hex_id(16), &system_tests::system::hex_id(8), false);
+    let traceparent = system_tests::system::untraced();
     let id = system.create_order("SKU-ACL", 3, &traceparent).await;
     system.post(&format!("/orders/{id}/confirm"), None, &traceparent).await;
     system.wait_for_stock("SKU-ACL", (7, 0), Duration::from_secs(30)).await;
@@ -127,25 +136,9 @@ async fn relay_and_consumer_work_as_their_own_redis_users_and_may_do_no_more() {
         .await
         .expect("XADD a poison entry as admin");
     let dlq = format!("{stream}.dlq");
-    test_support::eventually("the poison entry dead-lettered", Duration::from_secs(30), || {
-        let mut admin = admin.clone();
-        let dlq = dlq.clone();
-        async move {
-            let len: u64 = redis::cmd("XLEN").arg(&dlq).query_async(&mut admin).await.ok()?;
-            (len == 1).then_some(())
-        }
-    })
-    .await;
+    xlen_reaches(&admin, &dlq, 1, "the poison entry dead-lettered").await;
     // Every entry acknowledged and older than the retention: the relay trims them all.
-    test_support::eventually("the relay trimmed the acknowledged entries", Duration::from_secs(30), || {
-        let mut admin = admin.clone();
-        let stream = stream.clone();
-        async move {
-            let len: u64 = redis::cmd("XLEN").arg(&stream).query_async(&mut admin).await.ok()?;
-            (len == 0).then_some(())
-        }
-    })
-    .await;
+    xlen_reaches(&admin, &stream, 0, "the relay trimmed the acknowledged entries").await;
     // Nothing either service did was refused, however it handled the refusal.
     for user in ["relay", "inventory"] {
         assert_eq!(denials(&mut admin, user).await, Vec::<String>::new(), "{user} was refused");
@@ -186,6 +179,8 @@ async fn relay_and_consumer_work_as_their_own_redis_users_and_may_do_no_more() {
         ("XADD to the dead-letter stream", add(&dlq)),
         ("GET of another key", other_key),
         ("FLUSHALL", redis::cmd("FLUSHALL").to_owned()),
+        ("DEL of the event stream", redis::cmd("DEL").arg(&stream).to_owned()),
+        ("SET over the event stream", redis::cmd("SET").arg(&stream).arg("x").to_owned()),
     ];
     for (what, cmd) in consumer_may_not {
         assert_eq!(refusal(&mut consumer, &cmd).await.as_deref(), Some("NOPERM"), "the consumer's {what} was allowed");

@@ -200,7 +200,7 @@ async fn every_service_runs_on_a_least_privileged_login() {
     let consumer_login = test_support::unique_name("consumer_login").replace('-', "_").to_lowercase();
     for statement in [
         format!("CREATE ROLE \"{order_login}\" LOGIN"),
-        format!("GRANT outbox_app, outbox_key_expiry TO \"{order_login}\""),
+        format!("GRANT outbox_app TO \"{order_login}\""),
         format!("GRANT CONNECT ON DATABASE \"{}\" TO \"{order_login}\"", orders.name),
         format!("CREATE ROLE \"{relay_login}\" LOGIN"),
         format!("GRANT outbox_relay TO \"{relay_login}\""),
@@ -218,6 +218,22 @@ async fn every_service_runs_on_a_least_privileged_login() {
     };
     let (relay_url, consumer_url) = (as_login(&orders, &relay_login), as_login(&inventory, &consumer_login));
 
+    // Not yet a member of key expiry's role: order-service cannot start it, and says so.
+    let unfit = system_tests::ServiceProcess::spawn(
+        "order-service",
+        [("DATABASE_URL", as_login(&orders, &order_login)), ("DATABASE_MIGRATION_URL", orders.url.clone())],
+    );
+    let body = test_support::eventually("readyz to say why", Duration::from_secs(60), || async {
+        let r = unfit.http().get(unfit.url("/readyz")).send().await.ok()?;
+        let (status, body) = (r.status(), r.text().await.ok()?);
+        (status == 503 && body.contains("permission denied to set role")).then_some(body)
+    })
+    .await;
+    assert!(body.contains("outbox_key_expiry"), "{body}");
+    drop(unfit);
+    let grant = format!("GRANT outbox_key_expiry TO \"{order_login}\"");
+    sqlx::query(&grant).execute(&orders.pool).await.expect("grant key expiry's role");
+
     let env = Env {
         order_service: vec![
             ("DATABASE_URL".into(), as_login(&orders, &order_login)),
@@ -230,8 +246,7 @@ async fn every_service_runs_on_a_least_privileged_login() {
     };
     let mut system = System::start_on(orders, inventory, env).await;
     system.set_stock("SKU-LEAST", 5).await;
-    let traceparent =
-        system_tests::system::traceparent(&system_tests::system::hex_id(16), &system_tests::system::hex_id(8), false);
+    let traceparent = system_tests::system::untraced();
     let id = system.create_order("SKU-LEAST", 2, &traceparent).await;
     system.post(&format!("/orders/{id}/confirm"), None, &traceparent).await;
     system.wait_for_stock("SKU-LEAST", (3, 0), Duration::from_secs(30)).await;

@@ -24,9 +24,11 @@ pub struct AdminListener {
 }
 
 impl AdminListener {
-    /// Binds `admin` (port 0 picks a free port), unless it is `http` itself.
+    /// Binds `admin` (port 0 picks a free port), unless it names `http`'s listener: the same
+    /// port on the same address, or with either on every address (`0.0.0.0`, `[::]`).
     pub fn bind(admin: SocketAddr, http: SocketAddr) -> Result<Self, StartError> {
-        if admin == http {
+        let same_ip = admin.ip() == http.ip() || admin.ip().is_unspecified() || http.ip().is_unspecified();
+        if admin.port() == http.port() && same_ip {
             return Ok(Self { listener: None });
         }
         let listener = crate::http::server::bind(admin).map_err(|source| StartError::Bind { addr: admin, source })?;

@@ -59,7 +59,9 @@ pub async fn check_role(
 ) -> Result<Option<String>, sqlx::Error> {
     let found = sqlx::query!(
         r#"SELECT r.rolsuper AS "superuser!", r.rolbypassrls AS "bypasses_rls!",
-                  pg_has_role(session_user, r.oid, 'MEMBER') AS "reachable!",
+                  CASE WHEN current_setting('server_version_num')::int >= 160000
+                       THEN pg_has_role(session_user, r.oid, 'SET')
+                       ELSE pg_has_role(session_user, r.oid, 'MEMBER') END AS "reachable!",
                   EXISTS (SELECT 1 FROM pg_class c
                           WHERE c.relname = ANY($2)
                             AND c.relnamespace = current_schema()::regnamespace
@@ -174,6 +176,14 @@ where
         match check().await {
             Ok(None) => return true,
             Ok(Some(why)) => {
+                tracing::error!("{why}; {}", verdict.refused);
+                let _ = unfit.set(why);
+                return false;
+            }
+            // A session that cannot start as its role (not a member of it, or no such role)
+            // will not start on a retry: that is the answer, not an outage.
+            Err(e) if e.as_database_error().and_then(|d| d.code()).is_some_and(|c| c == "42501" || c == "42704") => {
+                let why = format!("{} cannot be used: {e}", verdict.checking);
                 tracing::error!("{why}; {}", verdict.refused);
                 let _ = unfit.set(why);
                 return false;

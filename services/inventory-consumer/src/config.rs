@@ -66,7 +66,8 @@ pub struct Config {
     /// The inventory database.
     #[arg(long, env = "DATABASE_URL")]
     pub database_url: String,
-    /// Postgres URL the migrations run on, as the tables' owner (default: DATABASE_URL).
+    /// Postgres URL the migrations and vacuuming run on, as the tables' owner (default:
+    /// DATABASE_URL).
     #[arg(long, env = "DATABASE_MIGRATION_URL", hide_env_values = true)]
     pub database_migration_url: Option<String>,
     /// Role every stock API transaction runs as (`SET LOCAL ROLE`), which row-level security
@@ -109,8 +110,8 @@ pub struct Config {
     /// How long one read waits for new entries, e.g. `1s`.
     #[arg(long, env = "BLOCK", default_value = "1s", value_parser = parse_duration)]
     pub block: Duration,
-    /// Postgres pool size (inventory API, readiness, upkeep); batches are applied on one more
-    /// connection of their own.
+    /// Postgres pool size (inventory API, readiness, retention); batches are applied on one
+    /// more connection of their own, and migrations and upkeep on the owner's.
     #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 8)]
     pub database_max_connections: u32,
     /// How often the consumer checks whether its tables need a vacuum or an analyze, and runs

@@ -20,7 +20,8 @@ pub struct Config {
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: String,
 
-    /// Postgres URL the migrations run on, as the tables' owner (default: DATABASE_URL).
+    /// Postgres URL the migrations and vacuuming run on, as the tables' owner (default:
+    /// DATABASE_URL).
     #[arg(long, env = "DATABASE_MIGRATION_URL", hide_env_values = true)]
     pub database_migration_url: Option<String>,
 

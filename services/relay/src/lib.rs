@@ -97,7 +97,7 @@ impl Service for Relay {
         self.addr
     }
 
-    /// Serves /healthz /readyz /metrics, applies migrations (retrying while Postgres is down),
+    /// Serves /healthz /readyz (and /metrics on the admin listener), applies migrations (retrying while Postgres is down),
     /// then relays until `shutdown`; the batch in flight is finished first.
     async fn run(self, shutdown: Shutdown) -> Result<(), StartError> {
         let Self { config, pool, owner, listener, addr, admin } = self;
