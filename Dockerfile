@@ -1,10 +1,11 @@
 # syntax=docker/dockerfile:1
 #
-# Release images of the three services, built from one workspace:
+# Release images of the four services, built from one workspace:
 #   docker build --target order-service -t outbox/order-service .
 #   docker build --target relay -t outbox/relay .
 #   docker build --target inventory-consumer -t outbox/inventory-consumer .
-# The default (last) stage holds all three binaries.
+#   docker build --target order-feed -t outbox/order-feed .
+# The default (last) stage holds all four binaries.
 #
 # No database is needed at build time: statements are checked against the descriptions in
 # .sqlx/ (SQLX_OFFLINE; see scripts/sqlx-prepare), and migrations are embedded from
@@ -35,11 +36,12 @@ COPY --from=planner /app/recipe.json recipe.json
 # Dependencies only, for the same binaries as below: another selection would resolve other
 # features and rebuild shared dependencies in the next step.
 RUN cargo chef cook --release --locked --recipe-path recipe.json \
-    --bin order-service --bin relay --bin inventory-consumer
+    --bin order-service --bin relay --bin inventory-consumer --bin order-feed
 COPY . .
-RUN cargo build --release --locked --bin order-service --bin relay --bin inventory-consumer \
+RUN cargo build --release --locked --bin order-service --bin relay --bin inventory-consumer --bin order-feed \
  && mkdir -p /out \
- && cp target/release/order-service target/release/relay target/release/inventory-consumer /out/
+ && cp target/release/order-service target/release/relay target/release/inventory-consumer \
+       target/release/order-feed /out/
 
 FROM debian:${DEBIAN_RELEASE}-slim AS runtime
 # curl is what the compose health checks use to probe /readyz. Packages are not pinned: the
@@ -72,6 +74,12 @@ COPY --from=builder /out/inventory-consumer /usr/local/bin/inventory-consumer
 ENV HTTP_ADDR=0.0.0.0:8081
 EXPOSE 8081
 ENTRYPOINT ["/usr/local/bin/inventory-consumer"]
+
+FROM runtime AS order-feed
+COPY --from=builder /out/order-feed /usr/local/bin/order-feed
+ENV HTTP_ADDR=0.0.0.0:8082
+EXPOSE 8082
+ENTRYPOINT ["/usr/local/bin/order-feed"]
 
 FROM runtime AS all
 COPY --from=builder /out/ /usr/local/bin/

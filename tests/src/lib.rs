@@ -5,6 +5,7 @@
 
 pub mod exposition;
 pub mod faults;
+pub mod nginx;
 pub mod process;
 pub mod system;
 

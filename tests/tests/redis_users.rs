@@ -13,6 +13,7 @@ use system_tests::system::{Env, System};
 const RELAY_PASSWORD: &str = "relay-test-password";
 const CONSUMER_PASSWORD: &str = "consumer-test-password";
 const ADMIN_PASSWORD: &str = "admin-test-password";
+const FEED_PASSWORD: &str = "feed-test-password";
 
 /// `deploy/redis/start` on a free port, killed when dropped.
 struct UsersRedis {
@@ -35,6 +36,8 @@ impl UsersRedis {
             .env("REDIS_RELAY_PASSWORD", RELAY_PASSWORD)
             .env("REDIS_CONSUMER_USER", "inventory")
             .env("REDIS_CONSUMER_PASSWORD", CONSUMER_PASSWORD)
+            .env("REDIS_FEED_USER", "feed")
+            .env("REDIS_FEED_PASSWORD", FEED_PASSWORD)
             .env("REDIS_ADMIN_PASSWORD", ADMIN_PASSWORD)
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -85,9 +88,10 @@ async fn xlen_reaches(admin: &MultiplexedConnection, key: &str, len: u64, what: 
     .await;
 }
 
-/// The `ACL LOG` entries of `user`: each a command (or key) it was refused.
+/// The `ACL LOG` entries of `user` (of the last 128, all Redis keeps by default): each a
+/// command (or key) it was refused.
 async fn denials(admin: &mut MultiplexedConnection, user: &str) -> Vec<String> {
-    let log: Vec<Vec<Value>> = redis::cmd("ACL").arg("LOG").query_async(admin).await.expect("ACL LOG");
+    let log: Vec<Vec<Value>> = redis::cmd("ACL").arg("LOG").arg(128).query_async(admin).await.expect("ACL LOG");
     let text = |v: &Value| match v {
         Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
         Value::SimpleString(s) => s.clone(),
@@ -120,6 +124,12 @@ async fn relay_and_consumer_work_as_their_own_redis_users_and_may_do_no_more() {
         ..Env::default()
     };
     let mut system = System::start(env).await;
+    // The live feed, as its own user: it loads the stream and follows it.
+    let mut feed = system_tests::ServiceProcess::spawn(
+        "order-feed",
+        [("REDIS_URL", redis.url("feed", FEED_PASSWORD)), ("REDIS_STREAM", stream.clone())],
+    );
+    feed.wait_ready(Duration::from_secs(30)).await;
 
     // The whole flow: an order reserved then confirmed, and a poison entry dead-lettered.
     system.set_stock("SKU-ACL", 10).await;
@@ -140,7 +150,7 @@ async fn relay_and_consumer_work_as_their_own_redis_users_and_may_do_no_more() {
     // Every entry acknowledged and older than the retention: the relay trims them all.
     xlen_reaches(&admin, &stream, 0, "the relay trimmed the acknowledged entries").await;
     // Nothing either service did was refused, however it handled the refusal.
-    for user in ["relay", "inventory"] {
+    for user in ["relay", "inventory", "feed"] {
         assert_eq!(denials(&mut admin, user).await, Vec::<String>::new(), "{user} was refused");
     }
 
@@ -188,6 +198,20 @@ async fn relay_and_consumer_work_as_their_own_redis_users_and_may_do_no_more() {
     for (what, cmd) in relay_may_not {
         assert_eq!(refusal(&mut relay, &cmd).await.as_deref(), Some("NOPERM"), "the relay's {what} was allowed");
     }
+    let mut feed_user = redis.connect("feed", FEED_PASSWORD).await;
+    let feed_may_not = [
+        ("XADD to the event stream", add(&stream)),
+        ("XREADGROUP", read_group.clone()),
+        ("XTRIM of the event stream", redis::cmd("XTRIM").arg(&stream).arg("MAXLEN").arg(0).to_owned()),
+        ("DEL of the event stream", redis::cmd("DEL").arg(&stream).to_owned()),
+        ("XADD to the dead-letter stream", add(&dlq)),
+    ];
+    for (what, cmd) in feed_may_not {
+        assert_eq!(refusal(&mut feed_user, &cmd).await.as_deref(), Some("NOPERM"), "the feed's {what} was allowed");
+    }
+    let read = redis::cmd("XREAD").arg("COUNT").arg(1).arg("STREAMS").arg(&stream).arg("0-0").to_owned();
+    assert_eq!(refusal(&mut feed_user, &read).await, None, "the feed may XREAD");
+    assert!(feed.stop(Duration::from_secs(10)).await.success(), "the feed stops cleanly");
     // Without a password a connection may only PING.
     let mut anonymous = redis::Client::open(format!("redis://127.0.0.1:{}", redis.port))
         .expect("URL")

@@ -191,9 +191,9 @@ impl Authenticator {
 
     /// The principal of a request whose `Authorization` header is `authorization`.
     pub fn authenticate(&self, authorization: Option<&HeaderValue>) -> Result<Principal, AuthError> {
-        let Some(verifier) = &self.verifier else {
-            return Ok(Principal { tenant: TenantId::default_tenant(), scopes: Scopes::all() });
-        };
+        if !self.is_on() {
+            return self.verify(None);
+        }
         let value = authorization.ok_or(AuthError::Missing)?;
         let token = value
             .to_str()
@@ -202,6 +202,16 @@ impl Authenticator {
             .map(str::trim)
             .filter(|t| !t.is_empty())
             .ok_or(AuthError::Invalid("the Authorization header is not `Bearer <token>`"))?;
+        self.verify(Some(token))
+    }
+
+    /// The principal of a bearer `token` that came some other way than the `Authorization`
+    /// header (a query parameter or a cookie, for clients that cannot set headers).
+    pub fn verify(&self, token: Option<&str>) -> Result<Principal, AuthError> {
+        let Some(verifier) = &self.verifier else {
+            return Ok(Principal { tenant: TenantId::default_tenant(), scopes: Scopes::all() });
+        };
+        let token = token.map(str::trim).filter(|t| !t.is_empty()).ok_or(AuthError::Missing)?;
         let data = jsonwebtoken::decode::<Claims>(token, &verifier.key, &verifier.validation).map_err(|e| {
             use jsonwebtoken::errors::ErrorKind;
             AuthError::Invalid(match e.kind() {

@@ -6,6 +6,7 @@
 //! disturbed.
 
 mod private;
+pub mod sse;
 
 pub use private::{PrivatePostgres, PrivateRedis};
 
@@ -70,6 +71,17 @@ pub async fn redis_connection() -> redis::aio::MultiplexedConnection {
         .get_multiplexed_async_connection()
         .await
         .expect("connect to Redis (is it running?)")
+}
+
+/// `XADD stream * field value …` on the shared Redis; the new entry's id.
+pub async fn xadd<K: AsRef<str>, V: AsRef<str>>(stream: &str, fields: &[(K, V)]) -> String {
+    let mut conn = redis_connection().await;
+    let mut cmd = redis::cmd("XADD");
+    cmd.arg(stream).arg("*");
+    for (k, v) in fields {
+        cmd.arg(k.as_ref()).arg(v.as_ref());
+    }
+    cmd.query_async(&mut conn).await.expect("XADD")
 }
 
 /// Polls `f` every 20 ms until it returns `Some`, or panics with `what` after `timeout`.

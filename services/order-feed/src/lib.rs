@@ -1,0 +1,133 @@
+//! The live order feed: the events of the stream as Server-Sent Events, resumable from any
+//! replica.
+//!
+//! Every replica reads the whole stream itself ([`tail`]) into a bounded [`history::History`]
+//! in stream order, and serves `GET /events` from it ([`sse`]) and the live page `GET /`.
+//! Replicas share nothing but the stream: a client's cursor (the last event id it got) names
+//! the same place on each, so a client that reconnects anywhere continues where it stopped.
+
+pub mod config;
+pub mod history;
+pub mod metrics;
+pub mod sse;
+pub mod tail;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::http::{header, StatusCode};
+use axum::response::{Html, IntoResponse};
+use axum::routing::get;
+use axum::Router;
+use prometheus_client::registry::Registry;
+use service_kit::admin::AdminListener;
+use service_kit::http::server::{serve, ServerMetrics};
+use service_kit::runner::{drain, TaskTracker, TASKS_GRACE};
+use service_kit::{Authenticator, Liveness, Problem, Readiness};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+pub use config::Config;
+pub use service_kit::{Service, Shutdown, StartError};
+
+/// How long connections get to close at shutdown, once every stream has ended.
+const HTTP_GRACE: Duration = Duration::from_secs(5);
+
+/// A feed replica with its listeners bound.
+pub struct OrderFeed {
+    config: Config,
+    redis: redis::Client,
+    auth: Authenticator,
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    admin: AdminListener,
+}
+
+impl OrderFeed {
+    pub async fn bind(config: Config) -> Result<Self, StartError> {
+        let auth = Authenticator::from_settings(&config.auth).map_err(|e| StartError::Config(e.to_string()))?;
+        let redis = redis::Client::open(config.redis_url.as_str()).map_err(StartError::RedisUrl)?;
+        let listener = service_kit::http::server::bind(config.http_addr)
+            .map_err(|source| StartError::Bind { addr: config.http_addr, source })?;
+        let local_addr = listener.local_addr().map_err(|source| StartError::Bind { addr: config.http_addr, source })?;
+        let admin = AdminListener::bind(config.admin_addr, config.http_addr)?;
+        Ok(Self { config, redis, auth, listener, local_addr, admin })
+    }
+
+    /// Where `/metrics` is served apart (`None`: on the feed's own listener).
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.local_addr()
+    }
+}
+
+impl Service for OrderFeed {
+    const NAME: &'static str = "order-feed";
+
+    fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Reads the stream and serves clients until `shutdown`, which ends every client's stream.
+    async fn run(self, shutdown: Shutdown) -> Result<(), StartError> {
+        let Self { config, redis, auth, listener, local_addr, admin } = self;
+        let mut registry = Registry::default();
+        let metrics = metrics::Metrics::register(&mut registry);
+        let server_metrics = ServerMetrics::register(&mut registry);
+        let registry = Arc::new(Mutex::new(registry));
+        let history_len = usize::try_from(config.history).unwrap_or(usize::MAX);
+        let history = Arc::new(history::History::new(history_len, config.client_lag as usize));
+        let caught_up = Arc::new(AtomicBool::new(false));
+        let readiness = Readiness::new().check("redis", {
+            let caught_up = caught_up.clone();
+            move || {
+                let reading = caught_up.load(Ordering::Acquire);
+                std::future::ready(if reading { Ok(()) } else { Err("not reading the stream".to_owned()) })
+            }
+        });
+        let readiness = service_kit::auth::announce(&auth, readiness);
+        let liveness = Liveness::new();
+        let feed = sse::Feed {
+            history: history.clone(),
+            caught_up: caught_up.clone(),
+            auth,
+            clients: Arc::new(Semaphore::new(config.max_clients as usize)),
+            heartbeat: config.heartbeat,
+            metrics: metrics.clone(),
+            shutdown: shutdown.clone(),
+        };
+        let app = Router::new()
+            .route("/events", get(sse::events))
+            .route("/", get(page))
+            .with_state(feed)
+            .merge(admin.service_routes(readiness.clone(), liveness.clone(), registry.clone()))
+            .fallback(|| async { Problem::new(StatusCode::NOT_FOUND, "Not found").detail("no such route") });
+        let admin_server = admin.spawn(readiness, liveness, registry, server_metrics.clone(), shutdown.clone());
+        let tasks = TaskTracker::new();
+        tasks.spawn(
+            tail::Tail {
+                client: redis,
+                stream: config.redis_stream.clone(),
+                history,
+                history_len,
+                block: config.block,
+                metrics,
+                caught_up,
+            }
+            .run(shutdown.clone()),
+        );
+        tracing::info!(addr = %local_addr, stream = config.redis_stream, "order-feed listening");
+        let served = serve(listener, app, config.http.clone(), server_metrics, shutdown, HTTP_GRACE)
+            .await
+            .map_err(StartError::Serve);
+        admin_server.stopped().await;
+        drain(&tasks, TASKS_GRACE).await;
+        served
+    }
+}
+
+/// The live page: plain HTML and `EventSource`.
+async fn page() -> impl IntoResponse {
+    ([(header::CACHE_CONTROL, "no-cache")], Html(include_str!("page.html")))
+}

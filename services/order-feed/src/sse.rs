@@ -1,0 +1,202 @@
+//! `GET /events`: the events of the caller's tenant (optionally of one order) as Server-Sent
+//! Events, from a cursor on.
+//!
+//! The cursor is the `after` query parameter when it is not empty, else the `Last-Event-ID`
+//! header (which `EventSource` sends by itself when it reconnects). With a cursor the client
+//! first gets every later event the replica keeps, in stream order, then the live ones; a
+//! cursor the replica does not keep gets an `event: reset` message (reload your state), then
+//! the live events. A client that falls too far behind is disconnected and resumes the same
+//! way. At shutdown every stream ends, so clients reconnect to another replica.
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use domain::OrderId;
+use futures::stream::{self, Stream, StreamExt};
+use serde::Deserialize;
+use service_kit::auth::{AuthError, Authenticator, Principal, Scope};
+use service_kit::{Problem, Shutdown};
+use tokio::sync::{broadcast, OwnedSemaphorePermit, Semaphore};
+
+use crate::history::{FeedEvent, History, Start};
+use crate::metrics::{Metrics, ResumeResult};
+
+/// How long a browser waits before reconnecting (the SSE `retry:` field).
+const RECONNECT_AFTER: Duration = Duration::from_secs(1);
+
+#[derive(Clone)]
+pub struct Feed {
+    pub history: Arc<History>,
+    /// Whether this replica reads the stream and keeps up: until then it sends no one away
+    /// with a `reset` it cannot know is due, and answers 503 (nginx tries another replica).
+    pub caught_up: Arc<AtomicBool>,
+    pub auth: Authenticator,
+    pub clients: Arc<Semaphore>,
+    pub heartbeat: Duration,
+    pub metrics: Metrics,
+    pub shutdown: Shutdown,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct EventsQuery {
+    after: Option<String>,
+    aggregate_id: Option<String>,
+    /// For clients that cannot set headers (`EventSource`); a cookie of the same name works too.
+    access_token: Option<String>,
+}
+
+pub async fn events(
+    State(feed): State<Feed>,
+    headers: HeaderMap,
+    query: Result<Query<EventsQuery>, QueryRejection>,
+) -> Response {
+    let Ok(Query(query)) = query else {
+        return Problem::new(StatusCode::BAD_REQUEST, "Bad request").detail("malformed query string").into_response();
+    };
+    let principal = match authenticate(&feed.auth, &headers, query.access_token.as_deref()) {
+        Ok(p) if p.scopes.contains(Scope::OrdersRead) => p,
+        Ok(_) => return AuthError::Forbidden(Scope::OrdersRead).into_response(),
+        Err(e) => return e.into_response(),
+    };
+    let order = match query.aggregate_id.as_deref().filter(|s| !s.is_empty()) {
+        None => None,
+        Some(id) => match id.parse::<OrderId>() {
+            Ok(id) => Some(id.to_string()),
+            Err(_) => {
+                return Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "Invalid request")
+                    .detail("aggregate_id is not an order id (ULID)")
+                    .field("aggregate_id")
+                    .into_response()
+            }
+        },
+    };
+    if !feed.caught_up.load(Ordering::Acquire) {
+        let mut response = Problem::new(StatusCode::SERVICE_UNAVAILABLE, "Service unavailable")
+            .detail("this replica is not reading the stream yet; try again (another replica)")
+            .into_response();
+        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return response;
+    }
+    let Ok(permit) = feed.clients.clone().try_acquire_owned() else {
+        feed.metrics.rejected_clients.inc();
+        let mut response = Problem::new(StatusCode::SERVICE_UNAVAILABLE, "Service unavailable")
+            .detail("this replica serves as many clients as it may; try again (another replica)")
+            .into_response();
+        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return response;
+    };
+    // A header that is not text is a cursor no replica knows: told to reload, not ignored.
+    let last_event_id = headers.get("last-event-id").map(|v| v.to_str().unwrap_or("(not text)"));
+    let cursor = query.after.as_deref().filter(|s| !s.is_empty()).or(last_event_id.filter(|s| !s.is_empty()));
+    let client = Client { principal, order, metrics: feed.metrics.clone(), _permit: permit };
+    let subscription = feed.history.subscribe(cursor, |e| client.wants(e));
+    let reset = match subscription.start {
+        Start::Live => None,
+        Start::Resumed => {
+            feed.metrics.resumed(ResumeResult::resumed);
+            None
+        }
+        Start::Unknown => {
+            feed.metrics.resumed(ResumeResult::unknown);
+            Some(reset_message(cursor.unwrap_or_default()))
+        }
+    };
+    feed.metrics.clients.inc();
+    let first =
+        stream::iter(std::iter::once(Event::default().retry(RECONNECT_AFTER).comment("order-feed")).chain(reset));
+    let client = Arc::new(client);
+    let backlog = {
+        let client = client.clone();
+        stream::iter(subscription.backlog).filter_map(move |e| std::future::ready(client.message(&e)))
+    };
+    let live = live(subscription.live, client.clone());
+    let events = first.chain(backlog).chain(live).map(Ok::<_, Infallible>);
+    let events = events.take_until(feed.shutdown.clone().cancelled_owned());
+    Sse::new(events).keep_alive(KeepAlive::new().interval(feed.heartbeat).text("heartbeat")).into_response()
+}
+
+/// The caller: a bearer token in the `Authorization` header, else the `access_token` query
+/// parameter, else the `access_token` cookie.
+fn authenticate(auth: &Authenticator, headers: &HeaderMap, query_token: Option<&str>) -> Result<Principal, AuthError> {
+    if headers.contains_key(header::AUTHORIZATION) {
+        return auth.authenticate(headers.get(header::AUTHORIZATION));
+    }
+    let cookie = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|pair| pair.trim().strip_prefix("access_token="));
+    auth.verify(query_token.or(cookie))
+}
+
+/// Tells a client its cursor is not kept here: reload state, then follow the live events.
+fn reset_message(cursor: &str) -> Event {
+    let data = serde_json::json!({
+        "reason": "the cursor is older than this feed keeps, or unknown: reload the state, then follow the events",
+        "cursor": cursor,
+    });
+    Event::default().event("reset").data(data.to_string())
+}
+
+/// One connected client: whose events it gets, counted while connected.
+struct Client {
+    principal: Principal,
+    /// Only this order's events.
+    order: Option<String>,
+    metrics: Metrics,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Client {
+    /// Whether `event` is this client's: its tenant's, and of its order if it follows one.
+    fn wants(&self, event: &FeedEvent) -> bool {
+        let entry = &event.entry;
+        entry.tenant_id == self.principal.tenant && self.order.as_deref().is_none_or(|o| o == entry.aggregate_id)
+    }
+
+    /// The message for `event`, if it is this client's.
+    fn message(&self, event: &FeedEvent) -> Option<Event> {
+        if !self.wants(event) {
+            return None;
+        }
+        let entry = &event.entry;
+        self.metrics.events_sent.inc();
+        Some(Event::default().id(entry.event_id.to_string()).event(&entry.event_type).data(&event.data))
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.metrics.clients.dec();
+    }
+}
+
+/// The live events of `client`; ends when it falls too far behind (it resumes).
+fn live(receiver: broadcast::Receiver<Arc<FeedEvent>>, client: Arc<Client>) -> impl Stream<Item = Event> {
+    stream::unfold(Some((receiver, client)), |state| async move {
+        let (mut receiver, client) = state?;
+        loop {
+            match receiver.recv().await {
+                Ok(event) => {
+                    if let Some(message) = client.message(&event) {
+                        return Some((message, Some((receiver, client))));
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    client.metrics.slow_clients.inc();
+                    tracing::debug!(missed, "a client fell too far behind; disconnecting it (it resumes)");
+                    return None;
+                }
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    })
+}

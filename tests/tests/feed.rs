@@ -1,0 +1,95 @@
+//! The live feed through nginx, as compose runs it: two order-feed replicas behind the nginx
+//! configuration compose uses. A client whose replica is killed reconnects through nginx, with
+//! its last event id, to the other, and ends with every event of the run once, in order.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use domain::{StreamEntry, TenantId};
+use system_tests::nginx::Nginx;
+use system_tests::ServiceProcess;
+use test_support::sse::{ids, SseClient};
+use ulid::Ulid;
+
+async fn publish(stream: &str, order: Ulid, seq: i64) -> String {
+    let entry = StreamEntry {
+        event_id: Ulid::new(),
+        event_type: if seq == 1 { "OrderCreated" } else { "OrderConfirmed" }.to_owned(),
+        aggregate_type: "order".to_owned(),
+        aggregate_id: order.to_string(),
+        seq,
+        occurred_at: Utc::now(),
+        payload: serde_json::json!({ "order_id": order.to_string() }).to_string(),
+        traceparent: None,
+        tracestate: None,
+        tenant_id: TenantId::default_tenant(),
+    };
+    test_support::xadd(stream, &entry.to_fields()).await;
+    entry.event_id.to_string()
+}
+
+async fn clients(feed: &ServiceProcess) -> Option<i64> {
+    let text = feed.http().get(feed.url("/metrics")).send().await.ok()?.text().await.ok()?;
+    text.lines().find_map(|l| l.strip_prefix("feed_clients ")).and_then(|v| v.trim().parse().ok())
+}
+
+#[tokio::test]
+async fn through_nginx_a_client_whose_replica_dies_resumes_on_the_other_with_every_event_once() {
+    let stream = test_support::unique_name("feed-nginx");
+    let redis = test_support::redis_url();
+    let spawn = || {
+        ServiceProcess::spawn(
+            "order-feed",
+            [("REDIS_URL", redis.as_str()), ("REDIS_STREAM", stream.as_str()), ("FEED_HEARTBEAT", "1s")],
+        )
+    };
+    let mut feeds = [spawn(), spawn()];
+    for feed in &mut feeds {
+        feed.wait_ready(Duration::from_secs(30)).await;
+    }
+    let nginx = Nginx::start(&[feeds[0].addr(), feeds[1].addr()]);
+    let order = Ulid::new();
+    let mut written = Vec::new();
+
+    let mut client = SseClient::connect(&nginx.url("/events"), &[]).await;
+    for seq in 1..=5 {
+        written.push(publish(&stream, order, seq).await);
+    }
+    let mut got = ids(&client.take(5).await);
+    let serving = test_support::eventually("the serving replica known", Duration::from_secs(10), || async {
+        let counts = [clients(&feeds[0]).await?, clients(&feeds[1]).await?];
+        match counts {
+            [1, 0] => Some(0),
+            [0, 1] => Some(1),
+            _ => None,
+        }
+    })
+    .await;
+    feeds[serving].kill().await;
+    // Written while the client is cut off: none may be lost.
+    for seq in 6..=10 {
+        written.push(publish(&stream, order, seq).await);
+    }
+    assert!(client.ends_within(Duration::from_secs(10)).await, "the dead replica's stream ended");
+    // As EventSource does: reconnect to the same URL with the last id; nginx finds the live one.
+    let last = got.last().cloned().expect("an event");
+    let mut resumed = SseClient::connect(&nginx.url("/events"), &[("Last-Event-ID", last.as_str())]).await;
+    got.extend(ids(&resumed.take(5).await));
+    assert_eq!(got, written, "every event once, in order");
+    assert_eq!(resumed.next(Duration::from_millis(500)).await, None, "nothing twice");
+    let other = &feeds[1 - serving];
+    assert_eq!(clients(other).await, Some(1), "the other replica serves it now");
+    let metrics = other.http().get(other.url("/metrics")).send().await.expect("metrics").text().await.expect("text");
+    assert!(metrics.contains(r#"feed_resumes_total{result="resumed"} 1"#), "{metrics}");
+    // A token in the query string (EventSource cannot send headers) stays out of nginx's log.
+    drop(SseClient::connect(&nginx.url("/events?access_token=not-for-the-log"), &[]).await);
+    drop(resumed);
+    let log = test_support::eventually("the requests logged", Duration::from_secs(10), || async {
+        let log = nginx.access_log();
+        (log.matches("GET /events").count() >= 3).then_some(log)
+    })
+    .await;
+    assert!(!log.contains("not-for-the-log"), "{log}");
+    let status = feeds[1 - serving].stop(Duration::from_secs(10)).await;
+    assert!(status.success(), "the surviving replica stops cleanly");
+}
