@@ -3,6 +3,7 @@
 //! The binaries are looked up next to the test executable (`target/<profile>/`), so
 //! `cargo build --workspace --bins` must run before `cargo test` (as `scripts/test` does).
 
+pub mod browser;
 pub mod exposition;
 pub mod faults;
 pub mod nginx;
