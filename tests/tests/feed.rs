@@ -12,6 +12,11 @@ use test_support::sse::{ids, SseClient};
 use ulid::Ulid;
 
 async fn publish(stream: &str, order: Ulid, seq: i64) -> String {
+    publish_traced(stream, order, seq, None).await
+}
+
+/// [`publish`] with the `traceparent` a relay would have written.
+async fn publish_traced(stream: &str, order: Ulid, seq: i64, traceparent: Option<String>) -> String {
     let entry = StreamEntry {
         event_id: Ulid::new(),
         event_type: if seq == 1 { "OrderCreated" } else { "OrderConfirmed" }.to_owned(),
@@ -20,7 +25,7 @@ async fn publish(stream: &str, order: Ulid, seq: i64) -> String {
         seq,
         occurred_at: Utc::now(),
         payload: serde_json::json!({ "order_id": order.to_string() }).to_string(),
-        traceparent: None,
+        traceparent,
         tracestate: None,
         tenant_id: TenantId::default_tenant(),
     };
@@ -92,4 +97,45 @@ async fn through_nginx_a_client_whose_replica_dies_resumes_on_the_other_with_eve
     assert!(!log.contains("not-for-the-log"), "{log}");
     let status = feeds[1 - serving].stop(Duration::from_secs(10)).await;
     assert!(status.success(), "the surviving replica stops cleanly");
+}
+
+/// The feed's span for an event is part of the event's trace: a child of the span the
+/// `traceparent` of its stream entry names.
+#[tokio::test]
+async fn the_feeds_span_of_an_event_continues_the_events_trace() {
+    let collector = otlp_collector::Collector::start().await.expect("collector");
+    let stream = test_support::unique_name("feed-trace");
+    let redis = test_support::redis_url();
+    let endpoint = collector.grpc_endpoint();
+    let mut feed = ServiceProcess::spawn(
+        "order-feed",
+        [
+            ("REDIS_URL", redis.as_str()),
+            ("REDIS_STREAM", stream.as_str()),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ],
+    );
+    feed.wait_ready(Duration::from_secs(30)).await;
+    let (trace, parent) = (system_tests::system::hex_id(16), system_tests::system::hex_id(8));
+    let traceparent = system_tests::system::traceparent(&trace, &parent, true);
+    let event_id = publish_traced(&stream, Ulid::new(), 1, Some(traceparent)).await;
+    let spans = collector
+        .wait_for("the feed's span of the event", Duration::from_secs(30), |spans| {
+            spans.iter().any(|s| s.service_name == "order-feed" && s.trace_id == trace)
+        })
+        .await;
+    let span = spans.iter().find(|s| s.service_name == "order-feed" && s.trace_id == trace).expect("span");
+    assert_eq!(span.parent_span_id, parent);
+    assert_eq!(span.kind, otlp_collector::Kind::Consumer);
+    assert_eq!(span.attribute("messaging.message.id"), Some(event_id.as_str()));
+    // An unsampled caller stays unsampled: no span of its trace is exported.
+    let unsampled = system_tests::system::hex_id(16);
+    let tp = system_tests::system::traceparent(&unsampled, &system_tests::system::hex_id(8), false);
+    publish_traced(&stream, Ulid::new(), 1, Some(tp)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(feed.stop(Duration::from_secs(10)).await.success());
+    let spans = collector.spans();
+    assert_eq!(spans.iter().filter(|s| s.trace_id == trace).count(), 1);
+    assert_eq!(spans.iter().filter(|s| s.trace_id == unsampled).count(), 0);
 }
