@@ -11,7 +11,7 @@ mod types;
 
 pub use event::{Event, EventPayload, EventType, OrderCancelled, OrderConfirmed, OrderCreated};
 pub use order::{LineItem, NewOrder, Order, OrderStatus, Transition, TransitionError};
-pub use stream::{fields, DecodeError, StreamEntry};
+pub use stream::{entry_id_key, fields, DecodeError, StreamEntry};
 pub use types::{Cents, CustomerId, OrderId, Quantity, Sku, TenantId, ValidationError};
 
 /// The `aggregate_type` of every order event.

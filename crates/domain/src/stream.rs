@@ -41,6 +41,12 @@ impl DecodeError {
     }
 }
 
+/// A stream entry id as numbers, for ordering (`1700000000000-3` → `(1700000000000, 3)`).
+pub fn entry_id_key(id: &str) -> (u64, u64) {
+    let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
+    (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))
+}
+
 /// One event as it travels on the stream, still generic over aggregate and event type, so
 /// the relay can publish rows without knowing their payloads.
 #[derive(Debug, Clone, PartialEq, Eq)]

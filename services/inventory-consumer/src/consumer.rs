@@ -16,7 +16,9 @@ use crate::entries::{DeadLetter, Incoming};
 use crate::metrics::{EventResult, Metrics};
 use crate::settle::Settlement;
 use crate::store::entry_failures;
-use crate::stream::{self, id_key, Delivery};
+use domain::entry_id_key;
+
+use crate::stream::{self, Delivery};
 use crate::{Config, Shutdown};
 
 pub struct Consumer {
@@ -299,8 +301,8 @@ impl Consumer {
         batch: &[Delivery],
     ) -> Result<HashMap<String, u64>, redis::RedisError> {
         let c = &self.config;
-        let min = batch.iter().map(|d| id_key(&d.id)).min().unwrap_or_default();
-        let max = batch.iter().map(|d| id_key(&d.id)).max().unwrap_or_default();
+        let min = batch.iter().map(|d| entry_id_key(&d.id)).min().unwrap_or_default();
+        let max = batch.iter().map(|d| entry_id_key(&d.id)).max().unwrap_or_default();
         let (min, max) = (format!("{}-{}", min.0, min.1), format!("{}-{}", max.0, max.1));
         let limit = (batch.len() * 4).max(c.batch_size as usize);
         let mut counts =

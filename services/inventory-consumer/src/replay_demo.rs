@@ -118,5 +118,5 @@ async fn handled(
         return Ok(false);
     }
     let last = stream::last_delivered_id(conn, key, group).await?;
-    Ok(last.is_some_and(|last| stream::id_key(&last) >= stream::id_key(id)))
+    Ok(last.is_some_and(|last| domain::entry_id_key(&last) >= domain::entry_id_key(id)))
 }

@@ -330,9 +330,3 @@ pub async fn last_delivered_id(
     }
     Ok(None)
 }
-
-/// A stream id as numbers, for ordering (`1700000000000-3`).
-pub fn id_key(id: &str) -> (u64, u64) {
-    let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
-    (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))
-}

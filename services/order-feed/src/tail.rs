@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use domain::entry_id_key;
 use domain::StreamEntry;
 use redis::aio::MultiplexedConnection;
 use redis::streams::{StreamId, StreamRangeReply, StreamReadReply};
@@ -143,7 +144,7 @@ impl Tail {
             Err(e) => return Err(e),
         };
         let newest = stream_info_field(&info, "last-generated-id").unwrap_or_else(|| "0-0".to_owned());
-        if id_key(&newest) < id_key(&last) {
+        if entry_id_key(&newest) < entry_id_key(&last) {
             tracing::warn!(
                 stream = self.stream,
                 last,
@@ -263,10 +264,4 @@ fn bytes(v: &Value) -> Vec<u8> {
         Value::Int(n) => n.to_string().into_bytes(),
         _ => Vec::new(),
     }
-}
-
-/// An entry id as numbers, for comparing.
-fn id_key(id: &str) -> (u64, u64) {
-    let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
-    (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))
 }
