@@ -6,6 +6,7 @@
 pub mod browser;
 pub mod exposition;
 pub mod faults;
+pub mod feed;
 pub mod nginx;
 pub mod process;
 pub mod system;

@@ -4,54 +4,16 @@
 
 use std::time::Duration;
 
-use chrono::Utc;
-use domain::{StreamEntry, TenantId};
+use system_tests::feed::{clients, publish, publish_as, replicas, serving};
 use system_tests::nginx::Nginx;
 use system_tests::ServiceProcess;
 use test_support::sse::{ids, SseClient};
 use ulid::Ulid;
 
-async fn publish(stream: &str, order: Ulid, seq: i64) -> String {
-    publish_traced(stream, order, seq, None).await
-}
-
-/// [`publish`] with the `traceparent` a relay would have written.
-async fn publish_traced(stream: &str, order: Ulid, seq: i64, traceparent: Option<String>) -> String {
-    let entry = StreamEntry {
-        event_id: Ulid::new(),
-        event_type: if seq == 1 { "OrderCreated" } else { "OrderConfirmed" }.to_owned(),
-        aggregate_type: "order".to_owned(),
-        aggregate_id: order.to_string(),
-        seq,
-        occurred_at: Utc::now(),
-        payload: serde_json::json!({ "order_id": order.to_string() }).to_string(),
-        traceparent,
-        tracestate: None,
-        tenant_id: TenantId::default_tenant(),
-    };
-    test_support::xadd(stream, &entry.to_fields()).await;
-    entry.event_id.to_string()
-}
-
-async fn clients(feed: &ServiceProcess) -> Option<i64> {
-    let text = feed.http().get(feed.url("/metrics")).send().await.ok()?.text().await.ok()?;
-    text.lines().find_map(|l| l.strip_prefix("feed_clients ")).and_then(|v| v.trim().parse().ok())
-}
-
 #[tokio::test]
 async fn through_nginx_a_client_whose_replica_dies_resumes_on_the_other_with_every_event_once() {
     let stream = test_support::unique_name("feed-nginx");
-    let redis = test_support::redis_url();
-    let spawn = || {
-        ServiceProcess::spawn(
-            "order-feed",
-            [("REDIS_URL", redis.as_str()), ("REDIS_STREAM", stream.as_str()), ("FEED_HEARTBEAT", "1s")],
-        )
-    };
-    let mut feeds = [spawn(), spawn()];
-    for feed in &mut feeds {
-        feed.wait_ready(Duration::from_secs(30)).await;
-    }
+    let mut feeds = replicas(&stream, &[("FEED_HEARTBEAT", "1s")]).await;
     let nginx = Nginx::start(&[feeds[0].addr(), feeds[1].addr()]);
     let order = Ulid::new();
     let mut written = Vec::new();
@@ -61,15 +23,7 @@ async fn through_nginx_a_client_whose_replica_dies_resumes_on_the_other_with_eve
         written.push(publish(&stream, order, seq).await);
     }
     let mut got = ids(&client.take(5).await);
-    let serving = test_support::eventually("the serving replica known", Duration::from_secs(10), || async {
-        let counts = [clients(&feeds[0]).await?, clients(&feeds[1]).await?];
-        match counts {
-            [1, 0] => Some(0),
-            [0, 1] => Some(1),
-            _ => None,
-        }
-    })
-    .await;
+    let serving = serving(&feeds).await;
     feeds[serving].kill().await;
     // Written while the client is cut off: none may be lost.
     for seq in 6..=10 {
@@ -119,7 +73,7 @@ async fn the_feeds_span_of_an_event_continues_the_events_trace() {
     feed.wait_ready(Duration::from_secs(30)).await;
     let (trace, parent) = (system_tests::system::hex_id(16), system_tests::system::hex_id(8));
     let traceparent = system_tests::system::traceparent(&trace, &parent, true);
-    let event_id = publish_traced(&stream, Ulid::new(), 1, Some(traceparent)).await;
+    let event_id = publish_as(&stream, Ulid::new(), 1, "OrderCreated", Some(traceparent)).await;
     let spans = collector
         .wait_for("the feed's span of the event", Duration::from_secs(30), |spans| {
             spans.iter().any(|s| s.service_name == "order-feed" && s.trace_id == trace)
@@ -132,7 +86,7 @@ async fn the_feeds_span_of_an_event_continues_the_events_trace() {
     // An unsampled caller stays unsampled: no span of its trace is exported.
     let unsampled = system_tests::system::hex_id(16);
     let tp = system_tests::system::traceparent(&unsampled, &system_tests::system::hex_id(8), false);
-    publish_traced(&stream, Ulid::new(), 1, Some(tp)).await;
+    publish_as(&stream, Ulid::new(), 1, "OrderCreated", Some(tp)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(feed.stop(Duration::from_secs(10)).await.success());
     let spans = collector.spans();
