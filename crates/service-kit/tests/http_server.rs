@@ -30,6 +30,7 @@ fn settings() -> HttpSettings {
         header_timeout: Duration::from_millis(400),
         idle_timeout: Duration::from_millis(800),
         body_timeout: Duration::from_millis(400),
+        write_timeout: Duration::from_millis(400),
     }
 }
 
@@ -45,6 +46,15 @@ async fn start(settings: HttpSettings, liveness: Liveness) -> Server {
             get(|| async {
                 tokio::time::sleep(Duration::from_millis(600)).await;
                 "done"
+            }),
+        )
+        .route(
+            "/endless",
+            get(|| async {
+                let chunk = bytes::Bytes::from(vec![b'x'; 64 * 1024]);
+                axum::body::Body::from_stream(futures::stream::repeat_with(move || {
+                    Ok::<_, std::io::Error>(chunk.clone())
+                }))
             }),
         )
         .merge(ops_router(Readiness::new(), liveness, registry.clone()))
@@ -131,6 +141,78 @@ async fn an_idle_connection_is_closed_after_the_idle_timeout_and_kept_alive_befo
     let idle = idle_from.elapsed();
     assert!(idle >= Duration::from_millis(400) && idle < Duration::from_millis(1500), "closed after {idle:?} idle");
     assert!(metrics(&server).contains(r#"http_server_timed_out_connections_total{reason="idle"} 1"#));
+}
+
+/// A connection asking for `/endless`; with a small receive buffer if `small`.
+async fn endless_response(addr: SocketAddr, small: bool) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    if small {
+        socket.set_recv_buffer_size(4096).expect("buffer size");
+    }
+    let mut stream = socket.connect(addr).await.expect("connect");
+    stream.write_all(b"GET /endless HTTP/1.1\r\nhost: x\r\n\r\n").await.expect("write");
+    stream
+}
+
+/// A client that reads nothing of a response that never ends is disconnected once the
+/// server's writes have been stuck for the write timeout (and reset: what it never read is
+/// not left queued); one that reads in bursts, pausing for less than the timeout, is served
+/// on. Control: with a write timeout far off, the stuck client is still connected
+/// when the first one was cut off, so the cut-off is the timeout's doing.
+#[tokio::test]
+async fn a_client_that_stops_reading_is_disconnected_after_the_write_timeout() {
+    let server = start(settings(), Liveness::new()).await;
+    let lenient = start(HttpSettings { write_timeout: Duration::from_secs(30), ..settings() }, Liveness::new()).await;
+    let mut stuck = endless_response(server.addr, true).await;
+    let mut stuck_on_lenient = endless_response(lenient.addr, true).await;
+    let steady = tokio::spawn({
+        let addr = server.addr;
+        async move {
+            let stream = endless_response(addr, false).await;
+            let mut buf = vec![0_u8; 64 * 1024];
+            let mut read = 0;
+            let until = Instant::now() + Duration::from_millis(2500);
+            while Instant::now() < until {
+                // Everything there is, then a pause well within the timeout.
+                loop {
+                    match stream.try_read(&mut buf) {
+                        Ok(0) => return Err(read),
+                        Ok(n) => read += n,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                        Err(_) => return Err(read),
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Ok(read)
+        }
+    });
+
+    let timed_out = r#"http_server_timed_out_connections_total{reason="write"} 1"#;
+    test_support::eventually("the stuck client cut off", Duration::from_secs(5), || async {
+        metrics(&server).contains(timed_out).then_some(())
+    })
+    .await;
+    // Reset: the client's next read fails (a plain close would let it read the megabytes the
+    // server had queued, then the end).
+    let mut buf = vec![0_u8; 64 * 1024];
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match stuck.read(&mut buf).await {
+                Ok(0) => return Ok(()),
+                Ok(_) => {}
+                Err(e) => return Err(e.kind()),
+            }
+        }
+    })
+    .await;
+    assert_eq!(ended, Ok(Err(std::io::ErrorKind::ConnectionReset)), "the stuck client was not reset");
+    let read = steady.await.expect("steady reader");
+    assert!(matches!(read, Ok(n) if n > 0), "a steady reader was cut off or got nothing: {read:?}");
+    assert!(!metrics(&lenient).contains("reason=\"write\""), "{}", metrics(&lenient));
+    let mut probe = [0_u8; 1];
+    let still_open = tokio::time::timeout(Duration::from_millis(100), stuck_on_lenient.read(&mut probe)).await;
+    assert!(matches!(still_open, Ok(Ok(1))), "the control's connection ended: {still_open:?}");
 }
 
 #[tokio::test]

@@ -31,6 +31,11 @@ pub struct HttpSettings {
     /// Time a client has to send a request's body, once its headers are in.
     #[arg(long = "http-body-timeout", env = "HTTP_BODY_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub body_timeout: Duration,
+    /// Time a connection may stay unable to send (its client reads nothing) before it is
+    /// closed: a client that stops reading a long response, such as an event stream, frees
+    /// its connection.
+    #[arg(long = "http-write-timeout", env = "HTTP_WRITE_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub write_timeout: Duration,
 }
 
 impl Default for HttpSettings {
@@ -40,6 +45,7 @@ impl Default for HttpSettings {
             header_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             body_timeout: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(30),
         }
     }
 }

@@ -1,7 +1,8 @@
 //! The accept loop: HTTP/1.1 connections, bounded in number (`max_connections`; one over the
 //! cap is answered `503` and closed, by at most [`REJECTING_AT_ONCE`] tasks) and in time (headers within `header_timeout` of their
 //! first byte, checked as bytes arrive, so trickling them gets a client cut off; an idle
-//! connection closed after `idle_timeout`). On shutdown nothing new is accepted, idle
+//! connection closed after `idle_timeout`; one whose client stops reading closed once its
+//! writes have made no progress for `write_timeout`). On shutdown nothing new is accepted, idle
 //! connections close, in-flight requests finish, and stragglers are closed after a grace.
 
 use std::io;
@@ -57,7 +58,8 @@ impl ServerMetrics {
         );
         registry.register(
             "http_server_timed_out_connections",
-            "Connections closed for sending a request's headers too slowly (header) or for staying idle (idle)",
+            "Connections closed for sending a request's headers too slowly (header), for staying idle (idle) \
+             or for reading nothing of a response (write)",
             m.timed_out.clone(),
         );
         m
@@ -185,6 +187,12 @@ impl Connection {
         let _ = stream.set_nodelay(true);
         self.metrics.open.inc();
         let watch = Arc::new(Watch::new(self.settings.header_timeout));
+        let write_timeout = self.settings.write_timeout;
+        // Checked twice a timeout: a stalled connection is closed between one and one and a
+        // half timeouts after its last write.
+        let check_every = (write_timeout / 2).max(Duration::from_millis(10));
+        let mut write_check = tokio::time::interval_at(Instant::now() + check_every, check_every);
+        write_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let io = TokioIo::new(WatchedIo { inner: stream, watch: watch.clone() });
         let router = self.router.clone();
         let requests = watch.clone();
@@ -200,12 +208,11 @@ impl Connection {
         });
         let mut builder = http1::Builder::new();
         builder.timer(TokioTimer::new()).header_read_timeout(self.settings.idle_timeout).keep_alive(true);
-        let conn = builder.serve_connection(io, service);
-        tokio::pin!(conn);
+        let mut conn = builder.serve_connection(io, service);
         let mut draining = false;
         loop {
             tokio::select! {
-                served = conn.as_mut() => {
+                served = &mut conn => {
                     if let Err(e) = served {
                         if watch.head_too_slow() {
                             self.metrics.timed_out.get_or_create(&ReasonLabel { reason: "header" }).inc();
@@ -218,10 +225,20 @@ impl Connection {
                     break;
                 }
                 () = self.shutdown.cancelled(), if !draining => {
-                    conn.as_mut().graceful_shutdown();
+                    Pin::new(&mut conn).graceful_shutdown();
                     draining = true;
                 }
                 () = self.close.cancelled() => break,
+                _ = write_check.tick() => {
+                    if watch.write_stalled_for() >= write_timeout {
+                        self.metrics.timed_out.get_or_create(&ReasonLabel { reason: "write" }).inc();
+                        // Reset, not closed: a close would leave what the client never read
+                        // queued in the kernel, retried for minutes.
+                        let socket = conn.into_parts().io.into_inner().inner;
+                        let _ = socket2::SockRef::from(&socket).set_linger(Some(Duration::ZERO));
+                        break;
+                    }
+                }
             }
         }
         self.metrics.open.dec();
@@ -238,6 +255,8 @@ struct Watch {
     head_started: AtomicU64,
     /// Set once a head took too long: the connection is being closed for it.
     too_slow: AtomicBool,
+    /// Nanoseconds after `opened` at which a write found the socket full; 0: writes go.
+    write_stalled: AtomicU64,
 }
 
 impl Watch {
@@ -248,6 +267,7 @@ impl Watch {
             in_flight: AtomicUsize::new(0),
             head_started: AtomicU64::new(0),
             too_slow: AtomicBool::new(false),
+            write_stalled: AtomicU64::new(0),
         }
     }
 
@@ -274,6 +294,23 @@ impl Watch {
 
     fn head_too_slow(&self) -> bool {
         self.too_slow.load(Ordering::Acquire)
+    }
+
+    /// A write went (`Ready`) or found the socket full (`Pending`).
+    fn wrote<T>(&self, polled: &Poll<T>) {
+        if polled.is_pending() {
+            let _ = self.write_stalled.compare_exchange(0, self.now(), Ordering::AcqRel, Ordering::Acquire);
+        } else {
+            self.write_stalled.store(0, Ordering::Release);
+        }
+    }
+
+    /// How long writes have been waiting for the client to read; zero while they go.
+    fn write_stalled_for(&self) -> Duration {
+        match self.write_stalled.load(Ordering::Acquire) {
+            0 => Duration::ZERO,
+            since => Duration::from_nanos(self.now().saturating_sub(since)),
+        }
     }
 }
 
@@ -320,7 +357,7 @@ impl http_body::Body for Guarded {
     }
 }
 
-/// The socket, telling the watch when bytes arrive.
+/// The socket, telling the watch when bytes arrive and when writes stall.
 struct WatchedIo {
     inner: TcpStream,
     watch: Arc<Watch>,
@@ -339,7 +376,9 @@ impl AsyncRead for WatchedIo {
 
 impl AsyncWrite for WatchedIo {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.watch.wrote(&polled);
+        polled
     }
 
     fn poll_write_vectored(
@@ -347,7 +386,9 @@ impl AsyncWrite for WatchedIo {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.watch.wrote(&polled);
+        polled
     }
 
     fn is_write_vectored(&self) -> bool {
