@@ -29,6 +29,9 @@ use crate::Problem;
 /// Shortest HS256 secret accepted: 256 bits, the hash's size (RFC 7518 §3.2).
 pub const MIN_SECRET_BYTES: usize = 32;
 
+/// Clock skew allowed between the token issuer and this service, on `exp` and `nbf`.
+pub const CLOCK_SKEW_SECONDS: u64 = 60;
+
 /// A permission a token may grant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Scope {
@@ -86,6 +89,10 @@ impl Scopes {
 pub struct Principal {
     pub tenant: TenantId,
     pub scopes: Scopes,
+    /// The last second (Unix time) the token is accepted: its `exp` plus the clock skew
+    /// allowed; `None` with authentication off. A response that lasts, such as an event
+    /// stream, ends by then.
+    pub accepted_until: Option<u64>,
 }
 
 /// The claims this service reads and [`mint`] writes.
@@ -174,7 +181,7 @@ impl Authenticator {
         validation.set_required_spec_claims(&required);
         validation.validate_exp = true;
         validation.validate_nbf = true;
-        validation.leeway = 60;
+        validation.leeway = CLOCK_SKEW_SECONDS;
         match &settings.auth_jwt_audience {
             Some(audience) => validation.set_audience(&[audience]),
             None => validation.validate_aud = false,
@@ -209,7 +216,7 @@ impl Authenticator {
     /// header (a query parameter or a cookie, for clients that cannot set headers).
     pub fn verify(&self, token: Option<&str>) -> Result<Principal, AuthError> {
         let Some(verifier) = &self.verifier else {
-            return Ok(Principal { tenant: TenantId::default_tenant(), scopes: Scopes::all() });
+            return Ok(Principal { tenant: TenantId::default_tenant(), scopes: Scopes::all(), accepted_until: None });
         };
         let token = token.map(str::trim).filter(|t| !t.is_empty()).ok_or(AuthError::Missing)?;
         let data = jsonwebtoken::decode::<Claims>(token, &verifier.key, &verifier.validation).map_err(|e| {
@@ -227,7 +234,11 @@ impl Authenticator {
         })?;
         let tenant = TenantId::parse(data.claims.tenant_id)
             .map_err(|_| AuthError::Invalid("the token's tenant_id does not match [a-z0-9][a-z0-9-]{0,63}"))?;
-        Ok(Principal { tenant, scopes: Scopes::parse(&data.claims.scope) })
+        Ok(Principal {
+            tenant,
+            scopes: Scopes::parse(&data.claims.scope),
+            accepted_until: Some(data.claims.exp.saturating_add(CLOCK_SKEW_SECONDS)),
+        })
     }
 }
 
@@ -350,10 +361,11 @@ mod tests {
 
     #[test]
     fn a_minted_token_authenticates_with_its_tenant_and_scopes() {
-        let token =
-            mint(SigningKey::Secret(SECRET), &tenant("t-1"), "orders:read bogus admin", now() + 60).expect("mint");
+        let exp = now() + 60;
+        let token = mint(SigningKey::Secret(SECRET), &tenant("t-1"), "orders:read bogus admin", exp).expect("mint");
         let principal = hs256().authenticate(Some(&bearer(&token))).expect("valid");
         assert_eq!(principal.tenant, tenant("t-1"));
+        assert_eq!(principal.accepted_until, Some(exp + CLOCK_SKEW_SECONDS));
         assert!(principal.scopes.contains(Scope::OrdersRead) && principal.scopes.contains(Scope::Admin));
         assert!(!principal.scopes.contains(Scope::OrdersWrite));
     }

@@ -14,6 +14,8 @@ pub struct Message {
 pub struct SseClient {
     response: reqwest::Response,
     buffer: String,
+    /// The last `id` the server sent, with an event or without (as `EventSource` keeps it).
+    last_event_id: Option<String>,
 }
 
 impl SseClient {
@@ -27,7 +29,7 @@ impl SseClient {
         assert_eq!(response.status(), 200, "{url}");
         let content_type = response.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("");
         assert!(content_type.starts_with("text/event-stream"), "{content_type}");
-        Self { response, buffer: String::new() }
+        Self { response, buffer: String::new(), last_event_id: None }
     }
 
     /// The next message with an event (comments and the `retry` hint skipped); `None` when the
@@ -37,8 +39,12 @@ impl SseClient {
         loop {
             while let Some(end) = self.buffer.find("\n\n") {
                 let block: String = self.buffer.drain(..end + 2).collect();
-                if let Some(message) = parse(&block) {
-                    return Some(message);
+                let (id, message) = parse(&block);
+                if id.is_some() {
+                    self.last_event_id = id;
+                }
+                if message.is_some() {
+                    return message;
                 }
             }
             let chunk = tokio::time::timeout_at(deadline, self.response.chunk()).await.ok()?.ok()??;
@@ -56,6 +62,12 @@ impl SseClient {
         out
     }
 
+    /// The id a reconnecting `EventSource` would send as `Last-Event-ID`: the last one the
+    /// server sent, on an event or alone (on a heartbeat), among the messages read so far.
+    pub fn last_event_id(&self) -> Option<&str> {
+        self.last_event_id.as_deref()
+    }
+
     /// Whether the stream ends (the server closed it) within `within`.
     pub async fn ends_within(&mut self, within: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + within;
@@ -69,7 +81,9 @@ impl SseClient {
     }
 }
 
-fn parse(block: &str) -> Option<Message> {
+/// A block's id, and its message if it has an event (a block of comments and an id only
+/// moves the last event id).
+fn parse(block: &str) -> (Option<String>, Option<Message>) {
     let mut message = Message::default();
     let mut data = Vec::new();
     for line in block.lines() {
@@ -83,7 +97,8 @@ fn parse(block: &str) -> Option<Message> {
         }
     }
     message.data = data.join("\n");
-    (message.event.is_some() || !message.data.is_empty()).then_some(message)
+    let id = message.id.clone();
+    (id, (message.event.is_some() || !message.data.is_empty()).then_some(message))
 }
 
 /// The event ids of `messages`.

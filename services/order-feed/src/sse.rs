@@ -6,17 +6,24 @@
 //! first gets every later event the replica keeps, in stream order, then the live ones; a
 //! cursor the replica does not keep gets an `event: reset` message (reload your state), then
 //! the live events. A client that falls too far behind is disconnected and resumes the same
-//! way. At shutdown every stream ends, so clients reconnect to another replica.
+//! way. At shutdown every stream ends, so clients reconnect to another replica; so does a
+//! stream whose token is no longer accepted (the client reconnects with a fresh one).
+//!
+//! A heartbeat comment comes every `FEED_HEARTBEAT`. To a client that follows one order it
+//! also carries, as its `id`, the newest event of the client's tenant the stream has passed
+//! over (`EventSource` keeps it as its last event id without firing an event): a client whose
+//! order stays quiet while others change resumes from there, not from an event the feed may
+//! no longer keep. Another tenant's event is never named.
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
-use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use domain::OrderId;
 use futures::stream::{self, Stream, StreamExt};
@@ -24,6 +31,8 @@ use serde::Deserialize;
 use service_kit::auth::{AuthError, Authenticator, Principal, Scope};
 use service_kit::{Problem, Shutdown};
 use tokio::sync::{broadcast, OwnedSemaphorePermit, Semaphore};
+use tokio::time::{Instant, Interval, MissedTickBehavior};
+use ulid::Ulid;
 
 use crate::history::{FeedEvent, History, Start};
 use crate::metrics::{Metrics, ResumeResult};
@@ -116,10 +125,21 @@ pub async fn events(
         let client = client.clone();
         stream::iter(subscription.backlog).filter_map(move |e| std::future::ready(client.message(&e)))
     };
-    let live = live(subscription.live, client.clone());
+    let token_lapses = token_lapses(client.principal.accepted_until);
+    let live = live(Live::new(subscription.live, client, feed.heartbeat));
     let events = first.chain(backlog).chain(live).map(Ok::<_, Infallible>);
-    let events = events.take_until(feed.shutdown.clone().cancelled_owned());
-    Sse::new(events).keep_alive(KeepAlive::new().interval(feed.heartbeat).text("heartbeat")).into_response()
+    let ends = futures::future::select(Box::pin(feed.shutdown.clone().cancelled_owned()), Box::pin(token_lapses));
+    Sse::new(events.take_until(ends)).into_response()
+}
+
+/// Resolves when a token accepted until `accepted_until` (Unix seconds) no longer is; never
+/// without one.
+async fn token_lapses(accepted_until: Option<u64>) {
+    let Some(until) = accepted_until else { return std::future::pending().await };
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    // Accepted through the second `until`: lapsed when the next one begins.
+    let left = Duration::from_secs(until.saturating_add(1)).saturating_sub(now);
+    tokio::time::sleep(left).await;
 }
 
 /// The caller: a bearer token in the `Authorization` header, else the `access_token` query
@@ -179,24 +199,57 @@ impl Drop for Client {
     }
 }
 
-/// The live events of `client`; ends when it falls too far behind (it resumes).
-fn live(receiver: broadcast::Receiver<Arc<FeedEvent>>, client: Arc<Client>) -> impl Stream<Item = Event> {
-    stream::unfold(Some((receiver, client)), |state| async move {
-        let (mut receiver, client) = state?;
+/// A client's live phase: the events as they are read, and heartbeats.
+struct Live {
+    receiver: broadcast::Receiver<Arc<FeedEvent>>,
+    client: Arc<Client>,
+    heartbeat: Interval,
+    /// The newest event of the client's tenant passed over (not its order's) since the client
+    /// was last given an id: where it may resume from.
+    passed_over: Option<Ulid>,
+}
+
+impl Live {
+    fn new(receiver: broadcast::Receiver<Arc<FeedEvent>>, client: Arc<Client>, every: Duration) -> Self {
+        let mut heartbeat = tokio::time::interval_at(Instant::now() + every, every);
+        heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        Self { receiver, client, heartbeat, passed_over: None }
+    }
+
+    /// The next message; `None` when the client fell too far behind (it resumes).
+    async fn next(&mut self) -> Option<Event> {
         loop {
-            match receiver.recv().await {
-                Ok(event) => {
-                    if let Some(message) = client.message(&event) {
-                        return Some((message, Some((receiver, client))));
+            tokio::select! {
+                received = self.receiver.recv() => match received {
+                    Ok(event) => {
+                        if let Some(message) = self.client.message(&event) {
+                            self.passed_over = None;
+                            return Some(message);
+                        }
+                        if event.entry.tenant_id == self.client.principal.tenant {
+                            self.passed_over = Some(event.entry.event_id);
+                        }
                     }
+                    Err(broadcast::error::RecvError::Lagged(missed)) => {
+                        self.client.metrics.slow_clients.inc();
+                        tracing::debug!(missed, "a client fell too far behind; disconnecting it (it resumes)");
+                        return None;
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                },
+                _ = self.heartbeat.tick() => {
+                    let beat = Event::default().comment("heartbeat");
+                    return Some(match self.passed_over.take() {
+                        Some(id) => beat.id(id.to_string()),
+                        None => beat,
+                    });
                 }
-                Err(broadcast::error::RecvError::Lagged(missed)) => {
-                    client.metrics.slow_clients.inc();
-                    tracing::debug!(missed, "a client fell too far behind; disconnecting it (it resumes)");
-                    return None;
-                }
-                Err(broadcast::error::RecvError::Closed) => return None,
             }
         }
-    })
+    }
+}
+
+/// The live messages of a client, until it falls too far behind.
+fn live(live: Live) -> impl Stream<Item = Event> {
+    stream::unfold(live, |mut live| async move { live.next().await.map(|message| (message, live)) })
 }

@@ -210,6 +210,83 @@ async fn each_client_gets_its_own_tenants_events_only() {
     delete_stream(&stream).await;
 }
 
+/// A client following one order that stays quiet while the tenant's other orders change is
+/// given, on heartbeats, the id of the newest of those events it passed over (never another
+/// tenant's), and resumes from it with nothing missed; its last event of its own order would
+/// by then have left the feed's history. Control: resuming from that event gets a reset.
+#[tokio::test]
+async fn a_client_following_a_quiet_order_resumes_from_its_heartbeats_id() {
+    let stream = test_support::unique_name("feed-quiet");
+    let mut small = config(&stream);
+    small.history = 4;
+    small.heartbeat = Duration::from_millis(200);
+    let feed = RunningFeed::start(small).await;
+    let (quiet, busy) = (Ulid::new(), Ulid::new());
+    let mut client = SseClient::connect(&feed.url(&format!("/events?aggregate_id={quiet}")), &[]).await;
+    let first = entry(Ulid::new(), quiet, 1, DEFAULT);
+    xadd(&stream, &first).await;
+    assert_eq!(ids(&client.take(1).await), vec![first.event_id.to_string()]);
+    let others: Vec<_> = (1..=10).map(|seq| entry(Ulid::new(), busy, seq, DEFAULT)).collect();
+    for e in &others {
+        xadd(&stream, e).await;
+    }
+    // Newest of all, but another tenant's: never named to this client.
+    xadd(&stream, &entry(Ulid::new(), Ulid::new(), 1, "t-other")).await;
+    feed.wait_read(12).await;
+    let newest_passed = others[9].event_id.to_string();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while client.last_event_id() != Some(newest_passed.as_str()) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no heartbeat named {newest_passed}: {:?}",
+            client.last_event_id()
+        );
+        assert_eq!(client.next(Duration::from_millis(300)).await, None, "no event of another order");
+    }
+    drop(client);
+
+    let second = entry(Ulid::new(), quiet, 2, DEFAULT);
+    xadd(&stream, &second).await;
+    feed.wait_read(13).await;
+    let url = feed.url(&format!("/events?aggregate_id={quiet}"));
+    let mut resumed = SseClient::connect(&url, &[("Last-Event-ID", &newest_passed)]).await;
+    let next = resumed.take(1).await.remove(0);
+    assert_eq!(next.id, Some(second.event_id.to_string()), "resumed with the missed event, no reset: {next:?}");
+    let mut control = SseClient::connect(&url, &[("Last-Event-ID", &first.event_id.to_string())]).await;
+    assert_eq!(control.take(1).await[0].event.as_deref(), Some("reset"));
+    feed.stop().await;
+    delete_stream(&stream).await;
+}
+
+/// A stream ends once its token is no longer accepted (`exp` plus the clock skew allowed), and
+/// the client's reconnect with it is refused; a client with a fresh token stays.
+#[tokio::test]
+async fn a_stream_ends_when_its_token_lapses() {
+    let stream = test_support::unique_name("feed-token");
+    let mut with_auth = config(&stream);
+    with_auth.auth.auth_jwt_secret = Some(SECRET.to_owned());
+    let feed = RunningFeed::start(with_auth).await;
+    let now = u64::try_from(chrono::Utc::now().timestamp()).expect("time");
+    // Expired, but within the skew allowed for two more seconds.
+    let exp = now - service_kit::auth::CLOCK_SKEW_SECONDS + 2;
+    let tenant = domain::TenantId::parse("t-a").expect("tenant");
+    let lapsing = service_kit::auth::mint(service_kit::auth::SigningKey::Secret(SECRET), &tenant, "orders:read", exp)
+        .expect("mint");
+    let url = feed.url(&format!("/events?access_token={lapsing}"));
+    let mut ending = SseClient::connect(&url, &[]).await;
+    let fresh = token("t-a", "orders:read");
+    let mut staying = SseClient::connect(&feed.url("/events"), &[("Authorization", &format!("Bearer {fresh}"))]).await;
+    assert!(ending.ends_within(Duration::from_secs(6)).await, "the stream outlived its token");
+    let refused = reqwest::get(&url).await.expect("GET").status();
+    assert_eq!(refused, 401, "the lapsed token is refused on reconnect");
+    assert!(!staying.ends_within(Duration::from_millis(500)).await, "a fresh token's stream ended too");
+    let e = entry(Ulid::new(), Ulid::new(), 1, "t-a");
+    xadd(&stream, &e).await;
+    assert_eq!(ids(&staying.take(1).await), vec![e.event_id.to_string()]);
+    feed.stop().await;
+    delete_stream(&stream).await;
+}
+
 /// Past `FEED_MAX_CLIENTS` a client is answered 503 with `Retry-After`; a slot frees when a
 /// client leaves.
 #[tokio::test]
