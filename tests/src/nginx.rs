@@ -28,6 +28,7 @@ impl Nginx {
         let site = template
             .replace("${FEED_UPSTREAMS}", &servers)
             .replace("${FEED_LISTEN}", &addr.to_string())
+            .replace("${FEED_RESOLVER}", "")
             .replace("${FEED_ACCESS_LOG}", &dir.join("access.log").display().to_string());
         std::fs::write(dir.join("site.conf"), site).expect("write site.conf");
         let d = dir.display();
