@@ -22,6 +22,8 @@ pub enum FailureClass {
 }
 
 impl FailureClass {
+    pub const ALL: [Self; 3] = [Self::transient, Self::permanent, Self::bug];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::transient => "transient",

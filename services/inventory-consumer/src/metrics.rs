@@ -68,6 +68,16 @@ impl Metrics {
             parked: Gauge::default(),
             parked_oldest_age_seconds: Gauge::default(),
         };
+        // Every result and failure series exists from the start, at zero: a rate, a dashboard
+        // or an alert over them sees "none yet", not "no such metric".
+        for result in [EventResult::applied, EventResult::duplicate, EventResult::deferred, EventResult::dead] {
+            let _ = metrics.events.get_or_create(&ResultLabel { result });
+        }
+        for class in FailureClass::ALL {
+            for source in ["redis", "postgres", "entry"] {
+                let _ = metrics.failures.get_or_create(&FailureLabels { class, source });
+            }
+        }
         // A poisoned lock only means another thread panicked while registering; the registry
         // itself is still usable.
         let mut r = registry.lock().unwrap_or_else(|e| e.into_inner());

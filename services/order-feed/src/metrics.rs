@@ -38,6 +38,9 @@ pub struct Metrics {
 impl Metrics {
     pub fn register(registry: &mut Registry) -> Self {
         let m = Self::default();
+        for result in [ResumeResult::resumed, ResumeResult::unknown] {
+            let _ = m.resumes.get_or_create(&ResultLabel { result });
+        }
         registry.register("feed_clients", "Clients connected to /events", m.clients.clone());
         registry.register("feed_events_sent", "Events sent to clients", m.events_sent.clone());
         registry.register(

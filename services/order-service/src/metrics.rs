@@ -57,6 +57,10 @@ impl Metrics {
             failures: Family::default(),
             idempotency_keys_expired: Counter::default(),
         };
+        // The failure series exist from the start, at zero (answered 503, answered 500).
+        for class in [FailureClass::transient, FailureClass::bug] {
+            let _ = metrics.failures.get_or_create(&FailureLabels { class });
+        }
         // A poisoned registry only means another thread panicked while registering; the
         // registry itself is still usable.
         let mut registry = registry.lock().unwrap_or_else(|poisoned| poisoned.into_inner());

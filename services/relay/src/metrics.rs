@@ -13,6 +13,9 @@ use sqlx::PgPool;
 
 use service_kit::{FailureClass, Shutdown};
 
+/// The values of [`FailureLabels::source`].
+const FAILURE_SOURCES: [&str; 3] = ["redis", "postgres", "row"];
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FailureLabels {
     pub class: FailureClass,
@@ -77,6 +80,13 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn register(&self, registry: &mut Registry) {
+        // Every failure series exists from the start, at zero: a rate, a dashboard or an
+        // alert over them sees "none yet", not "no such metric".
+        for class in FailureClass::ALL {
+            for source in FAILURE_SOURCES {
+                let _ = self.failures.get_or_create(&FailureLabels { class, source });
+            }
+        }
         registry.register("outbox_pending", "Pending rows in the outbox (sampled)", self.pending.clone());
         registry.register(
             "outbox_in_flight",

@@ -200,15 +200,7 @@ pub async fn metrics_text(http: &reqwest::Client, port: u16, within: Duration) -
     response.await.ok()?.text().await.ok()
 }
 
-/// One sample (summed over matching label sets) of `name` from a `/metrics` text.
-pub fn sample(text: &str, name: &str, label: &str) -> Option<f64> {
-    let values: Vec<f64> = text
-        .lines()
-        .filter(|l| l.split(['{', ' ']).next() == Some(name) && l.contains(label))
-        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
-        .collect();
-    (!values.is_empty()).then(|| values.iter().sum())
-}
+pub use test_support::sample;
 
 /// `(entries, distinct event_ids)` on the stream, read in pages.
 pub async fn stream_census(conn: &mut MultiplexedConnection, stream: &str) -> Result<(usize, usize), FaultError> {
