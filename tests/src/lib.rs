@@ -9,6 +9,7 @@ pub mod faults;
 pub mod feed;
 pub mod nginx;
 pub mod process;
+pub mod semconv;
 pub mod system;
 
 pub use process::{binary_path, free_local_addr, ServiceProcess};

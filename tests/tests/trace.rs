@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use otlp_collector::{CollectedSpan, Collector, Kind};
+use system_tests::semconv::assert_messaging_span;
 use system_tests::system::{hex_id, traceparent, Env, System};
 use system_tests::{exposition, ServiceProcess};
 
@@ -172,15 +173,20 @@ async fn one_trace_links_order_service_relay_and_consumer() {
         assert_eq!(&server.parent_span_id, caller, "the incoming traceparent is the request span's parent");
         assert_eq!(server.attribute("http.request.method"), Some("POST"));
         assert_eq!(server.attribute("http.response.status_code"), Some(status));
+        let path = server.attribute("url.path").unwrap_or_default();
+        assert!(path.starts_with("/orders"), "url.path of {server}");
+        assert_eq!(server.attribute("url.scheme"), Some("http"));
+        assert_eq!(server.attribute("server.address"), Some("127.0.0.1"));
+        assert!(server.attribute("server.port").is_some_and(|p| p.parse::<u16>().is_ok()), "{server}");
+        assert_eq!(server.attribute("network.protocol.version"), Some("1.1"));
+        assert_eq!(server.attribute("error.type"), None, "a success has no error.type: {server}");
 
         let (event_id, entry_traceparent) =
             events.get(event_type).unwrap_or_else(|| panic!("no {event_type} entry on the stream"));
         let is_event = |s: &CollectedSpan| s.attribute("messaging.message.id") == Some(event_id);
         let publish = spans.find(&format!("publishing {event_type}"), |s| s.service_name == "relay" && is_event(s));
-        assert_eq!(publish.kind, Kind::Producer, "{publish}");
+        assert_messaging_span(publish, "send", &system.stream, &system.redis_url);
         assert_eq!(publish.trace_id, trace);
-        assert_eq!(publish.attribute("messaging.system"), Some("redis"));
-        assert_eq!(publish.attribute("messaging.destination.name"), Some(system.stream.as_str()));
         assert!(
             publish.attribute("outbox.wait_ms").and_then(|v| v.parse::<i64>().ok()).is_some(),
             "time in the outbox: {publish}"
@@ -199,15 +205,19 @@ async fn one_trace_links_order_service_relay_and_consumer() {
 
         let process =
             spans.find(&format!("processing {event_type}"), |s| s.service_name == "inventory-consumer" && is_event(s));
-        assert_eq!(process.kind, Kind::Consumer, "{process}");
+        assert_messaging_span(process, "process", &system.stream, &system.redis_url);
         assert_eq!(process.trace_id, trace);
         assert_eq!(process.parent_span_id, publish.span_id, "the consumer span is a child of the publish span");
-        assert_eq!(process.attribute("messaging.system"), Some("redis"));
-        assert_eq!(process.attribute("messaging.destination.name"), Some(system.stream.as_str()));
+        let group = process.attribute("messaging.consumer.group.name");
+        assert!(group.is_some_and(|g| g.starts_with("inventory")), "messaging.consumer.group.name of {process}");
         let link = (trace.clone(), process.span_id.clone());
         let batch = spans.find(&format!("consumer database work linked to {event_type}"), |s| {
             s.service_name == "inventory-consumer" && s.links.contains(&link)
         });
+        assert_messaging_span(batch, "receive", &system.stream, &system.redis_url);
+        assert_eq!(batch.attribute("messaging.consumer.group.name"), group);
+        let count = batch.attribute("messaging.batch.message_count").and_then(|n| n.parse::<usize>().ok());
+        assert!(count.is_some_and(|n| n >= 1 && n >= batch.links.len()), "messaging.batch.message_count of {batch}");
         assert!(
             all.iter().any(|s| s.name == "apply batch" && s.parent_span_id == batch.span_id),
             "the batch transaction runs under the linked span {batch}"

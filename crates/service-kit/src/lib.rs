@@ -13,6 +13,7 @@ pub mod failure;
 pub mod health;
 pub mod http;
 pub mod liveness;
+pub mod messaging;
 pub mod problem;
 pub mod prune;
 pub mod runner;

@@ -194,13 +194,7 @@ impl Config {
 }
 
 fn default_consumer_name() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .map(|h| h.trim().to_owned())
-        .filter(|h| !h.is_empty())
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .unwrap_or_else(|| "consumer".to_owned());
-    format!("{host}-{}", std::process::id())
+    service_kit::messaging::instance_name()
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@ use chrono::Utc;
 use domain::{Event, StreamEntry};
 use redis::aio::MultiplexedConnection;
 use service_kit::connections::Connections;
+use service_kit::messaging::MessagingPeer;
 use service_kit::{failure, Backoff, Heartbeat};
 use tokio::time::Instant;
 use tracing::Instrument;
@@ -26,6 +27,8 @@ pub struct Consumer {
     /// Batches are applied on a connection of these (one at a time).
     pub db: Connections,
     pub redis: redis::Client,
+    /// Redis and this consumer, as its spans name them.
+    pub peer: MessagingPeer,
     pub metrics: Metrics,
     pub shutdown: Shutdown,
     /// Beaten every time round the loop (and while waiting out an outage).
@@ -240,9 +243,10 @@ impl Consumer {
             }
         }
         let spans: Vec<tracing::Span> = incoming.iter().map(|i| self.entry_span(i)).collect();
-        // One transaction applies the whole batch; its span links to every entry's span so each
-        // order's trace leads to the database work done for it.
-        let batch_span = tracing::info_span!("apply entries", entries = incoming.len(), dead = dead.len());
+        // One transaction applies the whole batch; its span (`receive <stream>`: the batch as
+        // read) links to every entry's span so each order's trace leads to the database work
+        // done for it.
+        let batch_span = self.batch_span(incoming.len() + dead.len(), dead.len());
         for span in &spans {
             telemetry::propagation::add_link(&batch_span, span);
         }
@@ -313,17 +317,43 @@ impl Consumer {
         Ok(counts)
     }
 
+    /// The span of a batch as read (`receive <stream>`, CLIENT: the consumer pulls it).
+    fn batch_span(&self, entries: usize, dead: usize) -> tracing::Span {
+        let (c, peer) = (&self.config, &self.peer);
+        tracing::info_span!(
+            "receive",
+            otel.name = %format_args!("receive {}", c.redis_stream),
+            otel.kind = "client",
+            messaging.system = "redis",
+            messaging.operation.name = "receive",
+            messaging.operation.type = "receive",
+            messaging.destination.name = %c.redis_stream,
+            messaging.consumer.group.name = %c.consumer_group,
+            messaging.client.id = %peer.client_id,
+            messaging.batch.message_count = entries,
+            server.address = %peer.server_address,
+            server.port = peer.server_port,
+            dead,
+        )
+    }
+
+    /// The span of one event (`process <stream>`, CONSUMER), a child of its publication.
     fn entry_span(&self, i: &Incoming) -> tracing::Span {
-        let c = &self.config;
+        let (c, peer) = (&self.config, &self.peer);
         let span = tracing::info_span!(
             "process",
-            otel.name = format!("{} process", c.redis_stream),
+            otel.name = %format_args!("process {}", c.redis_stream),
             otel.kind = "consumer",
+            error.type = tracing::field::Empty,
             messaging.system = "redis",
+            messaging.operation.name = "process",
+            messaging.operation.type = "process",
             messaging.destination.name = %c.redis_stream,
             messaging.message.id = %i.event.event_id,
             messaging.consumer.group.name = %c.consumer_group,
-            messaging.operation.type = "process",
+            messaging.client.id = %peer.client_id,
+            server.address = %peer.server_address,
+            server.port = peer.server_port,
             aggregate_id = %i.event.aggregate_id,
             seq = i.event.seq,
             time_in_stream_ms = (Utc::now() - i.event.occurred_at).num_milliseconds(),
@@ -354,6 +384,10 @@ impl Consumer {
             counts[slot] += 1;
             if let Some(span) = spans.get(*i) {
                 span.record("result", label);
+                if matches!(outcome, Outcome::Expired) {
+                    // Dead-lettered: too old to apply.
+                    span.record("error.type", label);
+                }
                 span.in_scope(|| tracing::debug!(entry_id = %incoming[*i].stream_id, result = label, "handled"));
             }
             for a in &result.applied {

@@ -203,8 +203,10 @@ impl Service for InventoryConsumer {
             );
             let apply_deadline = self.limits.client_deadline(APPLY_STATEMENTS);
             let heartbeat = liveness.register("consumer loop", stall_after(&self.config, apply_deadline));
+            let peer = service_kit::messaging::MessagingPeer::redis(&self.redis, self.config.consumer_name.clone());
             let consumer = consumer::Consumer {
                 config: self.config,
+                peer,
                 db: db.clone(),
                 redis: self.redis,
                 metrics,

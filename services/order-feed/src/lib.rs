@@ -107,6 +107,10 @@ impl Service for OrderFeed {
         let tasks = TaskTracker::new();
         tasks.spawn(
             tail::Tail {
+                peer: service_kit::messaging::MessagingPeer::redis(
+                    &redis,
+                    format!("order-feed-{}", service_kit::messaging::instance_name()),
+                ),
                 client: redis,
                 stream: config.redis_stream.clone(),
                 history,

@@ -20,6 +20,7 @@ use domain::StreamEntry;
 use redis::aio::MultiplexedConnection;
 use redis::streams::{StreamId, StreamRangeReply, StreamReadReply};
 use redis::{RedisError, Value};
+use service_kit::messaging::MessagingPeer;
 use service_kit::{Backoff, Shutdown};
 
 use crate::history::{Appended, History};
@@ -30,6 +31,8 @@ const PAGE: usize = 1000;
 
 pub struct Tail {
     pub client: redis::Client,
+    /// Redis and this replica, as its spans name them.
+    pub peer: MessagingPeer,
     pub stream: String,
     pub history: Arc<History>,
     pub history_len: usize,
@@ -217,13 +220,21 @@ impl Tail {
     /// Adds a new stream entry to the history, which sends it to the clients.
     fn take(&self, entry: &StreamId) {
         let Some(decoded) = self.decode(entry) else { return };
+        // `process <stream>`: the feed's handling of the event (to every client following it),
+        // a child of its publication.
+        let peer = &self.peer;
         let span = tracing::info_span!(
-            "order-feed receive",
+            "process",
+            otel.name = %format_args!("process {}", self.stream),
             otel.kind = "consumer",
             messaging.system = "redis",
+            messaging.operation.name = "process",
+            messaging.operation.type = "process",
             messaging.destination.name = %self.stream,
             messaging.message.id = %decoded.event_id,
-            messaging.operation.type = "receive",
+            messaging.client.id = %peer.client_id,
+            server.address = %peer.server_address,
+            server.port = peer.server_port,
             aggregate_id = %decoded.aggregate_id,
             seq = decoded.seq,
         );

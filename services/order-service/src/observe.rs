@@ -26,6 +26,21 @@ pub async fn trace_and_measure(State(state): State<AppState>, req: Request, next
         None => span_method.to_owned(),
     };
     let route = route.unwrap_or_else(|| UNMATCHED.to_owned());
+    let headers = req.headers();
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    // `server.address` and `.port`: the host the client asked for (the Host header).
+    let (server_address, server_port) = match req.uri().authority().map(|a| a.as_str()).or(header("host")) {
+        Some(host) => match host.rsplit_once(':').and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?))) {
+            Some((h, p)) => (h.to_owned(), Some(p)),
+            None => (host.to_owned(), None),
+        },
+        None => (String::new(), None),
+    };
+    let protocol_version = match req.version() {
+        axum::http::Version::HTTP_10 => "1.0",
+        axum::http::Version::HTTP_2 => "2",
+        _ => "1.1",
+    };
     // Probes and scrapes would otherwise start a trace each, burying the orders in Jaeger.
     let span = if matches!(route.as_str(), "/healthz" | "/readyz" | "/metrics") {
         tracing::Span::none()
@@ -35,14 +50,19 @@ pub async fn trace_and_measure(State(state): State<AppState>, req: Request, next
         otel.name = %name,
         otel.kind = "server",
         otel.status_code = tracing::field::Empty,
+        error.type = tracing::field::Empty,
         http.request.method = %span_method,
         http.route = %route,
-        url.path = %req.uri().path(),
         http.response.status_code = tracing::field::Empty,
+        url.scheme = "http",
+        url.path = %req.uri().path(),
+        server.address = %server_address,
+        server.port = server_port,
+        network.protocol.name = "http",
+        network.protocol.version = protocol_version,
+        user_agent.original = header("user-agent").unwrap_or_default(),
         )
     };
-    let headers = req.headers();
-    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     telemetry::propagation::set_remote_parent(&span, header("traceparent"), header("tracestate"));
 
     let started = Instant::now();
@@ -52,6 +72,8 @@ pub async fn trace_and_measure(State(state): State<AppState>, req: Request, next
     span.record("http.response.status_code", status.as_u16());
     if status.is_server_error() {
         span.record("otel.status_code", "ERROR");
+        // The conventions' error type of a server error: its status code.
+        span.record("error.type", status.as_str());
     }
     state.metrics.observe_request(method, &route, status.as_u16(), elapsed);
     if let Some(class) = response.extensions().get::<service_kit::FailureClass>() {

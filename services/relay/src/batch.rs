@@ -7,6 +7,7 @@ use domain::StreamEntry;
 use rand::Rng;
 use sqlx::PgPool;
 
+use service_kit::messaging::MessagingPeer;
 use service_kit::FailureClass;
 
 use crate::backoff::retry_delay;
@@ -182,7 +183,7 @@ impl Worker {
         for row in rows {
             match row.to_entry(self.settings.max_payload_bytes) {
                 Ok(mut entry) => {
-                    let span = producer_span(self.publisher.stream(), row);
+                    let span = producer_span(self.publisher.stream(), self.publisher.peer(), row);
                     let (traceparent, tracestate) = telemetry::propagation::span_context_headers(&span);
                     if traceparent.is_some() {
                         entry.traceparent = traceparent;
@@ -251,6 +252,10 @@ impl Worker {
                 // Nothing is the rows' fault: they go back as they were, attempts untouched.
                 let _ = self.abandon(claim).await;
                 self.metrics.failure(class, "redis");
+                for (_, span) in &sending {
+                    span.record("otel.status_code", "ERROR");
+                    span.record("error.type", class.as_str());
+                }
                 tracing::warn!(rows = sending.len(), failure_class = %class, error, "redis did not take the batch");
                 self.broker.failed(&error);
                 report.broker_failed = true;
@@ -289,6 +294,7 @@ impl Worker {
         for f in failed {
             self.metrics.failure(f.class, "row");
             f.span.record("otel.status_code", "ERROR");
+            f.span.record("error.type", f.class.as_str());
             let Some(outcome) = outcomes.iter().find(|o| o.id == f.row.id) else { continue };
             if outcome.status == "dead" {
                 self.metrics.dead_lettered.inc();
@@ -335,18 +341,24 @@ struct RowFailure<'a> {
     error: String,
 }
 
-/// The PRODUCER span of one event, a child of the request that wrote it.
-fn producer_span(stream: &str, row: &OutboxRow) -> tracing::Span {
+/// The PRODUCER span of one event (`send <stream>`, per the messaging semantic conventions),
+/// a child of the request that wrote it.
+fn producer_span(stream: &str, peer: &MessagingPeer, row: &OutboxRow) -> tracing::Span {
     let waited_ms = (Utc::now() - row.created_at).num_milliseconds().max(0);
     let span = tracing::info_span!(
-        "outbox publish",
-        otel.name = %format_args!("{stream} publish"),
+        "send",
+        otel.name = %format_args!("send {stream}"),
         otel.kind = "producer",
         otel.status_code = tracing::field::Empty,
+        error.type = tracing::field::Empty,
         messaging.system = "redis",
+        messaging.operation.name = "send",
+        messaging.operation.type = "send",
         messaging.destination.name = %stream,
         messaging.message.id = %row.event_id,
-        messaging.operation.type = "send",
+        messaging.client.id = %peer.client_id,
+        server.address = %peer.server_address,
+        server.port = peer.server_port,
         aggregate_id = %row.aggregate_id,
         seq = row.seq,
         outbox.wait_ms = waited_ms,

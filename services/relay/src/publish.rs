@@ -8,6 +8,7 @@ use domain::StreamEntry;
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client, RedisError, Value};
 use service_kit::failure::{self, FailureClass};
+use service_kit::messaging::MessagingPeer;
 
 use crate::tails::Tails;
 
@@ -15,6 +16,8 @@ use crate::tails::Tails;
 pub struct Publisher {
     client: Client,
     stream: String,
+    /// Redis and this relay, as its spans name them.
+    peer: MessagingPeer,
     conn: Option<MultiplexedConnection>,
     /// Where it tells what it added (with its index among the relay's publishers).
     tails: Option<(Tails, usize)>,
@@ -51,7 +54,9 @@ impl std::error::Error for PublishError {}
 
 impl Publisher {
     pub fn new(redis_url: &str, stream: impl Into<String>) -> Result<Self, RedisError> {
-        Ok(Self { client: Client::open(redis_url)?, stream: stream.into(), conn: None, tails: None })
+        let client = Client::open(redis_url)?;
+        let peer = MessagingPeer::redis(&client, format!("relay-{}", service_kit::messaging::instance_name()));
+        Ok(Self { client, stream: stream.into(), peer, conn: None, tails: None })
     }
 
     /// Tells `tails` (as publisher `index`) the newest entry it added on each connection.
@@ -69,6 +74,10 @@ impl Publisher {
 
     pub fn stream(&self) -> &str {
         &self.stream
+    }
+
+    pub fn peer(&self) -> &MessagingPeer {
+        &self.peer
     }
 
     async fn connection(&mut self) -> Result<&mut MultiplexedConnection, RedisError> {

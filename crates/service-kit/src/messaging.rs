@@ -1,0 +1,61 @@
+//! Who talks to which broker, as the OpenTelemetry messaging semantic conventions name it on
+//! every messaging span: `server.address`, `server.port` and `messaging.client.id`.
+
+/// The broker a service's messaging spans name, and the service's own id there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessagingPeer {
+    /// The broker's host (`server.address`); a Unix socket's path.
+    pub server_address: String,
+    /// The broker's port (`server.port`); 0 for a Unix socket.
+    pub server_port: u16,
+    /// This process among the broker's clients (`messaging.client.id`).
+    pub client_id: String,
+}
+
+impl MessagingPeer {
+    /// The Redis server `client` connects to, and this process as `client_id`.
+    pub fn redis(client: &redis::Client, client_id: impl Into<String>) -> Self {
+        let (server_address, server_port) = match &client.get_connection_info().addr {
+            redis::ConnectionAddr::Tcp(host, port) | redis::ConnectionAddr::TcpTls { host, port, .. } => {
+                (host.clone(), *port)
+            }
+            redis::ConnectionAddr::Unix(path) => (path.display().to_string(), 0),
+        };
+        Self { server_address, server_port, client_id: client_id.into() }
+    }
+}
+
+/// This process: `<host name>-<pid>`. In a container the host name is the container's id, so
+/// the name is unique among replicas and the same across restarts of the process's container
+/// but for the pid.
+pub fn instance_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "localhost".to_owned());
+    format!("{host}-{}", std::process::id())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_peer_is_the_urls_host_and_port() {
+        let client = redis::Client::open("redis://relay:secret@redis.internal:6380/0").expect("url");
+        let peer = MessagingPeer::redis(&client, "relay-1");
+        assert_eq!(
+            peer,
+            MessagingPeer { server_address: "redis.internal".into(), server_port: 6380, client_id: "relay-1".into() }
+        );
+        let default_port = MessagingPeer::redis(&redis::Client::open("redis://127.0.0.1").expect("url"), "x");
+        assert_eq!((default_port.server_address.as_str(), default_port.server_port), ("127.0.0.1", 6379));
+    }
+
+    #[test]
+    fn the_instance_name_ends_with_the_pid() {
+        assert!(instance_name().ends_with(&format!("-{}", std::process::id())));
+    }
+}
