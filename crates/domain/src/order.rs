@@ -4,10 +4,13 @@ use serde::{Deserialize, Serialize};
 use crate::types::{Cents, CustomerId, OrderId, Quantity, Sku, ValidationError};
 
 /// One line of an order, as the API accepts and returns it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct LineItem {
+    #[schema(value_type = String, pattern = "^[A-Z0-9][A-Z0-9-]{0,31}$", example = "SKU-1")]
     pub sku: Sku,
+    #[schema(value_type = i64, minimum = 1, maximum = 1000, example = 2)]
     pub quantity: Quantity,
+    #[schema(value_type = i64, minimum = 0, maximum = 1_000_000_000, example = 1250)]
     pub unit_price_cents: Cents,
 }
 
@@ -54,7 +57,7 @@ pub(crate) fn total_cents(items: &[LineItem]) -> i64 {
     items.iter().map(|i| i.quantity.get() * i.unit_price_cents.get()).sum()
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum OrderStatus {
     Pending,
@@ -112,9 +115,12 @@ pub struct TransitionError {
 }
 
 /// An order as stored and as the API returns it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Order {
+    /// A ULID.
+    #[schema(value_type = String, pattern = "^[0-9A-HJKMNP-TV-Z]{26}$", example = "01JF3M2Z8Q4W1G5B6N7C8D9E0F")]
     pub id: OrderId,
+    #[schema(value_type = String, min_length = 1, max_length = 64, example = "c-1")]
     pub customer_id: CustomerId,
     pub status: OrderStatus,
     pub items: Vec<LineItem>,

@@ -64,7 +64,7 @@ impl Readiness {
 }
 
 #[derive(Clone)]
-struct OpsState {
+pub(crate) struct OpsState {
     readiness: Readiness,
     liveness: Liveness,
     registry: Arc<Mutex<Registry>>,
@@ -94,7 +94,13 @@ fn health_routes() -> Router<OpsState> {
     Router::new().route("/healthz", get(healthz)).route("/readyz", get(readyz))
 }
 
-async fn healthz(State(state): State<OpsState>) -> impl IntoResponse {
+/// Liveness.
+#[utoipa::path(get, path = "/healthz", tag = "operations",
+    responses(
+        (status = 200, description = "The process runs and its work loops make progress", body = String, content_type = "text/plain"),
+        (status = 503, description = "A work loop has not come round within its bound; one line per loop", body = String, content_type = "text/plain"),
+    ))]
+pub(crate) async fn healthz(State(state): State<OpsState>) -> impl IntoResponse {
     let stalled = state.liveness.stalled();
     if stalled.is_empty() {
         return (StatusCode::OK, "ok".to_owned());
@@ -107,7 +113,13 @@ async fn healthz(State(state): State<OpsState>) -> impl IntoResponse {
     (StatusCode::SERVICE_UNAVAILABLE, text)
 }
 
-async fn readyz(State(state): State<OpsState>) -> impl IntoResponse {
+/// Readiness.
+#[utoipa::path(get, path = "/readyz", tag = "operations",
+    responses(
+        (status = 200, description = "Every dependency is reachable (`ready`, then notes such as authentication being off)", body = String, content_type = "text/plain"),
+        (status = 503, description = "One line per failing check", body = String, content_type = "text/plain"),
+    ))]
+pub(crate) async fn readyz(State(state): State<OpsState>) -> impl IntoResponse {
     let failures = state.readiness.failures().await;
     let notes = state.readiness.notes.iter().cloned();
     if failures.is_empty() {

@@ -3,9 +3,10 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 /// An RFC 9457 problem document, rendered as `application/problem+json`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Problem {
     #[serde(rename = "type")]
+    #[schema(example = "about:blank")]
     pub kind: &'static str,
     pub title: &'static str,
     pub status: u16,

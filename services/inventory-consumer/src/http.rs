@@ -62,18 +62,50 @@ pub fn router(api: StockApi, auth: &Authenticator) -> Router {
         .with_state(api)
 }
 
-#[derive(Debug, Serialize)]
+/// A SKU's stock: `available` = `on_hand` − `reserved`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct StockView {
+    #[schema(example = "SKU-1")]
     pub sku: String,
     pub on_hand: i64,
+    /// Reserved by pending orders.
     pub reserved: i64,
     pub available: i64,
 }
 
-#[derive(Debug, Deserialize)]
+/// The body of a `PUT`.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct SetStock {
+pub(crate) struct SetStock {
+    /// 0 to 1 000 000 000 000, and not below what is reserved.
+    #[schema(value_type = i64, minimum = 0, maximum = 1_000_000_000_000_i64)]
     on_hand: serde_json::Value,
+}
+
+/// `*`: the one value of `If-None-Match` the API supports.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+enum AnyVersion {
+    #[schema(rename = "*")]
+    Any,
+}
+
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    paths(get_stock, put_stock),
+    components(schemas(StockView, SetStock, AnyVersion)),
+    tags((name = "inventory", description = "The token's tenant's stock; the consumer changes it as orders' events arrive")),
+)]
+struct Api;
+
+/// inventory-consumer's OpenAPI document (`GET /openapi.json`).
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    use utoipa::OpenApi;
+    service_kit::openapi::document(
+        "inventory-consumer",
+        "The inventory API; the consumer applies each order's events to the stock exactly once.",
+        Api::openapi(),
+    )
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +116,8 @@ enum ApiError {
     NotFound,
     #[error("the stock changed since it was read")]
     Stale,
+    #[error("on_hand below what is reserved")]
+    BelowReserved,
     #[error("request body: {0}")]
     Body(#[from] JsonRejection),
     #[error("database: {0}")]
@@ -104,6 +138,12 @@ impl IntoResponse for ApiError {
                     "the stock is not at the version If-Match names (or If-None-Match: * and it exists); read it again",
                 )
                 .field("If-Match"),
+            // A valid quantity the stock's current state refuses: a conflict, not a bad request.
+            Self::BelowReserved => Problem::new(StatusCode::CONFLICT, "Conflict")
+                .detail(
+                    "on_hand must not be below the quantity reserved by pending orders; release or confirm them first",
+                )
+                .field("on_hand"),
             Self::Body(rejection) => body_problem(&rejection),
             Self::Database(e) => {
                 let class = failure::of_postgres(&e);
@@ -144,6 +184,18 @@ fn stock_response(sku: &Sku, row: StockRow) -> Response {
     response
 }
 
+/// The SKU's stock, with its version as `ETag`.
+#[utoipa::path(get, path = "/inventory/{sku}", tag = "inventory",
+    params(("sku" = String, Path, pattern = "^[A-Z0-9][A-Z0-9-]{0,31}$", description = "A SKU")),
+    responses(
+        (status = 200, description = "The stock", body = StockView, headers(("ETag" = String, description = "The stock's version, `\"<n>\"`: send it in `If-Match`"))),
+        (status = 404, description = "No stock recorded for this SKU (for this tenant)", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Not a SKU (`field`: `sku`)", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No token, or a bad one (`WWW-Authenticate: Bearer`)", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The token lacks the scope", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The database is unavailable, or the service misconfigured (see /readyz)", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = ["inventory:read"])))]
 async fn get_stock(
     State(api): State<StockApi>,
     Extension(principal): Extension<Principal>,
@@ -174,8 +226,11 @@ fn precondition(headers: &HeaderMap) -> Result<Precondition, ApiError> {
     let text = |name| headers.get(name).map(|v| v.to_str().map(str::trim));
     match (text(header::IF_MATCH), text(header::IF_NONE_MATCH)) {
         (Some(Err(_)), _) | (_, Some(Err(_))) => Err(ApiError::Rule("If-Match", "must be ASCII".to_owned())),
+        // Both: the SKU would have to exist (If-Match, evaluated first, RFC 9110 §13.2.2) and
+        // not exist (If-None-Match: *): the precondition can never hold.
+        (Some(Ok(_)), Some(Ok("*"))) => Err(ApiError::Stale),
         (Some(Ok(_)), Some(Ok(_))) => {
-            Err(ApiError::Rule("If-Match", "send If-Match or If-None-Match, not both".to_owned()))
+            Err(ApiError::Rule("If-None-Match", "only `*` is supported (create if absent)".to_owned()))
         }
         (None, Some(Ok("*"))) => Ok(Precondition::Absent),
         (None, Some(Ok(_))) => {
@@ -196,6 +251,26 @@ fn precondition(headers: &HeaderMap) -> Result<Precondition, ApiError> {
 
 /// Creates the sku or sets its on-hand quantity; reservations are kept, so the new quantity
 /// may not be below what is reserved (422).
+#[utoipa::path(put, path = "/inventory/{sku}", tag = "inventory",
+    params(
+        ("sku" = String, Path, pattern = "^[A-Z0-9][A-Z0-9-]{0,31}$", description = "A SKU"),
+        ("If-Match" = Option<String>, Header, nullable = false, description = "Apply only to one of these versions (`\"3\"`), or to an existing SKU (`*`); else 412"),
+        ("If-None-Match" = Option<AnyVersion>, Header, nullable = false, description = "`*`: create only if the SKU does not exist yet; else 412"),
+    ),
+    request_body(content = SetStock, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The stock as written", body = StockView, headers(("ETag" = String, description = "The new version"))),
+        (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`on_hand` is below what pending orders reserve (`field`: `on_hand`)", body = Problem, content_type = "application/problem+json"),
+        (status = 412, description = "The precondition does not hold: read again", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "The body is over 64 KiB", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Not `Content-Type: application/json`", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "A rule broken; `field` names it (`on_hand`, `sku`, `If-Match`, `If-None-Match`)", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No token, or a bad one (`WWW-Authenticate: Bearer`)", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The token lacks the scope", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The database is unavailable, or the service misconfigured (see /readyz)", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = ["inventory:write"])))]
 async fn put_stock(
     State(api): State<StockApi>,
     Extension(principal): Extension<Principal>,
@@ -204,13 +279,13 @@ async fn put_stock(
     body: Result<Json<SetStock>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let sku = parse_sku(&sku)?;
-    let precondition = precondition(&headers)?;
+    // The request is checked whole before its preconditions: a malformed one is refused as
+    // such, whatever the stock's state.
     let Json(body) = body?;
-    let on_hand = body
-        .on_hand
-        .as_i64()
+    let on_hand = service_kit::integer::from_json(&body.on_hand)
         .filter(|n| (0..=MAX_ON_HAND).contains(n))
         .ok_or_else(|| ApiError::Rule("on_hand", format!("must be an integer from 0 to {MAX_ON_HAND}")))?;
+    let precondition = precondition(&headers)?;
     let when = match precondition {
         Precondition::None => SetWhen::Always,
         Precondition::Absent => SetWhen::Absent,
@@ -225,15 +300,19 @@ async fn put_stock(
     match outcome {
         SetOutcome::Written(row) => Ok(stock_response(&sku, row)),
         SetOutcome::Refused => Err(ApiError::Stale),
-        SetOutcome::BelowReserved => {
-            Err(ApiError::Rule("on_hand", "must not be below the quantity reserved".to_owned()))
-        }
+        SetOutcome::BelowReserved => Err(ApiError::BelowReserved),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn docs_api_md_has_every_operation_and_no_other() {
+        let api_md = include_str!("../../../docs/API.md");
+        assert_eq!(service_kit::openapi::undocumented(&openapi(), api_md, "inventory-consumer"), Vec::<String>::new());
+    }
 
     fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
         pairs.iter().map(|(k, v)| (header::HeaderName::from_static(k), HeaderValue::from_static(v))).collect()
@@ -248,7 +327,10 @@ mod tests {
             precondition(&headers(&[("if-match", "\"3\", W/\"4\", \"x\",\"5\"")])).ok(),
             Some(Precondition::Version(vec![3, 5]))
         );
-        assert!(precondition(&headers(&[("if-match", "\"3\""), ("if-none-match", "*")])).is_err());
+        assert!(matches!(
+            precondition(&headers(&[("if-match", "\"3\""), ("if-none-match", "*")])),
+            Err(ApiError::Stale)
+        ));
         assert!(precondition(&headers(&[("if-none-match", "\"3\"")])).is_err());
     }
 }

@@ -150,6 +150,7 @@ impl Service for InventoryConsumer {
         };
         let app = http::router(stock_api, &self.auth)
             .merge(self.admin.service_routes(readiness.clone(), liveness.clone(), self.registry.clone()))
+            .merge(service_kit::openapi::route(&http::openapi()))
             .layer(axum::middleware::from_fn_with_state(body_limits, read_within));
         // The server stops after the consumer, so in-flight work is visible to the end.
         let stop_http = Shutdown::new();

@@ -102,6 +102,7 @@ impl Service for OrderFeed {
             .route("/", get(page))
             .with_state(feed)
             .merge(admin.service_routes(readiness.clone(), liveness.clone(), registry.clone()))
+            .merge(service_kit::openapi::route(&openapi()))
             .fallback(|| async { Problem::new(StatusCode::NOT_FOUND, "Not found").detail("no such route") });
         let admin_server = admin.spawn(readiness, liveness, registry, server_metrics.clone(), shutdown.clone());
         let tasks = TaskTracker::new();
@@ -131,7 +132,35 @@ impl Service for OrderFeed {
     }
 }
 
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    paths(sse::events, page),
+    tags((name = "feed", description = "Events as they are published, to browsers and other clients")),
+)]
+struct Api;
+
+/// order-feed's OpenAPI document (`GET /openapi.json`).
+fn openapi() -> utoipa::openapi::OpenApi {
+    use utoipa::OpenApi;
+    service_kit::openapi::document(
+        "order-feed",
+        "The live order feed: the events of the caller's tenant as Server-Sent Events, resumable on any replica.",
+        Api::openapi(),
+    )
+}
+
 /// The live page: plain HTML and `EventSource`.
+#[utoipa::path(get, path = "/", tag = "feed",
+    responses((status = 200, description = "The page", body = String, content_type = "text/html")))]
 async fn page() -> impl IntoResponse {
     ([(header::CACHE_CONTROL, "no-cache")], Html(include_str!("page.html")))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn docs_api_md_has_every_operation_and_no_other() {
+        let api_md = include_str!("../../../docs/API.md");
+        assert_eq!(service_kit::openapi::undocumented(&super::openapi(), api_md, "order-feed"), Vec::<String>::new());
+    }
 }

@@ -61,6 +61,23 @@ pub struct EventsQuery {
     access_token: Option<String>,
 }
 
+/// The events of the caller's tenant (or of one order), from a cursor on.
+#[utoipa::path(get, path = "/events", tag = "feed",
+    params(
+        ("aggregate_id" = Option<String>, Query, nullable = false, description = "Only this order's events (a ULID)"),
+        ("after" = Option<String>, Query, nullable = false, description = "The cursor: an event id; when not empty it wins over `Last-Event-ID`"),
+        ("Last-Event-ID" = Option<String>, Header, nullable = false, description = "The cursor when `after` is absent or empty (`EventSource` sends it)"),
+        ("access_token" = Option<String>, Query, nullable = false, description = "The bearer token, for clients that cannot send `Authorization` (a cookie of the same name works too)"),
+    ),
+    responses(
+        (status = 200, description = "`id: <event_id>`, `event: <event_type>`, `data: {event_id, aggregate_id, seq, occurred_at, payload}`; `event: reset` for a cursor not kept; heartbeat comments", body = String, content_type = "text/event-stream"),
+        (status = 400, description = "Malformed query string", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No token, or a bad one", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The token lacks `orders:read`", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`aggregate_id` is not an order id", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Not reading the stream yet, or at its client cap (`Retry-After: 1`): try another replica", body = Problem, content_type = "application/problem+json"),
+    ),
+    security((), ("bearer" = ["orders:read"])))]
 pub async fn events(
     State(feed): State<Feed>,
     headers: HeaderMap,

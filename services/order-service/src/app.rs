@@ -62,6 +62,7 @@ pub fn router(
     Router::new()
         .merge(api)
         .merge(admin.service_routes(readiness, Liveness::new(), registry))
+        .merge(service_kit::openapi::route(&crate::openapi::document()))
         .fallback(|| async { ApiError::RouteNotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(middleware::from_fn_with_state(body_limits, read_within))

@@ -4,6 +4,7 @@
 use axum::http::{header, HeaderMap};
 use domain::{NewOrder, ValidationError};
 use serde::Deserialize;
+use service_kit::integer::Integer;
 
 use crate::error::ApiError;
 
@@ -36,8 +37,9 @@ struct RawOrder {
 #[serde(deny_unknown_fields)]
 struct RawItem {
     sku: Option<String>,
-    quantity: Option<i64>,
-    unit_price_cents: Option<i64>,
+    /// `2` or `2.0` (JSON Schema's integer), not `2.5`.
+    quantity: Option<Integer>,
+    unit_price_cents: Option<Integer>,
 }
 
 /// A validated create request and its canonical JSON (key order and whitespace fixed), which
@@ -60,8 +62,8 @@ pub fn parse_create(bytes: &[u8]) -> Result<CreateRequest, ApiError> {
     for (i, item) in raw_items.into_iter().enumerate() {
         let field = |name: &str| missing(&format!("items[{i}].{name}"));
         let sku = item.sku.ok_or_else(|| field("sku"))?;
-        let quantity = item.quantity.ok_or_else(|| field("quantity"))?;
-        let price = item.unit_price_cents.ok_or_else(|| field("unit_price_cents"))?;
+        let Integer(quantity) = item.quantity.ok_or_else(|| field("quantity"))?;
+        let Integer(price) = item.unit_price_cents.ok_or_else(|| field("unit_price_cents"))?;
         items.push((sku, quantity, price));
     }
     let order = NewOrder::parse(&customer_id, &items)?;

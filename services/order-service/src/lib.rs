@@ -11,6 +11,7 @@ mod error;
 mod idempotency;
 mod metrics;
 mod observe;
+mod openapi;
 mod orders;
 mod routes;
 mod store;

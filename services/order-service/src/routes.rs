@@ -10,11 +10,13 @@ use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use domain::{Order, OrderId, Transition};
 use service_kit::auth::{require, Authenticator, Principal, Scope};
+use service_kit::Problem;
 
 use crate::app::AppState;
 use crate::body::{parse_create, require_json};
 use crate::error::ApiError;
 use crate::idempotency::{request_hash, IdempotencyKey};
+use crate::openapi::CreateOrder;
 use crate::orders::Created;
 
 /// The order API: reads need the scope `orders:read`, writes `orders:write`
@@ -31,8 +33,27 @@ pub fn api(auth: &Authenticator) -> Router<AppState> {
     read.merge(write)
 }
 
+/// Creates an order (status `PENDING`) and its `OrderCreated` event, in one transaction.
+///
 /// `body` was read whole, within its deadline and size limit, by the body middleware.
-async fn create_order(
+#[utoipa::path(post, path = "/orders", tag = "orders",
+    request_body(content = CreateOrder, content_type = "application/json"),
+    params(("Idempotency-Key" = Option<String>, Header, nullable = false, pattern = "^[!-~]{1,255}$",
+        description = "1 to 255 visible ASCII characters; the same key with the same body within IDEMPOTENCY_KEY_TTL returns the first response again (with `Idempotent-Replayed: true`), with another body 422")),
+    responses(
+        (status = 201, description = "Created", body = Order,
+            headers(("Location" = String, description = "`/orders/{id}`"), ("Idempotent-Replayed" = String, description = "`true` on a replayed response"))),
+        (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 408, description = "The body did not arrive within HTTP_BODY_TIMEOUT", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "The body is over 64 KiB", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Not `Content-Type: application/json`", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "A rule broken; `field` names it (`items[0].sku`, `Idempotency-Key`)", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No token, or a bad one (`WWW-Authenticate: Bearer`)", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The token lacks the scope", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The database is unavailable or the service is starting (`Retry-After: 1`)", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = ["orders:write"])))]
+pub(crate) async fn create_order(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
     headers: HeaderMap,
@@ -70,7 +91,18 @@ fn order_id(path: Result<Path<String>, PathRejection>) -> Result<OrderId, ApiErr
     raw.parse().map_err(|_| ApiError::OrderNotFound)
 }
 
-async fn get_order(
+/// The order, if it is the token's tenant's.
+#[utoipa::path(get, path = "/orders/{id}", tag = "orders",
+    params(("id" = String, Path, description = "The order's id (a ULID)")),
+    responses(
+        (status = 200, description = "The order", body = Order),
+        (status = 404, description = "No such order for this tenant (or not a ULID)", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No token, or a bad one (`WWW-Authenticate: Bearer`)", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The token lacks the scope", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The database is unavailable or the service is starting (`Retry-After: 1`)", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = ["orders:read"])))]
+pub(crate) async fn get_order(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
     path: Result<Path<String>, PathRejection>,
@@ -79,7 +111,19 @@ async fn get_order(
     Ok(Json(state.orders.find(&principal.tenant, id).await?))
 }
 
-async fn confirm_order(
+/// `PENDING` → `CONFIRMED` (again on a confirmed order: 200, no new event).
+#[utoipa::path(post, path = "/orders/{id}/confirm", tag = "orders",
+    params(("id" = String, Path, description = "The order's id (a ULID)")),
+    responses(
+        (status = 200, description = "The order, confirmed", body = Order),
+        (status = 404, description = "No such order for this tenant", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The order is cancelled", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No token, or a bad one (`WWW-Authenticate: Bearer`)", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The token lacks the scope", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The database is unavailable or the service is starting (`Retry-After: 1`)", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = ["orders:write"])))]
+pub(crate) async fn confirm_order(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
     path: Result<Path<String>, PathRejection>,
@@ -87,7 +131,18 @@ async fn confirm_order(
     transition(state, principal, order_id(path)?, Transition::Confirm).await
 }
 
-async fn cancel_order(
+/// `PENDING` or `CONFIRMED` → `CANCELLED` (again on a cancelled order: 200, no new event).
+#[utoipa::path(post, path = "/orders/{id}/cancel", tag = "orders",
+    params(("id" = String, Path, description = "The order's id (a ULID)")),
+    responses(
+        (status = 200, description = "The order, cancelled", body = Order),
+        (status = 404, description = "No such order for this tenant", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No token, or a bad one (`WWW-Authenticate: Bearer`)", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The token lacks the scope", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The database is unavailable or the service is starting (`Retry-After: 1`)", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = ["orders:write"])))]
+pub(crate) async fn cancel_order(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
     path: Result<Path<String>, PathRejection>,

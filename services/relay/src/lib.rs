@@ -138,7 +138,14 @@ impl Service for Relay {
         let readiness = readiness.check("database role", service_kit::tenancy::unfit_check(unfit.clone()));
         let liveness = Liveness::new();
         let registry = Arc::new(Mutex::new(registry));
-        let app = admin.service_routes::<()>(readiness.clone(), liveness.clone(), registry.clone());
+        let openapi = service_kit::openapi::document(
+            "relay",
+            "Moves outbox rows to the event stream; its own listener serves only the probes.",
+            utoipa::openapi::OpenApiBuilder::new().build(),
+        );
+        let app = admin
+            .service_routes::<()>(readiness.clone(), liveness.clone(), registry.clone())
+            .merge(service_kit::openapi::route(&openapi));
         tracing::info!(%addr, stream = config.redis_stream, "relay listening");
         let admin_server = admin.spawn(readiness, liveness.clone(), registry, server_metrics.clone(), shutdown.clone());
         let server =
