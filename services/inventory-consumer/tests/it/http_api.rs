@@ -34,7 +34,7 @@ async fn stock_can_be_set_and_read_and_bad_input_is_refused_clearly() {
     let (status, body) = put(&client, &url, r#"{"on_hand": 20}"#, "application/json").await;
     assert_eq!((status, body["reserved"].clone(), body["available"].clone()), (200, json!(5), json!(15)));
     let (status, body) = put(&client, &url, r#"{"on_hand": 4}"#, "application/json").await;
-    assert_eq!((status, body["field"].as_str()), (422, Some("on_hand")));
+    assert_eq!((status, body["field"].as_str()), (409, Some("on_hand")));
     let got: Value = client.get(&url).send().await.unwrap().json().await.unwrap();
     assert_eq!(got, json!({"sku": "SKU-7", "on_hand": 20, "reserved": 5, "available": 15}));
 
