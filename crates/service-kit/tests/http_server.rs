@@ -209,7 +209,15 @@ async fn a_client_that_stops_reading_is_disconnected_after_the_write_timeout() {
     assert_eq!(ended, Ok(Err(std::io::ErrorKind::ConnectionReset)), "the stuck client was not reset");
     let read = steady.await.expect("steady reader");
     assert!(matches!(read, Ok(n) if n > 0), "a steady reader was cut off or got nothing: {read:?}");
-    assert!(!metrics(&lenient).contains("reason=\"write\""), "{}", metrics(&lenient));
+    let lenient_metrics = metrics(&lenient);
+    assert!(
+        lenient_metrics.contains("http_server_timed_out_connections_total{reason=\"write\"} 0"),
+        "{lenient_metrics}"
+    );
+    assert!(
+        lenient_metrics.contains("http_server_open_connections 1\n"),
+        "the control's connection ended: {lenient_metrics}"
+    );
     let mut probe = [0_u8; 1];
     let still_open = tokio::time::timeout(Duration::from_millis(100), stuck_on_lenient.read(&mut probe)).await;
     assert!(matches!(still_open, Ok(Ok(1))), "the control's connection ended: {still_open:?}");

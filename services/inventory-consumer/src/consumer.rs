@@ -243,9 +243,9 @@ impl Consumer {
             }
         }
         let spans: Vec<tracing::Span> = incoming.iter().map(|i| self.entry_span(i)).collect();
-        // One transaction applies the whole batch; its span (`receive <stream>`: the batch as
-        // read) links to every entry's span so each order's trace leads to the database work
-        // done for it.
+        // One transaction applies the whole batch; its span (`process <stream>` of the batch)
+        // links to every entry's span so each order's trace leads to the database work done
+        // for it.
         let batch_span = self.batch_span(incoming.len() + dead.len(), dead.len());
         for span in &spans {
             telemetry::propagation::add_link(&batch_span, span);
@@ -317,16 +317,18 @@ impl Consumer {
         Ok(counts)
     }
 
-    /// The span of a batch as read (`receive <stream>`, CLIENT: the consumer pulls it).
+    /// The span of a batch's processing (`process <stream>`, CONSUMER, the conventions' batch
+    /// form: a link to each entry's span). The read that fetched it has no span: most reads
+    /// wait out `BLOCK` and return nothing, a span a second per replica with nothing in it.
     fn batch_span(&self, entries: usize, dead: usize) -> tracing::Span {
         let (c, peer) = (&self.config, &self.peer);
         tracing::info_span!(
-            "receive",
-            otel.name = %format_args!("receive {}", c.redis_stream),
-            otel.kind = "client",
+            "process batch",
+            otel.name = %format_args!("process {}", c.redis_stream),
+            otel.kind = "consumer",
             messaging.system = "redis",
-            messaging.operation.name = "receive",
-            messaging.operation.type = "receive",
+            messaging.operation.name = "process",
+            messaging.operation.type = "process",
             messaging.destination.name = %c.redis_stream,
             messaging.consumer.group.name = %c.consumer_group,
             messaging.client.id = %peer.client_id,

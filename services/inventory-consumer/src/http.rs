@@ -250,7 +250,7 @@ fn precondition(headers: &HeaderMap) -> Result<Precondition, ApiError> {
 }
 
 /// Creates the sku or sets its on-hand quantity; reservations are kept, so the new quantity
-/// may not be below what is reserved (422).
+/// may not be below what is reserved (409).
 #[utoipa::path(put, path = "/inventory/{sku}", tag = "inventory",
     params(
         ("sku" = String, Path, pattern = "^[A-Z0-9][A-Z0-9-]{0,31}$", description = "A SKU"),

@@ -122,7 +122,9 @@ pub async fn events(
     let last_event_id = headers.get("last-event-id").map(|v| v.to_str().unwrap_or("(not text)"));
     let cursor = query.after.as_deref().filter(|s| !s.is_empty()).or(last_event_id.filter(|s| !s.is_empty()));
     let client = Client { principal, order, metrics: feed.metrics.clone(), _permit: permit };
-    let subscription = feed.history.subscribe(cursor, |e| client.wants(e));
+    // The tenant's events after the cursor: the client's own to send, the others' newest (after
+    // the client's last) to name on the first heartbeat.
+    let subscription = feed.history.subscribe(cursor, |e| client.same_tenant(e));
     let reset = match subscription.start {
         Start::Live => None,
         Start::Resumed => {
@@ -137,13 +139,23 @@ pub async fn events(
     feed.metrics.clients.inc();
     let first =
         stream::iter(std::iter::once(Event::default().retry(RECONNECT_AFTER).comment("order-feed")).chain(reset));
+    let mut passed_over = None;
+    let mut backlog = Vec::with_capacity(subscription.backlog.len());
+    for event in subscription.backlog {
+        if client.wants(&event) {
+            backlog.push(event);
+            passed_over = None;
+        } else {
+            passed_over = Some(event.entry.event_id);
+        }
+    }
     let client = Arc::new(client);
+    let token_lapses = token_lapses(client.principal.accepted_until);
     let backlog = {
         let client = client.clone();
-        stream::iter(subscription.backlog).filter_map(move |e| std::future::ready(client.message(&e)))
+        stream::iter(backlog).filter_map(move |e| std::future::ready(client.message(&e)))
     };
-    let token_lapses = token_lapses(client.principal.accepted_until);
-    let live = live(Live::new(subscription.live, client, feed.heartbeat));
+    let live = live_messages(Live::new(subscription.live, client, feed.heartbeat, passed_over));
     let events = first.chain(backlog).chain(live).map(Ok::<_, Infallible>);
     let ends = futures::future::select(Box::pin(feed.shutdown.clone().cancelled_owned()), Box::pin(token_lapses));
     Sse::new(events.take_until(ends)).into_response()
@@ -193,10 +205,14 @@ struct Client {
 }
 
 impl Client {
+    /// Whether `event` is this client's tenant's.
+    fn same_tenant(&self, event: &FeedEvent) -> bool {
+        event.entry.tenant_id == self.principal.tenant
+    }
+
     /// Whether `event` is this client's: its tenant's, and of its order if it follows one.
     fn wants(&self, event: &FeedEvent) -> bool {
-        let entry = &event.entry;
-        entry.tenant_id == self.principal.tenant && self.order.as_deref().is_none_or(|o| o == entry.aggregate_id)
+        self.same_tenant(event) && self.order.as_deref().is_none_or(|o| o == event.entry.aggregate_id)
     }
 
     /// The message for `event`, if it is this client's.
@@ -227,10 +243,17 @@ struct Live {
 }
 
 impl Live {
-    fn new(receiver: broadcast::Receiver<Arc<FeedEvent>>, client: Arc<Client>, every: Duration) -> Self {
+    /// `passed_over`: the newest of the tenant's events the backlog held after the client's
+    /// last one.
+    fn new(
+        receiver: broadcast::Receiver<Arc<FeedEvent>>,
+        client: Arc<Client>,
+        every: Duration,
+        passed_over: Option<Ulid>,
+    ) -> Self {
         let mut heartbeat = tokio::time::interval_at(Instant::now() + every, every);
         heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        Self { receiver, client, heartbeat, passed_over: None }
+        Self { receiver, client, heartbeat, passed_over }
     }
 
     /// The next message; `None` when the client fell too far behind (it resumes).
@@ -243,7 +266,7 @@ impl Live {
                             self.passed_over = None;
                             return Some(message);
                         }
-                        if event.entry.tenant_id == self.client.principal.tenant {
+                        if self.client.same_tenant(&event) {
                             self.passed_over = Some(event.entry.event_id);
                         }
                     }
@@ -267,6 +290,6 @@ impl Live {
 }
 
 /// The live messages of a client, until it falls too far behind.
-fn live(live: Live) -> impl Stream<Item = Event> {
+fn live_messages(live: Live) -> impl Stream<Item = Event> {
     stream::unfold(live, |mut live| async move { live.next().await.map(|message| (message, live)) })
 }

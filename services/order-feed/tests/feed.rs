@@ -243,6 +243,9 @@ async fn a_client_following_a_quiet_order_resumes_from_its_heartbeats_id() {
         );
         assert_eq!(client.next(Duration::from_millis(300)).await, None, "no event of another order");
     }
+    // Later heartbeats name nothing newer: the other tenant's event, the newest, is not named.
+    assert_eq!(client.next(Duration::from_millis(700)).await, None);
+    assert_eq!(client.last_event_id(), Some(newest_passed.as_str()));
     drop(client);
 
     let second = entry(Ulid::new(), quiet, 2, DEFAULT);
@@ -254,6 +257,17 @@ async fn a_client_following_a_quiet_order_resumes_from_its_heartbeats_id() {
     assert_eq!(next.id, Some(second.event_id.to_string()), "resumed with the missed event, no reset: {next:?}");
     let mut control = SseClient::connect(&url, &[("Last-Event-ID", &first.event_id.to_string())]).await;
     assert_eq!(control.take(1).await[0].event.as_deref(), Some("reset"));
+    drop((resumed, control));
+
+    // Resumed with a backlog of other orders' events only: the first heartbeat names the newest.
+    let more: Vec<_> = (11..=13).map(|seq| entry(Ulid::new(), busy, seq, DEFAULT)).collect();
+    for e in &more {
+        xadd(&stream, e).await;
+    }
+    feed.wait_read(16).await;
+    let mut again = SseClient::connect(&url, &[("Last-Event-ID", &second.event_id.to_string())]).await;
+    assert_eq!(again.next(Duration::from_millis(700)).await, None, "no event of another order");
+    assert_eq!(again.last_event_id(), Some(more[2].event_id.to_string().as_str()));
     feed.stop().await;
     delete_stream(&stream).await;
 }

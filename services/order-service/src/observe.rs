@@ -60,7 +60,7 @@ pub async fn trace_and_measure(State(state): State<AppState>, req: Request, next
         server.port = server_port,
         network.protocol.name = "http",
         network.protocol.version = protocol_version,
-        user_agent.original = header("user-agent").unwrap_or_default(),
+        user_agent.original = header("user-agent"),
         )
     };
     telemetry::propagation::set_remote_parent(&span, header("traceparent"), header("tracestate"));

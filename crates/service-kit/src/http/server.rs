@@ -50,6 +50,9 @@ pub struct ServerMetrics {
 impl ServerMetrics {
     pub fn register(registry: &mut Registry) -> Self {
         let m = Self::default();
+        for reason in ["header", "idle", "write"] {
+            let _ = m.timed_out.get_or_create(&ReasonLabel { reason });
+        }
         registry.register("http_server_open_connections", "Connections being served", m.open.clone());
         registry.register(
             "http_server_rejected_connections",
@@ -256,7 +259,7 @@ struct Watch {
     /// Set once a head took too long: the connection is being closed for it.
     too_slow: AtomicBool,
     /// Nanoseconds after `opened` at which a write found the socket full; 0: writes go.
-    write_stalled: AtomicU64,
+    write_stalled_since: AtomicU64,
 }
 
 impl Watch {
@@ -267,7 +270,7 @@ impl Watch {
             in_flight: AtomicUsize::new(0),
             head_started: AtomicU64::new(0),
             too_slow: AtomicBool::new(false),
-            write_stalled: AtomicU64::new(0),
+            write_stalled_since: AtomicU64::new(0),
         }
     }
 
@@ -299,15 +302,15 @@ impl Watch {
     /// A write went (`Ready`) or found the socket full (`Pending`).
     fn wrote<T>(&self, polled: &Poll<T>) {
         if polled.is_pending() {
-            let _ = self.write_stalled.compare_exchange(0, self.now(), Ordering::AcqRel, Ordering::Acquire);
+            let _ = self.write_stalled_since.compare_exchange(0, self.now(), Ordering::AcqRel, Ordering::Acquire);
         } else {
-            self.write_stalled.store(0, Ordering::Release);
+            self.write_stalled_since.store(0, Ordering::Release);
         }
     }
 
     /// How long writes have been waiting for the client to read; zero while they go.
     fn write_stalled_for(&self) -> Duration {
-        match self.write_stalled.load(Ordering::Acquire) {
+        match self.write_stalled_since.load(Ordering::Acquire) {
             0 => Duration::ZERO,
             since => Duration::from_nanos(self.now().saturating_sub(since)),
         }
