@@ -40,6 +40,21 @@ impl utoipa::Modify for BearerScheme {
     }
 }
 
+/// The refusals every authenticated operation may answer, for its `responses(...)`.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+pub enum Refusals {
+    /// No token, or a bad one (`WWW-Authenticate: Bearer`)
+    #[response(status = 401, content_type = "application/problem+json")]
+    Unauthenticated(Problem),
+    /// The token lacks the operation's scope
+    #[response(status = 403, content_type = "application/problem+json")]
+    Forbidden(Problem),
+    /// A dependency is unavailable, or the service is starting or misconfigured (see /readyz)
+    #[response(status = 503, content_type = "application/problem+json")]
+    Unavailable(Problem),
+}
+
 /// `service`'s document: its own paths and schemas (`own`), the shared ones, and its title
 /// and version.
 pub fn document(service: &str, description: &str, mut own: Document) -> Document {

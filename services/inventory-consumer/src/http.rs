@@ -191,9 +191,7 @@ fn stock_response(sku: &Sku, row: StockRow) -> Response {
         (status = 200, description = "The stock", body = StockView, headers(("ETag" = String, description = "The stock's version, `\"<n>\"`: send it in `If-Match`"))),
         (status = 404, description = "No stock recorded for this SKU (for this tenant)", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Not a SKU (`field`: `sku`)", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No token, or a bad one (`WWW-Authenticate: Bearer`)", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "The token lacks the scope", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "The database is unavailable, or the service misconfigured (see /readyz)", body = Problem, content_type = "application/problem+json"),
+        service_kit::openapi::Refusals,
     ),
     security(("bearer" = ["inventory:read"])))]
 async fn get_stock(
@@ -266,9 +264,7 @@ fn precondition(headers: &HeaderMap) -> Result<Precondition, ApiError> {
         (status = 413, description = "The body is over 64 KiB", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not `Content-Type: application/json`", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "A rule broken; `field` names it (`on_hand`, `sku`, `If-Match`, `If-None-Match`)", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No token, or a bad one (`WWW-Authenticate: Bearer`)", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "The token lacks the scope", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "The database is unavailable, or the service misconfigured (see /readyz)", body = Problem, content_type = "application/problem+json"),
+        service_kit::openapi::Refusals,
     ),
     security(("bearer" = ["inventory:write"])))]
 async fn put_stock(

@@ -48,9 +48,7 @@ pub fn api(auth: &Authenticator) -> Router<AppState> {
         (status = 413, description = "The body is over 64 KiB", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not `Content-Type: application/json`", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "A rule broken; `field` names it (`items[0].sku`, `Idempotency-Key`)", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No token, or a bad one (`WWW-Authenticate: Bearer`)", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "The token lacks the scope", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "The database is unavailable or the service is starting (`Retry-After: 1`)", body = Problem, content_type = "application/problem+json"),
+        service_kit::openapi::Refusals,
     ),
     security(("bearer" = ["orders:write"])))]
 pub(crate) async fn create_order(
@@ -97,9 +95,7 @@ fn order_id(path: Result<Path<String>, PathRejection>) -> Result<OrderId, ApiErr
     responses(
         (status = 200, description = "The order", body = Order),
         (status = 404, description = "No such order for this tenant (or not a ULID)", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No token, or a bad one (`WWW-Authenticate: Bearer`)", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "The token lacks the scope", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "The database is unavailable or the service is starting (`Retry-After: 1`)", body = Problem, content_type = "application/problem+json"),
+        service_kit::openapi::Refusals,
     ),
     security(("bearer" = ["orders:read"])))]
 pub(crate) async fn get_order(
@@ -118,9 +114,7 @@ pub(crate) async fn get_order(
         (status = 200, description = "The order, confirmed", body = Order),
         (status = 404, description = "No such order for this tenant", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "The order is cancelled", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No token, or a bad one (`WWW-Authenticate: Bearer`)", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "The token lacks the scope", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "The database is unavailable or the service is starting (`Retry-After: 1`)", body = Problem, content_type = "application/problem+json"),
+        service_kit::openapi::Refusals,
     ),
     security(("bearer" = ["orders:write"])))]
 pub(crate) async fn confirm_order(
@@ -137,9 +131,7 @@ pub(crate) async fn confirm_order(
     responses(
         (status = 200, description = "The order, cancelled", body = Order),
         (status = 404, description = "No such order for this tenant", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No token, or a bad one (`WWW-Authenticate: Bearer`)", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "The token lacks the scope", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "The database is unavailable or the service is starting (`Retry-After: 1`)", body = Problem, content_type = "application/problem+json"),
+        service_kit::openapi::Refusals,
     ),
     security(("bearer" = ["orders:write"])))]
 pub(crate) async fn cancel_order(
