@@ -230,6 +230,9 @@ async fn relay_and_consumer_work_as_their_own_redis_users_and_may_do_no_more() {
     assert_eq!(refusal(&mut admin, &add(&stream)).await, None, "admin may XADD: the NOPERM check is not blind");
     assert_eq!(refusal(&mut admin, &read_group).await, None, "admin may XREADGROUP");
     assert_eq!(refusal(&mut relay, &add(&stream)).await, None, "the relay may XADD to the event stream");
+    let mut wait = redis::cmd("WAIT");
+    wait.arg(0).arg(1);
+    assert_eq!(refusal(&mut relay, &wait).await, None, "the relay may WAIT for replicas (REDIS_MIN_REPLICAS)");
 
     system.stop().await;
 }

@@ -31,13 +31,28 @@ pub struct PrivateRedis {
     pub port: u16,
     pub dir: PathBuf,
     appendonly: bool,
+    /// The primary's port, for a replica.
+    replica_of: Option<u16>,
     child: Option<Child>,
 }
 
 impl PrivateRedis {
     /// Starts Redis; with `appendonly`, every write is fsynced to the AOF before it is acked.
     pub fn start(appendonly: bool) -> Self {
-        let mut redis = Self { port: free_port(), dir: temp_dir("redis"), appendonly, child: None };
+        let mut redis = Self { port: free_port(), dir: temp_dir("redis"), appendonly, replica_of: None, child: None };
+        redis.restart();
+        redis
+    }
+
+    /// Starts a replica of `primary` and waits until it has synchronised.
+    pub fn start_replica_of(primary: &PrivateRedis) -> Self {
+        let mut redis = Self {
+            port: free_port(),
+            dir: temp_dir("redis"),
+            appendonly: false,
+            replica_of: Some(primary.port),
+            child: None,
+        };
         redis.restart();
         redis
     }
@@ -50,16 +65,34 @@ impl PrivateRedis {
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "redis already running");
         let aof = if self.appendonly { "yes" } else { "no" };
-        let child = Command::new("redis-server")
+        let mut command = Command::new("redis-server");
+        command
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", aof])
             .args(["--appendfsync", "always", "--dir"])
-            .arg(&self.dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start redis-server (is it installed?)");
+            .arg(&self.dir);
+        if let Some(primary) = self.replica_of {
+            command.args(["--replicaof", "127.0.0.1", &primary.to_string()]);
+        }
+        let child =
+            command.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("start redis-server (is it installed?)");
         self.child = Some(child);
         assert!(wait_for_port(self.port, Duration::from_secs(10)), "private redis did not start");
+        if self.replica_of.is_some() {
+            assert!(self.wait_synced(Duration::from_secs(10)), "private redis replica did not synchronise");
+        }
+    }
+
+    /// Whether this replica reports its link to the primary up within `timeout`.
+    fn wait_synced(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            let info = Command::new("redis-cli").args(["-p", &self.port.to_string(), "INFO", "replication"]).output();
+            if info.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("master_link_status:up")) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
     }
 
     /// `kill -9`.

@@ -96,6 +96,14 @@ pub struct Config {
     /// Stream the events go to.
     #[arg(long, env = "REDIS_STREAM", default_value = "orders.events")]
     pub redis_stream: String,
+    /// Replicas that must hold a batch (Redis `WAIT`) before it counts as published; 0: the
+    /// primary's acknowledgement suffices. A batch not confirmed in time goes back to the
+    /// outbox and is published again: a duplicate at worst, never an event a failover lost.
+    #[arg(long, env = "REDIS_MIN_REPLICAS", default_value_t = 0)]
+    pub redis_min_replicas: u32,
+    /// How long a batch waits for REDIS_MIN_REPLICAS replicas to confirm it.
+    #[arg(long, env = "REDIS_WAIT_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
+    pub redis_wait_timeout: Duration,
     /// HTTP listen address for /healthz, /readyz (port 0 = any free port).
     #[arg(long, env = "HTTP_ADDR", default_value = "0.0.0.0:9100")]
     pub http_addr: SocketAddr,

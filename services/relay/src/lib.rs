@@ -105,13 +105,15 @@ impl Service for Relay {
         let responder_client = redis.clone();
         let trim_client = redis.clone();
         let recovery_client = redis.clone();
-        let recovery_publisher =
-            publish::Publisher::new(&config.redis_url, config.redis_stream.clone()).map_err(StartError::RedisUrl)?;
+        let durability = (config.redis_min_replicas, config.redis_wait_timeout);
+        let recovery_publisher = publish::Publisher::new(&config.redis_url, config.redis_stream.clone())
+            .map_err(StartError::RedisUrl)?
+            .with_min_replicas(durability.0, durability.1);
         let tails = tails::Tails::default();
         let publishers = (0..config.workers)
             .map(|i| {
                 let publisher = publish::Publisher::new(&config.redis_url, config.redis_stream.clone())?;
-                Ok(publisher.with_tails(tails.clone(), i as usize))
+                Ok(publisher.with_min_replicas(durability.0, durability.1).with_tails(tails.clone(), i as usize))
             })
             .collect::<Result<Vec<_>, _>>()
             .map_err(StartError::RedisUrl)?;

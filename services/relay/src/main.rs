@@ -43,8 +43,9 @@ async fn connect(config: &relay::Config) -> anyhow::Result<sqlx::PgPool> {
 
 async fn replay(config: &relay::Config, since: relay::config::Since, aggregate_id: Option<&str>) -> anyhow::Result<()> {
     let pool = connect(config).await?;
-    let mut publisher =
-        relay::publish::Publisher::new(&config.redis_url, config.redis_stream.clone()).context("REDIS_URL")?;
+    let mut publisher = relay::publish::Publisher::new(&config.redis_url, config.redis_stream.clone())
+        .context("REDIS_URL")?
+        .with_min_replicas(config.redis_min_replicas, config.redis_wait_timeout);
     let since = since.resolve(chrono::Utc::now());
     let n = relay::replay::replay(&pool, &mut publisher, since, aggregate_id, config.batch_size).await?;
     println!("replayed {n} events published since {since} to {}", config.redis_stream);

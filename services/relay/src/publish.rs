@@ -19,6 +19,8 @@ pub struct Publisher {
     /// Redis and this relay, as its spans name them.
     peer: MessagingPeer,
     conn: Option<MultiplexedConnection>,
+    /// Replicas that must confirm a batch (`WAIT`), and how long it may wait for them.
+    durability: Option<(u32, Duration)>,
     /// Where it tells what it added (with its index among the relay's publishers).
     tails: Option<(Tails, usize)>,
 }
@@ -56,7 +58,14 @@ impl Publisher {
     pub fn new(redis_url: &str, stream: impl Into<String>) -> Result<Self, RedisError> {
         let client = Client::open(redis_url)?;
         let peer = MessagingPeer::redis(&client, format!("relay-{}", service_kit::messaging::instance_name()));
-        Ok(Self { client, stream: stream.into(), peer, conn: None, tails: None })
+        Ok(Self { client, stream: stream.into(), peer, conn: None, durability: None, tails: None })
+    }
+
+    /// A batch counts as published only once `replicas` replicas hold it, confirmed within
+    /// `timeout` (`WAIT`); 0 replicas: once the primary does.
+    pub fn with_min_replicas(mut self, replicas: u32, timeout: Duration) -> Self {
+        self.durability = (replicas > 0).then_some((replicas, timeout));
+        self
     }
 
     /// Tells `tails` (as publisher `index`) the newest entry it added on each connection.
@@ -107,9 +116,15 @@ impl Publisher {
                 cmd.arg(field).arg(value);
             }
         }
+        if let Some((replicas, timeout)) = self.durability {
+            // In the same round trip: the replicas that hold every write before it.
+            let ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX).max(1);
+            pipe.cmd("WAIT").arg(replicas).arg(ms);
+        }
+        let expected = entries.len() + usize::from(self.durability.is_some());
         let replies = match self.connection().await {
             // Each command's own reply, errors included, rather than the pipeline's first error.
-            Ok(conn) => conn.send_packed_commands(&pipe, 0, entries.len()).await,
+            Ok(conn) => conn.send_packed_commands(&pipe, 0, expected).await,
             Err(e) => Err(e),
         };
         let replies = match replies {
@@ -120,7 +135,13 @@ impl Publisher {
                 return Err(PublishError::Broker { class: failure::of_redis(&e), error: e.to_string() });
             }
         };
-        let judged = judge(replies, entries.len());
+        let mut replies = replies;
+        let confirmation = self.durability.map(|(replicas, _)| (replies.pop(), replicas));
+        let judged = match (judge(replies, entries.len()), confirmation) {
+            // Taken by the primary, and by enough replicas?
+            (Ok(ids), Some((reply, replicas))) => confirmed_by(reply, replicas).map(|()| ids),
+            (judged, _) => judged,
+        };
         if let (Ok(ids), Some((tails, index))) = (&judged, &self.tails) {
             if let Some(newest) = ids.last() {
                 tails.added(*index, newest);
@@ -146,6 +167,25 @@ impl Publisher {
             .set_response_timeout(Duration::from_secs(1));
         let mut conn = client.get_multiplexed_async_connection_with_config(&config).await?;
         redis::cmd("PING").query_async::<()>(&mut conn).await
+    }
+}
+
+/// Whether `WAIT`'s reply says `replicas` replicas hold the batch. Fewer: Redis did not make
+/// it durable in time, which no entry is to blame for (the batch goes back, attempts untouched).
+fn confirmed_by(reply: Option<Value>, replicas: u32) -> Result<(), PublishError> {
+    match reply {
+        Some(Value::Int(n)) if n >= i64::from(replicas) => Ok(()),
+        Some(Value::Int(n)) => Err(PublishError::Broker {
+            class: FailureClass::transient,
+            error: format!("WAIT: {n} of the {replicas} replicas required confirmed the batch in time"),
+        }),
+        Some(Value::ServerError(e)) => Err(PublishError::Broker {
+            class: failure::of_redis_code(e.code()),
+            error: format!("WAIT: {} {}", e.code(), e.details().unwrap_or_default()),
+        }),
+        other => {
+            Err(PublishError::Broker { class: FailureClass::bug, error: format!("unexpected WAIT reply {other:?}") })
+        }
     }
 }
 
@@ -193,6 +233,21 @@ mod tests {
 
     fn id(n: u32) -> Value {
         Value::BulkString(format!("1-{n}").into_bytes())
+    }
+
+    #[test]
+    fn a_batch_fewer_replicas_confirmed_goes_back_as_redis_s_failure_not_the_entries() {
+        assert_eq!(confirmed_by(Some(Value::Int(2)), 2), Ok(()));
+        assert_eq!(confirmed_by(Some(Value::Int(3)), 2), Ok(()));
+        assert!(matches!(
+            confirmed_by(Some(Value::Int(1)), 2),
+            Err(PublishError::Broker { class: FailureClass::transient, .. })
+        ));
+        assert!(matches!(
+            confirmed_by(Some(error_reply("NOPERM this user has no permissions to run the 'wait' command")), 1),
+            Err(PublishError::Broker { .. })
+        ));
+        assert!(matches!(confirmed_by(None, 1), Err(PublishError::Broker { class: FailureClass::bug, .. })));
     }
 
     /// A reply as Redis sends it, e.g. `-OOM command not allowed`.

@@ -1,0 +1,69 @@
+//! `REDIS_MIN_REPLICAS`: a batch counts as published only once replicas hold it.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+/// With one replica required, rows are published while the replica is up; with it down, Redis
+/// still takes the entries but the relay records none of them as published and counts no
+/// attempt (they go out again once it is back: a duplicate at worst, nothing a failover could
+/// lose). Control: with no replica required, the same outage does not hold anything back, so
+/// the hold is the `WAIT`'s doing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_counts_as_published_only_once_the_required_replicas_hold_it() {
+    let db = migrated_database("relay_min_replicas").await;
+    let primary = test_support::PrivateRedis::start(false);
+    let mut replica = test_support::PrivateRedis::start_replica_of(&primary);
+    let stream = test_support::unique_name("relay-replicas");
+    let mut cfg = config(&db.url, &primary.url(), &stream);
+    cfg.redis_min_replicas = 1;
+    cfg.redis_wait_timeout = Duration::from_millis(300);
+    cfg.max_attempts = 1;
+    cfg.poll_interval = Duration::from_millis(100);
+    let relay = RunningRelay::start(cfg).await;
+
+    for i in 0..10 {
+        append(&db.pool, &format!("o-{}", i % 5), &order_payload("x")).await;
+    }
+    notify(&db.pool).await;
+    wait_until_published(&db.pool, 10, Duration::from_secs(20)).await;
+
+    replica.kill();
+    for i in 0..10 {
+        append(&db.pool, &format!("o-{}", i % 5), &order_payload("x")).await;
+    }
+    notify(&db.pool).await;
+    let on_stream = || async { read_stream(&primary.url(), &stream).await.len() };
+    test_support::eventually("Redis took the unconfirmed entries", Duration::from_secs(20), || async {
+        (on_stream().await > 10).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(count(&db.pool, "SELECT count(*) FROM outbox_published").await, 10, "nothing unconfirmed recorded");
+    assert_eq!(count(&db.pool, "SELECT count(*) FROM outbox WHERE status = 'pending' AND attempts = 0").await, 10);
+
+    replica.restart();
+    wait_until_published(&db.pool, 20, Duration::from_secs(30)).await;
+    relay.stop().await;
+    let mut ids: Vec<String> =
+        read_stream(&primary.url(), &stream).await.iter().map(|e| e.event_id.to_string()).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 20, "every event on the stream, republished ones once each by id");
+
+    // Control: no replica required, the replica down: published all the same.
+    let control_stream = test_support::unique_name("relay-replicas-control");
+    let control_db = migrated_database("relay_min_replicas_control").await;
+    let mut cfg = config(&control_db.url, &primary.url(), &control_stream);
+    cfg.poll_interval = Duration::from_millis(100);
+    replica.kill();
+    let relay = RunningRelay::start(cfg).await;
+    for i in 0..5 {
+        append(&control_db.pool, &format!("o-{i}"), &order_payload("x")).await;
+    }
+    notify(&control_db.pool).await;
+    wait_until_published(&control_db.pool, 5, Duration::from_secs(20)).await;
+    relay.stop().await;
+}
