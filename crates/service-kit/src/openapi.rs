@@ -105,23 +105,20 @@ pub fn undocumented(document: &Document, api_md: &str, section: &str) -> Vec<Str
         .paths
         .paths
         .iter()
-        .filter(|(path, _)| !matches!(path.as_str(), "/healthz" | "/readyz"))
         .flat_map(|(path, item)| {
-            let json = serde_json::to_value(item).unwrap_or_default();
-            let methods: Vec<String> = json
-                .as_object()
-                .map(|o| o.keys().filter(|k| METHODS.contains(&k.as_str())).map(|k| k.to_uppercase()).collect())
-                .unwrap_or_default();
-            methods.into_iter().map(move |m| format!("{m} {path}"))
+            let operations =
+                [&item.get, &item.put, &item.post, &item.delete, &item.options, &item.head, &item.patch, &item.trace];
+            METHODS.into_iter().zip(operations).filter(|(_, op)| op.is_some()).map(move |(m, _)| format!("{m} {path}"))
         })
+        .filter(|op| !is_shared(op))
         .collect();
     let heading = format!("## {section}");
     let body = api_md.split("\n## ").find(|s| format!("## {s}").starts_with(&heading)).unwrap_or_default();
     let mut in_docs: Vec<String> = body
         .lines()
         .filter_map(|l| l.strip_prefix("### `")?.strip_suffix('`').map(str::to_owned))
-        .filter(|op| METHODS.iter().any(|m| op.starts_with(&format!("{} ", m.to_uppercase()))))
-        .filter(|op| !op.ends_with(" /healthz") && !op.ends_with(" /readyz"))
+        .filter(|op| METHODS.iter().any(|m| op.starts_with(&format!("{m} "))))
+        .filter(|op| !is_shared(op))
         .collect();
     in_document.sort();
     in_docs.sort();
@@ -131,7 +128,13 @@ pub fn undocumented(document: &Document, api_md: &str, section: &str) -> Vec<Str
     out
 }
 
-const METHODS: [&str; 8] = ["get", "put", "post", "delete", "options", "head", "patch", "trace"];
+/// The methods of a path item, in the order of its fields.
+const METHODS: [&str; 8] = ["GET", "PUT", "POST", "DELETE", "OPTIONS", "HEAD", "PATCH", "TRACE"];
+
+/// Whether `operation` (`GET /healthz`) is one of the shared probes, documented once.
+fn is_shared(operation: &str) -> bool {
+    operation.ends_with(" /healthz") || operation.ends_with(" /readyz")
+}
 
 #[cfg(test)]
 mod documented {

@@ -24,20 +24,13 @@ async fn a_batch_counts_as_published_only_once_the_required_replicas_hold_it() {
     cfg.poll_interval = Duration::from_millis(100);
     let relay = RunningRelay::start(cfg).await;
 
-    for i in 0..10 {
-        append(&db.pool, &format!("o-{}", i % 5), &order_payload("x")).await;
-    }
-    notify(&db.pool).await;
+    append_spread(&db.pool, 10, 5).await;
     wait_until_published(&db.pool, 10, Duration::from_secs(20)).await;
 
     replica.kill();
-    for i in 0..10 {
-        append(&db.pool, &format!("o-{}", i % 5), &order_payload("x")).await;
-    }
-    notify(&db.pool).await;
-    let on_stream = || async { read_stream(&primary.url(), &stream).await.len() };
+    append_spread(&db.pool, 10, 5).await;
     test_support::eventually("Redis took the unconfirmed entries", Duration::from_secs(20), || async {
-        (on_stream().await > 10).then_some(())
+        (stream_len(&primary.url(), &stream).await > 10).then_some(())
     })
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -47,10 +40,7 @@ async fn a_batch_counts_as_published_only_once_the_required_replicas_hold_it() {
     replica.restart();
     wait_until_published(&db.pool, 20, Duration::from_secs(30)).await;
     relay.stop().await;
-    let mut ids: Vec<String> =
-        read_stream(&primary.url(), &stream).await.iter().map(|e| e.event_id.to_string()).collect();
-    ids.sort();
-    ids.dedup();
+    let ids = distinct_event_ids(&primary.url(), &stream).await;
     assert_eq!(ids.len(), 20, "every event on the stream, republished ones once each by id");
 
     // Control: no replica required, the replica down: published all the same.
@@ -60,10 +50,7 @@ async fn a_batch_counts_as_published_only_once_the_required_replicas_hold_it() {
     cfg.poll_interval = Duration::from_millis(100);
     replica.kill();
     let relay = RunningRelay::start(cfg).await;
-    for i in 0..5 {
-        append(&control_db.pool, &format!("o-{i}"), &order_payload("x")).await;
-    }
-    notify(&control_db.pool).await;
+    append_spread(&control_db.pool, 5, 5).await;
     wait_until_published(&control_db.pool, 5, Duration::from_secs(20)).await;
     relay.stop().await;
 }

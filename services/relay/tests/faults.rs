@@ -20,17 +20,11 @@ async fn a_redis_outage_costs_no_attempts_and_loses_nothing() {
     cfg.poll_interval = Duration::from_millis(100);
     let relay = RunningRelay::start(cfg).await;
 
-    for i in 0..10 {
-        append(&db.pool, &format!("o-{}", i % 5), &order_payload("x")).await;
-    }
-    notify(&db.pool).await;
+    append_spread(&db.pool, 10, 5).await;
     wait_until_published(&db.pool, 10, Duration::from_secs(20)).await;
 
     redis.kill();
-    for i in 0..20 {
-        append(&db.pool, &format!("o-{}", i % 5), &order_payload("x")).await;
-    }
-    notify(&db.pool).await;
+    append_spread(&db.pool, 20, 5).await;
     let metrics_url = format!("http://{}/metrics", relay.addr);
     test_support::eventually("the relay backs off as a whole", Duration::from_secs(20), || async {
         let metrics = reqwest::get(&metrics_url).await.ok()?.text().await.ok()?;
@@ -63,10 +57,7 @@ async fn a_redis_outage_costs_no_attempts_and_loses_nothing() {
     .await;
     assert_eq!(count(&db.pool, "SELECT count(*) FROM outbox_published WHERE attempts > 0").await, 0);
     relay.stop().await;
-    let entries = read_stream(&redis.url(), &stream).await;
-    let mut ids: Vec<_> = entries.iter().map(|e| e.event_id.to_string()).collect();
-    ids.sort();
-    ids.dedup();
+    let ids = distinct_event_ids(&redis.url(), &stream).await;
     assert_eq!(ids.len(), 30, "every event is on the stream after Redis returns");
     let mut expected: Vec<String> =
         sqlx::query_scalar("SELECT event_id FROM outbox_published").fetch_all(&db.pool).await.expect("ids");

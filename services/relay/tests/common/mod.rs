@@ -112,6 +112,15 @@ pub async fn counter(relay: &RunningRelay, name: &str) -> f64 {
         .expect("a number")
 }
 
+/// Appends `events` events spread over the orders `o-0` … `o-{orders - 1}` (each order's in
+/// seq order), then wakes the relays.
+pub async fn append_spread(pool: &PgPool, events: usize, orders: usize) {
+    for i in 0..events {
+        append(pool, &format!("o-{}", i % orders), &order_payload("x")).await;
+    }
+    notify(pool).await;
+}
+
 pub fn order_payload(aggregate_id: &str) -> String {
     serde_json::json!({ "order_id": aggregate_id }).to_string()
 }
@@ -137,6 +146,14 @@ pub async fn read_stream(redis_url: &str, stream: &str) -> Vec<StreamEntry> {
             StreamEntry::from_fields(fields).expect("entry decodes")
         })
         .collect()
+}
+
+/// The distinct event ids on `stream`, sorted (an event published twice counts once).
+pub async fn distinct_event_ids(redis_url: &str, stream: &str) -> Vec<String> {
+    let mut ids: Vec<String> = read_stream(redis_url, stream).await.iter().map(|e| e.event_id.to_string()).collect();
+    ids.sort();
+    ids.dedup();
+    ids
 }
 
 pub async fn stream_len(redis_url: &str, stream: &str) -> usize {
