@@ -6,11 +6,13 @@
 
 mod event;
 mod order;
+pub mod partition;
 mod stream;
 mod types;
 
 pub use event::{Event, EventPayload, EventType, OrderCancelled, OrderConfirmed, OrderCreated};
 pub use order::{LineItem, NewOrder, Order, OrderStatus, Transition, TransitionError};
+pub use partition::Partitions;
 pub use stream::{entry_id_key, fields, DecodeError, StreamEntry};
 pub use types::{Cents, CustomerId, OrderId, Quantity, Sku, TenantId, ValidationError};
 

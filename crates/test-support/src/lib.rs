@@ -8,7 +8,7 @@
 mod private;
 pub mod sse;
 
-pub use private::{PrivatePostgres, PrivateRedis};
+pub use private::{PrivatePostgres, PrivateRedis, PrivateRedisCluster};
 
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{Connection, PgConnection, PgPool};

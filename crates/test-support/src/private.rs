@@ -33,13 +33,22 @@ pub struct PrivateRedis {
     appendonly: bool,
     /// The primary's port, for a replica.
     replica_of: Option<u16>,
+    /// Further arguments of `redis-server` (a cluster node's).
+    extra: Vec<String>,
     child: Option<Child>,
 }
 
 impl PrivateRedis {
     /// Starts Redis; with `appendonly`, every write is fsynced to the AOF before it is acked.
     pub fn start(appendonly: bool) -> Self {
-        let mut redis = Self { port: free_port(), dir: temp_dir("redis"), appendonly, replica_of: None, child: None };
+        let mut redis = Self {
+            port: free_port(),
+            dir: temp_dir("redis"),
+            appendonly,
+            replica_of: None,
+            extra: Vec::new(),
+            child: None,
+        };
         redis.restart();
         redis
     }
@@ -51,6 +60,7 @@ impl PrivateRedis {
             dir: temp_dir("redis"),
             appendonly: false,
             replica_of: Some(primary.port),
+            extra: Vec::new(),
             child: None,
         };
         redis.restart();
@@ -73,6 +83,7 @@ impl PrivateRedis {
         if let Some(primary) = self.replica_of {
             command.args(["--replicaof", "127.0.0.1", &primary.to_string()]);
         }
+        command.args(&self.extra);
         let child =
             command.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("start redis-server (is it installed?)");
         self.child = Some(child);
@@ -106,6 +117,146 @@ impl PrivateRedis {
     pub fn is_running(&self) -> bool {
         self.child.is_some()
     }
+
+    /// Sends `signal` (`STOP`, `CONT`) to the server.
+    pub fn signal(&self, signal: &str) {
+        if let Some(child) = &self.child {
+            run(Command::new("kill").args([&format!("-{signal}"), &child.id().to_string()]));
+        }
+    }
+
+    /// `redis-cli` against this server; its output (Redis's error replies included: redis-cli
+    /// exits 0 on them).
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli").args(["-p", &self.port.to_string()]).args(args).output();
+        out.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned()).unwrap_or_default()
+    }
+}
+
+/// A Redis Cluster of its own: `masters` primaries, each with `replicas` replicas, every node a
+/// [`PrivateRedis`] on loopback. A node whose primary is gone for `node_timeout` is promoted.
+pub struct PrivateRedisCluster {
+    pub nodes: Vec<PrivateRedis>,
+}
+
+impl PrivateRedisCluster {
+    /// Starts the nodes, joins them (`redis-cli --cluster create`, slots split evenly over the
+    /// primaries) and waits until every node reports the cluster ok.
+    pub fn start(masters: usize, replicas: usize, node_timeout: Duration) -> Self {
+        let nodes: Vec<PrivateRedis> = (0..masters * (1 + replicas))
+            .map(|_| {
+                let mut node = PrivateRedis {
+                    port: free_port(),
+                    dir: temp_dir("redis-cluster"),
+                    appendonly: false,
+                    replica_of: None,
+                    extra: Vec::new(),
+                    child: None,
+                };
+                node.extra = [
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    &node_timeout.as_millis().to_string(),
+                    "--cluster-port",
+                    &free_port().to_string(),
+                    // A replica's first copy starts at once (Redis waits 5 s for more replicas).
+                    "--repl-diskless-sync-delay",
+                    "0",
+                ]
+                .map(str::to_owned)
+                .to_vec();
+                node.restart();
+                node
+            })
+            .collect();
+        let addresses: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
+        run(Command::new("redis-cli").args(["--cluster", "create"]).args(&addresses).args([
+            "--cluster-replicas",
+            &replicas.to_string(),
+            "--cluster-yes",
+        ]));
+        let cluster = Self { nodes };
+        assert!(cluster.wait_ok(Duration::from_secs(30)), "private redis cluster did not come up");
+        cluster
+    }
+
+    /// Seed URLs: every node.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(PrivateRedis::url).collect()
+    }
+
+    /// Whether, within `timeout`, every running node reports `cluster_state:ok` and every
+    /// running replica has its copy of its primary (link up).
+    pub fn wait_ok(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            let ok = self.nodes.iter().filter(|n| n.is_running()).all(|n| {
+                let replication = n.cli(&["INFO", "replication"]);
+                n.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok")
+                    && (replication.contains("role:master") || replication.contains("master_link_status:up"))
+            });
+            if ok {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        false
+    }
+
+    /// `CLUSTER NODES` as a running node sees it: per node, its port, whether it is a
+    /// primary (and not failed), the id of its primary (replicas), its own id, and its slots.
+    fn view(&self) -> Vec<NodeView> {
+        let Some(any) = self.nodes.iter().find(|n| n.is_running()) else { return Vec::new() };
+        any.cli(&["CLUSTER", "NODES"])
+            .lines()
+            .filter_map(|line| {
+                let f: Vec<&str> = line.split_whitespace().collect();
+                let port = f.get(1)?.split(['@', ':']).nth(1)?.parse().ok()?;
+                let flags = f.get(2)?;
+                let slots = f.iter().skip(8).filter_map(|r| {
+                    let (a, b) = r.split_once('-').unwrap_or((r, r));
+                    Some((a.parse::<u16>().ok()?, b.parse::<u16>().ok()?))
+                });
+                Some(NodeView {
+                    id: f[0].to_owned(),
+                    port,
+                    primary: flags.contains("master") && !flags.contains("fail"),
+                    primary_id: f.get(3).filter(|m| **m != "-").map(|m| (*m).to_owned()),
+                    slots: slots.collect(),
+                })
+            })
+            .collect()
+    }
+
+    /// The node serving `slot` as primary now.
+    pub fn primary_of(&self, slot: u16) -> Option<usize> {
+        let view = self.view();
+        let node = view.iter().find(|n| n.primary && n.slots.iter().any(|(a, b)| (*a..=*b).contains(&slot)))?;
+        self.nodes.iter().position(|n| n.port == node.port)
+    }
+
+    /// The replicas of node `index`, by index.
+    pub fn replicas_of(&self, index: usize) -> Vec<usize> {
+        let view = self.view();
+        let Some(id) = view.iter().find(|n| n.port == self.nodes[index].port).map(|n| n.id.clone()) else {
+            return Vec::new();
+        };
+        let ports: Vec<u16> =
+            view.iter().filter(|n| n.primary_id.as_deref() == Some(id.as_str())).map(|n| n.port).collect();
+        (0..self.nodes.len()).filter(|i| ports.contains(&self.nodes[*i].port)).collect()
+    }
+}
+
+/// One line of `CLUSTER NODES`.
+struct NodeView {
+    id: String,
+    port: u16,
+    primary: bool,
+    primary_id: Option<String>,
+    slots: Vec<(u16, u16)>,
 }
 
 impl Drop for PrivateRedis {

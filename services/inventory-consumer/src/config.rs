@@ -83,6 +83,8 @@ pub struct Config {
     pub database_consumer_role: RoleName,
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
     pub redis_url: String,
+    #[command(flatten)]
+    pub topology: service_kit::redis_target::Topology,
     #[arg(long, env = "REDIS_STREAM", default_value = "orders.events")]
     pub redis_stream: String,
     #[arg(long, env = "CONSUMER_GROUP", default_value = "inventory")]

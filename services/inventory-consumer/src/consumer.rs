@@ -5,9 +5,9 @@ use std::time::Duration;
 
 use chrono::Utc;
 use domain::{Event, StreamEntry};
-use redis::aio::MultiplexedConnection;
 use service_kit::connections::Connections;
 use service_kit::messaging::MessagingPeer;
+use service_kit::redis_target::{RedisConn, RedisTarget, Timeouts};
 use service_kit::{failure, Backoff, Heartbeat};
 use tokio::time::Instant;
 use tracing::Instrument;
@@ -24,9 +24,12 @@ use crate::{Config, Shutdown};
 
 pub struct Consumer {
     pub config: Config,
+    /// The partition stream this loop reads, and its dead-letter stream.
+    pub stream: String,
+    pub dlq: String,
     /// Batches are applied on a connection of these (one at a time).
     pub db: Connections,
-    pub redis: redis::Client,
+    pub redis: RedisTarget,
     /// Redis and this consumer, as its spans name them.
     pub peer: MessagingPeer,
     pub metrics: Metrics,
@@ -48,10 +51,8 @@ impl Consumer {
             self.heartbeat.beat();
             // Bounded waits: a read blocks at most BLOCK on the server; a Redis that stops
             // answering is treated as down after a further 10 s.
-            let limits = redis::AsyncConnectionConfig::new()
-                .set_connection_timeout(Duration::from_secs(5))
-                .set_response_timeout(self.config.block + Duration::from_secs(10));
-            let conn = self.redis.get_multiplexed_async_connection_with_config(&limits).await;
+            let limits = Timeouts::new(Duration::from_secs(5), self.config.block + Duration::from_secs(10));
+            let conn = self.redis.connect(limits).await;
             let began = Instant::now();
             let outcome = match conn {
                 Ok(mut conn) => self.session(&mut conn).await,
@@ -76,13 +77,13 @@ impl Consumer {
                 () = tokio::time::sleep(delay) => {}
             }
         }
-        tracing::info!(consumer = %self.config.consumer_name, "consumer stopped");
+        tracing::info!(consumer = %self.config.consumer_name, stream = self.stream, "consumer stopped");
     }
 
-    async fn session(&self, conn: &mut MultiplexedConnection) -> redis::RedisResult<()> {
+    async fn session(&self, conn: &mut RedisConn) -> redis::RedisResult<()> {
         let c = &self.config;
-        stream::ensure_group(conn, &c.redis_stream, &c.consumer_group).await?;
-        tracing::info!(stream = %c.redis_stream, group = %c.consumer_group, consumer = %c.consumer_name, "consuming");
+        stream::ensure_group(conn, &self.stream, &c.consumer_group).await?;
+        tracing::info!(stream = %self.stream, group = %c.consumer_group, consumer = %c.consumer_name, "consuming");
         // This replica's own unacknowledged entries first (left by a previous run), then new ones.
         let mut own_pending = Some("0".to_owned());
         let claim_every = (c.claim_min_idle / 2).clamp(Duration::from_millis(50), Duration::from_secs(5));
@@ -96,8 +97,8 @@ impl Consumer {
         while !self.shutdown.is_cancelled() {
             self.heartbeat.beat();
             if Instant::now() >= next_sample {
-                let pending = stream::pending_count(conn, &c.redis_stream, &c.consumer_group, &c.consumer_name).await?;
-                self.metrics.pending_entries.set(pending as i64);
+                let pending = stream::pending_count(conn, &self.stream, &c.consumer_group, &c.consumer_name).await?;
+                self.metrics.pending_entries(&self.stream).set(pending as i64);
                 next_sample = Instant::now() + Duration::from_secs(2);
             }
             if let Some(cursor) = own_pending.take() {
@@ -145,22 +146,20 @@ impl Consumer {
 
     async fn read(
         &self,
-        conn: &mut MultiplexedConnection,
+        conn: &mut RedisConn,
         id: &str,
         block: Option<Duration>,
     ) -> Result<Vec<Delivery>, redis::RedisError> {
         let c = &self.config;
-        stream::read_group(conn, &c.redis_stream, &c.consumer_group, &c.consumer_name, id, c.batch_size, block).await
+        stream::read_group(conn, &self.stream, &c.consumer_group, &c.consumer_name, id, c.batch_size, block).await
     }
 
     /// Removes consumers of the group that have left (see [`stream::remove_departed`]).
     /// Housekeeping: Redis refusing it (a server that runs no scripts for this user, say) is
     /// counted and logged, and consuming goes on; only a broken connection ends the session.
-    async fn remove_departed(&self, conn: &mut MultiplexedConnection) -> Result<(), redis::RedisError> {
+    async fn remove_departed(&self, conn: &mut RedisConn) -> Result<(), redis::RedisError> {
         let c = &self.config;
-        match stream::remove_departed(conn, &c.redis_stream, &c.consumer_group, &c.consumer_name, c.departed_after)
-            .await
-        {
+        match stream::remove_departed(conn, &self.stream, &c.consumer_group, &c.consumer_name, c.departed_after).await {
             Ok(removed) if removed.is_empty() => {}
             Ok(removed) => {
                 self.metrics.consumers_removed.inc_by(removed.len() as u64);
@@ -177,7 +176,7 @@ impl Consumer {
     }
 
     /// Takes over entries left idle by replicas that died, scanning the whole pending list.
-    async fn claim_idle(&self, conn: &mut MultiplexedConnection) -> redis::RedisResult<()> {
+    async fn claim_idle(&self, conn: &mut RedisConn) -> redis::RedisResult<()> {
         let c = &self.config;
         let mut cursor = "0-0".to_owned();
         // Bounded: one scan of the pending list per round.
@@ -185,7 +184,7 @@ impl Consumer {
             self.heartbeat.beat();
             let claimed = stream::autoclaim(
                 conn,
-                &c.redis_stream,
+                &self.stream,
                 &c.consumer_group,
                 &c.consumer_name,
                 c.claim_min_idle,
@@ -212,12 +211,7 @@ impl Consumer {
 
     /// Decodes, applies and acknowledges one batch. `redelivered`: the entries may have been
     /// delivered before (own pending entries, claims).
-    async fn handle(
-        &self,
-        conn: &mut MultiplexedConnection,
-        batch: Vec<Delivery>,
-        redelivered: bool,
-    ) -> redis::RedisResult<()> {
+    async fn handle(&self, conn: &mut RedisConn, batch: Vec<Delivery>, redelivered: bool) -> redis::RedisResult<()> {
         if batch.is_empty() {
             return Ok(());
         }
@@ -257,7 +251,7 @@ impl Consumer {
             let mut fields = letter.fields.clone();
             fields.push(("reason".to_owned(), letter.reason.clone().into_bytes()));
             fields.push(("original_entry_id".to_owned(), letter.stream_entry_id.clone().into_bytes()));
-            stream::add_capped(conn, &c.dlq_stream(), c.dlq_max_len, &fields).await?;
+            stream::add_capped(conn, &self.dlq, c.dlq_max_len, &fields).await?;
             tracing::warn!(entry_id = %letter.stream_entry_id, event_id = ?letter.event_id,
                 aggregate_id = ?letter.aggregate_id, reason = %letter.reason, "dead-lettered");
         }
@@ -266,7 +260,7 @@ impl Consumer {
         ack.extend(settled.outcomes.iter().map(|s| incoming[s.index].stream_id.as_str()));
         // Counted before the acknowledgement: whoever sees the group drained sees the counts.
         self.record(&incoming, &spans, &settled.outcomes, settled.dead.len(), started);
-        stream::ack(conn, &c.redis_stream, &c.consumer_group, &ack).await?;
+        stream::ack(conn, &self.stream, &c.consumer_group, &ack).await?;
         if redelivered {
             // An entry applied on a later try may have failures counted from earlier ones.
             let done: Vec<&str> = settled.outcomes.iter().map(|s| incoming[s.index].stream_id.as_str()).collect();
@@ -301,7 +295,7 @@ impl Consumer {
     /// list over the batch's id range, which may hold other entries: those are left out).
     async fn delivery_counts(
         &self,
-        conn: &mut MultiplexedConnection,
+        conn: &mut RedisConn,
         batch: &[Delivery],
     ) -> Result<HashMap<String, u64>, redis::RedisError> {
         let c = &self.config;
@@ -310,7 +304,7 @@ impl Consumer {
         let (min, max) = (format!("{}-{}", min.0, min.1), format!("{}-{}", max.0, max.1));
         let limit = (batch.len() * 4).max(c.batch_size as usize);
         let mut counts =
-            stream::delivery_counts(conn, &c.redis_stream, &c.consumer_group, &c.consumer_name, (&min, &max), limit)
+            stream::delivery_counts(conn, &self.stream, &c.consumer_group, &c.consumer_name, (&min, &max), limit)
                 .await?;
         let ids: HashSet<&str> = batch.iter().map(|d| d.id.as_str()).collect();
         counts.retain(|id, _| ids.contains(id.as_str()));
@@ -324,12 +318,12 @@ impl Consumer {
         let (c, peer) = (&self.config, &self.peer);
         tracing::info_span!(
             "process batch",
-            otel.name = %format_args!("process {}", c.redis_stream),
+            otel.name = %format_args!("process {}", self.stream),
             otel.kind = "consumer",
             messaging.system = "redis",
             messaging.operation.name = "process",
             messaging.operation.type = "process",
-            messaging.destination.name = %c.redis_stream,
+            messaging.destination.name = %self.stream,
             messaging.consumer.group.name = %c.consumer_group,
             messaging.client.id = %peer.client_id,
             messaging.batch.message_count = entries,
@@ -344,13 +338,13 @@ impl Consumer {
         let (c, peer) = (&self.config, &self.peer);
         let span = tracing::info_span!(
             "process",
-            otel.name = %format_args!("process {}", c.redis_stream),
+            otel.name = %format_args!("process {}", self.stream),
             otel.kind = "consumer",
             error.type = tracing::field::Empty,
             messaging.system = "redis",
             messaging.operation.name = "process",
             messaging.operation.type = "process",
-            messaging.destination.name = %c.redis_stream,
+            messaging.destination.name = %self.stream,
             messaging.message.id = %i.event.event_id,
             messaging.consumer.group.name = %c.consumer_group,
             messaging.client.id = %peer.client_id,

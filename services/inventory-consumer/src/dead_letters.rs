@@ -1,7 +1,8 @@
 //! Dead letters: listing and purging them ([`crate::store::dead_letters`]), and re-driving
 //! them to the stream.
 
-use redis::aio::MultiplexedConnection;
+use domain::Partitions;
+use redis::aio::ConnectionLike;
 use sqlx::PgPool;
 
 use crate::entries::fields_from_json;
@@ -19,16 +20,16 @@ pub enum DeadLetterError {
     NotFound(i64),
 }
 
-/// Re-adds the original fields of dead letter `id` (or of all not yet re-driven) to `stream`
-/// and marks them re-driven. Returns (dead letter id, new entry id) pairs.
+/// Re-adds the original fields of dead letter `id` (or of all not yet re-driven) to the
+/// stream of their order's partition and marks them re-driven. Returns (dead letter id, new entry id) pairs.
 ///
 /// The row is locked while its entry is added, so two operators cannot re-drive it twice; if
 /// the mark fails after the XADD the entry is on the stream once more, which the consumer's
 /// deduplication absorbs.
 pub async fn redrive(
     pool: &PgPool,
-    conn: &mut MultiplexedConnection,
-    stream_key: &str,
+    conn: &mut (impl ConnectionLike + Send),
+    partitions: &Partitions,
     id: Option<i64>,
 ) -> Result<Vec<(i64, String)>, DeadLetterError> {
     let mut tx = pool.begin().await?;
@@ -39,7 +40,10 @@ pub async fn redrive(
     let mut out = Vec::with_capacity(rows.len());
     for (dl_id, fields) in rows {
         let fields = fields_from_json(&fields);
-        let new_id = stream::add(conn, stream_key, &fields).await?;
+        // An entry without an order (it was dead-lettered for that) goes to the first partition.
+        let aggregate_id = fields.iter().find(|(k, _)| k == domain::fields::AGGREGATE_ID).map(|(_, v)| v.as_slice());
+        let partition = aggregate_id.map_or(0, |id| partitions.of(&String::from_utf8_lossy(id)));
+        let new_id = stream::add(conn, partitions.stream(partition), &fields).await?;
         store::dead_letters::mark_redriven(&mut tx, dl_id).await?;
         tracing::info!(dead_letter = dl_id, entry_id = %new_id, "re-driven");
         out.push((dl_id, new_id));

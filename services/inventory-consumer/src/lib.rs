@@ -33,6 +33,7 @@ use service_kit::admin::AdminListener;
 use service_kit::connections::Connections;
 use service_kit::http::body::{read_within, BodyLimits};
 use service_kit::http::server::{serve, ServerMetrics};
+use service_kit::redis_target::{RedisTarget, Timeouts};
 use service_kit::runner::{drain, TaskTracker, TASKS_GRACE};
 use service_kit::session::RoleName;
 use service_kit::tenancy::Tenancy;
@@ -57,7 +58,7 @@ pub struct InventoryConsumer {
     /// The tables' owner (`DATABASE_MIGRATION_URL`, or `DATABASE_URL` as its own user):
     /// migrations and vacuuming.
     owner: PgPool,
-    redis: redis::Client,
+    redis: RedisTarget,
     listener: tokio::net::TcpListener,
     local_addr: SocketAddr,
     admin: AdminListener,
@@ -87,7 +88,7 @@ impl InventoryConsumer {
         let owner_url = config.database_migration_url.as_deref().unwrap_or(&config.database_url);
         let owner = owner_url.parse::<PgConnectOptions>().map_err(StartError::DatabaseUrl)?;
         let owner = service_kit::startup::lazy_pool_with(limits.apply(owner, &config.consumer_name), 1);
-        let redis = redis::Client::open(config.redis_url.as_str()).map_err(StartError::RedisUrl)?;
+        let redis = config.topology.target(&config.redis_url).map_err(StartError::RedisUrl)?;
         let listener = service_kit::http::server::bind(config.http_addr)
             .map_err(|source| StartError::Bind { addr: config.http_addr, source })?;
         let local_addr = listener.local_addr().map_err(|source| StartError::Bind { addr: config.http_addr, source })?;
@@ -121,8 +122,8 @@ impl Service for InventoryConsumer {
         let readiness = Readiness::new()
             .postgres(self.pool.clone())
             .check("redis", {
-                let client = self.redis.clone();
-                move || redis_ping(client.clone())
+                let target = self.redis.clone();
+                move || redis_ping(target.clone())
             })
             .check("migrations", {
                 let migrated = migrated.clone();
@@ -141,6 +142,10 @@ impl Service for InventoryConsumer {
         let readiness = readiness.check("runtime role", service_kit::tenancy::unfit_check(unfit.clone()));
         let loop_unfit = Arc::new(OnceLock::<String>::new());
         let readiness = readiness.check("database role", service_kit::tenancy::unfit_check(loop_unfit.clone()));
+        let partitions_unfit = Arc::new(OnceLock::<String>::new());
+        let readiness =
+            readiness.check("stream partitions", service_kit::tenancy::unfit_check(partitions_unfit.clone()));
+        let partitions = self.config.topology.partitions(&self.config.redis_stream);
         let readiness = service_kit::auth::announce(&self.auth, readiness);
         let body_limits = BodyLimits { timeout: self.config.http.body_timeout, max_bytes: http::MAX_BODY };
         let stock_api = http::StockApi {
@@ -172,10 +177,18 @@ impl Service for InventoryConsumer {
         }
         // The loop applies every tenant's events: on a role row-level security holds, it would
         // find no stock and reject every order. Not ready, saying why, until stopped.
-        if applied
-            && !service_kit::tenancy::verify_cross_tenant(&self.pool, Self::NAME, TENANT_TABLES, &loop_unfit, &shutdown)
+        let fit = applied
+            && service_kit::tenancy::verify_cross_tenant(&self.pool, Self::NAME, TENANT_TABLES, &loop_unfit, &shutdown)
                 .await
-        {
+            && service_kit::redis_target::agree_on_partitions(
+                &self.redis,
+                &partitions,
+                true,
+                &partitions_unfit,
+                &shutdown,
+            )
+            .await;
+        if applied && !fit {
             shutdown.cancelled().await;
         } else if applied {
             // Background work stops with the consumer.
@@ -203,22 +216,36 @@ impl Service for InventoryConsumer {
                 Duration::from_secs(5),
             );
             let apply_deadline = self.limits.client_deadline(APPLY_STATEMENTS);
-            let heartbeat = liveness.register("consumer loop", stall_after(&self.config, apply_deadline));
             let peer = service_kit::messaging::MessagingPeer::redis(&self.redis, self.config.consumer_name.clone());
-            let consumer = consumer::Consumer {
-                config: self.config,
-                peer,
-                db: db.clone(),
-                redis: self.redis,
-                metrics,
-                shutdown: shutdown.clone(),
-                heartbeat,
-                apply_deadline,
-            };
-            // On the runtime's workers, next to the I/O driver: awaited here, on the thread
-            // that blocks on `main`, every reply would need a wake-up across threads.
-            if let Err(e) = tokio::spawn(consumer.run()).await {
-                std::panic::resume_unwind(e.into_panic());
+            // One loop per partition stream, each a member of the group on its stream.
+            let mut loops = Vec::with_capacity(partitions.count());
+            for stream in partitions.streams() {
+                metrics.pending_entries(stream);
+                let name = match partitions.count() {
+                    1 => "consumer loop".to_owned(),
+                    _ => format!("consumer loop {stream}"),
+                };
+                let consumer = consumer::Consumer {
+                    config: self.config.clone(),
+                    stream: stream.clone(),
+                    dlq: domain::partition::companion_key(stream, ".dlq", self.redis.is_cluster()),
+                    peer: peer.clone(),
+                    db: db.clone(),
+                    redis: self.redis.clone(),
+                    metrics: metrics.clone(),
+                    shutdown: shutdown.clone(),
+                    heartbeat: liveness.register(name, stall_after(&self.config, apply_deadline)),
+                    apply_deadline,
+                };
+                // On the runtime's workers, next to the I/O driver: run on the thread that
+                // blocks on `main`, every reply would need a wake-up across threads.
+                loops.push(tokio::spawn(consumer.run()));
+            }
+            // Each stops at shutdown (or on its own, if its stream is gone for good).
+            for running in loops {
+                if let Err(e) = running.await {
+                    std::panic::resume_unwind(e.into_panic());
+                }
             }
             db.close().await;
             stop_tasks.cancel();
@@ -266,9 +293,9 @@ fn stall_after(config: &Config, apply_deadline: Duration) -> Duration {
     (redis_round * 4 + apply_deadline * 2).max(Duration::from_secs(60))
 }
 
-async fn redis_ping(client: redis::Client) -> Result<(), String> {
+async fn redis_ping(target: RedisTarget) -> Result<(), String> {
     let ping = async {
-        let mut conn = client.get_multiplexed_async_connection().await?;
+        let mut conn = target.connect(Timeouts::new(Duration::from_secs(1), Duration::from_secs(1))).await?;
         redis::cmd("PING").query_async::<String>(&mut conn).await
     };
     match tokio::time::timeout(Duration::from_secs(1), ping).await {

@@ -1,5 +1,7 @@
 //! inventory-consumer binary: parses settings and runs the service (or one of its commands).
 
+use std::time::Duration;
+
 use anyhow::Context;
 use clap::Parser;
 use inventory_consumer::{dead_letters, replay_demo, Cli, Command, DeadLetterCommand, InventoryConsumer, Shutdown};
@@ -46,7 +48,9 @@ async fn run_command(config: inventory_consumer::Config, command: Command) -> an
             let id = if all { None } else { id };
             let pool = consumer_pool(&config).await?;
             let mut redis = redis(&config).await?;
-            for (dl, entry) in dead_letters::redrive(&pool, &mut redis, &config.redis_stream, id).await? {
+            for (dl, entry) in
+                dead_letters::redrive(&pool, &mut redis, &config.topology.partitions(&config.redis_stream), id).await?
+            {
                 println!("dead letter {dl} re-driven as entry {entry}");
             }
         }
@@ -71,7 +75,8 @@ async fn consumer_pool(config: &inventory_consumer::Config) -> anyhow::Result<sq
         .context("connect to DATABASE_URL as DATABASE_CONSUMER_ROLE")
 }
 
-async fn redis(config: &inventory_consumer::Config) -> anyhow::Result<redis::aio::MultiplexedConnection> {
-    let client = redis::Client::open(config.redis_url.as_str()).context("REDIS_URL")?;
-    client.get_multiplexed_async_connection().await.context("connect to REDIS_URL")
+async fn redis(config: &inventory_consumer::Config) -> anyhow::Result<service_kit::redis_target::RedisConn> {
+    let target = config.topology.target(&config.redis_url).context("REDIS_URL or REDIS_CLUSTER_URLS")?;
+    let timeouts = service_kit::redis_target::Timeouts::new(Duration::from_secs(5), Duration::from_secs(30));
+    target.connect(timeouts).await.context("connect to Redis")
 }

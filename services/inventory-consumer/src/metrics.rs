@@ -21,6 +21,11 @@ pub enum EventResult {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StreamLabels {
+    stream: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabel {
     result: EventResult,
 }
@@ -36,7 +41,8 @@ struct FailureLabels {
 pub struct Metrics {
     events: Family<ResultLabel, Counter>,
     pub end_to_end_latency: Histogram,
-    pub pending_entries: Gauge,
+    /// Per partition stream.
+    pending_entries: Family<StreamLabels, Gauge>,
     pub batch_size: Histogram,
     pub batch_duration: Histogram,
     failures: Family<FailureLabels, Counter>,
@@ -51,11 +57,17 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// The gauge of entries of `stream` pending at this replica (each partition's exists from
+    /// the start).
+    pub fn pending_entries(&self, stream: &str) -> Gauge {
+        self.pending_entries.get_or_create(&StreamLabels { stream: stream.to_owned() }).clone()
+    }
+
     pub fn register(registry: &Arc<Mutex<Registry>>) -> Self {
         let metrics = Self {
             events: Family::default(),
             end_to_end_latency: Histogram::new(exponential_buckets(0.001, 2.0, 18)),
-            pending_entries: Gauge::default(),
+            pending_entries: Family::default(),
             batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
             batch_duration: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             failures: Family::default(),
@@ -89,7 +101,7 @@ impl Metrics {
         );
         r.register(
             "consumer_pending_entries",
-            "Entries delivered to this replica and not yet acknowledged (sampled)",
+            "Entries of each partition stream delivered to this replica and not yet acknowledged (sampled)",
             metrics.pending_entries.clone(),
         );
         r.register("consumer_batch_size", "Entries per batch", metrics.batch_size.clone());

@@ -4,7 +4,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
+use redis::aio::ConnectionLike;
 use redis::Value;
 use sqlx::PgPool;
 
@@ -53,12 +53,14 @@ impl fmt::Display for ReplayReport {
 
 pub async fn run(
     pool: &PgPool,
-    conn: &mut MultiplexedConnection,
+    conn: &mut (impl ConnectionLike + Send),
     config: &Config,
     entry_id: Option<&str>,
     timeout: Duration,
 ) -> Result<ReplayReport, DemoError> {
-    let stream_key = &config.redis_stream;
+    // With partitions, the first partition's stream (the entry id names an entry of it).
+    let partitions = config.topology.partitions(&config.redis_stream);
+    let stream_key = partitions.stream(0);
     let entry_id = match entry_id {
         Some(id) => id.to_owned(),
         None => first_entry_id(conn, stream_key).await?.ok_or_else(|| DemoError::NoEntry("(first)".into()))?,
@@ -92,7 +94,10 @@ pub async fn run(
     })
 }
 
-async fn first_entry_id(conn: &mut MultiplexedConnection, key: &str) -> Result<Option<String>, redis::RedisError> {
+async fn first_entry_id(
+    conn: &mut (impl ConnectionLike + Send),
+    key: &str,
+) -> Result<Option<String>, redis::RedisError> {
     let reply: Value = redis::cmd("XRANGE").arg(key).arg("-").arg("+").arg("COUNT").arg(1).query_async(conn).await?;
     Ok(match reply {
         Value::Array(entries) => entries.into_iter().next().and_then(|e| match e {
@@ -108,7 +113,7 @@ async fn first_entry_id(conn: &mut MultiplexedConnection, key: &str) -> Result<O
 
 /// The group has delivered `id` and it is no longer pending (acknowledged).
 async fn handled(
-    conn: &mut MultiplexedConnection,
+    conn: &mut (impl ConnectionLike + Send),
     key: &str,
     group: &str,
     id: &str,

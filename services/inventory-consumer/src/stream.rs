@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
+use redis::aio::ConnectionLike;
 use redis::{RedisError, Value};
 
 /// One entry as delivered to this consumer.
@@ -18,7 +18,11 @@ pub struct Delivery {
 }
 
 /// Creates the group (and the stream) unless it exists.
-pub async fn ensure_group(conn: &mut MultiplexedConnection, stream: &str, group: &str) -> Result<(), RedisError> {
+pub async fn ensure_group(
+    conn: &mut (impl ConnectionLike + Send),
+    stream: &str,
+    group: &str,
+) -> Result<(), RedisError> {
     let created: Result<Value, RedisError> =
         redis::cmd("XGROUP").arg("CREATE").arg(stream).arg(group).arg("0").arg("MKSTREAM").query_async(conn).await;
     match created {
@@ -30,7 +34,7 @@ pub async fn ensure_group(conn: &mut MultiplexedConnection, stream: &str, group:
 
 /// XREADGROUP from `id` (`0`: this consumer's pending entries; `>`: new ones).
 pub async fn read_group(
-    conn: &mut MultiplexedConnection,
+    conn: &mut (impl ConnectionLike + Send),
     stream: &str,
     group: &str,
     consumer: &str,
@@ -75,7 +79,7 @@ pub struct Claimed {
 
 /// One XAUTOCLAIM step: entries idle for `min_idle`, from `cursor`, taken over by `consumer`.
 pub async fn autoclaim(
-    conn: &mut MultiplexedConnection,
+    conn: &mut (impl ConnectionLike + Send),
     stream: &str,
     group: &str,
     consumer: &str,
@@ -110,7 +114,7 @@ pub async fn autoclaim(
 /// and has been idle longer than `idle` (one that left: a replica replaced under another
 /// name). A consumer that reads again is simply created again. Returns the names removed.
 pub async fn remove_departed(
-    conn: &mut MultiplexedConnection,
+    conn: &mut (impl ConnectionLike + Send),
     stream: &str,
     group: &str,
     keep: &str,
@@ -141,7 +145,7 @@ return removed
 
 /// Delivery counts of this consumer's pending entries with ids in `[min, max]`.
 pub async fn delivery_counts(
-    conn: &mut MultiplexedConnection,
+    conn: &mut (impl ConnectionLike + Send),
     stream: &str,
     group: &str,
     consumer: &str,
@@ -174,7 +178,7 @@ pub async fn delivery_counts(
 
 /// This consumer's pending entries (XPENDING summary form).
 pub async fn pending_count(
-    conn: &mut MultiplexedConnection,
+    conn: &mut (impl ConnectionLike + Send),
     stream: &str,
     group: &str,
     consumer: &str,
@@ -192,7 +196,12 @@ pub async fn pending_count(
     Ok(0)
 }
 
-pub async fn ack(conn: &mut MultiplexedConnection, stream: &str, group: &str, ids: &[&str]) -> Result<(), RedisError> {
+pub async fn ack(
+    conn: &mut (impl ConnectionLike + Send),
+    stream: &str,
+    group: &str,
+    ids: &[&str],
+) -> Result<(), RedisError> {
     if ids.is_empty() {
         return Ok(());
     }
@@ -201,7 +210,7 @@ pub async fn ack(conn: &mut MultiplexedConnection, stream: &str, group: &str, id
 
 /// XADD with an automatic id; returns the new id.
 pub async fn add(
-    conn: &mut MultiplexedConnection,
+    conn: &mut (impl ConnectionLike + Send),
     stream: &str,
     fields: &[(String, Vec<u8>)],
 ) -> Result<String, RedisError> {
@@ -211,7 +220,7 @@ pub async fn add(
 /// [`add`] to a stream no consumer group depends on, kept to about `max_len` entries
 /// (`MAXLEN ~`: whole nodes go, the oldest first).
 pub async fn add_capped(
-    conn: &mut MultiplexedConnection,
+    conn: &mut (impl ConnectionLike + Send),
     stream: &str,
     max_len: u64,
     fields: &[(String, Vec<u8>)],
@@ -220,7 +229,7 @@ pub async fn add_capped(
 }
 
 async fn xadd(
-    conn: &mut MultiplexedConnection,
+    conn: &mut (impl ConnectionLike + Send),
     stream: &str,
     max_len: Option<u64>,
     fields: &[(String, Vec<u8>)],
@@ -239,7 +248,7 @@ async fn xadd(
 
 /// The fields of entry `id`, if it is still on the stream.
 pub async fn entry(
-    conn: &mut MultiplexedConnection,
+    conn: &mut (impl ConnectionLike + Send),
     stream: &str,
     id: &str,
 ) -> Result<Option<Vec<(String, Vec<u8>)>>, RedisError> {
@@ -309,7 +318,7 @@ fn unexpected(what: &str, v: &Value) -> RedisError {
 
 /// The group's last delivered id (XINFO GROUPS).
 pub async fn last_delivered_id(
-    conn: &mut MultiplexedConnection,
+    conn: &mut (impl ConnectionLike + Send),
     key: &str,
     group: &str,
 ) -> Result<Option<String>, RedisError> {

@@ -14,7 +14,12 @@ use telemetry::LogFormat;
 pub struct Config {
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379", hide_env_values = true)]
     pub redis_url: String,
-    /// Stream the events are read from (every replica reads all of it, with plain XREAD).
+    #[command(flatten)]
+    pub topology: service_kit::redis_target::Topology,
+    /// Stream the events are read from (every replica reads all of it, with plain XREAD). With
+    /// STREAM_PARTITIONS > 1, the partitions named after it, merged in one order every replica
+    /// shares; they are polled every 20 ms (N read-only scripts per replica), and an event
+    /// waits, besides, for the slowest clock among the Redis nodes holding the partitions.
     #[arg(long, env = "REDIS_STREAM", default_value = "orders.events")]
     pub redis_stream: String,
     /// HTTP listen address: `/events`, the live page `/`, `/healthz`, `/readyz` (port 0 = any
@@ -41,7 +46,8 @@ pub struct Config {
     /// Interval of the heartbeat comment sent to an idle client.
     #[arg(long, env = "FEED_HEARTBEAT", default_value = "15s", value_parser = positive_duration)]
     pub heartbeat: Duration,
-    /// How long one read of the stream waits for new entries.
+    /// How long one read of the stream waits for new entries (with STREAM_PARTITIONS > 1 reads
+    /// do not wait: the feed polls). Redis gets this plus 10 s to answer.
     #[arg(long, env = "FEED_BLOCK", default_value = "1s", value_parser = positive_duration)]
     pub block: Duration,
     #[command(flatten)]

@@ -4,8 +4,10 @@
 //! Each event gets a position: the order this replica took it from the stream, which is the
 //! order the relays published it in (not the order of event ids, which is the order the
 //! events' rows were numbered, not committed). Every replica reads the same stream, so all of
-//! them order events alike, and a cursor (an event id) names the same place on each. An event
-//! seen again (a relay published it twice) keeps its first position and is not sent again.
+//! them order events alike, and a cursor (an event id) names the same place on each. (With
+//! partitions, each replica takes the events in the one order [`crate::merge`] gives them.) An
+//! event seen again (a relay published it twice) keeps its first position and is not sent
+//! again.
 //!
 //! Subscribing takes the events after a cursor and a receiver of the later ones under the same
 //! lock that appending holds while it sends: no event falls between the two, and none is in

@@ -1,20 +1,25 @@
 //! The live order feed: the events of the stream as Server-Sent Events, resumable from any
 //! replica.
 //!
-//! Every replica reads the whole stream itself ([`tail`]) into a bounded [`history::History`]
-//! in stream order, and serves `GET /events` from it ([`sse`]) and the live page `GET /`.
-//! Replicas share nothing but the stream: a client's cursor (the last event id it got) names
-//! the same place on each, so a client that reconnects anywhere continues where it stopped.
+//! Every replica reads the whole stream itself ([`tail`]; with `STREAM_PARTITIONS` > 1 every
+//! partition, merged in one order all replicas share: [`partitioned`], [`merge`]) into a
+//! bounded [`history::History`] in that order, and serves `GET /events` from it ([`sse`]) and
+//! the live page `GET /`. Replicas share nothing but the streams: a client's cursor (the last
+//! event id it got) names the same place on each, so a client that reconnects anywhere
+//! continues where it stopped.
 
 pub mod config;
 pub mod history;
+pub mod intake;
+pub mod merge;
 pub mod metrics;
+pub mod partitioned;
 pub mod sse;
 pub mod tail;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use axum::http::{header, StatusCode};
@@ -24,6 +29,8 @@ use axum::Router;
 use prometheus_client::registry::Registry;
 use service_kit::admin::AdminListener;
 use service_kit::http::server::{serve, ServerMetrics};
+use service_kit::messaging::MessagingPeer;
+use service_kit::redis_target::{agree_on_partitions, RedisTarget};
 use service_kit::runner::{drain, TaskTracker, TASKS_GRACE};
 use service_kit::{Authenticator, Liveness, Problem, Readiness};
 use tokio::net::TcpListener;
@@ -38,7 +45,7 @@ const HTTP_GRACE: Duration = Duration::from_secs(5);
 /// A feed replica with its listeners bound.
 pub struct OrderFeed {
     config: Config,
-    redis: redis::Client,
+    redis: RedisTarget,
     auth: Authenticator,
     listener: TcpListener,
     local_addr: SocketAddr,
@@ -48,7 +55,7 @@ pub struct OrderFeed {
 impl OrderFeed {
     pub async fn bind(config: Config) -> Result<Self, StartError> {
         let auth = Authenticator::from_settings(&config.auth).map_err(|e| StartError::Config(e.to_string()))?;
-        let redis = redis::Client::open(config.redis_url.as_str()).map_err(StartError::RedisUrl)?;
+        let redis = config.topology.target(&config.redis_url).map_err(StartError::RedisUrl)?;
         let listener = service_kit::http::server::bind(config.http_addr)
             .map_err(|source| StartError::Bind { addr: config.http_addr, source })?;
         let local_addr = listener.local_addr().map_err(|source| StartError::Bind { addr: config.http_addr, source })?;
@@ -86,6 +93,8 @@ impl Service for OrderFeed {
                 std::future::ready(if reading { Ok(()) } else { Err("not reading the stream".to_owned()) })
             }
         });
+        let unfit = Arc::new(OnceLock::<String>::new());
+        let readiness = readiness.check("stream partitions", service_kit::tenancy::unfit_check(unfit.clone()));
         let readiness = service_kit::auth::announce(&auth, readiness);
         let liveness = Liveness::new();
         let feed = sse::Feed {
@@ -106,23 +115,43 @@ impl Service for OrderFeed {
             .fallback(|| async { Problem::new(StatusCode::NOT_FOUND, "Not found").detail("no such route") });
         let admin_server = admin.spawn(readiness, liveness, registry, server_metrics.clone(), shutdown.clone());
         let tasks = TaskTracker::new();
-        tasks.spawn(
-            tail::Tail {
-                peer: service_kit::messaging::MessagingPeer::redis(
-                    &redis,
-                    format!("order-feed-{}", service_kit::messaging::instance_name()),
-                ),
-                client: redis,
-                stream: config.redis_stream.clone(),
-                history,
-                history_len,
-                block: config.block,
-                metrics,
-                caught_up,
+        let intake = intake::Intake {
+            peer: MessagingPeer::redis(&redis, format!("order-feed-{}", service_kit::messaging::instance_name())),
+            history,
+            metrics,
+        };
+        let partitions = config.topology.partitions(&config.redis_stream);
+        let reading = {
+            let (shutdown, block) = (shutdown.clone(), config.block);
+            async move {
+                // The feed's Redis user may only read: it checks the number, never records it.
+                if !agree_on_partitions(&redis, &partitions, false, &unfit, &shutdown).await {
+                    return;
+                }
+                if partitions.count() == 1 {
+                    let stream = partitions.base().to_owned();
+                    let tail = tail::Tail { target: redis, intake, stream, history_len, block, caught_up };
+                    tail.run(shutdown).await;
+                } else {
+                    let tail = partitioned::PartitionedTail {
+                        target: redis,
+                        partitions,
+                        intake,
+                        history_len,
+                        block,
+                        caught_up,
+                    };
+                    tail.run(shutdown).await;
+                }
             }
-            .run(shutdown.clone()),
+        };
+        tasks.spawn(reading);
+        tracing::info!(
+            addr = %local_addr,
+            stream = config.redis_stream,
+            partitions = config.topology.stream_partitions,
+            "order-feed listening"
         );
-        tracing::info!(addr = %local_addr, stream = config.redis_stream, "order-feed listening");
         let served = serve(listener, app, config.http.clone(), server_metrics, shutdown, HTTP_GRACE)
             .await
             .map_err(StartError::Serve);

@@ -183,7 +183,7 @@ impl Worker {
         for row in rows {
             match row.to_entry(self.settings.max_payload_bytes) {
                 Ok(mut entry) => {
-                    let span = producer_span(self.publisher.stream(), self.publisher.peer(), row);
+                    let span = producer_span(self.publisher.stream_of(&row.aggregate_id), self.publisher.peer(), row);
                     let (traceparent, tracestate) = telemetry::propagation::span_context_headers(&span);
                     if traceparent.is_some() {
                         entry.traceparent = traceparent;

@@ -104,6 +104,8 @@ pub struct Config {
     /// How long a batch waits for REDIS_MIN_REPLICAS replicas to confirm it.
     #[arg(long, env = "REDIS_WAIT_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
     pub redis_wait_timeout: Duration,
+    #[command(flatten)]
+    pub topology: service_kit::redis_target::Topology,
     /// HTTP listen address for /healthz, /readyz (port 0 = any free port).
     #[arg(long, env = "HTTP_ADDR", default_value = "0.0.0.0:9100")]
     pub http_addr: SocketAddr,

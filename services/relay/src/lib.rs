@@ -101,29 +101,28 @@ impl Service for Relay {
     /// then relays until `shutdown`; the batch in flight is finished first.
     async fn run(self, shutdown: Shutdown) -> Result<(), StartError> {
         let Self { config, pool, owner, listener, addr, admin } = self;
-        let redis = redis::Client::open(config.redis_url.as_str()).map_err(StartError::RedisUrl)?;
-        let responder_client = redis.clone();
-        let trim_client = redis.clone();
-        let recovery_client = redis.clone();
-        let durability = (config.redis_min_replicas, config.redis_wait_timeout);
-        let recovery_publisher = publish::Publisher::new(&config.redis_url, config.redis_stream.clone())
-            .map_err(StartError::RedisUrl)?
-            .with_min_replicas(durability.0, durability.1);
-        let tails = tails::Tails::default();
-        let publishers = (0..config.workers)
-            .map(|i| {
-                let publisher = publish::Publisher::new(&config.redis_url, config.redis_stream.clone())?;
-                Ok(publisher.with_min_replicas(durability.0, durability.1).with_tails(tails.clone(), i as usize))
-            })
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(StartError::RedisUrl)?;
+        let redis = config.topology.target(&config.redis_url).map_err(StartError::RedisUrl)?;
+        let partitions = config.topology.partitions(&config.redis_stream);
+        let stream_keys = recovery::StreamKeys::of_partitions(&partitions, redis.is_cluster());
+        let publisher = || {
+            publish::Publisher::to(redis.clone(), partitions.clone())
+                .with_min_replicas(config.redis_min_replicas, config.redis_wait_timeout)
+        };
+        let recovery_publisher = publisher();
+        let tails: Vec<tails::Tails> = partitions.streams().iter().map(|_| tails::Tails::default()).collect();
+        let publishers: Vec<publish::Publisher> =
+            (0..config.workers as usize).map(|i| publisher().with_tails(tails.clone(), i)).collect();
         let metrics = metrics::Metrics::default();
+        for stream in partitions.streams() {
+            metrics.stream_length(stream);
+        }
         let mut registry = Registry::default();
         metrics.register(&mut registry);
         let server_metrics = ServerMetrics::register(&mut registry);
         let broker = broker::BrokerHealth::new(metrics.clone());
         let readiness = Readiness::new().postgres(pool.clone()).check("redis", {
             let broker = broker.clone();
+            let redis = redis.clone();
             move || {
                 let (redis, outage) = (redis.clone(), broker.outage());
                 async move {
@@ -131,7 +130,7 @@ impl Service for Relay {
                         Some((since, error)) => {
                             Err(format!("not taking entries for {:.1}s: {error}", since.as_secs_f64()))
                         }
-                        None => publish::Publisher::ping_client(&redis).await.map_err(|e| e.to_string()),
+                        None => publish::Publisher::ping_target(&redis).await.map_err(|e| e.to_string()),
                     }
                 }
             }
@@ -148,15 +147,24 @@ impl Service for Relay {
         let app = admin
             .service_routes::<()>(readiness.clone(), liveness.clone(), registry.clone())
             .merge(service_kit::openapi::route(&openapi));
-        tracing::info!(%addr, stream = config.redis_stream, "relay listening");
+        tracing::info!(%addr, stream = config.redis_stream, partitions = partitions.count(),
+            cluster = redis.is_cluster(), "relay listening");
+        if redis.is_cluster() && config.redis_min_replicas == 0 {
+            tracing::warn!(
+                "REDIS_CLUSTER_URLS without REDIS_MIN_REPLICAS: a failover can lose entries a primary took and had not \
+                 copied to its replica, and the cluster client follows the failover without an error the relay \
+                 could notice; set REDIS_MIN_REPLICAS=1 (docs/SCALING.md)"
+            );
+        }
         let admin_server = admin.spawn(readiness, liveness.clone(), registry, server_metrics.clone(), shutdown.clone());
         let server =
             tokio::spawn(serve(listener, app, config.http.clone(), server_metrics, shutdown.clone(), HTTP_GRACE));
 
         let migrated = service_kit::startup::migrate_with_retry(&owner, &outbox::MIGRATOR, &shutdown).await.is_some();
-        if migrated
-            && !service_kit::tenancy::verify_cross_tenant(&pool, Self::NAME, TENANT_TABLES, &unfit, &shutdown).await
-        {
+        let fit = migrated
+            && service_kit::tenancy::verify_cross_tenant(&pool, Self::NAME, TENANT_TABLES, &unfit, &shutdown).await
+            && service_kit::redis_target::agree_on_partitions(&redis, &partitions, true, &unfit, &shutdown).await;
+        if migrated && !fit {
             // Not ready, saying why, until stopped.
             shutdown.cancelled().await;
         } else if migrated {
@@ -165,7 +173,7 @@ impl Service for Relay {
             // Unnamed, the database is the user's own (Postgres's default).
             let options = pool.connect_options();
             let database = options.get_database().unwrap_or(options.get_username()).to_owned();
-            let responder = wake::Responder::new(responder_client, &database, &config.redis_stream);
+            let responder = wake::Responder::new(redis.clone(), &database, &config.redis_stream);
             let tasks = TaskTracker::new();
             tasks.spawn(wake::listen(pool.clone(), responder, wake.clone(), shutdown.clone()));
             tasks.spawn(metrics.clone().sample_outbox(pool.clone(), Duration::from_secs(5), shutdown.clone()));
@@ -176,20 +184,20 @@ impl Service for Relay {
                 shutdown.clone(),
             ));
             tasks.spawn(stream_trim::trim_loop(
-                trim_client,
+                redis.clone(),
                 pool.clone(),
-                config.redis_stream.clone(),
+                stream_keys.clone(),
                 config.stream_retention,
                 metrics.clone(),
                 shutdown.clone(),
             ));
             tasks.spawn(recovery::recovery_loop(
-                recovery_client,
+                redis.clone(),
                 pool.clone(),
                 recovery_publisher,
                 tails,
                 recovery::RecoverySettings {
-                    stream: config.redis_stream.clone(),
+                    partitions: stream_keys,
                     retention: config.retention,
                     stream_retention: config.stream_retention,
                     batch_size: config.batch_size,

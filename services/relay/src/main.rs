@@ -1,4 +1,5 @@
 use std::future::Future;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
@@ -43,11 +44,12 @@ async fn connect(config: &relay::Config) -> anyhow::Result<sqlx::PgPool> {
 
 async fn replay(config: &relay::Config, since: relay::config::Since, aggregate_id: Option<&str>) -> anyhow::Result<()> {
     let pool = connect(config).await?;
-    let mut publisher = relay::publish::Publisher::new(&config.redis_url, config.redis_stream.clone())
-        .context("REDIS_URL")?
+    let target = config.topology.target(&config.redis_url).context("REDIS_URL or REDIS_CLUSTER_URLS")?;
+    let mut publisher = relay::publish::Publisher::to(target, config.topology.partitions(&config.redis_stream))
         .with_min_replicas(config.redis_min_replicas, config.redis_wait_timeout);
     let since = since.resolve(chrono::Utc::now());
-    let n = relay::replay::replay(&pool, &mut publisher, since, aggregate_id, config.batch_size).await?;
+    let only = aggregate_id.map_or(relay::replay::Only::All, relay::replay::Only::Aggregate);
+    let n = relay::replay::replay(&pool, &mut publisher, since, only, config.batch_size).await?;
     println!("replayed {n} events published since {since} to {}", config.redis_stream);
     Ok(())
 }
@@ -84,31 +86,46 @@ async fn dead_purge(config: &relay::Config, older_than: std::time::Duration) -> 
     Ok(())
 }
 
-async fn redis(config: &relay::Config) -> anyhow::Result<redis::aio::MultiplexedConnection> {
-    let client = redis::Client::open(config.redis_url.as_str()).context("REDIS_URL")?;
-    client.get_multiplexed_async_connection().await.context("connecting to REDIS_URL")
+/// A connection to the relay's Redis, and the keys of every partition's stream.
+async fn redis(
+    config: &relay::Config,
+) -> anyhow::Result<(service_kit::redis_target::RedisConn, Vec<relay::recovery::StreamKeys>)> {
+    let target = config.topology.target(&config.redis_url).context("REDIS_URL or REDIS_CLUSTER_URLS")?;
+    let timeouts = service_kit::redis_target::Timeouts::new(Duration::from_secs(5), Duration::from_secs(30));
+    let conn = target.connect(timeouts).await.context("connecting to Redis")?;
+    let partitions = config.topology.partitions(&config.redis_stream);
+    Ok((conn, relay::recovery::StreamKeys::of_partitions(&partitions, target.is_cluster())))
 }
 
 async fn stream_groups(config: &relay::Config) -> anyhow::Result<()> {
-    let mut conn = redis(config).await?;
-    let groups = relay::stream_trim::groups(&mut conn, &config.redis_stream).await?;
-    let len: u64 = redis::cmd("XLEN").arg(&config.redis_stream).query_async(&mut conn).await?;
-    println!("{}: {len} entries", config.redis_stream);
-    println!("group\tpending\tlag");
-    for g in groups {
-        let lag = g.lag.map_or_else(|| "unknown".to_owned(), |n| n.to_string());
-        println!("{}\t{}\t{lag}", g.name, g.pending);
+    let (mut conn, partitions) = redis(config).await?;
+    for keys in &partitions {
+        let groups = relay::stream_trim::groups(&mut conn, keys).await?;
+        let len: u64 = redis::cmd("XLEN").arg(&keys.stream).query_async(&mut conn).await?;
+        println!("{}: {len} entries", keys.stream);
+        println!("group\tpending\tlag");
+        for g in groups {
+            let lag = g.lag.map_or_else(|| "unknown".to_owned(), |n| n.to_string());
+            println!("{}\t{}\t{lag}", g.name, g.pending);
+        }
     }
     Ok(())
 }
 
 async fn drop_group(config: &relay::Config, group: &str) -> anyhow::Result<()> {
-    let mut conn = redis(config).await?;
-    let removed: u64 =
-        redis::cmd("XGROUP").arg("DESTROY").arg(&config.redis_stream).arg(group).query_async(&mut conn).await?;
+    let (mut conn, partitions) = redis(config).await?;
+    let mut removed = 0_u64;
+    for keys in &partitions {
+        let n: u64 = redis::cmd("XGROUP").arg("DESTROY").arg(&keys.stream).arg(group).query_async(&mut conn).await?;
+        removed += n;
+    }
     if removed == 0 {
         anyhow::bail!("no group {group} on {}", config.redis_stream);
     }
-    println!("removed group {group} from {}", config.redis_stream);
+    println!(
+        "removed group {group} from {removed} of the {} partition streams of {}",
+        partitions.len(),
+        config.redis_stream
+    );
     Ok(())
 }

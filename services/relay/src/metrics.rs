@@ -25,7 +25,15 @@ pub struct FailureLabels {
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct GroupLabels {
+    /// The partition stream.
+    pub stream: String,
     pub group: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StreamLabels {
+    /// The partition stream.
+    pub stream: String,
 }
 
 #[derive(Clone)]
@@ -43,7 +51,7 @@ pub struct Metrics {
     pub broker_up: Gauge,
     pub broker_outages: Counter,
     pub failures: Family<FailureLabels, Counter>,
-    pub stream_length: Gauge,
+    pub stream_lengths: Family<StreamLabels, Gauge>,
     pub stream_trimmed: Counter,
     pub group_lag: Family<GroupLabels, Gauge>,
     pub group_pending: Family<GroupLabels, Gauge>,
@@ -68,7 +76,7 @@ impl Default for Metrics {
             broker_up: Gauge::default(),
             broker_outages: Counter::default(),
             failures: Family::default(),
-            stream_length: Gauge::default(),
+            stream_lengths: Family::default(),
             stream_trimmed: Counter::default(),
             group_lag: Family::default(),
             group_pending: Family::default(),
@@ -123,7 +131,11 @@ impl Metrics {
             self.failures.clone(),
         );
         registry.register("outbox_dead_lettered", "Events dead-lettered", self.dead_lettered.clone());
-        registry.register("outbox_stream_length", "Entries in the stream (XLEN, sampled)", self.stream_length.clone());
+        registry.register(
+            "outbox_stream_length",
+            "Entries in each partition stream (XLEN, sampled)",
+            self.stream_lengths.clone(),
+        );
         registry.register(
             "outbox_stream_trimmed",
             "Stream entries trimmed: acknowledged by every group and older than the retention",
@@ -161,14 +173,33 @@ impl Metrics {
         self.failures.get_or_create(&FailureLabels { class, source }).inc();
     }
 
-    /// Records a trimming pass: what it trimmed, and the groups as its last call saw them
-    /// (groups that are gone lose their series).
-    pub fn record_trim(&self, pass: &crate::stream_trim::TrimPass) {
+    /// The length gauge of `stream`; every partition's exists from the start.
+    pub fn stream_length(&self, stream: &str) -> Gauge {
+        self.stream_lengths.get_or_create(&StreamLabels { stream: stream.to_owned() }).clone()
+    }
+
+    /// Records a trimming pass of `stream`: what it trimmed, and the groups as its last call
+    /// saw them. `reported` holds the groups its previous pass reported; those that are gone
+    /// lose their series.
+    pub fn record_trim(
+        &self,
+        stream: &str,
+        pass: &crate::stream_trim::TrimPass,
+        reported: &mut std::collections::HashSet<String>,
+    ) {
         self.stream_trimmed.inc_by(pass.trimmed);
-        self.group_lag.clear();
-        self.group_pending.clear();
+        let seen: std::collections::HashSet<String> = pass.last.groups.iter().map(|g| g.name.clone()).collect();
+        for gone in reported.difference(&seen) {
+            let labels = GroupLabels { stream: stream.to_owned(), group: gone.clone() };
+            self.group_lag.remove(&labels);
+            self.group_pending.remove(&labels);
+        }
+        *reported = seen;
         for group in &pass.last.groups {
-            let labels = GroupLabels { group: group.name.clone() };
+            let labels = GroupLabels { stream: stream.to_owned(), group: group.name.clone() };
+            if group.lag.is_none() {
+                self.group_lag.remove(&labels);
+            }
             if let Some(lag) = group.lag {
                 self.group_lag.get_or_create(&labels).set(i64::try_from(lag).unwrap_or(i64::MAX));
             }

@@ -1,28 +1,32 @@
-//! Writing entries to the Redis stream: one pipeline of XADDs per batch, and what a failure of
-//! it says: that Redis failed (every row waits, none is to blame) or that Redis refused some
-//! entries for what they carry (those rows are to blame).
+//! Writing entries to the Redis streams: one pipeline of XADDs per batch (per partition's
+//! shard on a cluster), and what a failure of it says: that Redis failed (every row waits,
+//! none is to blame) or that Redis refused some entries for what they carry (those rows are
+//! to blame).
 
 use std::time::Duration;
 
-use domain::StreamEntry;
-use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, Client, RedisError, Value};
+use domain::{Partitions, StreamEntry};
+use redis::aio::ConnectionLike;
+use redis::{RedisError, Value};
 use service_kit::failure::{self, FailureClass};
 use service_kit::messaging::MessagingPeer;
+use service_kit::redis_target::{RedisConn, RedisTarget, Timeouts};
 
 use crate::tails::Tails;
 
-/// A Redis stream writer that reconnects after errors, so an outage never needs a restart.
+/// A writer of the event streams that reconnects after errors, so an outage never needs a
+/// restart.
 pub struct Publisher {
-    client: Client,
-    stream: String,
+    target: RedisTarget,
+    partitions: Partitions,
     /// Redis and this relay, as its spans name them.
     peer: MessagingPeer,
-    conn: Option<MultiplexedConnection>,
+    conn: Option<RedisConn>,
     /// Replicas that must confirm a batch (`WAIT`), and how long it may wait for them.
     durability: Option<(u32, Duration)>,
-    /// Where it tells what it added (with its index among the relay's publishers).
-    tails: Option<(Tails, usize)>,
+    /// Where it tells what it added, per partition (with its index among the relay's
+    /// publishers).
+    tails: Option<(Vec<Tails>, usize)>,
 }
 
 /// Why a batch was not published.
@@ -54,11 +58,19 @@ impl std::fmt::Display for PublishError {
 
 impl std::error::Error for PublishError {}
 
+/// A publisher's connection: Redis answers each pipeline within 10 s or it failed.
+const TIMEOUTS: Timeouts = Timeouts::new(Duration::from_secs(2), Duration::from_secs(10));
+
 impl Publisher {
+    /// A publisher to the one stream `stream` on the node `redis_url`.
     pub fn new(redis_url: &str, stream: impl Into<String>) -> Result<Self, RedisError> {
-        let client = Client::open(redis_url)?;
-        let peer = MessagingPeer::redis(&client, format!("relay-{}", service_kit::messaging::instance_name()));
-        Ok(Self { client, stream: stream.into(), peer, conn: None, durability: None, tails: None })
+        Ok(Self::to(RedisTarget::new(redis_url, &[])?, Partitions::single(stream)))
+    }
+
+    /// A publisher to `partitions` on `target`.
+    pub fn to(target: RedisTarget, partitions: Partitions) -> Self {
+        let peer = MessagingPeer::redis(&target, format!("relay-{}", service_kit::messaging::instance_name()));
+        Self { target, partitions, peer, conn: None, durability: None, tails: None }
     }
 
     /// A batch counts as published only once `replicas` replicas hold it, confirmed within
@@ -68,8 +80,9 @@ impl Publisher {
         self
     }
 
-    /// Tells `tails` (as publisher `index`) the newest entry it added on each connection.
-    pub fn with_tails(mut self, tails: Tails, index: usize) -> Self {
+    /// Tells `tails` (one per partition, as publisher `index`) the newest entry it added on
+    /// each connection.
+    pub fn with_tails(mut self, tails: Vec<Tails>, index: usize) -> Self {
         self.tails = Some((tails, index));
         self
     }
@@ -77,24 +90,28 @@ impl Publisher {
     fn drop_connection(&mut self) {
         self.conn = None;
         if let Some((tails, index)) = &self.tails {
-            tails.connection_ended(*index);
+            for partition in tails {
+                partition.connection_ended(*index);
+            }
         }
     }
 
-    pub fn stream(&self) -> &str {
-        &self.stream
+    pub fn partitions(&self) -> &Partitions {
+        &self.partitions
+    }
+
+    /// The stream an entry of the order `aggregate_id` goes to.
+    pub fn stream_of(&self, aggregate_id: &str) -> &str {
+        self.partitions.stream_of(aggregate_id)
     }
 
     pub fn peer(&self) -> &MessagingPeer {
         &self.peer
     }
 
-    async fn connection(&mut self) -> Result<&mut MultiplexedConnection, RedisError> {
+    async fn connection(&mut self) -> Result<&mut RedisConn, RedisError> {
         if self.conn.is_none() {
-            let config = AsyncConnectionConfig::new()
-                .set_connection_timeout(Duration::from_secs(2))
-                .set_response_timeout(Duration::from_secs(10));
-            self.conn = Some(self.client.get_multiplexed_async_connection_with_config(&config).await?);
+            self.conn = Some(self.target.connect(TIMEOUTS).await?);
         }
         match self.conn.as_mut() {
             Some(conn) => Ok(conn),
@@ -102,16 +119,66 @@ impl Publisher {
         }
     }
 
-    /// XADDs every entry, in order, in one round trip; the ids Redis gave them. On an error the
-    /// whole batch counts as not published (entries before or around it may have been added:
-    /// delivery is at least once).
+    /// XADDs every entry to its partition's stream, in order, in one round trip per shard;
+    /// the ids Redis gave them. On an error the whole batch counts as not published (entries
+    /// before or around it may have been added: delivery is at least once).
     pub async fn publish(&mut self, entries: &[StreamEntry]) -> Result<Vec<String>, PublishError> {
         if entries.is_empty() {
             return Ok(Vec::new());
         }
+        let partition_of: Vec<usize> = entries.iter().map(|e| self.partitions.of(&e.aggregate_id)).collect();
+        // One node takes every partition's entries in one pipeline; a cluster takes a pipeline
+        // per partition (each to the shard holding it, with its own WAIT), all at once.
+        let groups: Vec<Vec<usize>> = if self.target.is_cluster() {
+            let mut groups = vec![Vec::new(); self.partitions.count()];
+            for (i, p) in partition_of.iter().enumerate() {
+                groups[*p].push(i);
+            }
+            groups.retain(|g| !g.is_empty());
+            groups
+        } else {
+            vec![(0..entries.len()).collect()]
+        };
+        let pipes: Vec<(redis::Pipeline, usize)> = groups.iter().map(|group| self.pipeline(entries, group)).collect();
+        let replies = match self.connection().await {
+            Ok(conn) => {
+                let sends = pipes.iter().map(|(pipe, expected)| {
+                    let mut conn = conn.clone();
+                    // Each command's own reply, errors included, rather than the pipeline's first error.
+                    async move { conn.req_packed_commands(pipe, 0, *expected).await }
+                });
+                futures::future::join_all(sends).await.into_iter().collect::<Result<Vec<_>, _>>()
+            }
+            Err(e) => Err(e),
+        };
+        let replies = match replies {
+            Ok(replies) => replies,
+            Err(e) => {
+                tracing::debug!(stream = self.partitions.base(), error = %e,
+                    "redis pipeline failed; reconnecting on next use");
+                self.drop_connection();
+                return Err(PublishError::Broker { class: failure::of_redis(&e), error: e.to_string() });
+            }
+        };
+        let judged = merge(
+            groups.iter().zip(replies).map(|(group, replies)| (group, self.judge_group(replies, group.len()))),
+            entries.len(),
+        );
+        if let (Ok(ids), Some((tails, index))) = (&judged, &self.tails) {
+            // The newest id per partition: entries of one partition went in order.
+            for (id, p) in ids.iter().zip(&partition_of) {
+                tails[*p].added(*index, id);
+            }
+        }
+        judged
+    }
+
+    /// The pipeline of the entries at `indices` (with `WAIT` when replicas must confirm), and
+    /// the replies it gets.
+    fn pipeline(&self, entries: &[StreamEntry], indices: &[usize]) -> (redis::Pipeline, usize) {
         let mut pipe = redis::pipe();
-        for entry in entries {
-            let cmd = pipe.cmd("XADD").arg(&self.stream).arg("*");
+        for entry in indices.iter().map(|i| &entries[*i]) {
+            let cmd = pipe.cmd("XADD").arg(self.partitions.stream_of(&entry.aggregate_id)).arg("*");
             for (field, value) in entry.to_fields() {
                 cmd.arg(field).arg(value);
             }
@@ -121,33 +188,17 @@ impl Publisher {
             let ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX).max(1);
             pipe.cmd("WAIT").arg(replicas).arg(ms);
         }
-        let expected = entries.len() + usize::from(self.durability.is_some());
-        let replies = match self.connection().await {
-            // Each command's own reply, errors included, rather than the pipeline's first error.
-            Ok(conn) => conn.send_packed_commands(&pipe, 0, expected).await,
-            Err(e) => Err(e),
-        };
-        let replies = match replies {
-            Ok(replies) => replies,
-            Err(e) => {
-                tracing::debug!(stream = self.stream, error = %e, "redis pipeline failed; reconnecting on next use");
-                self.drop_connection();
-                return Err(PublishError::Broker { class: failure::of_redis(&e), error: e.to_string() });
-            }
-        };
-        let mut replies = replies;
+        (pipe, indices.len() + usize::from(self.durability.is_some()))
+    }
+
+    /// One pipeline's replies, judged: the ids, or whom its errors blame.
+    fn judge_group(&self, mut replies: Vec<Value>, entries: usize) -> Result<Vec<String>, PublishError> {
         let confirmation = self.durability.map(|(replicas, _)| (replies.pop(), replicas));
-        let judged = match (judge(replies, entries.len()), confirmation) {
+        match (judge(replies, entries), confirmation) {
             // Taken by the primary, and by enough replicas?
             (Ok(ids), Some((reply, replicas))) => confirmed_by(reply, replicas).map(|()| ids),
             (judged, _) => judged,
-        };
-        if let (Ok(ids), Some((tails, index))) = (&judged, &self.tails) {
-            if let Some(newest) = ids.last() {
-                tails.added(*index, newest);
-            }
         }
-        judged
     }
 
     /// Whether Redis answers on this publisher's connection (reconnecting if needed).
@@ -161,12 +212,39 @@ impl Publisher {
     }
 
     /// Whether Redis answers (for /readyz).
-    pub async fn ping_client(client: &Client) -> Result<(), RedisError> {
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Duration::from_secs(1))
-            .set_response_timeout(Duration::from_secs(1));
-        let mut conn = client.get_multiplexed_async_connection_with_config(&config).await?;
+    pub async fn ping_target(target: &RedisTarget) -> Result<(), RedisError> {
+        let mut conn = target.connect(Timeouts::new(Duration::from_secs(1), Duration::from_secs(1))).await?;
         redis::cmd("PING").query_async::<()>(&mut conn).await
+    }
+}
+
+/// The judged pipelines of one batch (each with the batch indices of its entries) as one
+/// verdict: Redis's failure if any pipeline's was, else every refused entry, else the ids in
+/// the batch's order.
+fn merge<'a>(
+    judged: impl Iterator<Item = (&'a Vec<usize>, Result<Vec<String>, PublishError>)>,
+    entries: usize,
+) -> Result<Vec<String>, PublishError> {
+    let mut ids = vec![String::new(); entries];
+    let mut refused = Vec::new();
+    for (indices, verdict) in judged {
+        match verdict {
+            Ok(group_ids) => {
+                for (i, id) in indices.iter().zip(group_ids) {
+                    ids[*i] = id;
+                }
+            }
+            Err(PublishError::Refused(group_refused)) => {
+                refused.extend(group_refused.into_iter().map(|r| Refusal { index: indices[r.index], ..r }));
+            }
+            Err(broker) => return Err(broker),
+        }
+    }
+    if refused.is_empty() {
+        Ok(ids)
+    } else {
+        refused.sort_by_key(|r| r.index);
+        Err(PublishError::Refused(refused))
     }
 }
 
@@ -283,6 +361,21 @@ mod tests {
         let blamed: Vec<(usize, FailureClass)> = refused.iter().map(|r| (r.index, r.class)).collect();
         assert_eq!(blamed, [(1, FailureClass::permanent), (3, FailureClass::bug)]);
         assert!(refused[0].error.starts_with("ERR value too large"), "{:?}", refused[0]);
+    }
+
+    #[test]
+    fn per_shard_verdicts_merge_into_the_batch_s_order() {
+        let (a, b) = (vec![0, 2], vec![1, 3]);
+        let ok = |ids: &[&str]| Ok(ids.iter().map(|s| (*s).to_owned()).collect());
+        let merged = merge([(&a, ok(&["1-1", "1-2"])), (&b, ok(&["9-1", "9-2"]))].into_iter(), 4);
+        assert_eq!(merged, Ok(vec!["1-1".into(), "9-1".into(), "1-2".into(), "9-2".into()]));
+        let refusal = Refusal { index: 1, class: FailureClass::permanent, error: "ERR value too large".into() };
+        let merged = merge([(&a, ok(&["1-1", "1-2"])), (&b, Err(PublishError::Refused(vec![refusal])))].into_iter(), 4);
+        let Err(PublishError::Refused(refused)) = merged else { panic!("{merged:?}") };
+        assert_eq!(refused.iter().map(|r| r.index).collect::<Vec<_>>(), [3], "the batch's index, not the shard's");
+        let down = PublishError::Broker { class: FailureClass::transient, error: "down".into() };
+        let merged = merge([(&a, ok(&["1-1", "1-2"])), (&b, Err(down.clone()))].into_iter(), 4);
+        assert_eq!(merged, Err(down), "one shard down fails the whole batch");
     }
 
     #[test]

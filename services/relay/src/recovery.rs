@@ -1,6 +1,7 @@
 //! Noticing that Redis lost the stream's data, and republishing what it lost, by itself.
 //!
-//! A lost stream is noticed by its marker (`<stream>:relay-epoch`, also kept in
+//! Each partition stream is looked after on its own. A lost stream is noticed by its marker
+//! (`<stream>:relay-epoch`, in the stream's cluster slot; also kept in
 //! `stream_positions`) being gone: the one relay whose `SET NX` of a new marker wins records the
 //! retained events owed since the last point every group had acknowledged, less [`MARGIN`];
 //! whichever relay leases that owed republishing does it. Lost tail entries under a kept marker
@@ -10,8 +11,9 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, Client, RedisError};
+use redis::aio::ConnectionLike;
+use redis::RedisError;
+use service_kit::redis_target::{RedisConn, RedisTarget, Timeouts};
 use service_kit::Shutdown;
 use sqlx::PgPool;
 
@@ -25,9 +27,29 @@ pub const CHECK_EVERY: Duration = Duration::from_secs(5);
 /// Postgres).
 pub const MARGIN: Duration = Duration::from_secs(60);
 
-/// The marker's key.
+const MARKER_SUFFIX: &str = ":relay-epoch";
+
+/// The marker's key on one node.
 pub fn marker_key(stream: &str) -> String {
-    format!("{stream}:relay-epoch")
+    domain::partition::companion_key(stream, MARKER_SUFFIX, false)
+}
+
+/// A stream and its marker, named to share a cluster slot (the scripts read both).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamKeys {
+    pub stream: String,
+    pub marker: String,
+}
+
+impl StreamKeys {
+    pub fn new(stream: &str, cluster: bool) -> Self {
+        Self { stream: stream.to_owned(), marker: domain::partition::companion_key(stream, MARKER_SUFFIX, cluster) }
+    }
+
+    /// Every partition's keys.
+    pub fn of_partitions(partitions: &domain::Partitions, cluster: bool) -> Vec<Self> {
+        partitions.streams().iter().map(|s| Self::new(s, cluster)).collect()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -63,19 +85,20 @@ async fn recorded(pool: &PgPool, stream: &str) -> Result<Option<(String, Option<
 
 /// Looks at the marker, setting it (and recording what to republish) if it is gone.
 pub async fn check(
-    conn: &mut MultiplexedConnection,
+    conn: &mut (impl ConnectionLike + Send),
     pool: &PgPool,
-    stream: &str,
+    keys: &StreamKeys,
     retention: Duration,
     margin: Duration,
 ) -> Result<Check, RecoveryError> {
+    let (stream, marker_key) = (keys.stream.as_str(), keys.marker.as_str());
     let recorded = recorded(pool, stream).await?;
     let token = ulid::Ulid::new().to_string();
-    let set: Option<String> = redis::cmd("SET").arg(marker_key(stream)).arg(&token).arg("NX").query_async(conn).await?;
+    let set: Option<String> = redis::cmd("SET").arg(marker_key).arg(&token).arg("NX").query_async(conn).await?;
     if set.is_none() {
         if recorded.is_none() {
             // Set before this database knew of it (a database restored or replaced): record it.
-            let current: Option<String> = redis::cmd("GET").arg(marker_key(stream)).query_async(conn).await?;
+            let current: Option<String> = redis::cmd("GET").arg(marker_key).query_async(conn).await?;
             if let Some(current) = current {
                 sqlx::query!(
                     "INSERT INTO stream_positions (stream, epoch) VALUES ($1, $2) ON CONFLICT DO NOTHING",
@@ -107,7 +130,7 @@ pub async fn check(
         const RELEASE: &str =
             "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0";
         let _: Result<i64, RedisError> =
-            redis::cmd("EVAL").arg(RELEASE).arg(1).arg(marker_key(stream)).arg(&token).query_async(conn).await;
+            redis::cmd("EVAL").arg(RELEASE).arg(1).arg(marker_key).arg(&token).query_async(conn).await;
         return Err(e.into());
     }
     Ok(since.map_or(Check::Started, |since| Check::Lost { since }))
@@ -163,13 +186,14 @@ pub enum TailCheck {
 /// `stream_retention` (less a second) was lost, with everything after the newest entry still
 /// held before it: records that the events published since then are owed.
 pub async fn check_tails(
-    conn: &mut MultiplexedConnection,
+    conn: &mut (impl ConnectionLike + Send),
     pool: &PgPool,
-    stream: &str,
+    keys: &StreamKeys,
     ids: &[String],
     seen: Option<&str>,
     settings: &RecoverySettings,
 ) -> Result<TailCheck, RecoveryError> {
+    let stream = keys.stream.as_str();
     let recorded = recorded(pool, stream).await?;
     let Some((epoch, acked_below_ms)) = recorded else { return Ok(TailCheck::MarkerChanged) };
     let young = settings.stream_retention.saturating_sub(Duration::from_secs(1)).as_millis() as i64;
@@ -179,7 +203,7 @@ pub async fn check_tails(
             .arg(LOOK_FOR)
             .arg(2)
             .arg(stream)
-            .arg(marker_key(stream))
+            .arg(&keys.marker)
             .arg(id)
             .arg(young)
             .query_async(conn)
@@ -284,40 +308,46 @@ pub async fn record_acked_below(
     .map(|_| ())
 }
 
-/// Checks the marker at start and every [`CHECK_EVERY`] until shutdown, and after Redis went
-/// away the entries this relay had added (`tails`), and republishes what a loss owes
-/// (whichever relay noticed it). Failures (Redis or Postgres down) are logged and tried again.
+/// Checks each partition's marker at start and every [`CHECK_EVERY`] until shutdown, and
+/// after Redis went away the entries this relay had added (`tails`, one per partition), and
+/// republishes what a loss owes (whichever relay noticed it). Failures (Redis or Postgres
+/// down) are logged and tried again.
 pub async fn recovery_loop(
-    client: Client,
+    target: RedisTarget,
     pool: PgPool,
     mut publisher: Publisher,
-    tails: Tails,
+    tails: Vec<Tails>,
     settings: RecoverySettings,
     metrics: Metrics,
     shutdown: Shutdown,
 ) {
-    let config = AsyncConnectionConfig::new()
-        .set_connection_timeout(Duration::from_secs(2))
-        .set_response_timeout(Duration::from_secs(10));
-    let mut conn: Option<MultiplexedConnection> = None;
+    let timeouts = Timeouts::new(Duration::from_secs(2), Duration::from_secs(10));
+    let mut conn: Option<RedisConn> = None;
     let mut connected_before = false;
+    let went_away = || tails.iter().for_each(Tails::redis_went_away);
     loop {
         if conn.is_none() {
-            conn = client.get_multiplexed_async_connection_with_config(&config).await.ok();
+            conn = target.connect(timeouts).await.ok();
             if conn.is_none() && connected_before {
-                tails.redis_went_away();
+                went_away();
             }
         }
-        if let Some(c) = conn.as_mut() {
+        for (index, keys) in settings.partitions.iter().enumerate() {
+            let Some(c) = conn.as_mut() else { break };
             connected_before = true;
-            let looked = recover_once(c, &pool, &mut publisher, &tails, &settings, &metrics, &shutdown).await;
+            let looked =
+                recover_once(c, &pool, &mut publisher, (index, keys), &tails[index], &settings, &metrics, &shutdown)
+                    .await;
             if let Err(e) = looked {
-                tracing::warn!(stream = settings.stream, error = %e,
+                tracing::warn!(stream = keys.stream, error = %e,
                     "checking the stream's marker, or republishing after a loss, failed; trying again");
                 if matches!(e, RecoveryError::Redis(_) | RecoveryError::Replay(_)) {
                     conn = None;
-                    tails.redis_went_away();
+                    went_away();
                 }
+            }
+            if shutdown.is_cancelled() {
+                return;
             }
         }
         tokio::select! {
@@ -330,7 +360,8 @@ pub async fn recovery_loop(
 /// What the recovery loop needs of the relay's settings.
 #[derive(Debug, Clone)]
 pub struct RecoverySettings {
-    pub stream: String,
+    /// Each partition's keys, partition 0 first.
+    pub partitions: Vec<StreamKeys>,
     /// `OUTBOX_RETENTION`: how far back events are retained to republish.
     pub retention: Duration,
     /// `REDIS_STREAM_RETENTION`: no entry younger than this is trimmed.
@@ -341,17 +372,19 @@ pub struct RecoverySettings {
     pub margin: Duration,
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn recover_once(
-    conn: &mut MultiplexedConnection,
+    conn: &mut RedisConn,
     pool: &PgPool,
     publisher: &mut Publisher,
+    (partition, keys): (usize, &StreamKeys),
     tails: &Tails,
     settings: &RecoverySettings,
     metrics: &Metrics,
     shutdown: &Shutdown,
 ) -> Result<(), RecoveryError> {
-    let stream = settings.stream.as_str();
-    match check(conn, pool, stream, settings.retention, settings.margin).await? {
+    let stream = keys.stream.as_str();
+    match check(conn, pool, keys, settings.retention, settings.margin).await? {
         Check::Lost { since } => {
             // Republishing from the last point every group had acknowledged covers what the
             // entries this relay had added could show.
@@ -367,7 +400,7 @@ async fn recover_once(
             let ids = tails.take();
             if !ids.is_empty() {
                 let seen = tails.marker_seen();
-                let checked = check_tails(conn, pool, stream, &ids, seen.as_deref(), settings).await;
+                let checked = check_tails(conn, pool, keys, &ids, seen.as_deref(), settings).await;
                 match checked {
                     Ok(TailCheck::Lost { since }) => {
                         metrics.stream_recoveries.inc();
@@ -382,7 +415,7 @@ async fn recover_once(
             }
         }
     }
-    let marker: Option<String> = redis::cmd("GET").arg(marker_key(stream)).query_async(conn).await?;
+    let marker: Option<String> = redis::cmd("GET").arg(&keys.marker).query_async(conn).await?;
     tails.saw_marker(marker);
     let Some(since) = claim_owed(pool, stream).await? else { return Ok(()) };
     let renewing = async {
@@ -394,7 +427,7 @@ async fn recover_once(
         }
     };
     let republished = tokio::select! {
-        done = crate::replay::replay(pool, publisher, since, None, settings.batch_size) => Some(done),
+        done = crate::replay::replay(pool, publisher, since, crate::replay::Only::Partition(partition), settings.batch_size) => Some(done),
         () = renewing => None,
         () = shutdown.cancelled() => None,
     };

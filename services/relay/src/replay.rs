@@ -8,6 +8,16 @@ use sqlx::PgPool;
 use crate::publish::Publisher;
 use outbox::row::OutboxRow;
 
+/// Which retained events to publish again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Only<'a> {
+    All,
+    /// One order's.
+    Aggregate(&'a str),
+    /// Those of one partition (of the publisher's partitions): what its stream lost.
+    Partition(usize),
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayError {
     #[error("reading published events: {0}")]
@@ -16,15 +26,20 @@ pub enum ReplayError {
     Redis(#[from] crate::publish::PublishError),
 }
 
-/// Publishes events published at or after `since` (optionally of one aggregate) again, in id
+/// Publishes events published at or after `since` (all, or `only` those of one aggregate or
+/// partition) again, in id
 /// order, `batch` per pipeline. Returns how many.
 pub async fn replay(
     pool: &PgPool,
     publisher: &mut Publisher,
     since: DateTime<Utc>,
-    aggregate_id: Option<&str>,
+    only: Only<'_>,
     batch: u32,
 ) -> Result<u64, ReplayError> {
+    let aggregate_id = match only {
+        Only::Aggregate(id) => Some(id),
+        Only::All | Only::Partition(_) => None,
+    };
     let mut after = 0_i64;
     let mut total = 0_u64;
     loop {
@@ -34,7 +49,11 @@ pub async fn replay(
         // Rows got here by being published, so they encode; a limit of usize::MAX skips the
         // size check that applies to new events.
         let mut entries: Vec<StreamEntry> = Vec::with_capacity(rows.len());
-        for row in &rows {
+        let in_partition = |row: &&OutboxRow| match only {
+            Only::Partition(p) => publisher.partitions().of(&row.aggregate_id) == p,
+            Only::All | Only::Aggregate(_) => true,
+        };
+        for row in rows.iter().filter(in_partition) {
             match row.to_entry(usize::MAX) {
                 Ok(entry) => entries.push(entry),
                 Err(reason) => tracing::warn!(

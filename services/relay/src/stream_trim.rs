@@ -6,12 +6,16 @@
 
 use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, Client, RedisError, Value};
+use std::collections::HashSet;
+
+use redis::aio::ConnectionLike;
+use redis::{RedisError, Value};
+use service_kit::redis_target::{RedisConn, RedisTarget, Timeouts};
 use service_kit::Shutdown;
 use sqlx::PgPool;
 
 use crate::metrics::Metrics;
+use crate::recovery::StreamKeys;
 
 /// Entries one script call may trim.
 pub const TRIM_LIMIT: u64 = 10_000;
@@ -108,18 +112,18 @@ pub struct TrimCall {
     pub groups: Vec<Group>,
 }
 
-/// Runs the script once on `stream`.
+/// Runs the script once on `keys`' stream.
 pub async fn trim_call(
-    conn: &mut MultiplexedConnection,
-    stream: &str,
+    conn: &mut (impl ConnectionLike + Send),
+    keys: &StreamKeys,
     retention: Duration,
     limit: u64,
 ) -> Result<TrimCall, RedisError> {
     let reply: Value = redis::cmd("EVAL")
         .arg(SCRIPT)
         .arg(2)
-        .arg(stream)
-        .arg(crate::recovery::marker_key(stream))
+        .arg(&keys.stream)
+        .arg(&keys.marker)
         .arg(u64::try_from(retention.as_millis()).unwrap_or(u64::MAX))
         .arg(limit)
         .arg(EXACT_AT_MOST)
@@ -130,8 +134,8 @@ pub async fn trim_call(
 }
 
 /// The stream's groups, trimming nothing (the script with a retention no entry is older than).
-pub async fn groups(conn: &mut MultiplexedConnection, stream: &str) -> Result<Vec<Group>, RedisError> {
-    Ok(trim_call(conn, stream, Duration::MAX, 0).await?.groups)
+pub async fn groups(conn: &mut (impl ConnectionLike + Send), keys: &StreamKeys) -> Result<Vec<Group>, RedisError> {
+    Ok(trim_call(conn, keys, Duration::MAX, 0).await?.groups)
 }
 
 fn parse_reply(reply: Value) -> Option<TrimCall> {
@@ -192,14 +196,14 @@ pub struct TrimPass {
 /// Calls the script until no entry below the cut remains, [`CALLS_PER_PASS`] calls were made,
 /// or shutdown.
 pub async fn trim_pass(
-    conn: &mut MultiplexedConnection,
-    stream: &str,
+    conn: &mut (impl ConnectionLike + Send),
+    keys: &StreamKeys,
     retention: Duration,
     shutdown: &Shutdown,
 ) -> Result<TrimPass, RedisError> {
     let mut pass = TrimPass::default();
     loop {
-        let call = trim_call(conn, stream, retention, TRIM_LIMIT).await?;
+        let call = trim_call(conn, keys, retention, TRIM_LIMIT).await?;
         pass.calls += 1;
         pass.trimmed += call.trimmed;
         // Nothing trimmed though entries remain below the cut (nodes larger than the exact
@@ -216,54 +220,70 @@ pub async fn trim_pass(
     }
 }
 
-/// Trims `stream` every [`service_kit::prune::pass_interval`] of the retention until shutdown,
-/// reports its length and its groups' lag and pending counts, and records how far every group
-/// has acknowledged ([`crate::recovery`]). Redis being down is the publishers' concern: a
-/// failed pass is logged at debug and tried again next time.
+/// Trims each partition's stream every [`service_kit::prune::pass_interval`] of the retention
+/// until shutdown, reports its length and its groups' lag and pending counts, and records how
+/// far every group has acknowledged ([`crate::recovery`]). Redis being down is the publishers'
+/// concern: a failed pass is logged at debug and tried again next time.
 pub async fn trim_loop(
-    client: Client,
+    target: RedisTarget,
     pool: PgPool,
-    stream: String,
+    partitions: Vec<StreamKeys>,
     retention: Duration,
     metrics: Metrics,
     shutdown: Shutdown,
 ) {
     let every = service_kit::prune::pass_interval(retention);
-    let config = AsyncConnectionConfig::new()
-        .set_connection_timeout(Duration::from_secs(2))
-        .set_response_timeout(Duration::from_secs(10));
-    let mut conn: Option<MultiplexedConnection> = None;
+    let timeouts = Timeouts::new(Duration::from_secs(2), Duration::from_secs(10));
+    let mut conn: Option<RedisConn> = None;
+    // Per partition, the groups its last pass reported (to drop the series of one removed).
+    let mut reported: Vec<HashSet<String>> = vec![HashSet::new(); partitions.len()];
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(every) => {}
         }
         if conn.is_none() {
-            conn = client.get_multiplexed_async_connection_with_config(&config).await.ok();
+            conn = target.connect(timeouts).await.ok();
         }
-        let Some(c) = conn.as_mut() else { continue };
-        match trim_pass(c, &stream, retention, &shutdown).await {
-            Ok(pass) => {
-                if pass.trimmed > 0 {
-                    tracing::debug!(stream, trimmed = pass.trimmed, cut = ?pass.last.cut, bound_by = pass.last.bound_by, "stream trimmed");
-                }
-                metrics.record_trim(&pass);
-                if let (Some(ms), false) = (pass.last.acked_below_ms, pass.last.marker.is_empty()) {
-                    // Where republishing starts should Redis lose the stream.
-                    if let Err(e) = crate::recovery::record_acked_below(&pool, &stream, &pass.last.marker, ms).await {
-                        tracing::debug!(stream, error = %e, "recording how far the groups have acknowledged failed");
-                    }
-                }
-                if let Ok(len) = redis::cmd("XLEN").arg(&stream).query_async::<u64>(c).await {
-                    metrics.stream_length.set(i64::try_from(len).unwrap_or(i64::MAX));
-                }
+        for (keys, reported) in partitions.iter().zip(&mut reported) {
+            let Some(c) = conn.as_mut() else { break };
+            if shutdown.is_cancelled() {
+                return;
             }
-            Err(e) => {
-                tracing::debug!(stream, error = %e, "trimming the stream failed; trying again next pass");
+            if let Err(e) = trim_partition(c, &pool, keys, retention, &metrics, reported, &shutdown).await {
+                tracing::debug!(stream = keys.stream, error = %e, "trimming the stream failed; trying again next pass");
                 conn = None;
             }
         }
     }
+}
+
+/// One pass over one partition's stream.
+async fn trim_partition(
+    conn: &mut RedisConn,
+    pool: &PgPool,
+    keys: &StreamKeys,
+    retention: Duration,
+    metrics: &Metrics,
+    reported: &mut HashSet<String>,
+    shutdown: &Shutdown,
+) -> Result<(), RedisError> {
+    let stream = keys.stream.as_str();
+    let pass = trim_pass(conn, keys, retention, shutdown).await?;
+    if pass.trimmed > 0 {
+        tracing::debug!(stream, trimmed = pass.trimmed, cut = ?pass.last.cut, bound_by = pass.last.bound_by, "stream trimmed");
+    }
+    metrics.record_trim(stream, &pass, reported);
+    if let (Some(ms), false) = (pass.last.acked_below_ms, pass.last.marker.is_empty()) {
+        // Where republishing starts should Redis lose the stream.
+        if let Err(e) = crate::recovery::record_acked_below(pool, stream, &pass.last.marker, ms).await {
+            tracing::debug!(stream, error = %e, "recording how far the groups have acknowledged failed");
+        }
+    }
+    if let Ok(len) = redis::cmd("XLEN").arg(stream).query_async::<u64>(conn).await {
+        metrics.stream_length(stream).set(i64::try_from(len).unwrap_or(i64::MAX));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

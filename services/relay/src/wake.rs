@@ -6,8 +6,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, RedisError};
+use redis::RedisError;
+use service_kit::redis_target::{RedisConn, RedisTarget, Timeouts};
 use service_kit::{Backoff, Shutdown};
 use sqlx::postgres::PgListener;
 use sqlx::PgPool;
@@ -30,8 +30,8 @@ const MARK_RETRY_AFTER: Duration = Duration::from_secs(5);
 /// relay, and so is any notification while Redis does not answer (for a few seconds after each
 /// failure, without asking it).
 pub struct Responder {
-    client: redis::Client,
-    conn: Option<MultiplexedConnection>,
+    target: RedisTarget,
+    conn: Option<RedisConn>,
     prefix: String,
     /// Set after a failure: until then, answer without asking Redis.
     retry_at: Option<Instant>,
@@ -40,8 +40,8 @@ pub struct Responder {
 impl Responder {
     /// Marks go under keys named after the outbox's database and the stream, so relays of
     /// other outboxes sharing the Redis never answer for these.
-    pub fn new(client: redis::Client, database: &str, stream: &str) -> Self {
-        Self { client, conn: None, prefix: format!("outbox-answered:{database}:{stream}:"), retry_at: None }
+    pub fn new(target: RedisTarget, database: &str, stream: &str) -> Self {
+        Self { target, conn: None, prefix: format!("outbox-answered:{database}:{stream}:"), retry_at: None }
     }
 
     /// Whether this relay answers the notification whose payload is `payload`.
@@ -69,10 +69,8 @@ impl Responder {
         let conn = match &mut self.conn {
             Some(conn) => conn,
             None => {
-                let limits = AsyncConnectionConfig::new()
-                    .set_connection_timeout(Duration::from_secs(1))
-                    .set_response_timeout(Duration::from_secs(1));
-                self.conn.insert(self.client.get_multiplexed_async_connection_with_config(&limits).await?)
+                let timeouts = Timeouts::new(Duration::from_secs(1), Duration::from_secs(1));
+                self.conn.insert(self.target.connect(timeouts).await?)
             }
         };
         let set: Option<String> = redis::cmd("SET")

@@ -54,3 +54,47 @@ async fn a_batch_counts_as_published_only_once_the_required_replicas_hold_it() {
     wait_until_published(&control_db.pool, 5, Duration::from_secs(20)).await;
     relay.stop().await;
 }
+
+/// On a Redis Cluster (3 primaries, each with a replica) with 6 partitions, each batch is
+/// split by partition, every entry lands on its partition's stream on the primary serving it,
+/// and each shard's `WAIT` is answered by that primary's replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn on_a_cluster_each_partition_s_entries_go_to_its_shard_confirmed_by_its_replica() {
+    use service_kit::redis_target::{RedisTarget, Timeouts};
+    let cluster =
+        tokio::task::spawn_blocking(|| test_support::PrivateRedisCluster::start(3, 1, Duration::from_millis(1500)))
+            .await
+            .expect("cluster");
+    let target = RedisTarget::new("redis://unused", &cluster.urls()).expect("seeds");
+    let partitions = domain::Partitions::new(test_support::unique_name("relay-cluster"), 6).expect("partitions");
+    let mut publisher =
+        relay::publish::Publisher::to(target.clone(), partitions.clone()).with_min_replicas(1, Duration::from_secs(2));
+    let entries: Vec<domain::StreamEntry> = (0..60)
+        .map(|i| domain::StreamEntry {
+            event_id: ulid::Ulid::new(),
+            event_type: "OrderConfirmed".into(),
+            aggregate_type: "order".into(),
+            aggregate_id: format!("order-{i}"),
+            seq: 1,
+            occurred_at: chrono::Utc::now(),
+            payload: "{}".into(),
+            traceparent: None,
+            tracestate: None,
+            tenant_id: domain::TenantId::default_tenant(),
+        })
+        .collect();
+    let ids = publisher.publish(&entries).await.expect("published, confirmed by a replica on every shard");
+    assert_eq!(ids.len(), entries.len());
+    let mut conn =
+        target.connect(Timeouts::new(Duration::from_secs(2), Duration::from_secs(5))).await.expect("connect");
+    for (i, stream) in partitions.streams().iter().enumerate() {
+        let len: usize = redis::cmd("XLEN").arg(stream).query_async(&mut conn).await.expect("XLEN");
+        let expected = entries.iter().filter(|e| partitions.of(&e.aggregate_id) == i).count();
+        assert_eq!(len, expected, "{stream}");
+        // The shard that serves the partition's slot holds it (the slot computed here is Redis's).
+        let slot = domain::partition::key_slot(stream);
+        let node = cluster.primary_of(slot).expect("a primary for the slot");
+        assert_eq!(cluster.nodes[node].cli(&["CLUSTER", "KEYSLOT", stream]), slot.to_string());
+        assert_eq!(cluster.nodes[node].cli(&["XLEN", stream]), expected.to_string());
+    }
+}

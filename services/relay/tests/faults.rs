@@ -308,7 +308,8 @@ async fn a_crash_between_xadd_and_commit_republishes() {
 #[tokio::test]
 async fn one_relay_answers_a_notification_and_every_relay_answers_without_redis() {
     use relay::wake::Responder;
-    let client = redis::Client::open(test_support::redis_url()).expect("redis url");
+    use service_kit::redis_target::RedisTarget;
+    let client = RedisTarget::new(&test_support::redis_url(), &[]).expect("redis url");
     let stream = test_support::unique_name("relay-answer");
     let mut first = Responder::new(client.clone(), "db", &stream);
     let mut second = Responder::new(client.clone(), "db", &stream);
@@ -320,7 +321,7 @@ async fn one_relay_answers_a_notification_and_every_relay_answers_without_redis(
     assert!(first.answers("").await && second.answers("").await, "a notification naming no event wakes every relay");
 
     // Nothing listens on this port: the mark cannot be made, and the relay answers anyway.
-    let unreachable = redis::Client::open("redis://127.0.0.1:9/").expect("redis url");
+    let unreachable = RedisTarget::new("redis://127.0.0.1:9/", &[]).expect("redis url");
     let mut lost = Responder::new(unreachable, "db", &stream);
     assert!(lost.answers("42").await, "without Redis every relay answers, as before");
 }
@@ -328,6 +329,7 @@ async fn one_relay_answers_a_notification_and_every_relay_answers_without_redis(
 #[tokio::test]
 async fn a_redis_that_does_not_respond_holds_up_one_notification_not_each() {
     use relay::wake::Responder;
+    use service_kit::redis_target::RedisTarget;
     // Accepts connections and never says a word.
     let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = silent.local_addr().expect("addr");
@@ -337,7 +339,7 @@ async fn a_redis_that_does_not_respond_holds_up_one_notification_not_each() {
             open.push(conn);
         }
     });
-    let client = redis::Client::open(format!("redis://{addr}/")).expect("redis url");
+    let client = RedisTarget::new(&format!("redis://{addr}/"), &[]).expect("redis url");
     let mut responder = Responder::new(client, "db", "silent");
     assert!(responder.answers("1").await, "answered once the mark times out");
     let started = std::time::Instant::now();

@@ -76,7 +76,7 @@ async fn replay_republishes_retained_events_in_id_order() {
 
     let since = Utc::now() - chrono::Duration::hours(1);
     // Batch of 2: several pages, each one pipeline.
-    let n = relay::replay::replay(&db.pool, &mut publisher, since, None, 2).await.expect("replay");
+    let n = relay::replay::replay(&db.pool, &mut publisher, since, relay::replay::Only::All, 2).await.expect("replay");
     assert_eq!(n, 7);
     let entries = read_stream(&redis, &stream).await;
     let got: Vec<(String, i64)> = entries.iter().map(|e| (e.aggregate_id.clone(), e.seq)).collect();
@@ -87,7 +87,9 @@ async fn replay_republishes_retained_events_in_id_order() {
     assert_eq!(got, want);
 
     delete_stream(&redis, &stream).await;
-    let n = relay::replay::replay(&db.pool, &mut publisher, since, Some("b"), 1000).await.expect("replay one");
+    let n = relay::replay::replay(&db.pool, &mut publisher, since, relay::replay::Only::Aggregate("b"), 1000)
+        .await
+        .expect("replay one");
     assert_eq!(n, 3);
     assert!(read_stream(&redis, &stream).await.iter().all(|e| e.aggregate_id == "b"));
     delete_stream(&redis, &stream).await;

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use common::{append_with, config, counter, migrated_database, order_payload, stream_len, RunningRelay};
 use redis::AsyncCommands;
-use relay::recovery::{check, check_tails, marker_key, record_acked_below, Check, RecoverySettings, TailCheck, MARGIN};
+use relay::recovery::{
+    check, check_tails, marker_key, record_acked_below, Check, RecoverySettings, StreamKeys, TailCheck, MARGIN,
+};
 
 const DAY: Duration = Duration::from_secs(86_400);
 const HOUR: Duration = Duration::from_secs(3_600);
@@ -16,8 +18,11 @@ async fn the_marker_is_set_once_and_its_loss_is_claimed_by_exactly_one_checker()
     let db = migrated_database("relay_marker").await;
     let stream = test_support::unique_name("relay-marker");
     let mut conn = test_support::redis_connection().await;
-    assert_eq!(check(&mut conn, &db.pool, &stream, DAY, MARGIN).await.unwrap(), Check::Started);
-    assert_eq!(check(&mut conn, &db.pool, &stream, DAY, MARGIN).await.unwrap(), Check::Intact);
+    assert_eq!(
+        check(&mut conn, &db.pool, &StreamKeys::new(&stream, false), DAY, MARGIN).await.unwrap(),
+        Check::Started
+    );
+    assert_eq!(check(&mut conn, &db.pool, &StreamKeys::new(&stream, false), DAY, MARGIN).await.unwrap(), Check::Intact);
 
     // Every group had acknowledged everything below a minute ago: republishing starts a
     // minute before that.
@@ -31,7 +36,7 @@ async fn the_marker_is_set_once_and_its_loss_is_claimed_by_exactly_one_checker()
         let (pool, stream) = (db.pool.clone(), stream.clone());
         tokio::spawn(async move {
             let mut conn = test_support::redis_connection().await;
-            check(&mut conn, &pool, &stream, DAY, MARGIN).await.unwrap()
+            check(&mut conn, &pool, &StreamKeys::new(&stream, false), DAY, MARGIN).await.unwrap()
         })
     });
     let mut lost = Vec::new();
@@ -43,12 +48,16 @@ async fn the_marker_is_set_once_and_its_loss_is_claimed_by_exactly_one_checker()
     assert_eq!(lost.len(), 1, "one relay republishes");
     let expected = acked - chrono::Duration::from_std(MARGIN).unwrap();
     assert!((lost[0] - expected).num_milliseconds().abs() <= 1, "{} vs {expected}", lost[0]);
-    assert_eq!(check(&mut conn, &db.pool, &stream, DAY, MARGIN).await.unwrap(), Check::Intact);
+    assert_eq!(check(&mut conn, &db.pool, &StreamKeys::new(&stream, false), DAY, MARGIN).await.unwrap(), Check::Intact);
 
     // Never measured: everything retained.
     sqlx::query("UPDATE stream_positions SET acked_below_ms = NULL").execute(&db.pool).await.unwrap();
     let _: () = conn.del(marker_key(&stream)).await.unwrap();
-    let Check::Lost { since } = check(&mut conn, &db.pool, &stream, DAY, MARGIN).await.unwrap() else { panic!("lost") };
+    let Check::Lost { since } =
+        check(&mut conn, &db.pool, &StreamKeys::new(&stream, false), DAY, MARGIN).await.unwrap()
+    else {
+        panic!("lost")
+    };
     let retained_from = chrono::Utc::now() - chrono::Duration::days(1);
     assert!((since - retained_from).num_seconds().abs() <= 5, "{since}");
 }
@@ -88,7 +97,13 @@ fn id_time(id: &str) -> chrono::DateTime<chrono::Utc> {
 }
 
 fn settings(stream: &str, stream_retention: Duration) -> RecoverySettings {
-    RecoverySettings { stream: stream.to_owned(), retention: DAY, stream_retention, batch_size: 100, margin: MARGIN }
+    RecoverySettings {
+        partitions: vec![StreamKeys::new(stream, false)],
+        retention: DAY,
+        stream_retention,
+        batch_size: 100,
+        margin: MARGIN,
+    }
 }
 
 #[tokio::test]
@@ -96,7 +111,10 @@ async fn an_added_entry_gone_with_the_marker_kept_owes_what_came_after_the_newes
     let db = migrated_database("relay_tails").await;
     let stream = test_support::unique_name("relay-tails");
     let mut conn = test_support::redis_connection().await;
-    assert_eq!(check(&mut conn, &db.pool, &stream, DAY, MARGIN).await.unwrap(), Check::Started);
+    assert_eq!(
+        check(&mut conn, &db.pool, &StreamKeys::new(&stream, false), DAY, MARGIN).await.unwrap(),
+        Check::Started
+    );
     let epoch: String = conn.get(marker_key(&stream)).await.unwrap();
     let mut ids = Vec::new();
     for i in 0..3 {
@@ -107,13 +125,17 @@ async fn an_added_entry_gone_with_the_marker_kept_owes_what_came_after_the_newes
     let hour = settings(&stream, HOUR);
     let tails = |range: std::ops::Range<usize>| ids[range].to_vec();
     assert_eq!(
-        check_tails(&mut conn, &db.pool, &stream, &tails(0..3), Some(&epoch), &hour).await.unwrap(),
+        check_tails(&mut conn, &db.pool, &StreamKeys::new(&stream, false), &tails(0..3), Some(&epoch), &hour)
+            .await
+            .unwrap(),
         TailCheck::Held
     );
 
     // A failover to a replica that had received only the first entry: the marker came along.
     let _: u64 = conn.xdel(&stream, &ids[1..]).await.unwrap();
-    let checked = check_tails(&mut conn, &db.pool, &stream, &tails(1..3), Some(&epoch), &hour).await.unwrap();
+    let checked = check_tails(&mut conn, &db.pool, &StreamKeys::new(&stream, false), &tails(1..3), Some(&epoch), &hour)
+        .await
+        .unwrap();
     // From the newest entry still held, less the margin.
     let expected = id_time(&ids[0]) - chrono::Duration::from_std(MARGIN).unwrap();
     let TailCheck::Lost { since } = checked else { panic!("{checked:?}") };
@@ -129,16 +151,22 @@ async fn an_added_entry_gone_with_the_marker_kept_owes_what_came_after_the_newes
     // An entry older than the stream's retention may have been trimmed: not judged.
     let zero = settings(&stream, Duration::ZERO);
     assert_eq!(
-        check_tails(&mut conn, &db.pool, &stream, &tails(1..3), Some(&epoch), &zero).await.unwrap(),
+        check_tails(&mut conn, &db.pool, &StreamKeys::new(&stream, false), &tails(1..3), Some(&epoch), &zero)
+            .await
+            .unwrap(),
         TailCheck::Held
     );
     // Nor ones added to a stream since lost whole and replaced (another relay found its marker
     // gone, and republishes from the point every group had acknowledged).
-    let checked = check_tails(&mut conn, &db.pool, &stream, &tails(1..3), Some("lost"), &hour).await.unwrap();
+    let checked = check_tails(&mut conn, &db.pool, &StreamKeys::new(&stream, false), &tails(1..3), Some("lost"), &hour)
+        .await
+        .unwrap();
     assert_eq!(checked, TailCheck::Replaced);
     // Nor one under a marker that is not the one recorded (its own check comes first).
     let _: () = conn.set(marker_key(&stream), "another").await.unwrap();
-    let checked = check_tails(&mut conn, &db.pool, &stream, &tails(1..3), Some(&epoch), &hour).await.unwrap();
+    let checked = check_tails(&mut conn, &db.pool, &StreamKeys::new(&stream, false), &tails(1..3), Some(&epoch), &hour)
+        .await
+        .unwrap();
     assert_eq!(checked, TailCheck::MarkerChanged);
     let _: () = conn.del(&[stream.as_str(), marker_key(&stream).as_str()]).await.unwrap();
 }

@@ -8,6 +8,7 @@ use common::{append_with, config, count, migrated_database, order_payload, Runni
 use redis::aio::MultiplexedConnection;
 use redis::streams::{StreamReadOptions, StreamReadReply};
 use redis::AsyncCommands;
+use relay::recovery::StreamKeys;
 use relay::stream_trim::{trim_call, trim_pass, TRIM_LIMIT};
 use service_kit::Shutdown;
 
@@ -93,7 +94,7 @@ async fn a_slow_group_holds_the_stream_and_a_fast_one_makes_it_lose_nothing() {
     let handed = read_new(&mut conn, &stream, "slow", "s1", 30).await;
     ack(&mut conn, &stream, "slow", &handed[..10]).await;
 
-    let call = trim_call(&mut conn, &stream, Duration::ZERO, TRIM_LIMIT).await.expect("trim");
+    let call = trim_call(&mut conn, &StreamKeys::new(&stream, false), Duration::ZERO, TRIM_LIMIT).await.expect("trim");
     assert_eq!(call.trimmed, 10, "{call:?}");
     assert_eq!(call.bound_by, "group slow");
     assert_eq!(call.cut.as_deref(), Some(ids[10].as_str()));
@@ -109,7 +110,7 @@ async fn a_slow_group_holds_the_stream_and_a_fast_one_makes_it_lose_nothing() {
 
     // Acknowledged, the next 70 it has not even been handed still stay.
     ack(&mut conn, &stream, "slow", &handed[10..]).await;
-    let call = trim_call(&mut conn, &stream, Duration::ZERO, TRIM_LIMIT).await.expect("trim");
+    let call = trim_call(&mut conn, &StreamKeys::new(&stream, false), Duration::ZERO, TRIM_LIMIT).await.expect("trim");
     assert_eq!((call.trimmed, call.cut.as_deref()), (20, Some(ids[30].as_str())));
     assert_eq!(conn.xlen::<_, usize>(&stream).await.expect("XLEN"), 70);
     let _: () = conn.del(&stream).await.expect("DEL");
@@ -136,22 +137,24 @@ async fn nothing_goes_before_the_retention_nor_without_a_group_nor_past_what_was
     let stream = test_support::unique_name("trim-bounds");
     let ids = stream_of(&mut conn, &stream, 50).await;
     // No group yet: a group created later reads from the start.
-    let call = trim_call(&mut conn, &stream, Duration::ZERO, TRIM_LIMIT).await.expect("trim");
+    let call = trim_call(&mut conn, &StreamKeys::new(&stream, false), Duration::ZERO, TRIM_LIMIT).await.expect("trim");
     assert_eq!((call.trimmed, call.cut, call.bound_by.as_str()), (0, None, "no group"));
 
     create_group(&mut conn, &stream, "g").await;
     let read = read_new(&mut conn, &stream, "g", "c", 20).await;
     ack(&mut conn, &stream, "g", &read).await;
     // Acknowledged but younger than the retention.
-    let call = trim_call(&mut conn, &stream, Duration::from_secs(3600), TRIM_LIMIT).await.expect("trim");
+    let call = trim_call(&mut conn, &StreamKeys::new(&stream, false), Duration::from_secs(3600), TRIM_LIMIT)
+        .await
+        .expect("trim");
     assert_eq!((call.trimmed, call.bound_by.as_str()), (0, "retention"));
     // Past the retention: exactly the 20 delivered and acknowledged, not the 30 never delivered.
-    let call = trim_call(&mut conn, &stream, Duration::ZERO, TRIM_LIMIT).await.expect("trim");
+    let call = trim_call(&mut conn, &StreamKeys::new(&stream, false), Duration::ZERO, TRIM_LIMIT).await.expect("trim");
     assert_eq!((call.trimmed, call.bound_by.as_str()), (20, "group g"));
     assert_eq!(first_id(&mut conn, &stream).await.as_deref(), Some(ids[20].as_str()));
     // A missing stream is no error.
     let _: () = conn.del(&stream).await.expect("DEL");
-    let call = trim_call(&mut conn, &stream, Duration::ZERO, TRIM_LIMIT).await.expect("trim");
+    let call = trim_call(&mut conn, &StreamKeys::new(&stream, false), Duration::ZERO, TRIM_LIMIT).await.expect("trim");
     assert_eq!((call.trimmed, call.bound_by.as_str()), (0, "no stream"));
 }
 
@@ -163,9 +166,10 @@ async fn a_large_backlog_goes_in_calls_of_bounded_size() {
     stream_of(&mut conn, &stream, n).await;
     create_group(&mut conn, &stream, "g").await;
     let () = redis::cmd("XGROUP").arg("SETID").arg(&stream).arg("g").arg("$").query_async(&mut conn).await.unwrap();
-    let first = trim_call(&mut conn, &stream, Duration::ZERO, TRIM_LIMIT).await.expect("trim");
+    let first = trim_call(&mut conn, &StreamKeys::new(&stream, false), Duration::ZERO, TRIM_LIMIT).await.expect("trim");
     assert!(first.trimmed <= TRIM_LIMIT, "{first:?}");
-    let pass = trim_pass(&mut conn, &stream, Duration::ZERO, &Shutdown::new()).await.expect("pass");
+    let pass =
+        trim_pass(&mut conn, &StreamKeys::new(&stream, false), Duration::ZERO, &Shutdown::new()).await.expect("pass");
     assert!(pass.calls >= 2, "{pass:?}");
     assert_eq!(first.trimmed + pass.trimmed, n as u64);
     assert_eq!(conn.xlen::<_, usize>(&stream).await.expect("XLEN"), 0);
@@ -209,8 +213,9 @@ async fn a_relay_with_a_short_retention_keeps_the_stream_to_what_the_group_has_n
     assert!(history.iter().all(|(_, whole)| *whole));
     let metrics = reqwest::get(format!("http://{}/metrics", relay.addr)).await.unwrap().text().await.unwrap();
     assert!(metrics.contains("outbox_stream_trimmed_total 200"), "{metrics}");
-    assert!(metrics.contains(r#"outbox_stream_group_pending{group="readers"} 50"#), "{metrics}");
-    assert!(metrics.contains(r#"outbox_stream_group_lag{group="readers"} 50"#), "{metrics}");
+    let series = |name: &str| format!(r#"{name}{{stream="{stream}",group="readers"}} 50"#);
+    assert!(metrics.contains(&series("outbox_stream_group_pending")), "{metrics}");
+    assert!(metrics.contains(&series("outbox_stream_group_lag")), "{metrics}");
     assert_eq!(count(&db.pool, "SELECT count(*) FROM outbox_published").await, 300, "the outbox keeps its record");
     relay.stop().await;
     let _: () = conn.del(&stream).await.expect("DEL");
@@ -247,13 +252,13 @@ async fn a_group_nobody_reads_is_listed_with_its_lag_and_removed_by_a_command() 
     assert_eq!(conn.xlen::<_, usize>(&stream).await.expect("XLEN"), 30, "listing trims nothing");
 
     // The abandoned group holds every entry; once removed, the stream is trimmed past it.
-    let held = trim_call(&mut conn, &stream, Duration::ZERO, TRIM_LIMIT).await.expect("trim");
+    let held = trim_call(&mut conn, &StreamKeys::new(&stream, false), Duration::ZERO, TRIM_LIMIT).await.expect("trim");
     assert_eq!((held.trimmed, held.bound_by.as_str()), (0, "group abandoned"));
     let (ok, out) = relay_command(&stream, &["stream", "drop-group", "abandoned"]);
     assert!(ok, "{out}");
     let (ok, out) = relay_command(&stream, &["stream", "drop-group", "abandoned"]);
     assert!(!ok && out.contains("no group abandoned"), "{out}");
-    let call = trim_call(&mut conn, &stream, Duration::ZERO, TRIM_LIMIT).await.expect("trim");
+    let call = trim_call(&mut conn, &StreamKeys::new(&stream, false), Duration::ZERO, TRIM_LIMIT).await.expect("trim");
     assert_eq!(call.trimmed, 30);
     let _: () = conn.del(&stream).await.expect("DEL");
 }

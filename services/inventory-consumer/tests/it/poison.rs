@@ -176,14 +176,27 @@ async fn an_entry_the_database_refuses_is_dead_lettered_after_max_deliveries_fai
     let mut conn = h.redis.clone();
     let listed = inventory_consumer::dead_letters::list(h.pool(), false).await.unwrap();
     assert_eq!(listed.iter().map(|d| d.id).collect::<Vec<_>>(), vec![dl_id]);
-    let redriven =
-        inventory_consumer::dead_letters::redrive(h.pool(), &mut conn, &h.stream, Some(dl_id)).await.unwrap();
+    let redriven = inventory_consumer::dead_letters::redrive(
+        h.pool(),
+        &mut conn,
+        &domain::Partitions::single(&h.stream),
+        Some(dl_id),
+    )
+    .await
+    .unwrap();
     assert_eq!(redriven.len(), 1);
     h.drained().await;
     assert_eq!(h.stock("SKU-1").await, (10, 5));
     assert!(inventory_consumer::dead_letters::list(h.pool(), false).await.unwrap().is_empty());
     // A second re-drive of the same dead letter is refused.
-    assert!(inventory_consumer::dead_letters::redrive(h.pool(), &mut conn, &h.stream, Some(dl_id)).await.is_err());
+    assert!(inventory_consumer::dead_letters::redrive(
+        h.pool(),
+        &mut conn,
+        &domain::Partitions::single(&h.stream),
+        Some(dl_id)
+    )
+    .await
+    .is_err());
     running.stop().await;
 }
 

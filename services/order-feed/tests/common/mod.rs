@@ -1,5 +1,8 @@
 //! Feeds run in-process on a stream of their own, and events written as the relays write them.
 
+// Each test crate uses its own share of these.
+#![allow(dead_code)]
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -14,6 +17,7 @@ pub use test_support::sse::{ids, SseClient};
 pub fn config(stream: &str) -> Config {
     Config {
         redis_url: test_support::redis_url(),
+        topology: Default::default(),
         redis_stream: stream.to_owned(),
         http_addr: "127.0.0.1:0".parse().expect("address"),
         // /metrics on the same listener (the tests read it there).
@@ -59,6 +63,15 @@ impl RunningFeed {
     pub async fn wait_read(&self, n: u64) {
         let line = format!("feed_events_read_total {n}");
         test_support::eventually(&format!("{n} events read"), Duration::from_secs(10), || async {
+            self.metrics().await.lines().any(|l| l == line).then_some(())
+        })
+        .await;
+    }
+
+    /// Waits until this replica keeps `n` events (loaded or read).
+    pub async fn wait_kept(&self, n: usize) {
+        let line = format!("feed_history_events {n}");
+        test_support::eventually(&format!("{n} events kept"), Duration::from_secs(10), || async {
             self.metrics().await.lines().any(|l| l == line).then_some(())
         })
         .await;

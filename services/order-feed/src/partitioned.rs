@@ -1,0 +1,230 @@
+//! Reading the partition streams (`STREAM_PARTITIONS` > 1) into the [`History`], in the one
+//! order every replica gives their entries ([`crate::merge`]), so that a cursor names the same
+//! place on each replica, for a client of one order or of the whole tenant.
+//!
+//! The feed polls: `XREAD BLOCK` cannot tell when the watermark has passed an entry. Each
+//! round reads the partitions at once, each with one read-only script on its own shard (a page
+//! after the last entry read, and the server's clock, read together), then passes on what the
+//! watermark lets through. The next round follows at once while a page came back full; while
+//! entries wait on a slower clock, after about as long as that clock needs to pass them; else
+//! after [`POLL`]. So an idle replica runs N scripts every 20 ms, and an event reaches its
+//! clients up to 20 ms after it is written, plus the skew between the clocks of the shards
+//! that hold the partitions (with one Redis, one clock). While the entries waiting exceed the
+//! history's size, only the partitions holding the watermark back are read.
+//!
+//! At start it loads the newest entries of all partitions ([`crate::merge::Load`]): each
+//! partition's first page by the same kind of script, older pages by plain `XREVRANGE`. After
+//! a lost connection each partition goes on as the one stream does ([`crate::tail`]): a
+//! partition gone is read from its start, one come back shorter after its newest entry, and
+//! one whose last entry read was trimmed makes every client reload; so does one nothing was
+//! read of, if entries were trimmed from it meanwhile (with many partitions, some are often
+//! still empty when a replica starts).
+//!
+//! [`History`]: crate::history::History
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use domain::Partitions;
+use redis::streams::{StreamId, StreamRangeReply};
+use redis::RedisError;
+use service_kit::redis_target::{RedisConn, RedisTarget, Timeouts};
+use service_kit::{Backoff, Shutdown};
+
+use crate::intake::Intake;
+use crate::merge::{EntryId, FirstPage, Load, Merge};
+use crate::tail::{resume_from, resume_unread};
+
+/// Entries read per partition per round, and per page of the first load.
+const PAGE: usize = 1000;
+
+/// Between rounds that found nothing new.
+pub const POLL: Duration = Duration::from_millis(20);
+
+/// A page of a partition stream after the last entry read, and the server's clock, read in
+/// one step: no entry can be added between the two.
+const READ_AFTER: &str = "\
+-- KEYS[1]: a partition stream; ARGV[1]: the last entry read; ARGV[2]: the most entries.
+local entries = redis.call('XRANGE', KEYS[1], '(' .. ARGV[1], '+', 'COUNT', ARGV[2])
+local now = redis.call('TIME')
+return {entries, now[1], now[2]}
+";
+
+/// A partition stream's newest entries, newest first, and the server's clock, read in one step.
+const READ_NEWEST: &str = "\
+-- KEYS[1]: a partition stream; ARGV[1]: the most entries.
+local entries = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', ARGV[1])
+local now = redis.call('TIME')
+return {entries, now[1], now[2]}
+";
+
+pub struct PartitionedTail {
+    pub target: RedisTarget,
+    pub partitions: Partitions,
+    pub intake: Intake,
+    pub history_len: usize,
+    /// `FEED_BLOCK`: no read blocks here, but answers are waited for as long as on one stream.
+    pub block: Duration,
+    /// Set while the history holds the streams' recent entries and reading keeps up.
+    pub caught_up: Arc<AtomicBool>,
+}
+
+/// Entries of a partition stream, with its server's clock when they were read.
+struct Page {
+    entries: Vec<StreamId>,
+    now_ms: u64,
+}
+
+impl PartitionedTail {
+    /// Reads until `shutdown`.
+    pub async fn run(self, shutdown: Shutdown) {
+        let mut retry = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        let mut merge = None;
+        loop {
+            let error = tokio::select! {
+                () = shutdown.cancelled() => return,
+                error = self.follow(&mut merge, &mut retry) => error,
+            };
+            self.caught_up.store(false, Ordering::Release);
+            tracing::warn!(stream = self.partitions.base(), error = %error, "reading the partitions failed; retrying");
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(retry.next_delay()) => {}
+            }
+        }
+    }
+
+    /// Connects and reads until reading fails: the error. `merge` outlives a lost connection.
+    async fn follow(&self, merge: &mut Option<Merge<StreamId>>, retry: &mut Backoff) -> RedisError {
+        let following: Result<Infallible, RedisError> = async {
+            let timeouts = Timeouts::new(Duration::from_secs(5), self.block + Duration::from_secs(10));
+            let conn = self.target.connect(timeouts).await?;
+            let merge = match merge {
+                Some(merge) => {
+                    self.resume(&conn, merge).await?;
+                    merge
+                }
+                None => merge.insert(self.load(&conn).await?),
+            };
+            loop {
+                let any_full = self.round(&conn, merge).await?;
+                // Reading works: the replica keeps up, and a later failure starts its backoff anew.
+                self.caught_up.store(true, Ordering::Release);
+                retry.reset();
+                let pause = merge.pause(any_full, POLL);
+                if !pause.is_zero() {
+                    tokio::time::sleep(pause).await;
+                }
+            }
+        }
+        .await;
+        match following {
+            Err(e) => e,
+            Ok(never) => match never {},
+        }
+    }
+
+    /// Loads the newest entries of all partitions into the history: the merge that reads on.
+    async fn load(&self, conn: &RedisConn) -> Result<Merge<StreamId>, RedisError> {
+        let firsts = self.partitions.streams().iter().map(|stream| {
+            let mut conn = conn.clone();
+            async move { read_newest(&mut conn, stream).await }
+        });
+        let firsts = futures::future::try_join_all(firsts).await?;
+        let firsts = firsts
+            .into_iter()
+            .map(|page| FirstPage {
+                full: page.entries.len() == PAGE,
+                entries: with_ids(page.entries),
+                now_ms: page.now_ms,
+            })
+            .collect();
+        let mut load = Load::new(firsts, self.history_len);
+        let mut conn = conn.clone();
+        while let Some((partition, before)) = load.advance() {
+            let page: StreamRangeReply = redis::cmd("XREVRANGE")
+                .arg(self.partitions.stream(partition))
+                .arg(format!("({before}"))
+                .arg("-")
+                .arg("COUNT")
+                .arg(PAGE)
+                .query_async(&mut conn)
+                .await?;
+            let full = page.ids.len() == PAGE;
+            load.add_page(partition, with_ids(page.ids), full);
+        }
+        let (history, merge) = load.finish(self.history_len.max(PAGE));
+        for (_, entry) in &history {
+            self.intake.load(entry);
+        }
+        self.intake.loaded();
+        tracing::info!(
+            stream = self.partitions.base(),
+            partitions = self.partitions.count(),
+            loaded = history.len(),
+            waiting = merge.pending(),
+            "history loaded"
+        );
+        Ok(merge)
+    }
+
+    /// Where each partition goes on after a lost connection.
+    async fn resume(&self, conn: &RedisConn, merge: &mut Merge<StreamId>) -> Result<(), RedisError> {
+        let mut conn = conn.clone();
+        for (partition, stream) in self.partitions.streams().iter().enumerate() {
+            let last = merge.last(partition);
+            if last == EntryId::ZERO {
+                resume_unread(&mut conn, stream, &self.intake).await?;
+                continue;
+            }
+            let from = resume_from(&mut conn, stream, last.to_string(), &self.intake).await?;
+            merge.resume(partition, EntryId::from(from.as_str()));
+        }
+        Ok(())
+    }
+
+    /// Reads the partitions wanted, at once, and passes on what may go: whether a page came
+    /// back full.
+    async fn round(&self, conn: &RedisConn, merge: &mut Merge<StreamId>) -> Result<bool, RedisError> {
+        let reads = merge.wanted().into_iter().map(|partition| {
+            let mut conn = conn.clone();
+            let (stream, after) = (self.partitions.stream(partition), merge.last(partition));
+            async move { read_after(&mut conn, stream, after).await.map(|page| (partition, page)) }
+        });
+        let pages = futures::future::try_join_all(reads).await?;
+        let mut any_full = false;
+        for (partition, page) in pages {
+            let full = page.entries.len() == PAGE;
+            any_full |= full;
+            merge.take_page(partition, with_ids(page.entries), full, page.now_ms);
+        }
+        for (rank, entry) in merge.release() {
+            self.intake.take(&entry, self.partitions.stream(rank.partition));
+        }
+        Ok(any_full)
+    }
+}
+
+async fn read_after(conn: &mut RedisConn, stream: &str, after: EntryId) -> Result<Page, RedisError> {
+    let mut script = redis::cmd("EVAL_RO");
+    script.arg(READ_AFTER).arg(1).arg(stream).arg(after.to_string()).arg(PAGE);
+    page(conn, &script).await
+}
+
+async fn read_newest(conn: &mut RedisConn, stream: &str) -> Result<Page, RedisError> {
+    let mut script = redis::cmd("EVAL_RO");
+    script.arg(READ_NEWEST).arg(1).arg(stream).arg(PAGE);
+    page(conn, &script).await
+}
+
+/// Runs a script that answers entries and the server's `TIME` (seconds, microseconds).
+async fn page(conn: &mut RedisConn, script: &redis::Cmd) -> Result<Page, RedisError> {
+    let (range, seconds, micros): (StreamRangeReply, u64, u64) = script.query_async(conn).await?;
+    Ok(Page { entries: range.ids, now_ms: seconds.saturating_mul(1000).saturating_add(micros / 1000) })
+}
+
+fn with_ids(entries: Vec<StreamId>) -> Vec<(EntryId, StreamId)> {
+    entries.into_iter().map(|e| (EntryId::from(e.id.as_str()), e)).collect()
+}
