@@ -218,7 +218,7 @@ async fn redis_restarted_empty_mid_load_drains_to_the_exact_model_with_nothing_r
         let mut conn = conn.clone();
         let cluster = &cluster;
         async move {
-            let b = backlog(&cluster.orders_db, &cluster.inventory_db, &mut conn, &cluster.stream, &cluster.group)
+            let b = backlog(&cluster.orders_db, &cluster.inventory_db, &mut conn, &cluster.streams, &cluster.group)
                 .await
                 .ok()?;
             (b.outbox_pending == 0).then_some(b)

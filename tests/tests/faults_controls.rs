@@ -73,7 +73,7 @@ async fn cache_redis_forgets(seed: u64, retained: bool) -> (Cluster, Arc<Vec<Pla
     let client = cluster.redis_client().expect("redis client");
     test_support::eventually("consumer group recreated", Duration::from_secs(60), || async {
         let mut conn = client.get_multiplexed_async_connection().await.ok()?;
-        backlog(&cluster.orders_db, &cluster.inventory_db, &mut conn, &cluster.stream, &cluster.group).await.ok()
+        backlog(&cluster.orders_db, &cluster.inventory_db, &mut conn, &cluster.streams, &cluster.group).await.ok()
     })
     .await;
     (cluster, plan, outcome)

@@ -109,12 +109,27 @@ async fn denials(admin: &mut MultiplexedConnection, user: &str) -> Vec<String> {
 
 #[tokio::test]
 async fn relay_and_consumer_work_as_their_own_redis_users_and_may_do_no_more() {
-    let stream = test_support::unique_name("users-stream");
-    let redis = UsersRedis::start(&stream);
+    users_work_and_may_do_no_more(1).await;
+}
+
+/// The same with the events spread over partition streams: the users' key patterns cover
+/// them, their dead letters and the recorded number of partitions.
+#[tokio::test]
+async fn with_partitions_the_users_work_on_every_partition_and_may_do_no_more() {
+    users_work_and_may_do_no_more(3).await;
+}
+
+async fn users_work_and_may_do_no_more(partitions: u16) {
+    let base = test_support::unique_name("users-stream");
+    let redis = UsersRedis::start(&base);
     let mut admin = redis.connect("admin", ADMIN_PASSWORD).await;
+    let streams = domain::Partitions::new(&base, partitions).expect("partitions").streams().to_vec();
+    // The checks of one stream use the first partition's.
+    let stream = streams[0].clone();
 
     let env = Env {
-        redis: Some((redis.url("admin", ADMIN_PASSWORD), stream.clone())),
+        all: vec![("STREAM_PARTITIONS".into(), partitions.to_string())],
+        redis: Some((redis.url("admin", ADMIN_PASSWORD), base.clone())),
         // Trimming runs every half second, so the relay's trim runs under its user too.
         relay: vec![
             ("REDIS_URL".into(), redis.url("relay", RELAY_PASSWORD)),
@@ -127,7 +142,11 @@ async fn relay_and_consumer_work_as_their_own_redis_users_and_may_do_no_more() {
     // The live feed, as its own user: it loads the stream and follows it.
     let mut feed = system_tests::ServiceProcess::spawn(
         "order-feed",
-        [("REDIS_URL", redis.url("feed", FEED_PASSWORD)), ("REDIS_STREAM", stream.clone())],
+        [
+            ("REDIS_URL", redis.url("feed", FEED_PASSWORD)),
+            ("REDIS_STREAM", base.clone()),
+            ("STREAM_PARTITIONS", partitions.to_string()),
+        ],
     );
     feed.wait_ready(Duration::from_secs(30)).await;
 
@@ -148,7 +167,9 @@ async fn relay_and_consumer_work_as_their_own_redis_users_and_may_do_no_more() {
     let dlq = format!("{stream}.dlq");
     xlen_reaches(&admin, &dlq, 1, "the poison entry dead-lettered").await;
     // Every entry acknowledged and older than the retention: the relay trims them all.
-    xlen_reaches(&admin, &stream, 0, "the relay trimmed the acknowledged entries").await;
+    for partition in &streams {
+        xlen_reaches(&admin, partition, 0, "the relay trimmed the acknowledged entries").await;
+    }
     // Nothing either service did was refused, however it handled the refusal.
     for user in ["relay", "inventory", "feed"] {
         assert_eq!(denials(&mut admin, user).await, Vec::<String>::new(), "{user} was refused");

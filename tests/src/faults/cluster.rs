@@ -5,8 +5,9 @@ use std::net::TcpListener;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use service_kit::redis_target::RedisTarget;
 use sqlx::PgPool;
-use test_support::{fresh_database_on, PrivatePostgres, PrivateRedis};
+use test_support::{fresh_database_on, PrivatePostgres, PrivateRedis, PrivateRedisCluster};
 
 use super::drain::{metrics_text, sample, Backlog, RedeliverySampler};
 use super::process::{binary, Service};
@@ -29,6 +30,12 @@ pub struct ClusterSpec {
     pub stream_retention: Option<Duration>,
     pub idempotency_key_ttl: Option<Duration>,
     pub dedupe_retention: Option<Duration>,
+    /// A Redis Cluster of 3 primaries, each with a replica, instead of one Redis.
+    pub redis_cluster: bool,
+    /// `STREAM_PARTITIONS` of the relays and consumers.
+    pub stream_partitions: u16,
+    /// `REDIS_MIN_REPLICAS` of the relays.
+    pub redis_min_replicas: Option<u32>,
     /// `RUST_LOG` of the services.
     pub log_filter: String,
 }
@@ -48,6 +55,9 @@ impl ClusterSpec {
             stream_retention: None,
             idempotency_key_ttl: None,
             dedupe_retention: None,
+            redis_cluster: false,
+            stream_partitions: 1,
+            redis_min_replicas: None,
             log_filter: std::env::var("FAULTS_RUST_LOG").unwrap_or_else(|_| "warn".to_owned()),
         }
     }
@@ -69,12 +79,16 @@ impl Default for ClusterSpec {
 pub struct Cluster {
     pub spec: ClusterSpec,
     pub postgres: PrivatePostgres,
+    /// The one Redis (started, and unused, when there is a cluster).
     pub redis: PrivateRedis,
+    pub redis_cluster: Option<PrivateRedisCluster>,
     pub orders_db: PgPool,
     pub orders_url: String,
     pub inventory_db: PgPool,
     pub inventory_url: String,
+    /// `REDIS_STREAM`, and the streams of its partitions (itself alone with one).
     pub stream: String,
+    pub streams: Vec<String>,
     pub group: String,
     pub order_service: Service,
     pub relays: Vec<Service>,
@@ -95,6 +109,9 @@ fn consumer_name(name: &str, incarnation: u32) -> Vec<(String, String)> {
     vec![("CONSUMER_NAME".to_owned(), format!("{name}-{incarnation}"))]
 }
 
+/// How long a cluster's primary may be unreachable before its replica takes over.
+pub const CLUSTER_NODE_TIMEOUT: Duration = Duration::from_millis(1500);
+
 fn ms(d: Duration) -> String {
     format!("{}ms", d.as_millis())
 }
@@ -111,17 +128,32 @@ impl Cluster {
         let redis = tokio::task::spawn_blocking(move || PrivateRedis::start(persistent))
             .await
             .map_err(|e| FaultError::Setup(format!("redis: {e}")))?;
+        let redis_cluster = if spec.redis_cluster {
+            let cluster = tokio::task::spawn_blocking(|| PrivateRedisCluster::start(3, 1, CLUSTER_NODE_TIMEOUT)).await;
+            Some(cluster.map_err(|e| FaultError::Setup(format!("redis cluster: {e}")))?)
+        } else {
+            None
+        };
         let orders = fresh_database_on(&postgres.url(), "orders").await;
         let inventory = fresh_database_on(&postgres.url(), "inventory").await;
         let stream = "orders.events".to_owned();
+        let streams = domain::Partitions::new(&stream, spec.stream_partitions)
+            .map_err(|e| FaultError::Setup(e.to_string()))?
+            .streams()
+            .to_vec();
         let group = "inventory".to_owned();
         let common = |db: &str| {
-            vec![
+            let mut env = vec![
                 ("DATABASE_URL".to_owned(), db.to_owned()),
                 ("REDIS_URL".to_owned(), redis.url()),
                 ("REDIS_STREAM".to_owned(), stream.clone()),
+                ("STREAM_PARTITIONS".to_owned(), spec.stream_partitions.to_string()),
                 ("RUST_LOG".to_owned(), spec.log_filter.clone()),
-            ]
+            ];
+            if let Some(cluster) = &redis_cluster {
+                env.push(("REDIS_CLUSTER_URLS".to_owned(), cluster.urls().join(",")));
+            }
+            env
         };
         let mut order_env = common(&orders.url);
         if let Some(ttl) = spec.idempotency_key_ttl {
@@ -142,6 +174,9 @@ impl Cluster {
             }
             if let Some(retention) = spec.stream_retention {
                 env.push(("REDIS_STREAM_RETENTION".to_owned(), ms(retention)));
+            }
+            if let Some(replicas) = spec.redis_min_replicas {
+                env.push(("REDIS_MIN_REPLICAS".to_owned(), replicas.to_string()));
             }
             relays.push(Service::new(&format!("relay-{i}"), binary("relay")?, env, &log_dir, free_port()?));
         }
@@ -170,11 +205,13 @@ impl Cluster {
             spec,
             postgres,
             redis,
+            redis_cluster,
             orders_db: orders.pool,
             orders_url: orders.url,
             inventory_db: inventory.pool,
             inventory_url: inventory.url,
             stream,
+            streams,
             group,
             order_service,
             relays,
@@ -207,8 +244,15 @@ impl Cluster {
         format!("http://127.0.0.1:{}", self.order_service.http_port)
     }
 
+    /// The one Redis (not the cluster).
     pub fn redis_client(&self) -> Result<redis::Client, FaultError> {
         redis::Client::open(self.redis.url()).map_err(|e| FaultError::Setup(format!("redis url: {e}")))
+    }
+
+    /// The Redis the services use: the cluster, if there is one.
+    pub fn redis_target(&self) -> Result<RedisTarget, FaultError> {
+        let seeds = self.redis_cluster.as_ref().map(PrivateRedisCluster::urls).unwrap_or_default();
+        RedisTarget::new(&self.redis.url(), &seeds).map_err(|e| FaultError::Setup(format!("redis: {e}")))
     }
 
     /// Sets initial stock (in the inventory database the consumers migrated).
@@ -353,8 +397,8 @@ impl Cluster {
     /// A sampler of this cluster's redeliveries and of its consumers' counts.
     pub fn sampler(&self) -> Result<RedeliverySampler, FaultError> {
         Ok(RedeliverySampler::start(
-            self.redis_client()?,
-            self.stream.clone(),
+            self.redis_target()?,
+            self.streams.clone(),
             self.group.clone(),
             self.consumer_ports(),
         ))
@@ -362,9 +406,9 @@ impl Cluster {
 
     /// Waits (at most `timeout`) until nothing is pending anywhere; the last backlog seen.
     pub async fn drain(&self, timeout: Duration) -> Result<Backlog, FaultError> {
-        let redis = self.redis_client()?;
+        let redis = self.redis_target()?;
         let (left, _) =
-            super::drain::drain(&self.orders_db, &self.inventory_db, &redis, &self.stream, &self.group, timeout).await;
+            super::drain::drain(&self.orders_db, &self.inventory_db, &redis, &self.streams, &self.group, timeout).await;
         Ok(left)
     }
 

@@ -5,8 +5,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
+use redis::aio::ConnectionLike;
 use redis::AsyncCommands;
+use service_kit::redis_target::{RedisTarget, Timeouts};
 use sqlx::PgPool;
 use tokio::time::Instant;
 
@@ -28,20 +29,37 @@ impl Backlog {
     }
 }
 
+/// The backlog of the outbox, of the group on every stream of `streams` (the partitions), and
+/// of the parked events.
 pub async fn backlog(
     orders: &PgPool,
     inventory: &PgPool,
-    redis: &mut MultiplexedConnection,
-    stream: &str,
+    redis: &mut (impl ConnectionLike + Send),
+    streams: &[String],
     group: &str,
 ) -> Result<Backlog, FaultError> {
     let pg = |e: sqlx::Error| FaultError::Postgres(e.to_string());
-    let rd = |e: redis::RedisError| FaultError::Redis(e.to_string());
     let outbox_pending = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE status = 'pending'")
         .fetch_one(orders)
         .await
         .map_err(pg)?;
     let parked = sqlx::query_scalar("SELECT count(*) FROM parked_events").fetch_one(inventory).await.map_err(pg)?;
+    let mut total = Backlog { outbox_pending, parked, ..Backlog::default() };
+    for stream in streams {
+        let (pending, undelivered) = stream_backlog(redis, stream, group).await?;
+        total.stream_pending += pending;
+        total.stream_undelivered += undelivered;
+    }
+    Ok(total)
+}
+
+/// `(pending, undelivered)` of `group` on `stream`.
+async fn stream_backlog(
+    redis: &mut (impl ConnectionLike + Send),
+    stream: &str,
+    group: &str,
+) -> Result<(i64, i64), FaultError> {
+    let rd = |e: redis::RedisError| FaultError::Redis(e.to_string());
     let groups: Vec<HashMap<String, redis::Value>> =
         redis::cmd("XINFO").arg("GROUPS").arg(stream).query_async(redis).await.map_err(rd)?;
     let group =
@@ -65,23 +83,23 @@ pub async fn backlog(
     };
     let caught_up = text(group.and_then(|g| g.get("last-delivered-id"))) == text(info.get("last-generated-id"));
     let stream_undelivered = if caught_up { 0 } else { int("lag").unwrap_or(1).max(1) };
-    Ok(Backlog { outbox_pending, stream_pending, stream_undelivered, parked })
+    Ok((stream_pending, stream_undelivered))
 }
 
 /// Waits (at most `timeout`) until nothing is pending anywhere; returns the last backlog seen.
 pub async fn drain(
     orders: &PgPool,
     inventory: &PgPool,
-    redis: &redis::Client,
-    stream: &str,
+    redis: &RedisTarget,
+    streams: &[String],
     group: &str,
     timeout: Duration,
 ) -> (Backlog, Duration) {
     let began = Instant::now();
     let mut last = Backlog { outbox_pending: -1, ..Backlog::default() };
     while began.elapsed() < timeout {
-        if let Ok(mut conn) = redis.get_multiplexed_async_connection().await {
-            match backlog(orders, inventory, &mut conn, stream, group).await {
+        if let Ok(mut conn) = redis.connect(TIMEOUTS).await {
+            match backlog(orders, inventory, &mut conn, streams, group).await {
                 Ok(b) if b.is_empty() => return (b, began.elapsed()),
                 Ok(b) => last = b,
                 Err(_) => {}
@@ -135,7 +153,7 @@ pub struct Redeliveries {
 }
 
 impl RedeliverySampler {
-    pub fn start(redis: redis::Client, stream: String, group: String, consumer_ports: Vec<u16>) -> Self {
+    pub fn start(redis: RedisTarget, streams: Vec<String>, group: String, consumer_ports: Vec<u16>) -> Self {
         let seen = Arc::new(Mutex::new(HashSet::new()));
         let duplicates = Arc::new(Mutex::new(HashMap::<u16, Counted>::new()));
         let applied = Arc::new(Mutex::new(HashMap::<u16, Counted>::new()));
@@ -148,18 +166,23 @@ impl RedeliverySampler {
                     // Once stopped, one last round, begun after the stop, then out.
                     let last = stop.load(Ordering::Relaxed);
                     if let Ok(Ok(mut conn)) =
-                        tokio::time::timeout(Duration::from_secs(1), redis.get_multiplexed_async_connection()).await
+                        tokio::time::timeout(Duration::from_secs(1), redis.connect(TIMEOUTS)).await
                     {
-                        let pending: Result<Vec<(String, String, u64, u64)>, _> = redis::cmd("XPENDING")
-                            .arg(&stream)
-                            .arg(&group)
-                            .arg("-")
-                            .arg("+")
-                            .arg(5_000)
-                            .query_async(&mut conn)
-                            .await;
-                        if let (Ok(pending), Ok(mut seen)) = (pending, seen.lock()) {
-                            seen.extend(pending.into_iter().filter(|p| p.3 > 1).map(|p| p.0));
+                        for stream in &streams {
+                            let pending: Result<Vec<(String, String, u64, u64)>, _> = redis::cmd("XPENDING")
+                                .arg(stream)
+                                .arg(&group)
+                                .arg("-")
+                                .arg("+")
+                                .arg(5_000)
+                                .query_async(&mut conn)
+                                .await;
+                            if let (Ok(pending), Ok(mut seen)) = (pending, seen.lock()) {
+                                // Entry ids of different partitions may coincide: named with their stream.
+                                seen.extend(
+                                    pending.into_iter().filter(|p| p.3 > 1).map(|p| format!("{stream}/{}", p.0)),
+                                );
+                            }
                         }
                     }
                     for port in &consumer_ports {
@@ -202,10 +225,26 @@ pub async fn metrics_text(http: &reqwest::Client, port: u16, within: Duration) -
 
 pub use test_support::sample;
 
-/// `(entries, distinct event_ids)` on the stream, read in pages.
-pub async fn stream_census(conn: &mut MultiplexedConnection, stream: &str) -> Result<(usize, usize), FaultError> {
+/// `(entries, distinct event_ids)` on the streams (the partitions), read in pages.
+pub async fn stream_census(
+    conn: &mut (impl ConnectionLike + Send + Sync),
+    streams: &[String],
+) -> Result<(usize, usize), FaultError> {
     let mut entries = 0;
     let mut distinct = HashSet::new();
+    for stream in streams {
+        entries += census_of(conn, stream, &mut distinct).await?;
+    }
+    Ok((entries, distinct.len()))
+}
+
+/// The entries of one stream, counted, their event ids added to `distinct`.
+async fn census_of(
+    conn: &mut (impl ConnectionLike + Send + Sync),
+    stream: &str,
+    distinct: &mut HashSet<String>,
+) -> Result<usize, FaultError> {
+    let mut entries = 0;
     let mut from = "-".to_owned();
     loop {
         let page: redis::streams::StreamRangeReply =
@@ -219,5 +258,8 @@ pub async fn stream_census(conn: &mut MultiplexedConnection, stream: &str) -> Re
         }
         from = format!("({last}");
     }
-    Ok((entries, distinct.len()))
+    Ok(entries)
 }
+
+/// Connections the suite opens to look at Redis.
+pub const TIMEOUTS: Timeouts = Timeouts::new(Duration::from_secs(2), Duration::from_secs(10));

@@ -138,12 +138,12 @@ pub async fn settle_and_check(
 ) -> Result<Report, FaultError> {
     let mut injected = injected;
     restart_crashed(cluster, &mut injected)?;
-    let redis = cluster.redis_client()?;
+    let redis = cluster.redis_target()?;
     let (drained, drain_time) =
-        drain(&cluster.orders_db, &cluster.inventory_db, &redis, &cluster.stream, &cluster.group, drain_timeout).await;
+        drain(&cluster.orders_db, &cluster.inventory_db, &redis, &cluster.streams, &cluster.group, drain_timeout).await;
     let redeliveries = sampler.finish().await;
-    let mut conn = redis.get_multiplexed_async_connection().await.map_err(|e| FaultError::Redis(e.to_string()))?;
-    let (stream_entries, stream_distinct_events) = stream_census(&mut conn, &cluster.stream).await?;
+    let mut conn = redis.connect(super::drain::TIMEOUTS).await.map_err(|e| FaultError::Redis(e.to_string()))?;
+    let (stream_entries, stream_distinct_events) = stream_census(&mut conn, &cluster.streams).await?;
     let initial = plan::initial_stock(plan);
     let dedupe = if cluster.spec.dedupe_retention.is_some() { DedupeRecord::Pruned } else { DedupeRecord::Kept };
     let mut findings = check(plan, &load.ledger, &cluster.orders_db, &cluster.inventory_db, &initial, dedupe).await?;
