@@ -217,14 +217,22 @@ async fn checked_partitions(
         };
         match checked {
             Ok(agreed) => return Some(agreed),
-            // Not Redis being away: its user may not read (or record) the number.
-            Err(e) if e.code() == Some("NOPERM") => {
+            // One stream needs no agreement: a Redis user made before there were partitions
+            // may not read the key, and that is no reason to stop.
+            Err(e) if partitions.count() == 1 && e.code() == Some("NOPERM") => {
+                tracing::warn!(error = %e, key = partitions_key(partitions.base()),
+                    "cannot record STREAM_PARTITIONS=1 (the Redis user may not); going on with the one stream");
+                return Some(Ok(()));
+            }
+            // Not Redis being away, which passes, but a refusal (of the user, of the key's
+            // type, of the command), which does not.
+            Err(e) if crate::failure::of_redis(&e) == crate::FailureClass::permanent => {
                 return Some(Err(format!(
-                    "cannot check STREAM_PARTITIONS: the Redis user may not read or record {} ({e})",
+                    "cannot check STREAM_PARTITIONS against {}: {e}",
                     partitions_key(partitions.base())
                 )));
             }
-            Err(e) => tracing::debug!(error = %e, "cannot check STREAM_PARTITIONS against Redis yet; trying again"),
+            Err(e) => tracing::warn!(error = %e, "cannot check STREAM_PARTITIONS against Redis yet; trying again"),
         }
         tokio::select! {
             () = shutdown.cancelled() => return None,

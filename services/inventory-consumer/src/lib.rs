@@ -66,9 +66,10 @@ pub struct InventoryConsumer {
     auth: service_kit::Authenticator,
 }
 
-/// Connections the consumer loop applies batches on, besides the pool (HTTP API, readiness,
-/// retention) and the owner's (migrations, upkeep): the loop applies one batch at a time.
-const APPLY_CONNECTIONS: u32 = 1;
+/// The most connections the consumer loops apply batches on, besides the pool (HTTP API,
+/// readiness, retention) and the owner's (migrations, upkeep): each loop (one per partition
+/// stream) applies one batch at a time, and past this many partitions loops take turns.
+const MOST_APPLY_CONNECTIONS: usize = 8;
 
 /// The tables every applied event writes ([`service_kit::upkeep`]).
 pub const UPKEEP_TABLES: &[&str] =
@@ -210,15 +211,16 @@ impl Service for InventoryConsumer {
                 metrics.clone(),
                 stop_tasks.clone(),
             ));
+            let apply_deadline = self.limits.client_deadline(APPLY_STATEMENTS);
+            // A loop waiting for its turn waits for another's batch, at most its deadline.
             let db = Connections::new(
                 self.pool.connect_options().as_ref().clone(),
-                APPLY_CONNECTIONS,
-                Duration::from_secs(5),
+                u32::try_from(partitions.count().min(MOST_APPLY_CONNECTIONS)).unwrap_or(1),
+                apply_deadline + Duration::from_secs(5),
             );
-            let apply_deadline = self.limits.client_deadline(APPLY_STATEMENTS);
             let peer = service_kit::messaging::MessagingPeer::redis(&self.redis, self.config.consumer_name.clone());
             // One loop per partition stream, each a member of the group on its stream.
-            let mut loops = Vec::with_capacity(partitions.count());
+            let mut loops = tokio::task::JoinSet::new();
             for stream in partitions.streams() {
                 metrics.pending_entries(stream);
                 let name = match partitions.count() {
@@ -228,7 +230,9 @@ impl Service for InventoryConsumer {
                 let consumer = consumer::Consumer {
                     config: self.config.clone(),
                     stream: stream.clone(),
-                    dlq: domain::partition::companion_key(stream, ".dlq", self.redis.is_cluster()),
+                    // `<stream>.dlq`, as the contract names it: only ever written on its own,
+                    // so it needs no slot of its stream's (a partition's shares it anyway).
+                    dlq: format!("{stream}.dlq"),
                     peer: peer.clone(),
                     db: db.clone(),
                     redis: self.redis.clone(),
@@ -239,12 +243,15 @@ impl Service for InventoryConsumer {
                 };
                 // On the runtime's workers, next to the I/O driver: run on the thread that
                 // blocks on `main`, every reply would need a wake-up across threads.
-                loops.push(tokio::spawn(consumer.run()));
+                loops.spawn(consumer.run());
             }
-            // Each stops at shutdown (or on its own, if its stream is gone for good).
-            for running in loops {
-                if let Err(e) = running.await {
-                    std::panic::resume_unwind(e.into_panic());
+            // Each stops at shutdown; one that panics takes the process down at once, as the
+            // one loop did before there were partitions.
+            while let Some(stopped) = loops.join_next().await {
+                if let Err(e) = stopped {
+                    if e.is_panic() {
+                        std::panic::resume_unwind(e.into_panic());
+                    }
                 }
             }
             db.close().await;

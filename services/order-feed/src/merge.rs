@@ -100,6 +100,11 @@ impl<T> Merge<T> {
         self.cursors[partition].last
     }
 
+    /// Every entry of `partition` up to this one is in hand.
+    pub fn bound(&self, partition: usize) -> EntryId {
+        self.cursors[partition].bound
+    }
+
     /// Reading `partition` goes on after `last` (after a lost connection). Its bound stays:
     /// a stream lost or cut back numbers its new entries from its server's clock, above it.
     pub fn resume(&mut self, partition: usize, last: EntryId) {

@@ -176,7 +176,7 @@ impl PartitionedTail {
         for (partition, stream) in self.partitions.streams().iter().enumerate() {
             let last = merge.last(partition);
             if last == EntryId::ZERO {
-                resume_unread(&mut conn, stream, &self.intake).await?;
+                resume_unread(&mut conn, stream, merge.bound(partition), &self.intake).await?;
                 continue;
             }
             let from = resume_from(&mut conn, stream, last.to_string(), &self.intake).await?;

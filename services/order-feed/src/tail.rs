@@ -192,13 +192,18 @@ pub(crate) async fn resume_from(
 }
 
 /// Where reading `stream` goes on after a lost connection when nothing of it was read (a
-/// partition empty so far): from its start, or from what is left, if entries were removed
-/// meanwhile (`entries-added` above `length`), unread, so every client is told to reload.
-/// [`resume_from`] would look for the last entry read, and find a gap in every stream that
-/// got its first entries meanwhile.
+/// partition empty so far, every entry up to `read_to` in hand): from its start, or from what
+/// is left, if entries were removed and some were added after `read_to` (`entries-added` above
+/// `length`, `last-generated-id` above `read_to`), unread, so every client is told to reload.
+/// Redis 7.0 does not record what trimming removed (`max-deleted-entry-id` counts only
+/// `XDEL`), so a partition trimmed before the replica read it that gets new entries, all kept,
+/// while the replica is away is taken for a gap too: a reload too many, never an event missed.
+/// [`resume_from`] would look for the last entry read, and find a gap in every stream that got
+/// its first entries meanwhile.
 pub(crate) async fn resume_unread(
     conn: &mut (impl ConnectionLike + Send),
     stream: &str,
+    read_to: crate::merge::EntryId,
     intake: &Intake,
 ) -> Result<(), RedisError> {
     let info = match redis::cmd("XINFO").arg("STREAM").arg(stream).query_async::<Value>(conn).await {
@@ -212,6 +217,9 @@ pub(crate) async fn resume_unread(
         (Some(added), Some(length)) => added > length,
         _ => true,
     };
+    let added_since = stream_info_field(&info, "last-generated-id")
+        .is_none_or(|last| crate::merge::EntryId::from(last.as_str()) > read_to);
+    let removed = removed && added_since;
     if removed {
         intake.metrics.gaps.inc();
         tracing::warn!(stream, "entries were trimmed before any was read: every client is told to reload");

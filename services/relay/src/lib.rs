@@ -137,6 +137,9 @@ impl Service for Relay {
         });
         let unfit = Arc::new(std::sync::OnceLock::<String>::new());
         let readiness = readiness.check("database role", service_kit::tenancy::unfit_check(unfit.clone()));
+        let partitions_unfit = Arc::new(std::sync::OnceLock::<String>::new());
+        let readiness =
+            readiness.check("stream partitions", service_kit::tenancy::unfit_check(partitions_unfit.clone()));
         let liveness = Liveness::new();
         let registry = Arc::new(Mutex::new(registry));
         let openapi = service_kit::openapi::document(
@@ -163,7 +166,8 @@ impl Service for Relay {
         let migrated = service_kit::startup::migrate_with_retry(&owner, &outbox::MIGRATOR, &shutdown).await.is_some();
         let fit = migrated
             && service_kit::tenancy::verify_cross_tenant(&pool, Self::NAME, TENANT_TABLES, &unfit, &shutdown).await
-            && service_kit::redis_target::agree_on_partitions(&redis, &partitions, true, &unfit, &shutdown).await;
+            && service_kit::redis_target::agree_on_partitions(&redis, &partitions, true, &partitions_unfit, &shutdown)
+                .await;
         if migrated && !fit {
             // Not ready, saying why, until stopped.
             shutdown.cancelled().await;

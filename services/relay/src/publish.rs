@@ -119,40 +119,29 @@ impl Publisher {
         }
     }
 
-    /// XADDs every entry to its partition's stream, in order, in one round trip per shard;
-    /// the ids Redis gave them. On an error the whole batch counts as not published (entries
-    /// before or around it may have been added: delivery is at least once).
+    /// XADDs every entry to its partition's stream, in order: in one round trip on one node,
+    /// in one per partition (each to the shard holding it, all at once) on a cluster. The ids
+    /// Redis gave them. On an error the whole batch counts as not published (entries before or
+    /// around it may have been added: delivery is at least once). Each partition's replies are
+    /// judged apart: a partition whose every entry was refused alike blames Redis (its
+    /// stream), not its rows.
     pub async fn publish(&mut self, entries: &[StreamEntry]) -> Result<Vec<String>, PublishError> {
         if entries.is_empty() {
             return Ok(Vec::new());
         }
         let partition_of: Vec<usize> = entries.iter().map(|e| self.partitions.of(&e.aggregate_id)).collect();
-        // One node takes every partition's entries in one pipeline; a cluster takes a pipeline
-        // per partition (each to the shard holding it, with its own WAIT), all at once.
-        let groups: Vec<Vec<usize>> = if self.target.is_cluster() {
-            let mut groups = vec![Vec::new(); self.partitions.count()];
-            for (i, p) in partition_of.iter().enumerate() {
-                groups[*p].push(i);
-            }
-            groups.retain(|g| !g.is_empty());
-            groups
-        } else {
-            vec![(0..entries.len()).collect()]
-        };
-        let pipes: Vec<(redis::Pipeline, usize)> = groups.iter().map(|group| self.pipeline(entries, group)).collect();
-        let replies = match self.connection().await {
-            Ok(conn) => {
-                let sends = pipes.iter().map(|(pipe, expected)| {
-                    let mut conn = conn.clone();
-                    // Each command's own reply, errors included, rather than the pipeline's first error.
-                    async move { conn.req_packed_commands(pipe, 0, *expected).await }
-                });
-                futures::future::join_all(sends).await.into_iter().collect::<Result<Vec<_>, _>>()
-            }
+        let mut groups = vec![Vec::new(); self.partitions.count()];
+        for (i, p) in partition_of.iter().enumerate() {
+            groups[*p].push(i);
+        }
+        let conn = self.connection().await.map(|conn| conn.clone());
+        let verdicts = match conn {
+            Ok(conn) if self.target.is_cluster() => self.send_per_partition(conn, entries, &groups).await,
+            Ok(conn) => self.send_at_once(conn, entries, &groups).await,
             Err(e) => Err(e),
         };
-        let replies = match replies {
-            Ok(replies) => replies,
+        let verdicts = match verdicts {
+            Ok(verdicts) => verdicts,
             Err(e) => {
                 tracing::debug!(stream = self.partitions.base(), error = %e,
                     "redis pipeline failed; reconnecting on next use");
@@ -160,17 +149,103 @@ impl Publisher {
                 return Err(PublishError::Broker { class: failure::of_redis(&e), error: e.to_string() });
             }
         };
-        let judged = merge(
-            groups.iter().zip(replies).map(|(group, replies)| (group, self.judge_group(replies, group.len()))),
-            entries.len(),
-        );
+        let judged = merge(groups.iter().zip(verdicts), entries.len());
         if let (Ok(ids), Some((tails, index))) = (&judged, &self.tails) {
             // The newest id per partition: entries of one partition went in order.
-            for (id, p) in ids.iter().zip(&partition_of) {
-                tails[*p].added(*index, id);
+            for (p, group) in groups.iter().enumerate() {
+                if let Some(last) = group.last() {
+                    tails[p].added(*index, &ids[*last]);
+                }
             }
         }
         judged
+    }
+
+    /// One node: every entry in one pipeline (and one `WAIT`); each partition's replies judged.
+    async fn send_at_once(
+        &self,
+        mut conn: RedisConn,
+        entries: &[StreamEntry],
+        groups: &[Vec<usize>],
+    ) -> Result<Vec<Result<Vec<String>, PublishError>>, RedisError> {
+        let all: Vec<usize> = (0..entries.len()).collect();
+        let (pipe, expected) = self.pipeline(entries, &all);
+        // Each command's own reply, errors included, rather than the pipeline's first error.
+        let mut replies = conn.req_packed_commands(&pipe, 0, expected).await?;
+        if replies.len() != expected {
+            let error = format!("{} replies to a pipeline of {expected} commands", replies.len());
+            return Ok(vec![Err(PublishError::Broker { class: FailureClass::bug, error })]);
+        }
+        let confirmed = match self.durability {
+            Some((replicas, _)) => confirmed_by(replies.pop(), replicas),
+            None => Ok(()),
+        };
+        Ok(groups
+            .iter()
+            .map(|group| {
+                let of_group = group.iter().map(|i| std::mem::replace(&mut replies[*i], Value::Nil)).collect();
+                judge(of_group, group.len()).and_then(|ids| confirmed.clone().map(|()| ids))
+            })
+            .collect())
+    }
+
+    /// A cluster: a pipeline per partition, to the shard holding it, each with its own
+    /// `WAIT`, all at once. The cluster client fails a whole pipeline on any error reply, so a
+    /// partition refused for what its entries carry is sent again entry by entry, to find them.
+    async fn send_per_partition(
+        &self,
+        conn: RedisConn,
+        entries: &[StreamEntry],
+        groups: &[Vec<usize>],
+    ) -> Result<Vec<Result<Vec<String>, PublishError>>, RedisError> {
+        let sends = groups.iter().map(|group| {
+            let mut conn = conn.clone();
+            async move {
+                if group.is_empty() {
+                    return Ok(Ok(Vec::new()));
+                }
+                let (pipe, expected) = self.pipeline(entries, group);
+                match conn.req_packed_commands(&pipe, 0, expected).await {
+                    Ok(replies) => Ok(self.judge_group(replies, group.len())),
+                    Err(e) if refused_for_content(&e) => self.send_one_by_one(&mut conn, entries, group).await,
+                    Err(e) => Err(e),
+                }
+            }
+        });
+        futures::future::join_all(sends).await.into_iter().collect()
+    }
+
+    /// The entries at `indices` sent one pipeline each: the ids, or the refused ones (by index
+    /// into `indices`; all refused: Redis is to blame).
+    async fn send_one_by_one(
+        &self,
+        conn: &mut RedisConn,
+        entries: &[StreamEntry],
+        indices: &[usize],
+    ) -> Result<Result<Vec<String>, PublishError>, RedisError> {
+        let mut ids = Vec::with_capacity(indices.len());
+        let mut refused = Vec::new();
+        for (index, i) in indices.iter().enumerate() {
+            let (pipe, expected) = self.pipeline(entries, &[*i]);
+            match conn.req_packed_commands(&pipe, 0, expected).await {
+                Ok(replies) => match self.judge_group(replies, 1) {
+                    Ok(mut id) => ids.append(&mut id),
+                    Err(e) => return Ok(Err(e)),
+                },
+                Err(e) if refused_for_content(&e) => {
+                    refused.push(Refusal { index, class: failure::of_redis(&e), error: e.to_string() });
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(match refused.len() {
+            0 => Ok(ids),
+            n if n == indices.len() => {
+                let Refusal { class, error, .. } = refused.swap_remove(0);
+                Err(PublishError::Broker { class, error })
+            }
+            _ => Err(PublishError::Refused(refused)),
+        })
     }
 
     /// The pipeline of the entries at `indices` (with `WAIT` when replicas must confirm), and
@@ -246,6 +321,12 @@ fn merge<'a>(
         refused.sort_by_key(|r| r.index);
         Err(PublishError::Refused(refused))
     }
+}
+
+/// Whether an error is Redis's reply refusing a command for what it carries (not a transport
+/// error, a redirection or a transient state such as OOM or a failover in progress).
+fn refused_for_content(e: &RedisError) -> bool {
+    e.code().is_some() && !failure::of_redis(e).is_transient() && e.kind() != redis::ErrorKind::CrossSlot
 }
 
 /// Whether `WAIT`'s reply says `replicas` replicas hold the batch. Fewer: Redis did not make

@@ -87,3 +87,45 @@ async fn a_relay_with_another_number_of_partitions_refuses_to_relay() {
     let key = service_kit::redis_target::partitions_key(&stream);
     let _: () = redis::cmd("DEL").arg(&key).query_async(&mut conn).await.expect("DEL");
 }
+
+/// One partition's stream key holding another type refuses every entry of that partition
+/// alike: Redis is to blame (the batch goes back, no row counts an attempt), not those rows,
+/// though the other partitions took theirs. Control: with the key right, the same batch is
+/// published.
+#[tokio::test]
+async fn a_partition_whose_stream_refuses_every_entry_blames_redis_not_its_rows() {
+    let stream = test_support::unique_name("relay-partition-wrongtype");
+    let partitions = domain::Partitions::new(&stream, 3).expect("partitions");
+    let target = service_kit::redis_target::RedisTarget::new(&test_support::redis_url(), &[]).expect("url");
+    let mut publisher = relay::publish::Publisher::to(target, partitions.clone());
+    let entries: Vec<domain::StreamEntry> = (0..30)
+        .map(|i| domain::StreamEntry {
+            event_id: ulid::Ulid::new(),
+            event_type: "OrderConfirmed".into(),
+            aggregate_type: "order".into(),
+            aggregate_id: format!("order-{i}"),
+            seq: 1,
+            occurred_at: chrono::Utc::now(),
+            payload: "{}".into(),
+            traceparent: None,
+            tracestate: None,
+            tenant_id: domain::TenantId::default_tenant(),
+        })
+        .collect();
+    let mut conn = test_support::redis_connection().await;
+    let _: () = redis::cmd("SET").arg(partitions.stream(1)).arg("not a stream").query_async(&mut conn).await.unwrap();
+    let refused = publisher.publish(&entries).await;
+    assert!(
+        matches!(
+            &refused,
+            Err(relay::publish::PublishError::Broker { class: service_kit::FailureClass::permanent, .. })
+        ),
+        "{refused:?}"
+    );
+    let _: () = redis::cmd("DEL").arg(partitions.stream(1)).query_async(&mut conn).await.unwrap();
+    let ids = publisher.publish(&entries).await.expect("published once the key is a stream");
+    assert_eq!(ids.len(), entries.len());
+    for partition in partitions.streams() {
+        delete_stream(&test_support::redis_url(), partition).await;
+    }
+}
