@@ -69,20 +69,7 @@ async fn on_a_cluster_each_partition_s_entries_go_to_its_shard_confirmed_by_its_
     let partitions = domain::Partitions::new(test_support::unique_name("relay-cluster"), 6).expect("partitions");
     let mut publisher =
         relay::publish::Publisher::to(target.clone(), partitions.clone()).with_min_replicas(1, Duration::from_secs(2));
-    let entries: Vec<domain::StreamEntry> = (0..60)
-        .map(|i| domain::StreamEntry {
-            event_id: ulid::Ulid::new(),
-            event_type: "OrderConfirmed".into(),
-            aggregate_type: "order".into(),
-            aggregate_id: format!("order-{i}"),
-            seq: 1,
-            occurred_at: chrono::Utc::now(),
-            payload: "{}".into(),
-            traceparent: None,
-            tracestate: None,
-            tenant_id: domain::TenantId::default_tenant(),
-        })
-        .collect();
+    let entries: Vec<domain::StreamEntry> = (0..60).map(|i| confirmed_entry(&format!("order-{i}"))).collect();
     let ids = publisher.publish(&entries).await.expect("published, confirmed by a replica on every shard");
     assert_eq!(ids.len(), entries.len());
     let mut conn =

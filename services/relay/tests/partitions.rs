@@ -98,20 +98,7 @@ async fn a_partition_whose_stream_refuses_every_entry_blames_redis_not_its_rows(
     let partitions = domain::Partitions::new(&stream, 3).expect("partitions");
     let target = service_kit::redis_target::RedisTarget::new(&test_support::redis_url(), &[]).expect("url");
     let mut publisher = relay::publish::Publisher::to(target, partitions.clone());
-    let entries: Vec<domain::StreamEntry> = (0..30)
-        .map(|i| domain::StreamEntry {
-            event_id: ulid::Ulid::new(),
-            event_type: "OrderConfirmed".into(),
-            aggregate_type: "order".into(),
-            aggregate_id: format!("order-{i}"),
-            seq: 1,
-            occurred_at: chrono::Utc::now(),
-            payload: "{}".into(),
-            traceparent: None,
-            tracestate: None,
-            tenant_id: domain::TenantId::default_tenant(),
-        })
-        .collect();
+    let entries: Vec<domain::StreamEntry> = (0..30).map(|i| confirmed_entry(&format!("order-{i}"))).collect();
     let mut conn = test_support::redis_connection().await;
     let _: () = redis::cmd("SET").arg(partitions.stream(1)).arg("not a stream").query_async(&mut conn).await.unwrap();
     let refused = publisher.publish(&entries).await;

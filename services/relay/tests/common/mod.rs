@@ -196,3 +196,19 @@ pub async fn claim_pool(url: &str, lease: Duration) -> PgPool {
     let options = relay::config::connect_options(url, &limits).expect("options");
     sqlx::postgres::PgPoolOptions::new().max_connections(4).connect_with(options).await.expect("claim pool")
 }
+
+/// An `OrderConfirmed` entry of the order `aggregate_id` (seq 1), as a relay would publish it.
+pub fn confirmed_entry(aggregate_id: &str) -> StreamEntry {
+    StreamEntry {
+        event_id: ulid::Ulid::new(),
+        event_type: "OrderConfirmed".into(),
+        aggregate_type: "order".into(),
+        aggregate_id: aggregate_id.to_owned(),
+        seq: 1,
+        occurred_at: chrono::Utc::now(),
+        payload: "{}".into(),
+        traceparent: None,
+        tracestate: None,
+        tenant_id: domain::TenantId::default_tenant(),
+    }
+}
