@@ -114,18 +114,21 @@ async fn stream_groups(config: &relay::Config) -> anyhow::Result<()> {
 
 async fn drop_group(config: &relay::Config, group: &str) -> anyhow::Result<()> {
     let (mut conn, partitions) = redis(config).await?;
-    let mut removed = 0_u64;
+    let mut removed_from = Vec::new();
     for keys in &partitions {
-        let n: u64 = redis::cmd("XGROUP").arg("DESTROY").arg(&keys.stream).arg(group).query_async(&mut conn).await?;
-        removed += n;
+        // A partition stream nothing was published to yet has no group.
+        let exists: bool = redis::cmd("EXISTS").arg(&keys.stream).query_async(&mut conn).await?;
+        if exists {
+            let removed: u64 =
+                redis::cmd("XGROUP").arg("DESTROY").arg(&keys.stream).arg(group).query_async(&mut conn).await?;
+            if removed > 0 {
+                removed_from.push(keys.stream.as_str());
+            }
+        }
     }
-    if removed == 0 {
+    if removed_from.is_empty() {
         anyhow::bail!("no group {group} on {}", config.redis_stream);
     }
-    println!(
-        "removed group {group} from {removed} of the {} partition streams of {}",
-        partitions.len(),
-        config.redis_stream
-    );
+    println!("removed group {group} from {}", removed_from.join(", "));
     Ok(())
 }
