@@ -4,6 +4,8 @@
 /// The broker a service's messaging spans name, and the service's own id there.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MessagingPeer {
+    /// The broker's kind (`messaging.system`): `redis` or `nats`.
+    pub system: &'static str,
     /// The broker's host (`server.address`); a Unix socket's path.
     pub server_address: String,
     /// The broker's port (`server.port`); 0 for a Unix socket.
@@ -23,7 +25,22 @@ impl MessagingPeer {
             Some(redis::ConnectionAddr::Unix(path)) => (path.display().to_string(), 0),
             None => (String::new(), 0),
         };
-        Self { server_address, server_port, client_id: client_id.into() }
+        Self { system: "redis", server_address, server_port, client_id: client_id.into() }
+    }
+
+    /// The NATS server `url` names (`nats://[user:pass@]host[:port]`, port 4222 unless given),
+    /// and this process as `client_id`.
+    pub fn nats(url: &str, client_id: impl Into<String>) -> Self {
+        let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+        // The first server of a list; past any credentials.
+        let rest = rest.split(',').next().unwrap_or_default();
+        let host_port = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+        let host_port = host_port.split('/').next().unwrap_or_default();
+        let (host, port) = match host_port.rsplit_once(':').map(|(host, port)| (host, port.parse())) {
+            Some((host, Ok(port))) => (host, port),
+            _ => (host_port, 4222),
+        };
+        Self { system: "nats", server_address: host.to_owned(), server_port: port, client_id: client_id.into() }
     }
 }
 
@@ -51,13 +68,28 @@ mod tests {
         let peer = MessagingPeer::redis(&target, "relay-1");
         assert_eq!(
             peer,
-            MessagingPeer { server_address: "redis.internal".into(), server_port: 6380, client_id: "relay-1".into() }
+            MessagingPeer {
+                system: "redis",
+                server_address: "redis.internal".into(),
+                server_port: 6380,
+                client_id: "relay-1".into()
+            }
         );
         let default_port = MessagingPeer::redis(&RedisTarget::new("redis://127.0.0.1", &[]).expect("url"), "x");
         assert_eq!((default_port.server_address.as_str(), default_port.server_port), ("127.0.0.1", 6379));
         let seeds = ["redis://10.0.0.7:7001".to_owned(), "redis://10.0.0.8:7002".to_owned()];
         let cluster = MessagingPeer::redis(&RedisTarget::new("redis://unused", &seeds).expect("urls"), "x");
         assert_eq!((cluster.server_address.as_str(), cluster.server_port), ("10.0.0.7", 7001));
+    }
+
+    #[test]
+    fn a_nats_peer_is_the_first_servers_host_and_port() {
+        let peer = MessagingPeer::nats("nats://relay:secret@nats.internal:4333", "relay-1");
+        assert_eq!((peer.system, peer.server_address.as_str(), peer.server_port), ("nats", "nats.internal", 4333));
+        let default_port = MessagingPeer::nats("nats://127.0.0.1", "x");
+        assert_eq!((default_port.server_address.as_str(), default_port.server_port), ("127.0.0.1", 4222));
+        let list = MessagingPeer::nats("nats://10.0.0.7:4223,nats://10.0.0.8:4224", "x");
+        assert_eq!((list.server_address.as_str(), list.server_port), ("10.0.0.7", 4223));
     }
 
     #[test]

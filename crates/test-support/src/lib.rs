@@ -8,7 +8,7 @@
 mod private;
 pub mod sse;
 
-pub use private::{PrivatePostgres, PrivateRedis, PrivateRedisCluster};
+pub use private::{PrivateNats, PrivatePostgres, PrivateRedis, PrivateRedisCluster};
 
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{Connection, PgConnection, PgPool};
@@ -21,6 +21,12 @@ pub fn postgres_admin_url() -> String {
 /// URL of the shared Redis (`TEST_REDIS_URL`, default `redis://127.0.0.1:6379`).
 pub fn redis_url() -> String {
     std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+}
+
+/// URL of the shared NATS server, with JetStream (`TEST_NATS_URL`, default
+/// `nats://127.0.0.1:4222`).
+pub fn nats_url() -> String {
+    std::env::var("TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned())
 }
 
 /// A name no other test uses: `{prefix}-{ulid}` (lower case).

@@ -266,6 +266,79 @@ impl Drop for PrivateRedis {
     }
 }
 
+/// A NATS server of its own with JetStream on file storage, on a free port: a test may
+/// `kill -9` it and start it again on the same data.
+pub struct PrivateNats {
+    pub port: u16,
+    pub dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl PrivateNats {
+    pub fn start() -> Self {
+        let mut nats = Self { port: free_port(), dir: temp_dir("nats"), child: None };
+        nats.restart();
+        nats
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts (again) on the same port and storage directory.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "nats-server already running");
+        let child = Command::new(nats_server())
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nats-server (is it installed?)");
+        self.child = Some(child);
+        assert!(wait_for_port(self.port, Duration::from_secs(10)), "private nats-server did not start");
+    }
+
+    /// `kill -9`.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// Sends `signal` (`STOP`, `CONT`) to the server.
+    pub fn signal(&self, signal: &str) {
+        if let Some(child) = &self.child {
+            run(Command::new("kill").args([&format!("-{signal}"), &child.id().to_string()]));
+        }
+    }
+}
+
+impl Drop for PrivateNats {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The `nats-server` binary: `NATS_SERVER`, else on the `PATH`, else Debian's.
+fn nats_server() -> PathBuf {
+    if let Some(path) = std::env::var_os("NATS_SERVER") {
+        return PathBuf::from(path);
+    }
+    let on_path = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
+        .map(|dir| dir.join("nats-server"))
+        .find(|candidate| candidate.is_file());
+    on_path.unwrap_or_else(|| PathBuf::from("/usr/sbin/nats-server"))
+}
+
 /// A Postgres cluster of its own (`initdb` + `pg_ctl`) on a free port.
 ///
 /// Postgres refuses to run as root; when the tests run as root the server runs as the

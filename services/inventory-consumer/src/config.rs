@@ -85,6 +85,8 @@ pub struct Config {
     pub redis_url: String,
     #[command(flatten)]
     pub topology: service_kit::redis_target::Topology,
+    #[command(flatten)]
+    pub broker: broker::BrokerArgs,
     #[arg(long, env = "REDIS_STREAM", default_value = "orders.events")]
     pub redis_stream: String,
     #[arg(long, env = "CONSUMER_GROUP", default_value = "inventory")]

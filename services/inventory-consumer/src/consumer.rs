@@ -1,5 +1,7 @@
 //! The read → apply → acknowledge loop of one replica.
 
+pub mod jetstream;
+
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
@@ -42,6 +44,16 @@ pub struct Consumer {
 
 /// A session that lasted this long worked; the retry delay after it starts over.
 const SESSION_WORKED: Duration = Duration::from_secs(10);
+
+/// What a batch came to ([`Consumer::process`]).
+pub(crate) struct Handled {
+    /// Letters for the dead-letter stream (recorded in `dead_letters` already).
+    pub letters: Vec<DeadLetter>,
+    /// Entries to acknowledge: applied, duplicates, dead, and gone from the stream.
+    pub ack: Vec<String>,
+    /// Of those, the entries whose event is applied (or was already).
+    pub applied: Vec<String>,
+}
 
 impl Consumer {
     /// Runs until shutdown; Redis or Postgres outages are waited out with capped backoff.
@@ -215,12 +227,33 @@ impl Consumer {
         if batch.is_empty() {
             return Ok(());
         }
-        let started = Instant::now();
         let c = &self.config;
         if redelivered {
             let counts = self.delivery_counts(conn, &batch).await?;
             self.note_redeliveries(&counts);
         }
+        let handled = self.process(batch).await;
+        for letter in &handled.letters {
+            let mut fields = letter.fields.clone();
+            fields.push(("reason".to_owned(), letter.reason.clone().into_bytes()));
+            fields.push(("original_entry_id".to_owned(), letter.stream_entry_id.clone().into_bytes()));
+            stream::add_capped(conn, &self.dlq, c.dlq_max_len, &fields).await?;
+        }
+        let ack: Vec<&str> = handled.ack.iter().map(String::as_str).collect();
+        stream::ack(conn, &self.stream, &c.consumer_group, &ack).await?;
+        if redelivered {
+            // An entry applied on a later try may have failures counted from earlier ones.
+            let done: Vec<&str> = handled.applied.iter().map(String::as_str).collect();
+            self.forget_failures(&done).await;
+        }
+        Ok(())
+    }
+
+    /// Decodes and applies one batch, whichever broker delivered it: what to dead-letter on
+    /// the broker and what to acknowledge (the entries in neither stay pending). Counted in the
+    /// metrics before the broker hears of it: whoever sees the group drained sees the counts.
+    pub(crate) async fn process(&self, batch: Vec<Delivery>) -> Handled {
+        let started = Instant::now();
         let mut incoming = Vec::with_capacity(batch.len());
         let mut dead = Vec::new();
         let mut gone = Vec::new();
@@ -247,26 +280,17 @@ impl Consumer {
         let settled = self.settle(&incoming, dead).instrument(batch_span).await;
         // Expired events were dead-lettered by the transaction that judged them.
         let expired = settled.outcomes.iter().flat_map(|s| &s.result.expired);
-        for letter in settled.dead.iter().chain(expired) {
-            let mut fields = letter.fields.clone();
-            fields.push(("reason".to_owned(), letter.reason.clone().into_bytes()));
-            fields.push(("original_entry_id".to_owned(), letter.stream_entry_id.clone().into_bytes()));
-            stream::add_capped(conn, &self.dlq, c.dlq_max_len, &fields).await?;
+        let letters: Vec<DeadLetter> = settled.dead.iter().chain(expired).cloned().collect();
+        for letter in &letters {
             tracing::warn!(entry_id = %letter.stream_entry_id, event_id = ?letter.event_id,
                 aggregate_id = ?letter.aggregate_id, reason = %letter.reason, "dead-lettered");
         }
-        let mut ack: Vec<&str> = gone.iter().map(String::as_str).collect();
-        ack.extend(settled.dead.iter().map(|d| d.stream_entry_id.as_str()));
-        ack.extend(settled.outcomes.iter().map(|s| incoming[s.index].stream_id.as_str()));
-        // Counted before the acknowledgement: whoever sees the group drained sees the counts.
+        let applied: Vec<String> = settled.outcomes.iter().map(|s| incoming[s.index].stream_id.clone()).collect();
+        let mut ack = gone;
+        ack.extend(settled.dead.iter().map(|d| d.stream_entry_id.clone()));
+        ack.extend(applied.iter().cloned());
         self.record(&incoming, &spans, &settled.outcomes, settled.dead.len(), started);
-        stream::ack(conn, &self.stream, &c.consumer_group, &ack).await?;
-        if redelivered {
-            // An entry applied on a later try may have failures counted from earlier ones.
-            let done: Vec<&str> = settled.outcomes.iter().map(|s| incoming[s.index].stream_id.as_str()).collect();
-            self.forget_failures(&done).await;
-        }
-        Ok(())
+        Handled { letters, ack, applied }
     }
 
     /// Redis counts every delivery: restarts and claims too. That count dead-letters nothing
@@ -320,7 +344,7 @@ impl Consumer {
             "process batch",
             otel.name = %format_args!("process {}", self.stream),
             otel.kind = "consumer",
-            messaging.system = "redis",
+            messaging.system = peer.system,
             messaging.operation.name = "process",
             messaging.operation.type = "process",
             messaging.destination.name = %self.stream,
@@ -341,7 +365,7 @@ impl Consumer {
             otel.name = %format_args!("process {}", self.stream),
             otel.kind = "consumer",
             error.type = tracing::field::Empty,
-            messaging.system = "redis",
+            messaging.system = peer.system,
             messaging.operation.name = "process",
             messaging.operation.type = "process",
             messaging.destination.name = %self.stream,

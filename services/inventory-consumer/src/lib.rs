@@ -59,6 +59,8 @@ pub struct InventoryConsumer {
     /// migrations and vacuuming.
     owner: PgPool,
     redis: RedisTarget,
+    /// The NATS client when `BROKER=nats`.
+    nats: Option<broker::async_nats::Client>,
     listener: tokio::net::TcpListener,
     local_addr: SocketAddr,
     admin: AdminListener,
@@ -90,12 +92,20 @@ impl InventoryConsumer {
         let owner = owner_url.parse::<PgConnectOptions>().map_err(StartError::DatabaseUrl)?;
         let owner = service_kit::startup::lazy_pool_with(limits.apply(owner, &config.consumer_name), 1);
         let redis = config.topology.target(&config.redis_url).map_err(StartError::RedisUrl)?;
+        let nats = match config.broker.broker {
+            broker::Kind::Redis => None,
+            broker::Kind::Nats => Some(
+                broker::jetstream::connect(&config.broker.nats_url, &config.consumer_name)
+                    .await
+                    .map_err(|e| StartError::Config(format!("NATS_URL: {e}")))?,
+            ),
+        };
         let listener = service_kit::http::server::bind(config.http_addr)
             .map_err(|source| StartError::Bind { addr: config.http_addr, source })?;
         let local_addr = listener.local_addr().map_err(|source| StartError::Bind { addr: config.http_addr, source })?;
         let admin = AdminListener::bind(config.admin_addr, config.http_addr)?;
         let registry = Arc::new(Mutex::new(Registry::default()));
-        Ok(Self { config, limits, pool, owner, redis, listener, local_addr, admin, registry, auth })
+        Ok(Self { config, limits, pool, owner, redis, nats, listener, local_addr, admin, registry, auth })
     }
 }
 
@@ -122,9 +132,18 @@ impl Service for InventoryConsumer {
         let migrated = Arc::new(AtomicBool::new(false));
         let readiness = Readiness::new()
             .postgres(self.pool.clone())
-            .check("redis", {
+            .check(self.config.broker.broker.as_str(), {
                 let target = self.redis.clone();
-                move || redis_ping(target.clone())
+                let nats = self.nats.clone().map(broker::jetstream::context);
+                move || {
+                    let (target, nats) = (target.clone(), nats.clone());
+                    async move {
+                        match nats {
+                            Some(js) => js.query_account().await.map(|_| ()).map_err(|e| e.to_string()),
+                            None => redis_ping(target).await,
+                        }
+                    }
+                }
             })
             .check("migrations", {
                 let migrated = migrated.clone();
@@ -181,14 +200,30 @@ impl Service for InventoryConsumer {
         let fit = applied
             && service_kit::tenancy::verify_cross_tenant(&self.pool, Self::NAME, TENANT_TABLES, &loop_unfit, &shutdown)
                 .await
-            && service_kit::redis_target::agree_on_partitions(
-                &self.redis,
-                &partitions,
-                true,
-                &partitions_unfit,
-                &shutdown,
-            )
-            .await;
+            && match &self.nats {
+                Some(client) => {
+                    let js = broker::jetstream::context(client.clone());
+                    let layout = broker::jetstream::Layout::new(&partitions);
+                    match broker::jetstream::prepare(&js, &layout, Some(self.config.dlq_max_len), &shutdown).await {
+                        Some(Ok(())) => true,
+                        Some(Err(e)) => {
+                            let _ = partitions_unfit.set(e.to_string());
+                            false
+                        }
+                        None => false,
+                    }
+                }
+                None => {
+                    service_kit::redis_target::agree_on_partitions(
+                        &self.redis,
+                        &partitions,
+                        true,
+                        &partitions_unfit,
+                        &shutdown,
+                    )
+                    .await
+                }
+            };
         if applied && !fit {
             shutdown.cancelled().await;
         } else if applied {
@@ -218,10 +253,21 @@ impl Service for InventoryConsumer {
                 u32::try_from(partitions.count().min(MOST_APPLY_CONNECTIONS)).unwrap_or(1),
                 apply_deadline + Duration::from_secs(5),
             );
-            let peer = service_kit::messaging::MessagingPeer::redis(&self.redis, self.config.consumer_name.clone());
-            // One loop per partition stream, each a member of the group on its stream.
+            let peer = match &self.nats {
+                Some(_) => service_kit::messaging::MessagingPeer::nats(
+                    &self.config.broker.nats_url,
+                    self.config.consumer_name.clone(),
+                ),
+                None => service_kit::messaging::MessagingPeer::redis(&self.redis, self.config.consumer_name.clone()),
+            };
+            let layout = broker::jetstream::Layout::new(&partitions);
+            // One loop per partition stream (or subject), each a member of the group on it.
             let mut loops = tokio::task::JoinSet::new();
-            for stream in partitions.streams() {
+            for (index, stream) in partitions.streams().iter().enumerate() {
+                let stream = match &self.nats {
+                    Some(_) => &layout.subjects[index],
+                    None => stream,
+                };
                 metrics.pending_entries(stream);
                 let name = match partitions.count() {
                     1 => "consumer loop".to_owned(),
@@ -232,7 +278,10 @@ impl Service for InventoryConsumer {
                     stream: stream.clone(),
                     // `<stream>.dlq`, as the contract names it: only ever written on its own,
                     // so it needs no slot of its stream's (a partition's shares it anyway).
-                    dlq: format!("{stream}.dlq"),
+                    dlq: match &self.nats {
+                        Some(_) => layout.dlq_subject.clone(),
+                        None => format!("{stream}.dlq"),
+                    },
                     peer: peer.clone(),
                     db: db.clone(),
                     redis: self.redis.clone(),
@@ -243,7 +292,17 @@ impl Service for InventoryConsumer {
                 };
                 // On the runtime's workers, next to the I/O driver: run on the thread that
                 // blocks on `main`, every reply would need a wake-up across threads.
-                loops.spawn(consumer.run());
+                match &self.nats {
+                    Some(client) => {
+                        let member = consumer::jetstream::JetStreamMember {
+                            client: client.clone(),
+                            layout: layout.clone(),
+                            index,
+                        };
+                        loops.spawn(consumer.run_on_jetstream(member))
+                    }
+                    None => loops.spawn(consumer.run()),
+                };
             }
             // Each stops at shutdown; one that panics takes the process down at once, as the
             // one loop did before there were partitions.

@@ -47,10 +47,22 @@ async fn run_command(config: inventory_consumer::Config, command: Command) -> an
         Command::DeadLetters(DeadLetterCommand::Redrive { id, all }) => {
             let id = if all { None } else { id };
             let pool = consumer_pool(&config).await?;
-            let mut redis = redis(&config).await?;
-            for (dl, entry) in
-                dead_letters::redrive(&pool, &mut redis, &config.topology.partitions(&config.redis_stream), id).await?
-            {
+            let partitions = config.topology.partitions(&config.redis_stream);
+            let redriven = match config.broker.broker {
+                broker::Kind::Nats => {
+                    let client = broker::jetstream::connect(&config.broker.nats_url, &config.consumer_name)
+                        .await
+                        .context("NATS_URL")?;
+                    let js = broker::jetstream::context(client);
+                    let to = dead_letters::RedriveTo::<redis::aio::MultiplexedConnection>::Nats(&js);
+                    dead_letters::redrive_to(&pool, to, &partitions, id).await?
+                }
+                broker::Kind::Redis => {
+                    let mut redis = redis(&config).await?;
+                    dead_letters::redrive(&pool, &mut redis, &partitions, id).await?
+                }
+            };
+            for (dl, entry) in redriven {
                 println!("dead letter {dl} re-driven as entry {entry}");
             }
         }

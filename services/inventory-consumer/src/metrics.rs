@@ -86,7 +86,7 @@ impl Metrics {
             let _ = metrics.events.get_or_create(&ResultLabel { result });
         }
         for class in FailureClass::ALL {
-            for source in ["redis", "postgres", "entry"] {
+            for source in ["redis", "nats", "postgres", "entry"] {
                 let _ = metrics.failures.get_or_create(&FailureLabels { class, source });
             }
         }

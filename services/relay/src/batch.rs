@@ -251,12 +251,12 @@ impl Worker {
             Err(PublishError::Broker { class, error }) => {
                 // Nothing is the rows' fault: they go back as they were, attempts untouched.
                 let _ = self.abandon(claim).await;
-                self.metrics.failure(class, "redis");
+                self.metrics.failure(class, self.publisher.peer().system);
                 for (_, span) in &sending {
                     span.record("otel.status_code", "ERROR");
                     span.record("error.type", class.as_str());
                 }
-                tracing::warn!(rows = sending.len(), failure_class = %class, error, "redis did not take the batch");
+                tracing::warn!(rows = sending.len(), failure_class = %class, error, "the broker did not take the batch");
                 self.broker.failed(&error);
                 report.broker_failed = true;
                 report.abandoned = true;
@@ -269,7 +269,8 @@ impl Worker {
                     .iter()
                     .filter_map(|r| {
                         let (row, span) = sending.get(r.index)?;
-                        Some(RowFailure { row, span, class: r.class, error: format!("redis: {}", r.error) })
+                        let system = self.publisher.peer().system;
+                        Some(RowFailure { row, span, class: r.class, error: format!("{system}: {}", r.error) })
                     })
                     .collect();
                 report.failed = self.record_failures(&failed).await?;
@@ -351,7 +352,7 @@ fn producer_span(stream: &str, peer: &MessagingPeer, row: &OutboxRow) -> tracing
         otel.kind = "producer",
         otel.status_code = tracing::field::Empty,
         error.type = tracing::field::Empty,
-        messaging.system = "redis",
+        messaging.system = peer.system,
         messaging.operation.name = "send",
         messaging.operation.type = "send",
         messaging.destination.name = %stream,

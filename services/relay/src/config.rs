@@ -106,6 +106,8 @@ pub struct Config {
     pub redis_wait_timeout: Duration,
     #[command(flatten)]
     pub topology: service_kit::redis_target::Topology,
+    #[command(flatten)]
+    pub broker: broker::BrokerArgs,
     /// HTTP listen address for /healthz, /readyz (port 0 = any free port).
     #[arg(long, env = "HTTP_ADDR", default_value = "0.0.0.0:9100")]
     pub http_addr: SocketAddr,

@@ -12,6 +12,7 @@ pub mod backoff;
 pub mod batch;
 pub mod broker;
 pub mod config;
+pub mod jetstream;
 pub mod metrics;
 pub mod publish;
 pub mod pump;
@@ -104,9 +105,26 @@ impl Service for Relay {
         let redis = config.topology.target(&config.redis_url).map_err(StartError::RedisUrl)?;
         let partitions = config.topology.partitions(&config.redis_stream);
         let stream_keys = recovery::StreamKeys::of_partitions(&partitions, redis.is_cluster());
-        let publisher = || {
-            publish::Publisher::to(redis.clone(), partitions.clone())
-                .with_min_replicas(config.redis_min_replicas, config.redis_wait_timeout)
+        let nats = match config.broker.broker {
+            ::broker::Kind::Redis => None,
+            ::broker::Kind::Nats => {
+                let name = format!("relay-{}", service_kit::messaging::instance_name());
+                let client = ::broker::jetstream::connect(&config.broker.nats_url, &name)
+                    .await
+                    .map_err(|e| StartError::Config(format!("NATS_URL: {e}")))?;
+                Some((client, ::broker::jetstream::Layout::new(&partitions)))
+            }
+        };
+        let publisher = || match &nats {
+            Some((client, _)) => {
+                let peer = service_kit::messaging::MessagingPeer::nats(
+                    &config.broker.nats_url,
+                    format!("relay-{}", service_kit::messaging::instance_name()),
+                );
+                publish::Publisher::Nats(publish::NatsPublisher::new(client.clone(), &partitions, peer))
+            }
+            None => publish::Publisher::to(redis.clone(), partitions.clone())
+                .with_min_replicas(config.redis_min_replicas, config.redis_wait_timeout),
         };
         let recovery_publisher = publisher();
         let tails: Vec<tails::Tails> = partitions.streams().iter().map(|_| tails::Tails::default()).collect();
@@ -120,17 +138,19 @@ impl Service for Relay {
         metrics.register(&mut registry);
         let server_metrics = ServerMetrics::register(&mut registry);
         let broker = broker::BrokerHealth::new(metrics.clone());
-        let readiness = Readiness::new().postgres(pool.clone()).check("redis", {
+        let readiness = Readiness::new().postgres(pool.clone()).check(config.broker.broker.as_str(), {
             let broker = broker.clone();
             let redis = redis.clone();
+            let nats = nats.as_ref().map(|(client, _)| ::broker::jetstream::context(client.clone()));
             move || {
-                let (redis, outage) = (redis.clone(), broker.outage());
+                let (redis, nats, outage) = (redis.clone(), nats.clone(), broker.outage());
                 async move {
-                    match outage {
-                        Some((since, error)) => {
+                    match (outage, nats) {
+                        (Some((since, error)), _) => {
                             Err(format!("not taking entries for {:.1}s: {error}", since.as_secs_f64()))
                         }
-                        None => publish::Publisher::ping_target(&redis).await.map_err(|e| e.to_string()),
+                        (None, Some(js)) => js.query_account().await.map(|_| ()).map_err(|e| e.to_string()),
+                        (None, None) => publish::RedisPublisher::ping_target(&redis).await.map_err(|e| e.to_string()),
                     }
                 }
             }
@@ -166,8 +186,29 @@ impl Service for Relay {
         let migrated = service_kit::startup::migrate_with_retry(&owner, &outbox::MIGRATOR, &shutdown).await.is_some();
         let fit = migrated
             && service_kit::tenancy::verify_cross_tenant(&pool, Self::NAME, TENANT_TABLES, &unfit, &shutdown).await
-            && service_kit::redis_target::agree_on_partitions(&redis, &partitions, true, &partitions_unfit, &shutdown)
-                .await;
+            && match &nats {
+                Some((client, layout)) => {
+                    let js = ::broker::jetstream::context(client.clone());
+                    match ::broker::jetstream::prepare(&js, layout, None, &shutdown).await {
+                        Some(Ok(())) => true,
+                        Some(Err(e)) => {
+                            let _ = partitions_unfit.set(e.to_string());
+                            false
+                        }
+                        None => false,
+                    }
+                }
+                None => {
+                    service_kit::redis_target::agree_on_partitions(
+                        &redis,
+                        &partitions,
+                        true,
+                        &partitions_unfit,
+                        &shutdown,
+                    )
+                    .await
+                }
+            };
         if migrated && !fit {
             // Not ready, saying why, until stopped.
             shutdown.cancelled().await;
@@ -177,7 +218,10 @@ impl Service for Relay {
             // Unnamed, the database is the user's own (Postgres's default).
             let options = pool.connect_options();
             let database = options.get_database().unwrap_or(options.get_username()).to_owned();
-            let responder = wake::Responder::new(redis.clone(), &database, &config.redis_stream);
+            let responder = match &nats {
+                Some(_) => wake::Responder::everyone(),
+                None => wake::Responder::new(redis.clone(), &database, &config.redis_stream),
+            };
             let tasks = TaskTracker::new();
             tasks.spawn(wake::listen(pool.clone(), responder, wake.clone(), shutdown.clone()));
             tasks.spawn(metrics.clone().sample_outbox(pool.clone(), Duration::from_secs(5), shutdown.clone()));
@@ -187,29 +231,39 @@ impl Service for Relay {
                 Duration::from_secs(60),
                 shutdown.clone(),
             ));
-            tasks.spawn(stream_trim::trim_loop(
-                redis.clone(),
-                pool.clone(),
-                stream_keys.clone(),
-                config.stream_retention,
-                metrics.clone(),
-                shutdown.clone(),
-            ));
-            tasks.spawn(recovery::recovery_loop(
-                redis.clone(),
-                pool.clone(),
-                recovery_publisher,
-                tails,
-                recovery::RecoverySettings {
-                    partitions: stream_keys,
-                    retention: config.retention,
-                    stream_retention: config.stream_retention,
-                    batch_size: config.batch_size,
-                    margin: recovery::MARGIN + batch_deadline,
-                },
-                metrics.clone(),
-                shutdown.clone(),
-            ));
+            if let Some((client, layout)) = &nats {
+                tasks.spawn(jetstream::trim_loop(
+                    ::broker::jetstream::context(client.clone()),
+                    layout.clone(),
+                    config.stream_retention,
+                    metrics.clone(),
+                    shutdown.clone(),
+                ));
+            } else {
+                tasks.spawn(stream_trim::trim_loop(
+                    redis.clone(),
+                    pool.clone(),
+                    stream_keys.clone(),
+                    config.stream_retention,
+                    metrics.clone(),
+                    shutdown.clone(),
+                ));
+                tasks.spawn(recovery::recovery_loop(
+                    redis.clone(),
+                    pool.clone(),
+                    recovery_publisher,
+                    tails,
+                    recovery::RecoverySettings {
+                        partitions: stream_keys,
+                        retention: config.retention,
+                        stream_retention: config.stream_retention,
+                        batch_size: config.batch_size,
+                        margin: recovery::MARGIN + batch_deadline,
+                    },
+                    metrics.clone(),
+                    shutdown.clone(),
+                ));
+            }
             tasks.spawn(service_kit::upkeep::upkeep_loop(
                 owner.clone(),
                 UPKEEP_TABLES,
@@ -244,6 +298,25 @@ impl Service for Relay {
             Err(e) => Err(StartError::Serve(std::io::Error::other(e))),
         }
     }
+}
+
+/// A publisher to the broker `config` names, for a one-off command (`relay replay`).
+pub async fn publisher(config: &Config) -> anyhow::Result<publish::Publisher> {
+    use anyhow::Context;
+    let partitions = config.topology.partitions(&config.redis_stream);
+    let name = format!("relay-{}", service_kit::messaging::instance_name());
+    Ok(match config.broker.broker {
+        ::broker::Kind::Nats => {
+            let client = ::broker::jetstream::connect(&config.broker.nats_url, &name).await.context("NATS_URL")?;
+            let peer = service_kit::messaging::MessagingPeer::nats(&config.broker.nats_url, name);
+            publish::Publisher::Nats(publish::NatsPublisher::new(client, &partitions, peer))
+        }
+        ::broker::Kind::Redis => {
+            let target = config.topology.target(&config.redis_url).context("REDIS_URL or REDIS_CLUSTER_URLS")?;
+            publish::Publisher::to(target, partitions)
+                .with_min_replicas(config.redis_min_replicas, config.redis_wait_timeout)
+        }
+    })
 }
 
 /// The longest one batch may take: its claim, publishing (Redis answers within 10 s or the

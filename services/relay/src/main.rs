@@ -44,9 +44,7 @@ async fn connect(config: &relay::Config) -> anyhow::Result<sqlx::PgPool> {
 
 async fn replay(config: &relay::Config, since: relay::config::Since, aggregate_id: Option<&str>) -> anyhow::Result<()> {
     let pool = connect(config).await?;
-    let target = config.topology.target(&config.redis_url).context("REDIS_URL or REDIS_CLUSTER_URLS")?;
-    let mut publisher = relay::publish::Publisher::to(target, config.topology.partitions(&config.redis_stream))
-        .with_min_replicas(config.redis_min_replicas, config.redis_wait_timeout);
+    let mut publisher = relay::publisher(config).await?;
     let since = since.resolve(chrono::Utc::now());
     let only = aggregate_id.map_or(relay::replay::Only::All, relay::replay::Only::Aggregate);
     let n = relay::replay::replay(&pool, &mut publisher, since, only, config.batch_size).await?;

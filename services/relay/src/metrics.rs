@@ -14,7 +14,7 @@ use sqlx::PgPool;
 use service_kit::{FailureClass, Shutdown};
 
 /// The values of [`FailureLabels::source`].
-const FAILURE_SOURCES: [&str; 3] = ["redis", "postgres", "row"];
+const FAILURE_SOURCES: [&str; 4] = ["redis", "nats", "postgres", "row"];
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FailureLabels {

@@ -22,7 +22,7 @@ pub enum Only<'a> {
 pub enum ReplayError {
     #[error("reading published events: {0}")]
     Database(#[from] sqlx::Error),
-    #[error("publishing to redis: {0}")]
+    #[error("publishing: {0}")]
     Redis(#[from] crate::publish::PublishError),
 }
 

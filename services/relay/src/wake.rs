@@ -30,7 +30,8 @@ const MARK_RETRY_AFTER: Duration = Duration::from_secs(5);
 /// relay, and so is any notification while Redis does not answer (for a few seconds after each
 /// failure, without asking it).
 pub struct Responder {
-    target: RedisTarget,
+    /// None: no Redis to mark answers in (the events go to NATS); every relay answers.
+    target: Option<RedisTarget>,
     conn: Option<RedisConn>,
     prefix: String,
     /// Set after a failure: until then, answer without asking Redis.
@@ -41,12 +42,25 @@ impl Responder {
     /// Marks go under keys named after the outbox's database and the stream, so relays of
     /// other outboxes sharing the Redis never answer for these.
     pub fn new(target: RedisTarget, database: &str, stream: &str) -> Self {
-        Self { target, conn: None, prefix: format!("outbox-answered:{database}:{stream}:"), retry_at: None }
+        Self {
+            target: Some(target),
+            conn: None,
+            prefix: format!("outbox-answered:{database}:{stream}:"),
+            retry_at: None,
+        }
+    }
+
+    /// A responder that answers every notification.
+    pub fn everyone() -> Self {
+        Self { target: None, conn: None, prefix: String::new(), retry_at: None }
     }
 
     /// Whether this relay answers the notification whose payload is `payload`.
     pub async fn answers(&mut self, payload: &str) -> bool {
         let Ok(id) = payload.parse::<i64>() else { return true };
+        if self.target.is_none() {
+            return true;
+        }
         if self.retry_at.is_some_and(|at| Instant::now() < at) {
             return true;
         }
@@ -70,7 +84,8 @@ impl Responder {
             Some(conn) => conn,
             None => {
                 let timeouts = Timeouts::new(Duration::from_secs(1), Duration::from_secs(1));
-                self.conn.insert(self.target.connect(timeouts).await?)
+                let Some(target) = &self.target else { return Ok(true) };
+                self.conn.insert(target.connect(timeouts).await?)
             }
         };
         let set: Option<String> = redis::cmd("SET")

@@ -43,6 +43,7 @@ impl Harness {
             database_consumer_role: "inventory_consumer".parse().expect("role"),
             redis_url: test_support::redis_url(),
             topology: Default::default(),
+            broker: Default::default(),
             redis_stream: self.stream.clone(),
             consumer_group: self.group.clone(),
             consumer_name: name.to_owned(),

@@ -29,6 +29,7 @@ pub fn config(database_url: &str, redis_url: &str, stream: &str) -> Config {
         redis_min_replicas: 0,
         redis_wait_timeout: Duration::from_secs(1),
         topology: Default::default(),
+        broker: Default::default(),
         http_addr: "127.0.0.1:0".parse().expect("address"),
         // /metrics on the same listener as /healthz (the tests read it there).
         admin_addr: "127.0.0.1:0".parse().expect("address"),

@@ -1,0 +1,127 @@
+//! The consumer group on JetStream: a durable pull consumer per partition, shared by every
+//! replica of the group (JetStream spreads its messages over the replicas that pull).
+//!
+//! - Each message is acknowledged explicitly, after the work it carries committed.
+//! - A message unacknowledged for `AckWait` (`CLAIM_MIN_IDLE`) is delivered again, to
+//!   whichever replica pulls next: Redis's claim after idle. A replica still working on a
+//!   batch says so ([`progress`]) so that a slow batch is not handed to another replica.
+//! - `MaxDeliver` is unlimited. JetStream counts every delivery, those after a replica died or
+//!   froze too, and at `MaxDeliver` stops delivering a message without a word to the group
+//!   (an advisory only). The consumer counts the failures that are the entry's own and
+//!   dead-letters it after `MAX_DELIVERIES` of them, exactly as with Redis: an outage or a
+//!   crash never turns into a dead letter or a message no one reads.
+
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::pull::Config;
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer};
+use async_nats::jetstream::{AckKind, Context, Message};
+use futures::StreamExt;
+
+use super::Layout;
+use crate::entry;
+
+/// What a group member pulls with.
+#[derive(Debug, Clone)]
+pub struct GroupSettings {
+    pub group: String,
+    /// `CLAIM_MIN_IDLE`.
+    pub ack_wait: Duration,
+    /// Messages one pull returns at most.
+    pub batch: usize,
+    /// Messages delivered and not yet acknowledged, over the whole group, at most.
+    pub max_ack_pending: i64,
+}
+
+/// One delivery of a message.
+pub struct Delivery {
+    /// The message's sequence in the stream.
+    pub sequence: u64,
+    /// How often JetStream delivered it, this time included.
+    pub delivered: i64,
+    /// Its fields, as a Redis entry's would read ([`entry::fields_of`]).
+    pub fields: Vec<(String, Vec<u8>)>,
+    message: Message,
+}
+
+impl Delivery {
+    /// The id entries are known by in logs, counted failures and dead letters: the stream
+    /// sequence.
+    pub fn id(&self) -> String {
+        self.sequence.to_string()
+    }
+}
+
+/// Creates the durable consumer of the group on partition `index` if there is none, and
+/// binds to it.
+pub async fn ensure_consumer(
+    js: &Context,
+    layout: &Layout,
+    index: usize,
+    settings: &GroupSettings,
+) -> Result<PullConsumer, String> {
+    let stream = js.get_stream(&layout.stream).await.map_err(|e| e.to_string())?;
+    let durable = layout.durable(&settings.group, index);
+    let config = Config {
+        durable_name: Some(durable.clone()),
+        description: Some(format!("consumer group {} on {}", settings.group, layout.subjects[index])),
+        deliver_policy: DeliverPolicy::All,
+        ack_policy: AckPolicy::Explicit,
+        ack_wait: settings.ack_wait,
+        max_deliver: -1,
+        filter_subject: layout.subjects[index].clone(),
+        max_ack_pending: settings.max_ack_pending,
+        ..Default::default()
+    };
+    stream.get_or_create_consumer(&durable, config).await.map_err(|e| e.to_string())
+}
+
+/// Pulls up to `settings.batch` messages, waiting up to `wait` for the first.
+pub async fn pull(consumer: &PullConsumer, max: usize, wait: Duration) -> Result<Vec<Delivery>, String> {
+    let mut batch = consumer
+        .batch()
+        .max_messages(max)
+        .expires(wait.max(Duration::from_millis(100)))
+        .messages()
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    while let Some(next) = batch.next().await {
+        match next {
+            Ok(message) => {
+                let Ok(info) = message.info() else {
+                    // Not a JetStream delivery (no reply subject to acknowledge): nothing to do.
+                    continue;
+                };
+                let (sequence, delivered) = (info.stream_sequence, info.delivered);
+                let fields = entry::fields_of(message.headers.as_ref(), &message.payload);
+                out.push(Delivery { sequence, delivered, fields, message });
+            }
+            // Messages delivered before the error are this replica's: they are handled.
+            Err(e) if out.is_empty() => return Err(e.to_string()),
+            Err(e) => {
+                tracing::debug!(error = %e, "pull ended early");
+                break;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Acknowledges `done`: the work they carried is committed, and each is gone from the group.
+/// An acknowledgement lost on the way only means a redelivery, which the consumer's dedupe
+/// absorbs; the client's buffer is flushed so that none waits behind the next pull.
+pub async fn ack(client: &async_nats::Client, done: &[&Delivery]) -> Result<(), String> {
+    for d in done {
+        d.message.ack().await.map_err(|e| e.to_string())?;
+    }
+    client.flush().await.map_err(|e| e.to_string())
+}
+
+/// Tells JetStream that work on `working` goes on: their `AckWait` starts over.
+pub async fn progress(working: &[Delivery]) -> Result<(), String> {
+    for d in working {
+        d.message.ack_with(AckKind::Progress).await.map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}

@@ -1,0 +1,104 @@
+//! Publishing a batch of entries to JetStream: every message sent at once on the one
+//! connection (so each subject gets them in order), then every acknowledgement awaited. An
+//! entry counts as published only once JetStream acknowledged storing it.
+
+use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
+use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::Context;
+use async_nats::Client;
+use domain::StreamEntry;
+use futures::future::join_all;
+
+use super::Layout;
+use crate::entry::{self, EncodeError};
+
+/// Messages sent before their acknowledgements are awaited.
+const IN_FLIGHT: usize = 1000;
+
+/// What JetStream said about one entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Published {
+    /// Its sequence in the stream (the earlier copy's, for a duplicate).
+    pub sequence: u64,
+    /// JetStream had it already, inside its duplicate window, and stored nothing.
+    pub duplicate: bool,
+}
+
+/// Why an entry was not published.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EntryError {
+    /// The entry cannot be a message: it is to blame.
+    Refused(EncodeError),
+    /// JetStream failed to take it (down, no stream, no answer in time): nothing is to blame.
+    Broker(String),
+}
+
+/// Publishes to the events' stream; cloning is cheap (one connection underneath).
+#[derive(Clone)]
+pub struct Publisher {
+    client: Client,
+    js: Context,
+    layout: Layout,
+}
+
+impl Publisher {
+    pub fn new(client: Client, layout: Layout) -> Self {
+        let js = super::context(client.clone());
+        Self { client, js, layout }
+    }
+
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    pub fn context(&self) -> &Context {
+        &self.js
+    }
+
+    /// Publishes `entries`, in order, and says per entry what became of it.
+    pub async fn publish(&self, entries: &[StreamEntry]) -> Vec<Result<Published, EntryError>> {
+        let max_payload = self.client.server_info().max_payload;
+        // A client that has not connected yet knows no limit: the server's default.
+        let max_payload = if max_payload == 0 { 1024 * 1024 } else { max_payload };
+        let mut out = Vec::with_capacity(entries.len());
+        // Each publisher has a context of its own, whose acknowledgements in flight are
+        // bounded (5 000): a chunk always fits, so a publisher never waits on itself.
+        for chunk in entries.chunks(IN_FLIGHT) {
+            let mut pending = Vec::with_capacity(chunk.len());
+            for e in chunk {
+                pending.push(self.send(e, max_payload).await);
+            }
+            let acks = pending.into_iter().map(|sent| async move {
+                let (subject, ack) = sent?;
+                let ack = ack.await.map_err(|error| match error.kind() {
+                    PublishErrorKind::StreamNotFound => {
+                        EntryError::Broker(format!("no JetStream stream takes the subject {subject}"))
+                    }
+                    _ => EntryError::Broker(error.to_string()),
+                })?;
+                Ok(Published { sequence: ack.sequence, duplicate: ack.duplicate })
+            });
+            out.extend(join_all(acks).await);
+        }
+        out
+    }
+
+    async fn send(&self, e: &StreamEntry, max_payload: usize) -> Result<(String, PublishAckFuture), EntryError> {
+        let encoded = entry::encode(e, max_payload).map_err(EntryError::Refused)?;
+        let message = PublishMessage::build().headers(encoded.headers).payload(encoded.body);
+        let subject = self.layout.subject_of(&e.aggregate_id).to_owned();
+        match self.js.send_publish(subject.clone(), message).await {
+            Ok(ack) => Ok((subject, ack)),
+            Err(error) => Err(EntryError::Broker(error.to_string())),
+        }
+    }
+
+    /// Whether JetStream answers (an account info request).
+    pub async fn ping(&self) -> Result<(), String> {
+        self.js.query_account().await.map(|_| ()).map_err(|e| e.to_string())
+    }
+}

@@ -1,0 +1,53 @@
+//! Trimming the events' stream: per partition, the messages that every group on it has
+//! acknowledged and that are older than the retention are purged, as the relay trims a Redis
+//! stream. A partition without a group keeps everything (nothing has read it).
+
+use std::time::Duration;
+
+use async_nats::jetstream::Context;
+use futures::TryStreamExt;
+
+use super::Layout;
+
+/// Purges what may go, partition by partition; the number of messages purged.
+pub async fn trim(js: &Context, layout: &Layout, retention: Duration) -> Result<u64, String> {
+    let stream = js.get_stream(&layout.stream).await.map_err(|e| e.to_string())?;
+    let consumers: Vec<_> = stream.consumers().try_collect().await.map_err(|e| e.to_string())?;
+    let cutoff = time::OffsetDateTime::now_utc() - retention;
+    let mut purged = 0;
+    for subject in &layout.subjects {
+        // Below every group's acknowledgement floor on this subject.
+        let floor =
+            consumers.iter().filter(|c| &c.config.filter_subject == subject).map(|c| c.ack_floor.stream_sequence).min();
+        let Some(floor) = floor else { continue };
+        let before = first_newer_than(&stream, subject, cutoff, floor + 1).await?;
+        if before <= 1 {
+            continue;
+        }
+        let done = stream.purge().filter(subject).sequence(before).await.map_err(|e| e.to_string())?;
+        purged += done.purged;
+    }
+    Ok(purged)
+}
+
+/// The sequence of the first message of `subject` stored at or after `cutoff`, below `limit`
+/// (`limit` itself if there is none): a binary search over sequences, whose times only grow.
+async fn first_newer_than(
+    stream: &async_nats::jetstream::stream::Stream,
+    subject: &str,
+    cutoff: time::OffsetDateTime,
+    limit: u64,
+) -> Result<u64, String> {
+    let (mut lo, mut hi) = (1u64, limit);
+    // Each round halves [lo, hi): at most 64.
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        match stream.raw_message_builder().sequence(mid).next_by_subject(subject.to_owned()).send().await {
+            Ok(m) if m.sequence < hi && m.time < cutoff => lo = m.sequence + 1,
+            Ok(m) if m.sequence < hi => hi = m.sequence,
+            // None of the subject's messages from `mid` on is below `hi`: the answer is below.
+            Ok(_) | Err(_) => hi = mid,
+        }
+    }
+    Ok(lo)
+}
