@@ -76,15 +76,31 @@ pub async fn ensure_consumer(
     stream.get_or_create_consumer(&durable, config).await.map_err(|e| e.to_string())
 }
 
-/// Pulls up to `settings.batch` messages, waiting up to `wait` for the first.
+/// Pulls up to `max` messages: those waiting, at once; if none is, the first to come within
+/// `wait`, with whatever came with it. (A pull request waits until it has `max` messages or
+/// its time is up: asked for a whole batch, it would hold the first message until then.)
 pub async fn pull(consumer: &PullConsumer, max: usize, wait: Duration) -> Result<Vec<Delivery>, String> {
-    let mut batch = consumer
-        .batch()
-        .max_messages(max)
-        .expires(wait.max(Duration::from_millis(100)))
-        .messages()
-        .await
-        .map_err(|e| e.to_string())?;
+    let waiting = collect(consumer.fetch().max_messages(max).messages().await).await?;
+    if !waiting.is_empty() {
+        return Ok(waiting);
+    }
+    let expires = wait.max(Duration::from_millis(100));
+    let mut first = collect(consumer.batch().max_messages(1).expires(expires).messages().await).await?;
+    if !first.is_empty() && max > 1 {
+        match collect(consumer.fetch().max_messages(max - 1).messages().await).await {
+            Ok(more) => first.extend(more),
+            Err(e) => tracing::debug!(error = %e, "pulling the rest of a batch failed"),
+        }
+    }
+    Ok(first)
+}
+
+/// The messages of one pull request. Those delivered before an error are this replica's, and
+/// handled; an error before any is the pull's.
+async fn collect(
+    batch: Result<async_nats::jetstream::consumer::pull::Batch, async_nats::jetstream::consumer::pull::BatchError>,
+) -> Result<Vec<Delivery>, String> {
+    let mut batch = batch.map_err(|e| e.to_string())?;
     let mut out = Vec::new();
     while let Some(next) = batch.next().await {
         match next {
@@ -97,7 +113,6 @@ pub async fn pull(consumer: &PullConsumer, max: usize, wait: Duration) -> Result
                 let fields = entry::fields_of(message.headers.as_ref(), &message.payload);
                 out.push(Delivery { sequence, delivered, fields, message });
             }
-            // Messages delivered before the error are this replica's: they are handled.
             Err(e) if out.is_empty() => return Err(e.to_string()),
             Err(e) => {
                 tracing::debug!(error = %e, "pull ended early");

@@ -3,6 +3,8 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use broker::async_nats;
+use broker::jetstream::{self, Layout};
 use chrono::Utc;
 use domain::{Event, EventPayload, NewOrder, OrderCancelled, OrderConfirmed, OrderCreated, OrderId};
 use inventory_consumer::{Config, InventoryConsumer, Service, Shutdown};
@@ -17,18 +19,48 @@ pub struct Harness {
     pub stream: String,
     pub group: String,
     pub redis: MultiplexedConnection,
+    /// The broker the events go through (`BROKER`), and the NATS client when it is NATS.
+    pub broker: broker::Kind,
+    nats: Option<async_nats::Client>,
 }
 
 impl Harness {
+    /// A harness on Redis.
     pub async fn new(prefix: &str) -> Self {
+        Self::on(prefix, broker::Kind::Redis).await
+    }
+
+    /// A harness on `broker`: on NATS its stream (one partition) is made at once.
+    pub async fn on(prefix: &str, broker: broker::Kind) -> Self {
         let db = test_support::fresh_database(prefix).await;
         inventory_consumer::MIGRATOR.run(&db.pool).await.expect("migrate");
+        let stream = test_support::unique_name("orders");
+        let nats = match broker {
+            broker::Kind::Redis => None,
+            broker::Kind::Nats => {
+                let client = async_nats::connect(test_support::nats_url()).await.expect("connect to NATS");
+                let js = jetstream::context(client.clone());
+                jetstream::ensure_stream(&js, &Self::layout_of(&stream)).await.expect("the stream");
+                Some(client)
+            }
+        };
         Self {
             db,
-            stream: test_support::unique_name("orders"),
+            stream,
             group: test_support::unique_name("inventory"),
             redis: test_support::redis_connection().await,
+            broker,
+            nats,
         }
+    }
+
+    fn layout_of(stream: &str) -> Layout {
+        Layout::new(&domain::Partitions::single(stream))
+    }
+
+    /// The JetStream context, on NATS.
+    fn js(&self) -> Option<async_nats::jetstream::Context> {
+        self.nats.clone().map(jetstream::context)
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -43,7 +75,7 @@ impl Harness {
             database_consumer_role: "inventory_consumer".parse().expect("role"),
             redis_url: test_support::redis_url(),
             topology: Default::default(),
-            broker: Default::default(),
+            broker: broker::BrokerArgs { broker: self.broker, nats_url: test_support::nats_url() },
             redis_stream: self.stream.clone(),
             consumer_group: self.group.clone(),
             consumer_name: name.to_owned(),
@@ -160,7 +192,14 @@ impl Harness {
         self.xadd_fields(&self.stream, &fields).await
     }
 
+    /// Adds an entry of `fields` to the stream `key`; on NATS, a message to the subject `key`
+    /// without a `Nats-Msg-Id` (each is stored, as a copy outside the duplicate window is).
     pub async fn xadd_fields(&self, key: &str, fields: &[(String, Vec<u8>)]) -> String {
+        if let Some(js) = self.js() {
+            let (headers, body) = broker::entry::message_of_fields(fields).expect("fields a message can carry");
+            let ack = js.publish_with_headers(key.to_owned(), headers, body).await.expect("publish");
+            return ack.await.expect("stored").sequence.to_string();
+        }
         let mut conn = self.redis.clone();
         inventory_consumer::stream::add(&mut conn, key, fields).await.expect("XADD")
     }
@@ -193,6 +232,19 @@ impl Harness {
 
     /// Waits until every entry added so far was delivered and acknowledged.
     pub async fn drained(&self) {
+        if let Some(js) = self.js() {
+            let layout = Self::layout_of(&self.stream);
+            let durable = layout.durable(&self.group, 0);
+            test_support::eventually("group drained", Duration::from_secs(60), || async {
+                let mut stream = js.get_stream(&layout.stream).await.ok()?;
+                let last = stream.info().await.ok()?.state.last_sequence;
+                let info = stream.consumer_info(&durable).await.ok()?;
+                (info.num_pending == 0 && info.num_ack_pending == 0 && info.ack_floor.stream_sequence >= last)
+                    .then_some(())
+            })
+            .await;
+            return;
+        }
         let mut conn = self.redis.clone();
         let total: u64 = redis::cmd("XLEN").arg(&self.stream).query_async(&mut conn).await.expect("XLEN");
         test_support::eventually("group drained", Duration::from_secs(60), || async {
@@ -204,7 +256,12 @@ impl Harness {
         .await
     }
 
+    /// The entries of the stream `key` (on NATS: of the events' subject, or of the dead
+    /// letters' stream for `<stream>.dlq`, a letter's JSON flattened into fields).
     pub async fn entries(&self, key: &str) -> Vec<(String, Vec<(String, String)>)> {
+        if let Some(js) = self.js() {
+            return self.nats_entries(&js, key).await;
+        }
         let mut conn = self.redis.clone();
         let reply: Value =
             redis::cmd("XRANGE").arg(key).arg("-").arg("+").query_async(&mut conn).await.expect("XRANGE");
@@ -219,6 +276,48 @@ impl Harness {
                 Some((id, fields))
             })
             .collect()
+    }
+}
+
+impl Harness {
+    async fn nats_entries(
+        &self,
+        js: &async_nats::jetstream::Context,
+        key: &str,
+    ) -> Vec<(String, Vec<(String, String)>)> {
+        let layout = Self::layout_of(&self.stream);
+        let dlq = key == layout.dlq_subject;
+        let name = if dlq { &layout.dlq_stream } else { &layout.stream };
+        let Ok(stream) = js.get_stream(name).await else { return Vec::new() };
+        let last = stream.get_info().await.map(|i| i.state.last_sequence).unwrap_or(0);
+        let mut out = Vec::new();
+        for seq in 1..=last {
+            let Ok(m) = stream.get_raw_message(seq).await else { continue };
+            let fields: Vec<(String, String)> = if dlq {
+                let letter: serde_json::Value = serde_json::from_slice(&m.payload).expect("a letter is JSON");
+                let mut fields = vec![
+                    ("reason".to_owned(), letter["reason"].as_str().unwrap_or_default().to_owned()),
+                    (
+                        "original_entry_id".to_owned(),
+                        letter["original_entry_id"].as_str().unwrap_or_default().to_owned(),
+                    ),
+                ];
+                for pair in letter["fields"].as_array().into_iter().flatten() {
+                    fields.push((
+                        pair[0].as_str().unwrap_or_default().to_owned(),
+                        pair[1].as_str().unwrap_or_default().to_owned(),
+                    ));
+                }
+                fields
+            } else {
+                broker::entry::fields_of(Some(&m.headers), &m.payload)
+                    .into_iter()
+                    .map(|(k, v)| (k, String::from_utf8_lossy(&v).into_owned()))
+                    .collect()
+            };
+            out.push((seq.to_string(), fields));
+        }
+        out
     }
 }
 

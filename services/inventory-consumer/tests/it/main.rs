@@ -6,6 +6,7 @@ mod common;
 mod failures;
 mod housekeeping;
 mod http_api;
+mod nats;
 mod ordering;
 mod poison;
 mod replicas;

@@ -6,7 +6,18 @@ use crate::common::{cancelled, confirmed, created, Harness};
 
 #[tokio::test]
 async fn the_same_entry_delivered_five_times_has_one_effect() {
-    let h = Harness::new("dup5").await;
+    same_entry_five_times(broker::Kind::Redis).await;
+}
+
+/// On NATS the copies are stored as they would be outside JetStream's duplicate window (with
+/// no message id): each is delivered, and applied once anyway.
+#[tokio::test]
+async fn the_same_event_stored_five_times_on_nats_has_one_effect() {
+    same_entry_five_times(broker::Kind::Nats).await;
+}
+
+async fn same_entry_five_times(broker: broker::Kind) {
+    let h = Harness::on("dup5", broker).await;
     h.set_stock("SKU-1", 10).await;
     let order = OrderId::new();
     let event = created(order, &[("SKU-1", 3)]);
@@ -24,7 +35,16 @@ async fn the_same_entry_delivered_five_times_has_one_effect() {
 }
 
 async fn out_of_order_scenario(batch_size: u32) {
-    let h = Harness::new("order").await;
+    out_of_order_scenario_on(batch_size, broker::Kind::Redis).await;
+}
+
+#[tokio::test]
+async fn events_before_their_predecessors_apply_as_if_in_order_on_nats_too() {
+    out_of_order_scenario_on(256, broker::Kind::Nats).await;
+}
+
+async fn out_of_order_scenario_on(batch_size: u32, broker: broker::Kind) {
+    let h = Harness::on("order", broker).await;
     h.set_stock("SKU-1", 10).await;
     h.set_stock("SKU-2", 10).await;
     // Order a: confirm (2) before create (1).

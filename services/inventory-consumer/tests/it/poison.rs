@@ -17,7 +17,16 @@ fn replacing(fields: Vec<(&'static str, String)>, name: &str, value: &str) -> Ve
 
 #[tokio::test]
 async fn poison_entries_are_dead_lettered_and_other_orders_still_apply() {
-    let h = Harness::new("poison").await;
+    poison_entries(broker::Kind::Redis).await;
+}
+
+#[tokio::test]
+async fn poison_entries_are_dead_lettered_and_other_orders_still_apply_on_nats() {
+    poison_entries(broker::Kind::Nats).await;
+}
+
+async fn poison_entries(broker: broker::Kind) {
+    let h = Harness::on("poison", broker).await;
     h.set_stock("SKU-1", 10).await;
     let good = OrderId::new();
     let bad = OrderId::new();
