@@ -135,6 +135,12 @@ pub fn is_connected(client: &Client) -> bool {
     client.connection_state() == async_nats::connection::State::Connected
 }
 
+/// Whether JetStream answers and holds the events' stream (a stream lost is made again by the
+/// relays' recovery, and until then nothing can be published or read).
+pub async fn ping(js: &Context, layout: &Layout) -> Result<(), String> {
+    js.get_stream(&layout.stream).await.map(|_| ()).map_err(|e| format!("stream {}: {e}", layout.stream))
+}
+
 /// Creates the events' stream if there is none (file storage, limits retention: only
 /// [`trim`] removes events), and checks its subjects if there is one.
 pub async fn ensure_stream(js: &Context, layout: &Layout) -> Result<(), SetupError> {

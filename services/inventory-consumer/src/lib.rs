@@ -135,11 +135,13 @@ impl Service for InventoryConsumer {
             .check(self.config.broker.broker.as_str(), {
                 let target = self.redis.clone();
                 let nats = self.nats.clone().map(broker::jetstream::context);
+                let layout =
+                    broker::jetstream::Layout::new(&self.config.topology.partitions(&self.config.redis_stream));
                 move || {
-                    let (target, nats) = (target.clone(), nats.clone());
+                    let (target, nats, layout) = (target.clone(), nats.clone(), layout.clone());
                     async move {
                         match nats {
-                            Some(js) => js.query_account().await.map(|_| ()).map_err(|e| e.to_string()),
+                            Some(js) => broker::jetstream::ping(&js, &layout).await,
                             None => redis_ping(target).await,
                         }
                     }

@@ -141,7 +141,8 @@ impl Service for Relay {
         let readiness = Readiness::new().postgres(pool.clone()).check(config.broker.broker.as_str(), {
             let broker = broker.clone();
             let redis = redis.clone();
-            let nats = nats.as_ref().map(|(client, _)| ::broker::jetstream::context(client.clone()));
+            let nats =
+                nats.as_ref().map(|(client, layout)| (::broker::jetstream::context(client.clone()), layout.clone()));
             move || {
                 let (redis, nats, outage) = (redis.clone(), nats.clone(), broker.outage());
                 async move {
@@ -149,7 +150,7 @@ impl Service for Relay {
                         (Some((since, error)), _) => {
                             Err(format!("not taking entries for {:.1}s: {error}", since.as_secs_f64()))
                         }
-                        (None, Some(js)) => js.query_account().await.map(|_| ()).map_err(|e| e.to_string()),
+                        (None, Some((js, layout))) => ::broker::jetstream::ping(&js, &layout).await,
                         (None, None) => publish::RedisPublisher::ping_target(&redis).await.map_err(|e| e.to_string()),
                     }
                 }
@@ -231,11 +232,29 @@ impl Service for Relay {
                 Duration::from_secs(60),
                 shutdown.clone(),
             ));
+            let recovery_settings = recovery::RecoverySettings {
+                partitions: stream_keys.clone(),
+                retention: config.retention,
+                stream_retention: config.stream_retention,
+                batch_size: config.batch_size,
+                margin: recovery::MARGIN + batch_deadline,
+            };
             if let Some((client, layout)) = &nats {
+                let js = ::broker::jetstream::context(client.clone());
                 tasks.spawn(jetstream::trim_loop(
-                    ::broker::jetstream::context(client.clone()),
+                    js.clone(),
                     layout.clone(),
+                    pool.clone(),
                     config.stream_retention,
+                    metrics.clone(),
+                    shutdown.clone(),
+                ));
+                tasks.spawn(jetstream::recovery_loop(
+                    js,
+                    layout.clone(),
+                    pool.clone(),
+                    recovery_publisher,
+                    recovery_settings,
                     metrics.clone(),
                     shutdown.clone(),
                 ));
@@ -253,13 +272,7 @@ impl Service for Relay {
                     pool.clone(),
                     recovery_publisher,
                     tails,
-                    recovery::RecoverySettings {
-                        partitions: stream_keys,
-                        retention: config.retention,
-                        stream_retention: config.stream_retention,
-                        batch_size: config.batch_size,
-                        margin: recovery::MARGIN + batch_deadline,
-                    },
+                    recovery_settings,
                     metrics.clone(),
                     shutdown.clone(),
                 ));

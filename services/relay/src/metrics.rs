@@ -158,7 +158,7 @@ impl Metrics {
         );
         registry.register(
             "outbox_stream_recovered_events",
-            "Retained events republished after Redis lost the stream's data",
+            "Retained events republished after the broker lost the stream's data",
             self.stream_recovered_events.clone(),
         );
         registry.register(

@@ -136,6 +136,48 @@ pub async fn check(
     Ok(since.map_or(Check::Started, |since| Check::Lost { since }))
 }
 
+/// The database's side of noticing a loss by an epoch the broker keeps itself (JetStream's
+/// stream creation time: a stream lost and made again is another): the first epoch seen is
+/// recorded; another than the one recorded means the stream's data was lost, and the one relay
+/// whose update wins records that the events published since the last point every group had
+/// acknowledged (less `margin`) are owed.
+pub async fn note_epoch(
+    pool: &PgPool,
+    stream: &str,
+    epoch: &str,
+    retention: Duration,
+    margin: Duration,
+) -> Result<Check, sqlx::Error> {
+    let Some((recorded, acked_below_ms)) = recorded(pool, stream).await? else {
+        sqlx::query!(
+            "INSERT INTO stream_positions (stream, epoch) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            stream,
+            epoch,
+        )
+        .execute(pool)
+        .await?;
+        return Ok(Check::Started);
+    };
+    if recorded == epoch {
+        return Ok(Check::Intact);
+    }
+    let since = owed_from(acked_below_ms, retention, margin);
+    let replaced = sqlx::query!(
+        "UPDATE stream_positions SET epoch = $3, updated_at = now(),
+           recover_since = LEAST(COALESCE(recover_since, $4), $4)
+         WHERE stream = $1 AND epoch = $2",
+        stream,
+        &recorded,
+        epoch,
+        since,
+    )
+    .execute(pool)
+    .await?
+    .rows_affected();
+    // Another relay noticed it first.
+    Ok(if replaced == 1 { Check::Lost { since } } else { Check::Intact })
+}
+
 /// Where republishing starts for a loss of what came after `point_ms` (entry-id time; `None`:
 /// unknown): `margin` before it, and never before the oldest retained event.
 fn owed_from(point_ms: Option<i64>, retention: Duration, margin: Duration) -> DateTime<Utc> {
@@ -417,6 +459,30 @@ async fn recover_once(
     }
     let marker: Option<String> = redis::cmd("GET").arg(&keys.marker).query_async(conn).await?;
     tails.saw_marker(marker);
+    republish_owed(
+        pool,
+        publisher,
+        stream,
+        crate::replay::Only::Partition(partition),
+        settings.batch_size,
+        metrics,
+        shutdown,
+    )
+    .await
+}
+
+/// Republishes what a loss of `stream` owes (`only` those events), if any is owed and no other
+/// relay holds it, renewing the hold meanwhile; stopped half-way (shutdown), or failed, it lets
+/// the hold go for the next relay to look (this one included) to start over.
+pub(crate) async fn republish_owed(
+    pool: &PgPool,
+    publisher: &mut Publisher,
+    stream: &str,
+    only: crate::replay::Only<'_>,
+    batch_size: u32,
+    metrics: &Metrics,
+    shutdown: &Shutdown,
+) -> Result<(), RecoveryError> {
     let Some(since) = claim_owed(pool, stream).await? else { return Ok(()) };
     let renewing = async {
         loop {
@@ -427,7 +493,7 @@ async fn recover_once(
         }
     };
     let republished = tokio::select! {
-        done = crate::replay::replay(pool, publisher, since, crate::replay::Only::Partition(partition), settings.batch_size) => Some(done),
+        done = crate::replay::replay(pool, publisher, since, only, batch_size) => Some(done),
         () = renewing => None,
         () = shutdown.cancelled() => None,
     };
@@ -435,7 +501,7 @@ async fn recover_once(
         Some(Ok(n)) => {
             owed_done(pool, stream, since).await?;
             metrics.stream_recovered_events.inc_by(n);
-            tracing::warn!(stream, republished = n, "events republished after Redis lost data");
+            tracing::warn!(stream, republished = n, "events republished after the broker lost data");
             Ok(())
         }
         Some(Err(e)) => {

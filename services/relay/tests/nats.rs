@@ -167,3 +167,44 @@ async fn trimming_purges_only_what_every_group_acknowledged_and_is_older_than_th
     assert_eq!(left.len(), 7, "the 7 messages the slow group has not acknowledged are kept");
     delete_jetstream(&layout).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stream_jetstream_lost_is_made_again_and_every_retained_event_republished() {
+    let db = migrated_database("relay_nats_lost").await;
+    let stream = test_support::unique_name("relay-nats-lost");
+    let layout = Layout::new(&Partitions::new(&stream, 2).expect("2 partitions"));
+    let relay = RunningRelay::start(nats_config(&db.url, &stream, 2)).await;
+    append_spread(&db.pool, 20, 4).await;
+    notify(&db.pool).await;
+    wait_until_published(&db.pool, 20, Duration::from_secs(30)).await;
+    // The relay has recorded the stream's epoch (its first check is at start).
+    test_support::eventually("the epoch recorded", Duration::from_secs(20), || async {
+        let n = count(&db.pool, "SELECT count(*) FROM stream_positions WHERE stream LIKE 'nats:%'").await;
+        (n == 1).then_some(())
+    })
+    .await;
+
+    // JetStream loses the stream (a server whose storage was wiped, an operator's mistake).
+    delete_jetstream(&layout).await;
+    append_spread(&db.pool, 5, 4).await;
+    notify(&db.pool).await;
+
+    let messages = test_support::eventually("every event on the stream again", Duration::from_secs(60), || async {
+        let js = jetstream::context(async_nats::connect(test_support::nats_url()).await.ok()?);
+        js.get_stream(&layout.stream).await.ok()?;
+        let messages = read_jetstream(&layout).await;
+        let ids: std::collections::HashSet<String> = messages.iter().map(|(_, id, _)| id.clone()).collect();
+        (ids.len() == 25).then_some(messages)
+    })
+    .await;
+    let ids: Vec<String> =
+        sqlx::query_scalar("SELECT event_id FROM outbox_published").fetch_all(&db.pool).await.expect("ids");
+    let on_stream: std::collections::HashSet<&str> = messages.iter().map(|(_, id, _)| id.as_str()).collect();
+    assert_eq!(ids.len(), 25);
+    for id in &ids {
+        assert!(on_stream.contains(id.as_str()), "event {id} is on the stream again");
+    }
+    assert_eq!(counter(&relay, "outbox_stream_recoveries").await, 1.0);
+    relay.stop().await;
+    delete_jetstream(&layout).await;
+}

@@ -97,8 +97,8 @@ impl Publisher {
         }
     }
 
-    /// Whether JetStream answers (an account info request).
+    /// Whether JetStream answers and holds the stream ([`super::ping`]).
     pub async fn ping(&self) -> Result<(), String> {
-        self.js.query_account().await.map(|_| ()).map_err(|e| e.to_string())
+        super::ping(&self.js, &self.layout).await
     }
 }

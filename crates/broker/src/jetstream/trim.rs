@@ -30,6 +30,24 @@ pub async fn trim(js: &Context, layout: &Layout, retention: Duration) -> Result<
     Ok(purged)
 }
 
+/// When the oldest message some group has not acknowledged was stored (now, if every group
+/// acknowledged everything): `None` if a partition has no group yet (nothing is known).
+pub async fn acked_below(js: &Context, layout: &Layout) -> Result<Option<time::OffsetDateTime>, String> {
+    let stream = js.get_stream(&layout.stream).await.map_err(|e| e.to_string())?;
+    let consumers: Vec<_> = stream.consumers().try_collect().await.map_err(|e| e.to_string())?;
+    let mut below = time::OffsetDateTime::now_utc();
+    for subject in &layout.subjects {
+        let floor =
+            consumers.iter().filter(|c| &c.config.filter_subject == subject).map(|c| c.ack_floor.stream_sequence).min();
+        let Some(floor) = floor else { return Ok(None) };
+        let next = stream.raw_message_builder().sequence(floor + 1).next_by_subject(subject.clone()).send().await;
+        if let Ok(m) = next {
+            below = below.min(m.time);
+        }
+    }
+    Ok(Some(below))
+}
+
 /// The sequence of the first message of `subject` stored at or after `cutoff`, below `limit`
 /// (`limit` itself if there is none): a binary search over sequences, whose times only grow.
 async fn first_newer_than(
