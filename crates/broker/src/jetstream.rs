@@ -156,11 +156,42 @@ pub async fn ensure_stream(js: &Context, layout: &Layout) -> Result<(), SetupErr
         ..Default::default()
     };
     let stream = js.get_or_create_stream(config).await.map_err(|e| SetupError::JetStream(e.to_string()))?;
-    let found = stream.cached_info().config.subjects.clone();
-    if found != layout.subjects {
-        return Err(SetupError::Partitions { stream: layout.stream.clone(), found, expected: layout.subjects.clone() });
+    check_subjects(stream.cached_info(), layout)
+}
+
+/// Whether the stream `info` describes has `layout`'s subjects (its partitions).
+pub fn check_subjects(info: &async_nats::jetstream::stream::Info, layout: &Layout) -> Result<(), SetupError> {
+    let found = &info.config.subjects;
+    if found != &layout.subjects {
+        return Err(SetupError::Partitions {
+            stream: layout.stream.clone(),
+            found: found.clone(),
+            expected: layout.subjects.clone(),
+        });
     }
     Ok(())
+}
+
+/// [`check_subjects`] of the stream, once it is there (for a reader, which makes nothing):
+/// `None` if `shutdown` came first.
+pub async fn agree_on_subjects(
+    js: &Context,
+    layout: &Layout,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> Option<Result<(), SetupError>> {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match js.get_stream(&layout.stream).await {
+            Ok(stream) => return Some(check_subjects(stream.cached_info(), layout)),
+            Err(e) => tracing::info!(error = %e, stream = layout.stream, retry_in_ms = delay.as_millis() as u64,
+                "waiting for the JetStream stream (the relays make it)"),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return None,
+            () = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(2));
+    }
 }
 
 /// Creates the dead letters' stream if there is none: at most `max_len` letters, the oldest

@@ -16,6 +16,8 @@ pub struct Config {
     pub redis_url: String,
     #[command(flatten)]
     pub topology: service_kit::redis_target::Topology,
+    #[command(flatten)]
+    pub broker: broker::BrokerArgs,
     /// Stream the events are read from (every replica reads all of it, with plain XREAD). With
     /// STREAM_PARTITIONS > 1, the partitions named after it, merged in one order every replica
     /// shares; they are polled every 20 ms (N read-only scripts per replica), and an event

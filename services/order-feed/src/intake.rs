@@ -21,7 +21,15 @@ pub struct Intake {
 impl Intake {
     /// An entry as an event the feed can send; `None` (counted) for anything else.
     pub fn decode(&self, entry: &StreamId) -> Option<StreamEntry> {
-        let fields = entry.map.iter().map(|(k, v)| (k.as_str(), bytes(v)));
+        self.decode_fields(&entry.id, entry.map.iter().map(|(k, v)| (k.as_str(), bytes(v))))
+    }
+
+    /// [`Intake::decode`] of an entry's fields (a NATS message's, say) and its id.
+    pub fn decode_fields<'a>(
+        &self,
+        id: &str,
+        fields: impl IntoIterator<Item = (&'a str, Vec<u8>)>,
+    ) -> Option<StreamEntry> {
         let decoded = match StreamEntry::from_fields(fields) {
             // A line break would end the `event:` line of the message early.
             Ok(e) if e.event_type.contains(['\r', '\n']) => Err("event_type holds a line break".to_owned()),
@@ -32,7 +40,7 @@ impl Intake {
             Ok(e) => Some(e),
             Err(why) => {
                 self.metrics.entries_skipped.inc();
-                tracing::debug!(entry_id = entry.id, error = why, "not an event; skipped");
+                tracing::debug!(entry_id = id, error = why, "not an event; skipped");
                 None
             }
         }
@@ -45,6 +53,11 @@ impl Intake {
         }
     }
 
+    /// [`Intake::load`] of a decoded entry.
+    pub fn load_decoded(&self, decoded: StreamEntry) {
+        self.history.load(decoded);
+    }
+
     /// Counts the events kept, after loading.
     pub fn loaded(&self) {
         self.metrics.history_events.set(i64::try_from(self.history.len()).unwrap_or(i64::MAX));
@@ -52,7 +65,13 @@ impl Intake {
 
     /// Adds a new entry of `stream` to the history, which sends it to the clients.
     pub fn take(&self, entry: &StreamId, stream: &str) {
-        let Some(decoded) = self.decode(entry) else { return };
+        if let Some(decoded) = self.decode(entry) {
+            self.take_decoded(decoded, stream);
+        }
+    }
+
+    /// [`Intake::take`] of a decoded entry.
+    pub fn take_decoded(&self, decoded: StreamEntry, stream: &str) {
         // `process <stream>`: the feed's handling of the event (to every client following it),
         // a child of its publication.
         let peer = &self.peer;
@@ -60,7 +79,7 @@ impl Intake {
             "process",
             otel.name = %format_args!("process {stream}"),
             otel.kind = "consumer",
-            messaging.system = "redis",
+            messaging.system = peer.system,
             messaging.operation.name = "process",
             messaging.operation.type = "process",
             messaging.destination.name = %stream,

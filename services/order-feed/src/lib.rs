@@ -11,6 +11,7 @@
 pub mod config;
 pub mod history;
 pub mod intake;
+pub mod jetstream_tail;
 pub mod merge;
 pub mod metrics;
 pub mod partitioned;
@@ -86,7 +87,7 @@ impl Service for OrderFeed {
         let history_len = usize::try_from(config.history).unwrap_or(usize::MAX);
         let history = Arc::new(history::History::new(history_len, config.client_lag as usize));
         let caught_up = Arc::new(AtomicBool::new(false));
-        let readiness = Readiness::new().check("redis", {
+        let readiness = Readiness::new().check(config.broker.broker.as_str(), {
             let caught_up = caught_up.clone();
             move || {
                 let reading = caught_up.load(Ordering::Acquire);
@@ -115,15 +116,40 @@ impl Service for OrderFeed {
             .fallback(|| async { Problem::new(StatusCode::NOT_FOUND, "Not found").detail("no such route") });
         let admin_server = admin.spawn(readiness, liveness, registry, server_metrics.clone(), shutdown.clone());
         let tasks = TaskTracker::new();
-        let intake = intake::Intake {
-            peer: MessagingPeer::redis(&redis, format!("order-feed-{}", service_kit::messaging::instance_name())),
-            history,
-            metrics,
+        let client_id = format!("order-feed-{}", service_kit::messaging::instance_name());
+        let peer = match config.broker.broker {
+            broker::Kind::Redis => MessagingPeer::redis(&redis, client_id.clone()),
+            broker::Kind::Nats => MessagingPeer::nats(&config.broker.nats_url, client_id.clone()),
         };
+        let intake = intake::Intake { peer, history, metrics };
         let partitions = config.topology.partitions(&config.redis_stream);
+        let nats = match config.broker.broker {
+            broker::Kind::Redis => None,
+            broker::Kind::Nats => Some(
+                broker::jetstream::connect(&config.broker.nats_url, &client_id)
+                    .await
+                    .map_err(|e| StartError::Config(format!("NATS_URL: {e}")))?,
+            ),
+        };
         let reading = {
             let (shutdown, block) = (shutdown.clone(), config.block);
             async move {
+                if let Some(client) = nats {
+                    let js = broker::jetstream::context(client);
+                    let layout = broker::jetstream::Layout::new(&partitions);
+                    match broker::jetstream::agree_on_subjects(&js, &layout, &shutdown).await {
+                        Some(Ok(())) => {}
+                        Some(Err(e)) => {
+                            tracing::error!(error = %e, "refusing to read the JetStream stream");
+                            let _ = unfit.set(e.to_string());
+                            return;
+                        }
+                        None => return,
+                    }
+                    let tail = jetstream_tail::JetStreamTail { js, layout, intake, history_len, caught_up };
+                    tail.run(shutdown).await;
+                    return;
+                }
                 // The feed's Redis user may only read: it checks the number, never records it.
                 if !agree_on_partitions(&redis, &partitions, false, &unfit, &shutdown).await {
                     return;

@@ -21,9 +21,18 @@ fn rand_bits() -> u128 {
 /// than the cursor but that reached the stream later (a late commit) is not skipped.
 #[tokio::test]
 async fn a_client_resumes_on_another_replica_with_exactly_the_missing_events() {
-    let stream = test_support::unique_name("feed-resume");
-    let a = RunningFeed::start(config(&stream)).await;
-    let b = RunningFeed::start(config(&stream)).await;
+    resume_on_another_replica(broker::Kind::Redis).await;
+}
+
+#[tokio::test]
+async fn a_client_resumes_on_another_replica_with_exactly_the_missing_events_on_nats() {
+    resume_on_another_replica(broker::Kind::Nats).await;
+}
+
+async fn resume_on_another_replica(kind: broker::Kind) {
+    let bus = Bus::new("feed-resume", kind).await;
+    let a = RunningFeed::start(bus.config()).await;
+    let b = RunningFeed::start(bus.config()).await;
     let (o1, o2) = (Ulid::new(), Ulid::new());
     let ids_written: Vec<Ulid> = (0..6).map(|_| Ulid::new()).collect();
     // An id from a second before every other, for an event written last: the late commit.
@@ -32,7 +41,7 @@ async fn a_client_resumes_on_another_replica_with_exactly_the_missing_events() {
 
     let mut client = SseClient::connect(&a.url("/events"), &[]).await;
     for (id, (order, seq)) in ids_written.iter().zip(orders).take(3) {
-        xadd(&stream, &entry(*id, order, seq, DEFAULT)).await;
+        bus.xadd(&entry(*id, order, seq, DEFAULT)).await;
     }
     let first = client.take(3).await;
     let expected: Vec<String> = ids_written.iter().map(Ulid::to_string).collect();
@@ -47,7 +56,7 @@ async fn a_client_resumes_on_another_replica_with_exactly_the_missing_events() {
     drop(client);
 
     for (id, (order, seq)) in ids_written.iter().zip(orders).skip(3) {
-        xadd(&stream, &entry(*id, order, seq, DEFAULT)).await;
+        bus.xadd(&entry(*id, order, seq, DEFAULT)).await;
     }
     for feed in [&a, &b] {
         feed.wait_read(6).await;
@@ -66,7 +75,7 @@ async fn a_client_resumes_on_another_replica_with_exactly_the_missing_events() {
     assert_eq!(ids(&empty_after.take(3).await), expected[3..], "an empty after leaves Last-Event-ID");
 
     // The late commit: its id sorts before every other, its entry comes last.
-    xadd(&stream, &entry(late_id, o1, 4, DEFAULT)).await;
+    bus.xadd(&entry(late_id, o1, 4, DEFAULT)).await;
     b.wait_read(7).await;
     let mut after_last = SseClient::connect(&b.url("/events"), &[("Last-Event-ID", expected[5].as_str())]).await;
     assert_eq!(ids(&after_last.take(1).await), vec![late_id.to_string()]);
@@ -76,25 +85,34 @@ async fn a_client_resumes_on_another_replica_with_exactly_the_missing_events() {
 
     a.stop().await;
     b.stop().await;
-    delete_stream(&stream).await;
+    bus.delete().await;
 }
 
 /// A replica that starts late loads the stream's recent entries, so a cursor from before it
 /// started resumes on it too.
 #[tokio::test]
 async fn a_replica_started_later_resumes_from_events_written_before_it_started() {
-    let stream = test_support::unique_name("feed-load");
+    replica_started_later(broker::Kind::Redis).await;
+}
+
+#[tokio::test]
+async fn a_replica_started_later_resumes_from_events_written_before_it_started_on_nats() {
+    replica_started_later(broker::Kind::Nats).await;
+}
+
+async fn replica_started_later(kind: broker::Kind) {
+    let bus = Bus::new("feed-load", kind).await;
     let ids_written: Vec<Ulid> = (0..4).map(|_| Ulid::new()).collect();
     let order = Ulid::new();
     for (seq, id) in ids_written.iter().enumerate() {
-        xadd(&stream, &entry(*id, order, seq as i64 + 1, DEFAULT)).await;
+        bus.xadd(&entry(*id, order, seq as i64 + 1, DEFAULT)).await;
     }
-    let feed = RunningFeed::start(config(&stream)).await;
+    let feed = RunningFeed::start(bus.config()).await;
     let mut client = SseClient::connect(&feed.url("/events"), &[("Last-Event-ID", &ids_written[1].to_string())]).await;
     let expected: Vec<String> = ids_written[2..].iter().map(Ulid::to_string).collect();
     assert_eq!(ids(&client.take(2).await), expected);
     feed.stop().await;
-    delete_stream(&stream).await;
+    bus.delete().await;
 }
 
 /// A cursor the replica does not keep (older than its history, or unknown) is told to reload
@@ -139,18 +157,27 @@ async fn a_cursor_too_old_or_unknown_gets_a_reset_then_the_live_events() {
 /// An event the relays published twice is sent once.
 #[tokio::test]
 async fn an_event_on_the_stream_twice_is_sent_once() {
-    let stream = test_support::unique_name("feed-dup");
-    let feed = RunningFeed::start(config(&stream)).await;
+    sent_once(broker::Kind::Redis).await;
+}
+
+#[tokio::test]
+async fn an_event_on_the_stream_twice_is_sent_once_on_nats() {
+    sent_once(broker::Kind::Nats).await;
+}
+
+async fn sent_once(kind: broker::Kind) {
+    let bus = Bus::new("feed-dup", kind).await;
+    let feed = RunningFeed::start(bus.config()).await;
     let mut client = SseClient::connect(&feed.url("/events"), &[]).await;
     let (twice, after) = (entry(Ulid::new(), Ulid::new(), 1, DEFAULT), entry(Ulid::new(), Ulid::new(), 1, DEFAULT));
-    xadd(&stream, &twice).await;
-    xadd(&stream, &twice).await;
-    xadd(&stream, &after).await;
+    bus.xadd(&twice).await;
+    bus.xadd(&twice).await;
+    bus.xadd(&after).await;
     assert_eq!(ids(&client.take(2).await), vec![twice.event_id.to_string(), after.event_id.to_string()]);
     assert_eq!(client.next(Duration::from_millis(300)).await, None);
     assert!(feed.metrics().await.contains("feed_duplicates_total 1"));
     feed.stop().await;
-    delete_stream(&stream).await;
+    bus.delete().await;
 }
 
 const SECRET: &str = "feed-test-secret-of-32-bytes-or-more";
@@ -473,4 +500,38 @@ async fn entries_trimmed_while_a_replica_was_away_make_every_client_reload() {
         }
         feed.stop().await;
     }
+}
+
+/// JetStream lost the stream and the relays made it again, republishing what it had not
+/// delivered to every group: the replica reads the new stream from its start (its sequences
+/// start over), sends the events it had not sent, and none twice.
+#[tokio::test]
+async fn a_stream_made_again_on_nats_is_read_from_its_start_and_no_event_is_sent_twice() {
+    let bus = Bus::new("feed-again", broker::Kind::Nats).await;
+    let feed = RunningFeed::start(bus.config()).await;
+    let mut client = SseClient::connect(&feed.url("/events"), &[]).await;
+    let order = Ulid::new();
+    let events: Vec<_> = (1..=4).map(|seq| entry(Ulid::new(), order, seq, DEFAULT)).collect();
+    for e in &events[..3] {
+        bus.xadd(e).await;
+    }
+    assert_eq!(ids(&client.take(3).await), ids_of(&events[..3]));
+
+    bus.delete().await;
+    let layout = broker::jetstream::Layout::new(&domain::Partitions::single(&bus.stream));
+    let js = broker::jetstream::context(broker::async_nats::connect(test_support::nats_url()).await.expect("NATS"));
+    broker::jetstream::ensure_stream(&js, &layout).await.expect("made again");
+    // Republished from the last point every group had acknowledged (the third event), then a
+    // new one: the new stream's sequences 1 and 2, below those the replica had read.
+    for e in &events[2..] {
+        bus.xadd(e).await;
+    }
+    assert_eq!(ids(&client.take(1).await), ids_of(&events[3..]), "the new event");
+    assert_eq!(client.next(Duration::from_secs(2)).await, None, "nothing twice");
+    feed.stop().await;
+    bus.delete().await;
+}
+
+fn ids_of(events: &[domain::StreamEntry]) -> Vec<String> {
+    events.iter().map(|e| e.event_id.to_string()).collect()
 }

@@ -18,6 +18,7 @@ pub fn config(stream: &str) -> Config {
     Config {
         redis_url: test_support::redis_url(),
         topology: Default::default(),
+        broker: Default::default(),
         redis_stream: stream.to_owned(),
         http_addr: "127.0.0.1:0".parse().expect("address"),
         // /metrics on the same listener (the tests read it there).
@@ -116,4 +117,58 @@ pub async fn xadd(stream: &str, entry: &StreamEntry) {
 pub async fn delete_stream(stream: &str) {
     let mut conn = test_support::redis_connection().await;
     let _: i64 = redis::cmd("DEL").arg(stream).query_async(&mut conn).await.expect("DEL");
+}
+
+/// Where a test's events go: a Redis stream, or a JetStream stream (made at once, as the
+/// relays would), under a name of the test's own.
+pub struct Bus {
+    pub stream: String,
+    pub kind: broker::Kind,
+    js: Option<broker::async_nats::jetstream::Context>,
+}
+
+impl Bus {
+    pub async fn new(prefix: &str, kind: broker::Kind) -> Self {
+        let stream = test_support::unique_name(prefix);
+        let js = match kind {
+            broker::Kind::Redis => None,
+            broker::Kind::Nats => {
+                let client = broker::async_nats::connect(test_support::nats_url()).await.expect("connect to NATS");
+                let js = broker::jetstream::context(client);
+                broker::jetstream::ensure_stream(&js, &self_layout(&stream)).await.expect("the stream");
+                Some(js)
+            }
+        };
+        Self { stream, kind, js }
+    }
+
+    pub fn config(&self) -> Config {
+        let mut config = config(&self.stream);
+        config.broker = broker::BrokerArgs { broker: self.kind, nats_url: test_support::nats_url() };
+        config
+    }
+
+    /// Adds `entry`; on NATS without a `Nats-Msg-Id`, so that the same event added twice is
+    /// stored twice (as outside JetStream's duplicate window).
+    pub async fn xadd(&self, entry: &StreamEntry) {
+        let Some(js) = &self.js else { return xadd(&self.stream, entry).await };
+        let fields: Vec<(String, Vec<u8>)> =
+            entry.to_fields().into_iter().map(|(k, v)| (k.to_owned(), v.into_bytes())).collect();
+        let (headers, body) = broker::entry::message_of_fields(&fields).expect("a message");
+        let subject = self_layout(&self.stream).subject_of(&entry.aggregate_id).to_owned();
+        js.publish_with_headers(subject, headers, body).await.expect("publish").await.expect("stored");
+    }
+
+    pub async fn delete(&self) {
+        match &self.js {
+            Some(js) => {
+                let _ = js.delete_stream(&self_layout(&self.stream).stream).await;
+            }
+            None => delete_stream(&self.stream).await,
+        }
+    }
+}
+
+fn self_layout(stream: &str) -> broker::jetstream::Layout {
+    broker::jetstream::Layout::new(&domain::Partitions::single(stream))
 }
