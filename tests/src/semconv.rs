@@ -3,10 +3,11 @@
 use otlp_collector::{CollectedSpan, Kind};
 
 /// Panics unless `span` is the messaging span of `operation` (`send`, `receive`, `process`) on
-/// `destination` of the Redis at `redis_url`: its name, kind and attributes as the messaging
-/// conventions say (`messaging.system`, `messaging.operation.name` and `.type`,
-/// `messaging.destination.name`, `messaging.client.id`, `server.address`, `server.port`).
-pub fn assert_messaging_span(span: &CollectedSpan, operation: &str, destination: &str, redis_url: &str) {
+/// `destination` of the broker at `broker_url` (Redis, or NATS for a `nats://` URL): its name,
+/// kind and attributes as the messaging conventions say (`messaging.system`,
+/// `messaging.operation.name` and `.type`, `messaging.destination.name`,
+/// `messaging.client.id`, `server.address`, `server.port`).
+pub fn assert_messaging_span(span: &CollectedSpan, operation: &str, destination: &str, broker_url: &str) {
     assert_eq!(span.name, format!("{operation} {destination}"), "{span}");
     let kind = match operation {
         "send" => Kind::Producer,
@@ -14,11 +15,19 @@ pub fn assert_messaging_span(span: &CollectedSpan, operation: &str, destination:
         _ => Kind::Consumer,
     };
     assert_eq!(span.kind, kind, "{span}");
-    let info = redis::Client::open(redis_url).expect("a Redis URL").get_connection_info().addr.clone();
-    let redis::ConnectionAddr::Tcp(host, port) = info else { panic!("a TCP Redis URL: {redis_url}") };
-    let port = port.to_string();
+    let (system, host, port) = match broker_url.strip_prefix("nats://") {
+        Some(address) => {
+            let (host, port) = address.rsplit_once(':').unwrap_or((address, "4222"));
+            ("nats", host.to_owned(), port.to_owned())
+        }
+        None => {
+            let info = redis::Client::open(broker_url).expect("a Redis URL").get_connection_info().addr.clone();
+            let redis::ConnectionAddr::Tcp(host, port) = info else { panic!("a TCP Redis URL: {broker_url}") };
+            ("redis", host, port.to_string())
+        }
+    };
     let expected = [
-        ("messaging.system", "redis"),
+        ("messaging.system", system),
         ("messaging.operation.name", operation),
         ("messaging.operation.type", operation),
         ("messaging.destination.name", destination),

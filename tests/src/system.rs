@@ -14,6 +14,8 @@ pub struct System {
     pub stream: String,
     /// The Redis the test reads the stream from (an admin's URL).
     pub redis_url: String,
+    /// The NATS server the events go through instead, when the system runs on NATS.
+    pub nats_url: Option<String>,
     pub order_service: ServiceProcess,
     pub relay: ServiceProcess,
     pub consumer: ServiceProcess,
@@ -29,11 +31,19 @@ pub struct Env {
     /// Another Redis than the shared one, and the stream on it (an admin's URL; the relay's
     /// and the consumer's own may be set per service).
     pub redis: Option<(String, String)>,
+    /// The events go through this NATS server (`BROKER=nats`) instead of Redis.
+    pub nats: Option<String>,
 }
 
 impl Env {
     pub fn all(mut self, key: &str, value: impl Into<String>) -> Self {
         self.all.push((key.to_owned(), value.into()));
+        self
+    }
+
+    /// The events through `broker`: on NATS, the shared server.
+    pub fn on(mut self, broker: broker::Kind) -> Self {
+        self.nats = (broker == broker::Kind::Nats).then(test_support::nats_url);
         self
     }
 }
@@ -54,19 +64,24 @@ impl System {
             base.into_iter().chain(env.all.iter().cloned()).chain(own.iter().cloned()).collect::<Vec<_>>()
         };
         let kv = |k: &str, v: &str| (k.to_owned(), v.to_owned());
+        let on_nats = |own: &[(String, String)]| -> Vec<(String, String)> {
+            let broker = env.nats.iter().flat_map(|url| [kv("BROKER", "nats"), kv("NATS_URL", url)]);
+            broker.chain(own.iter().cloned()).collect()
+        };
+        let (relay_env, consumer_env) = (on_nats(&env.relay), on_nats(&env.consumer));
         let mut order_service =
             ServiceProcess::spawn("order-service", with(&env.order_service, vec![kv("DATABASE_URL", &orders.url)]));
         let mut relay = ServiceProcess::spawn(
             "relay",
             with(
-                &env.relay,
+                &relay_env,
                 vec![kv("DATABASE_URL", &orders.url), kv("REDIS_URL", &redis), kv("REDIS_STREAM", &stream)],
             ),
         );
         let mut consumer = ServiceProcess::spawn(
             "inventory-consumer",
             with(
-                &env.consumer,
+                &consumer_env,
                 vec![
                     kv("DATABASE_URL", &inventory.url),
                     kv("REDIS_URL", &redis),
@@ -80,7 +95,18 @@ impl System {
         order_service.wait_ready(ready).await;
         relay.wait_ready(ready).await;
         consumer.wait_ready(ready).await;
-        Self { orders, inventory, stream, redis_url: redis, order_service, relay, consumer }
+        let nats_url = env.nats.clone();
+        Self { orders, inventory, stream, redis_url: redis, nats_url, order_service, relay, consumer }
+    }
+
+    /// The broker's URL, as the services' messaging spans name its server.
+    pub fn broker_url(&self) -> &str {
+        self.nats_url.as_deref().unwrap_or(&self.redis_url)
+    }
+
+    /// The JetStream layout of the stream, on NATS.
+    fn layout(&self) -> broker::jetstream::Layout {
+        broker::jetstream::Layout::new(&domain::Partitions::single(&self.stream))
     }
 
     /// SIGTERM to all three, and each must exit successfully within 30 s.
@@ -94,6 +120,16 @@ impl System {
                 panic!("{} did not exit within 30 s of SIGTERM\n{}", process.name(), process.tail(50));
             };
             assert!(status.success(), "{} exited with {status} after SIGTERM\n{}", process.name(), process.tail(50));
+        }
+        if let Some(url) = &self.nats_url {
+            // The shared server keeps what a test leaves behind.
+            if let Ok(client) = broker::async_nats::connect(url.as_str()).await {
+                let js = broker::jetstream::context(client);
+                let layout = self.layout();
+                for stream in [&layout.stream, &layout.dlq_stream] {
+                    let _ = js.delete_stream(stream).await;
+                }
+            }
         }
     }
 }
@@ -150,6 +186,9 @@ impl System {
 
     /// The stream entries of `order_id`, as field maps, in stream order.
     pub async fn stream_entries(&self, order_id: &str) -> Vec<HashMap<String, String>> {
+        if let Some(url) = &self.nats_url {
+            return self.nats_entries(url, order_id).await;
+        }
         let client = redis::Client::open(self.redis_url.as_str()).expect("Redis URL");
         let mut redis = client.get_multiplexed_async_connection().await.expect("connect to Redis");
         let reply: redis::streams::StreamRangeReply =
@@ -160,6 +199,26 @@ impl System {
             .map(|e| e.map.keys().filter_map(|k| e.get::<String>(k).map(|v| (k.clone(), v))).collect::<HashMap<_, _>>())
             .filter(|fields| fields.get("aggregate_id").map(String::as_str) == Some(order_id))
             .collect()
+    }
+}
+
+impl System {
+    async fn nats_entries(&self, url: &str, order_id: &str) -> Vec<HashMap<String, String>> {
+        let js = broker::jetstream::context(broker::async_nats::connect(url).await.expect("connect to NATS"));
+        let stream = js.get_stream(&self.layout().stream).await.expect("the stream");
+        let last = stream.get_info().await.expect("stream info").state.last_sequence;
+        let mut out = Vec::new();
+        for seq in 1..=last {
+            let Ok(m) = stream.get_raw_message(seq).await else { continue };
+            let fields: HashMap<String, String> = broker::entry::fields_of(Some(&m.headers), &m.payload)
+                .into_iter()
+                .map(|(k, v)| (k, String::from_utf8_lossy(&v).into_owned()))
+                .collect();
+            if fields.get("aggregate_id").map(String::as_str) == Some(order_id) {
+                out.push(fields);
+            }
+        }
+        out
     }
 }
 

@@ -21,7 +21,16 @@ fn mint(tenant: &str, scope: &str) -> String {
 
 #[tokio::test]
 async fn each_tenants_events_carry_their_tenant_on_the_stream() {
-    let mut system = System::start(Env::default().all("AUTH_JWT_SECRET", SECRET)).await;
+    tenants_on_the_stream(broker::Kind::Redis).await;
+}
+
+#[tokio::test]
+async fn each_tenants_events_carry_their_tenant_on_the_stream_on_nats() {
+    tenants_on_the_stream(broker::Kind::Nats).await;
+}
+
+async fn tenants_on_the_stream(broker: broker::Kind) {
+    let mut system = System::start(Env::default().all("AUTH_JWT_SECRET", SECRET).on(broker)).await;
     let service = &system.order_service;
     let body =
         serde_json::json!({"customer_id": "c-1", "items": [{"sku": "SKU-1", "quantity": 1, "unit_price_cents": 1}]});
@@ -76,8 +85,17 @@ async fn stock(system: &System, tenant: &str, sku: &str) -> Option<(i64, i64)> {
 
 #[tokio::test]
 async fn two_tenants_with_the_same_skus_each_keep_their_own_stock() {
+    own_stock(broker::Kind::Redis).await;
+}
+
+#[tokio::test]
+async fn two_tenants_with_the_same_skus_each_keep_their_own_stock_on_nats() {
+    own_stock(broker::Kind::Nats).await;
+}
+
+async fn own_stock(broker: broker::Kind) {
     const SKU: &str = "SKU-SHARED";
-    let mut system = System::start(Env::default().all("AUTH_JWT_SECRET", SECRET)).await;
+    let mut system = System::start(Env::default().all("AUTH_JWT_SECRET", SECRET).on(broker)).await;
     let (service, consumer) = (&system.order_service, &system.consumer);
     for (tenant, on_hand) in [("t-a", 10), ("t-b", 4)] {
         let r = consumer
