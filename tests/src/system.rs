@@ -123,7 +123,7 @@ impl System {
         }
         if let Some(url) = &self.nats_url {
             // The shared server keeps what a test leaves behind.
-            if let Ok(client) = broker::async_nats::connect(url.as_str()).await {
+            if let Ok(client) = broker::jetstream::connect(url.as_str(), "system-tests").await {
                 let js = broker::jetstream::context(client);
                 let layout = self.layout();
                 for stream in [&layout.stream, &layout.dlq_stream] {
@@ -204,7 +204,8 @@ impl System {
 
 impl System {
     async fn nats_entries(&self, url: &str, order_id: &str) -> Vec<HashMap<String, String>> {
-        let js = broker::jetstream::context(broker::async_nats::connect(url).await.expect("connect to NATS"));
+        let js =
+            broker::jetstream::context(broker::jetstream::connect(url, "system-tests").await.expect("connect to NATS"));
         let stream = js.get_stream(&self.layout().stream).await.expect("the stream");
         let last = stream.get_info().await.expect("stream info").state.last_sequence;
         let mut out = Vec::new();

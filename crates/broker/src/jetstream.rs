@@ -113,14 +113,46 @@ impl SetupError {
 
 /// A client that connects in the background and reconnects for as long as it is used: an
 /// outage at start or later is waited out, never a reason to exit.
+/// Credentials in the URL (`nats://user:password@host`, or `nats://token@host`) are used:
+/// the client does not take them from the URL by itself.
 pub async fn connect(url: &str, name: &str) -> Result<Client, async_nats::ConnectError> {
-    async_nats::ConnectOptions::new()
+    let mut options = async_nats::ConnectOptions::new();
+    let first = url.split(',').next().unwrap_or_default();
+    if let Ok(addr) = first.parse::<async_nats::ServerAddr>() {
+        options = match (addr.username(), addr.password()) {
+            (Some(user), Some(password)) => options.user_and_password(decode(user), decode(password)),
+            (Some(token), None) => options.token(decode(token)),
+            _ => options,
+        };
+    }
+    options
         .name(name)
         .connection_timeout(Duration::from_secs(2))
         .request_timeout(Some(REQUEST_TIMEOUT))
         .retry_on_initial_connect()
         .connect(url)
         .await
+}
+
+/// `%xx` escapes of a URL's user info, undone.
+fn decode(part: &str) -> String {
+    let bytes = part.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
+        match (bytes[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// JetStream on `client`.
@@ -247,6 +279,13 @@ pub async fn prepare(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn escaped_user_info_is_undone() {
+        assert_eq!(decode("p%40ss%3Aword"), "p@ss:word");
+        assert_eq!(decode("plain"), "plain");
+        assert_eq!(decode("bad%zz%4"), "bad%zz%4");
+    }
 
     #[test]
     fn one_partition_is_the_stream_name_itself_and_more_get_a_subject_each() {

@@ -271,12 +271,37 @@ impl Drop for PrivateRedis {
 pub struct PrivateNats {
     pub port: u16,
     pub dir: PathBuf,
+    /// A configuration file of the test's own (with its environment), instead of flags.
+    config: Option<(PathBuf, Vec<(String, String)>)>,
     child: Option<Child>,
 }
 
 impl PrivateNats {
     pub fn start() -> Self {
-        let mut nats = Self { port: free_port(), dir: temp_dir("nats"), child: None };
+        let mut nats = Self { port: free_port(), dir: temp_dir("nats"), config: None, child: None };
+        nats.restart();
+        nats
+    }
+
+    /// Starts `nats-server -c` on the configuration `text`, whose `port:`, `http_port:` and
+    /// `store_dir:` lines are made this server's, with `env` in its environment (the
+    /// configuration's `$VARIABLES`).
+    pub fn with_config(text: &str, env: &[(&str, &str)]) -> Self {
+        let (port, dir) = (free_port(), temp_dir("nats"));
+        let text: String = text
+            .lines()
+            .map(|line| match line.trim_start() {
+                l if l.starts_with("port:") => format!("port: {port}"),
+                l if l.starts_with("http_port:") => String::new(),
+                l if l.starts_with("store_dir:") => format!("  store_dir: {:?}", dir.display().to_string()),
+                _ => line.to_owned(),
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let path = dir.join("nats.conf");
+        std::fs::write(&path, text).expect("write the NATS configuration");
+        let env = env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        let mut nats = Self { port, dir, config: Some((path, env)), child: None };
         nats.restart();
         nats
     }
@@ -288,9 +313,18 @@ impl PrivateNats {
     /// Starts (again) on the same port and storage directory.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "nats-server already running");
-        let child = Command::new(nats_server())
-            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
-            .arg(&self.dir)
+        let mut command = Command::new(nats_server());
+        match &self.config {
+            Some((path, env)) => {
+                command.arg("-c").arg(path).args(["-a", "127.0.0.1"]).envs(env.iter().map(|(k, v)| (k, v)));
+            }
+            None => {
+                command.args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"]).arg(&self.dir);
+            }
+        }
+        let child = command
+            .arg("-l")
+            .arg(self.dir.join("nats.log"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -316,6 +350,11 @@ impl PrivateNats {
         if let Some(child) = &self.child {
             run(Command::new("kill").args([&format!("-{signal}"), &child.id().to_string()]));
         }
+    }
+
+    /// What the server logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("nats.log")).unwrap_or_default()
     }
 }
 
