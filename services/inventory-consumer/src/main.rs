@@ -66,6 +66,9 @@ async fn run_command(config: inventory_consumer::Config, command: Command) -> an
                 println!("dead letter {dl} re-driven as entry {entry}");
             }
         }
+        Command::ReplayDemo { .. } if config.broker.broker == broker::Kind::Nats => {
+            anyhow::bail!("replay-demo re-adds a Redis stream entry; on NATS its equivalent is re-publishing the message")
+        }
         Command::ReplayDemo { entry_id, timeout } => {
             let pool = consumer_pool(&config).await?;
             let mut redis = redis(&config).await?;

@@ -131,7 +131,11 @@ impl Service for Relay {
         let publishers: Vec<publish::Publisher> =
             (0..config.workers as usize).map(|i| publisher().with_tails(tails.clone(), i)).collect();
         let metrics = metrics::Metrics::default();
-        for stream in partitions.streams() {
+        let streams = match &nats {
+            Some((_, layout)) => layout.subjects.clone(),
+            None => partitions.streams().to_vec(),
+        };
+        for stream in &streams {
             metrics.stream_length(stream);
         }
         let mut registry = Registry::default();

@@ -21,6 +21,10 @@ async fn main() -> anyhow::Result<()> {
             one_off(config, dead_retry(config, event_id.as_deref())).await
         }
         Command::Dead(DeadCommand::Purge { older_than }) => one_off(config, dead_purge(config, older_than)).await,
+        Command::Stream(_) if config.broker.broker == broker::Kind::Nats => Err(anyhow::anyhow!(
+            "relay stream works on Redis streams; on NATS a group is a durable consumer of the JetStream stream: \
+             `nats consumer ls` / `nats consumer info` / `nats consumer rm` (as NATS's admin user)"
+        )),
         Command::Stream(StreamCommand::Groups) => one_off(config, stream_groups(config)).await,
         Command::Stream(StreamCommand::DropGroup { group }) => one_off(config, drop_group(config, &group)).await,
     }
