@@ -67,7 +67,9 @@ async fn run_command(config: inventory_consumer::Config, command: Command) -> an
             }
         }
         Command::ReplayDemo { .. } if config.broker.broker == broker::Kind::Nats => {
-            anyhow::bail!("replay-demo re-adds a Redis stream entry; on NATS its equivalent is re-publishing the message")
+            anyhow::bail!(
+                "replay-demo re-adds a Redis stream entry; on NATS its equivalent is re-publishing the message"
+            )
         }
         Command::ReplayDemo { entry_id, timeout } => {
             let pool = consumer_pool(&config).await?;
