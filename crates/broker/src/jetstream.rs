@@ -204,6 +204,25 @@ pub fn check_subjects(info: &async_nats::jetstream::stream::Info, layout: &Layou
     Ok(())
 }
 
+/// [`prepare`], for a service that may not work on a stream that is not its own: whether it may
+/// work (false if `shutdown` came first, or with the reason in `unfit`, for `/readyz` to say).
+pub async fn agree(
+    js: &Context,
+    layout: &Layout,
+    dlq_max_len: Option<u64>,
+    unfit: &std::sync::OnceLock<String>,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> bool {
+    match prepare(js, layout, dlq_max_len, shutdown).await {
+        Some(Ok(())) => true,
+        Some(Err(e)) => {
+            let _ = unfit.set(e.to_string());
+            false
+        }
+        None => false,
+    }
+}
+
 /// [`check_subjects`] of the stream, once it is there (for a reader, which makes nothing):
 /// `None` if `shutdown` came first.
 pub async fn agree_on_subjects(

@@ -108,10 +108,7 @@ impl PrivateRedis {
 
     /// `kill -9`.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        kill(&mut self.child);
     }
 
     pub fn is_running(&self) -> bool {
@@ -120,9 +117,7 @@ impl PrivateRedis {
 
     /// Sends `signal` (`STOP`, `CONT`) to the server.
     pub fn signal(&self, signal: &str) {
-        if let Some(child) = &self.child {
-            run(Command::new("kill").args([&format!("-{signal}"), &child.id().to_string()]));
-        }
+        send_signal(self.child.as_ref(), signal);
     }
 
     /// `redis-cli` against this server; its output (Redis's error replies included: redis-cli
@@ -335,10 +330,7 @@ impl PrivateNats {
 
     /// `kill -9`.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        kill(&mut self.child);
     }
 
     pub fn is_running(&self) -> bool {
@@ -347,9 +339,7 @@ impl PrivateNats {
 
     /// Sends `signal` (`STOP`, `CONT`) to the server.
     pub fn signal(&self, signal: &str) {
-        if let Some(child) = &self.child {
-            run(Command::new("kill").args([&format!("-{signal}"), &child.id().to_string()]));
-        }
+        send_signal(self.child.as_ref(), signal);
     }
 
     /// What the server logged so far.
@@ -470,6 +460,21 @@ fn pg_bin(tool: &str) -> PathBuf {
             versions.into_iter().rev().map(|v| v.join("bin").join(tool)).find(|p| Path::new(p).exists())
         })
         .unwrap_or_else(|| PathBuf::from(tool))
+}
+
+/// `kill -9` of a server, waited for.
+fn kill(child: &mut Option<Child>) {
+    if let Some(mut child) = child.take() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+/// Sends `signal` to a server, if it runs.
+fn send_signal(child: Option<&Child>, signal: &str) {
+    if let Some(child) = child {
+        run(Command::new("kill").args([&format!("-{signal}"), &child.id().to_string()]));
+    }
 }
 
 fn run(cmd: &mut Command) {

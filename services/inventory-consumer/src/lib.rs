@@ -206,14 +206,8 @@ impl Service for InventoryConsumer {
                 Some(client) => {
                     let js = broker::jetstream::context(client.clone());
                     let layout = broker::jetstream::Layout::new(&partitions);
-                    match broker::jetstream::prepare(&js, &layout, Some(self.config.dlq_max_len), &shutdown).await {
-                        Some(Ok(())) => true,
-                        Some(Err(e)) => {
-                            let _ = partitions_unfit.set(e.to_string());
-                            false
-                        }
-                        None => false,
-                    }
+                    let dlq = Some(self.config.dlq_max_len);
+                    broker::jetstream::agree(&js, &layout, dlq, &partitions_unfit, &shutdown).await
                 }
                 None => {
                     service_kit::redis_target::agree_on_partitions(

@@ -194,14 +194,7 @@ impl Service for Relay {
             && match &nats {
                 Some((client, layout)) => {
                     let js = ::broker::jetstream::context(client.clone());
-                    match ::broker::jetstream::prepare(&js, layout, None, &shutdown).await {
-                        Some(Ok(())) => true,
-                        Some(Err(e)) => {
-                            let _ = partitions_unfit.set(e.to_string());
-                            false
-                        }
-                        None => false,
-                    }
+                    ::broker::jetstream::agree(&js, layout, None, &partitions_unfit, &shutdown).await
                 }
                 None => {
                     service_kit::redis_target::agree_on_partitions(
