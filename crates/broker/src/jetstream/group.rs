@@ -18,7 +18,7 @@ use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer};
 use async_nats::jetstream::{AckKind, Context, Message};
 use futures::StreamExt;
 
-use super::Layout;
+use super::{Layout, REQUEST_TIMEOUT};
 use crate::entry;
 
 /// What a group member pulls with.
@@ -80,14 +80,15 @@ pub async fn ensure_consumer(
 /// `wait`, with whatever came with it. (A pull request waits until it has `max` messages or
 /// its time is up: asked for a whole batch, it would hold the first message until then.)
 pub async fn pull(consumer: &PullConsumer, max: usize, wait: Duration) -> Result<Vec<Delivery>, String> {
-    let waiting = collect(consumer.fetch().max_messages(max).messages().await).await?;
+    let waiting = collect(consumer.fetch().max_messages(max).messages().await, REQUEST_TIMEOUT).await?;
     if !waiting.is_empty() {
         return Ok(waiting);
     }
     let expires = wait.max(Duration::from_millis(100));
-    let mut first = collect(consumer.batch().max_messages(1).expires(expires).messages().await).await?;
+    let first = consumer.batch().max_messages(1).expires(expires).messages().await;
+    let mut first = collect(first, expires + REQUEST_TIMEOUT).await?;
     if !first.is_empty() && max > 1 {
-        match collect(consumer.fetch().max_messages(max - 1).messages().await).await {
+        match collect(consumer.fetch().max_messages(max - 1).messages().await, REQUEST_TIMEOUT).await {
             Ok(more) => first.extend(more),
             Err(e) => tracing::debug!(error = %e, "pulling the rest of a batch failed"),
         }
@@ -95,14 +96,31 @@ pub async fn pull(consumer: &PullConsumer, max: usize, wait: Duration) -> Result
     Ok(first)
 }
 
-/// The messages of one pull request. Those delivered before an error are this replica's, and
-/// handled; an error before any is the pull's.
+/// The messages of one pull request, until it ends or `within` has passed. Those delivered
+/// before an error are this replica's, and handled; an error before any is the pull's.
+///
+/// The end of a request may never come: a server that died (`kill -9`) took the request, or
+/// the rest of its answer, with it, and a pull without `expires` (a fetch) has no timeout of
+/// its own in the client, so the loop would wait for good, holding what was delivered. Past
+/// `within` the pull is over: with what it delivered (this replica's, to handle and
+/// acknowledge), or as failed if nothing came.
 async fn collect(
     batch: Result<async_nats::jetstream::consumer::pull::Batch, async_nats::jetstream::consumer::pull::BatchError>,
+    within: Duration,
 ) -> Result<Vec<Delivery>, String> {
     let mut batch = batch.map_err(|e| e.to_string())?;
+    let deadline = tokio::time::Instant::now() + within;
     let mut out = Vec::new();
-    while let Some(next) = batch.next().await {
+    loop {
+        let next = match tokio::time::timeout_at(deadline, batch.next()).await {
+            Ok(Some(next)) => next,
+            Ok(None) => break,
+            Err(_) if out.is_empty() => return Err(format!("the pull was not answered within {within:?}")),
+            Err(_) => {
+                tracing::debug!(delivered = out.len(), "the pull was not ended in time; handling what it delivered");
+                break;
+            }
+        };
         match next {
             Ok(message) => {
                 let Ok(info) = message.info() else {
