@@ -195,7 +195,7 @@ async fn one_trace_through(broker: broker::Kind) {
             events.get(event_type).unwrap_or_else(|| panic!("no {event_type} entry on the stream"));
         let is_event = |s: &CollectedSpan| s.attribute("messaging.message.id") == Some(event_id);
         let publish = spans.find(&format!("publishing {event_type}"), |s| s.service_name == "relay" && is_event(s));
-        assert_messaging_span(publish, "send", &system.stream, &system.broker_url());
+        assert_messaging_span(publish, "send", &system.stream, system.broker_url());
         assert_eq!(publish.trace_id, trace);
         assert!(
             publish.attribute("outbox.wait_ms").and_then(|v| v.parse::<i64>().ok()).is_some(),
@@ -215,7 +215,7 @@ async fn one_trace_through(broker: broker::Kind) {
 
         let process =
             spans.find(&format!("processing {event_type}"), |s| s.service_name == "inventory-consumer" && is_event(s));
-        assert_messaging_span(process, "process", &system.stream, &system.broker_url());
+        assert_messaging_span(process, "process", &system.stream, system.broker_url());
         assert_eq!(process.trace_id, trace);
         assert_eq!(process.parent_span_id, publish.span_id, "the consumer span is a child of the publish span");
         let group = process.attribute("messaging.consumer.group.name");
@@ -224,7 +224,7 @@ async fn one_trace_through(broker: broker::Kind) {
         let batch = spans.find(&format!("consumer database work linked to {event_type}"), |s| {
             s.service_name == "inventory-consumer" && s.links.contains(&link)
         });
-        assert_messaging_span(batch, "process", &system.stream, &system.broker_url());
+        assert_messaging_span(batch, "process", &system.stream, system.broker_url());
         assert!(batch.attribute("messaging.message.id").is_none(), "a batch span names no one message: {batch}");
         assert_eq!(batch.attribute("messaging.consumer.group.name"), group);
         let count = batch.attribute("messaging.batch.message_count").and_then(|n| n.parse::<usize>().ok());

@@ -41,7 +41,7 @@ impl BrokerHealth {
                 *outage = Some(Outage { since: Instant::now(), error: error.to_owned() });
                 self.metrics.broker_up.set(0);
                 self.metrics.broker_outages.inc();
-                tracing::warn!(error, "redis is not taking entries; the relay backs off until it does");
+                tracing::warn!(error, "the broker is not taking entries; the relay backs off until it does");
             }
         }
     }
@@ -50,7 +50,7 @@ impl BrokerHealth {
     pub fn recovered(&self) {
         if let Some(o) = self.outage_mut().take() {
             self.metrics.broker_up.set(1);
-            tracing::info!(down_for_ms = o.since.elapsed().as_millis() as u64, "redis is taking entries again");
+            tracing::info!(down_for_ms = o.since.elapsed().as_millis() as u64, "the broker is taking entries again");
         }
     }
 
