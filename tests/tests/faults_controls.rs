@@ -5,16 +5,19 @@
 //!   nothing replays them: the checker must report every one of those events lost.
 //! - The same crash followed by `relay replay --since`: the ledger must hold.
 //! - Inventory's dedupe record wiped and the stream consumed again by a new group: the
-//!   checker must report exactly the orders whose stock moved twice.
+//!   checker must report exactly the orders whose stock moved twice (on Redis, and on NATS
+//!   with a new group of durable consumers reading the JetStream stream from its start).
 //! - The dedupe record wiped with the reservations kept, and every event published again: the
 //!   stock shows nothing (the reservations absorb the copies), and the checker must still
 //!   report every event applied a second time.
 //! - A relay that numbers each order's events backwards: the checker must report exactly the
-//!   orders with more than one event as applied out of seq order, and nothing else.
+//!   orders with more than one event as applied out of seq order, and nothing else (on Redis,
+//!   and on NATS).
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use broker::Kind;
 use system_tests::faults::cluster::{Cluster, ClusterSpec};
 use system_tests::faults::drain::backlog;
 use system_tests::faults::inject::Injected;
@@ -135,10 +138,19 @@ async fn the_relays_restore_by_themselves_what_a_cache_redis_forgot() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn checker_reports_double_apply_when_the_dedupe_record_is_lost() {
+    double_apply_when_the_dedupe_record_is_lost(Kind::Redis).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checker_reports_double_apply_when_the_dedupe_record_is_lost_on_nats() {
+    double_apply_when_the_dedupe_record_is_lost(Kind::Nats).await;
+}
+
+async fn double_apply_when_the_dedupe_record_is_lost(broker: Kind) {
     let _one = ONE_AT_A_TIME.lock().await;
     let seed = 13;
     let plan = Arc::new(plan::generate(seed, ORDERS));
-    let mut cluster = start_cluster(ClusterSpec::default(), &plan).await.expect("cluster");
+    let mut cluster = start_cluster(ClusterSpec { broker, ..ClusterSpec::default() }, &plan).await.expect("cluster");
     let outcome = load(&cluster, &plan, seed).await;
     let ledger = outcome.ledger.clone();
     let first = settle(&mut cluster, &plan, outcome, seed).await;
@@ -152,16 +164,20 @@ async fn checker_reports_double_apply_when_the_dedupe_record_is_lost() {
         .execute(&cluster.inventory_db)
         .await
         .expect("wipe the dedupe record");
-    let mut conn = cluster.redis_client().expect("redis").get_multiplexed_async_connection().await.expect("redis");
     let again = "inventory-again";
-    redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg(&cluster.stream)
-        .arg(again)
-        .arg("0")
-        .query_async::<()>(&mut conn)
-        .await
-        .expect("new group");
+    // On NATS the consumers create the new group's durable consumer themselves, delivering
+    // the stream from its start.
+    if broker == Kind::Redis {
+        let mut conn = cluster.redis_client().expect("redis").get_multiplexed_async_connection().await.expect("redis");
+        redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(&cluster.stream)
+            .arg(again)
+            .arg("0")
+            .query_async::<()>(&mut conn)
+            .await
+            .expect("new group");
+    }
     cluster.group = again.to_owned();
     for c in &mut cluster.consumers {
         c.set_env("CONSUMER_GROUP", again);
@@ -191,11 +207,20 @@ async fn first_ledger_statuses(cluster: &Cluster, plan: &[PlannedOrder]) -> Vec<
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn checker_reports_events_applied_out_of_seq_order_apart_from_other_faults() {
+    events_applied_out_of_seq_order(Kind::Redis).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checker_reports_events_applied_out_of_seq_order_apart_from_other_faults_on_nats() {
+    events_applied_out_of_seq_order(Kind::Nats).await;
+}
+
+async fn events_applied_out_of_seq_order(broker: Kind) {
     let _one = ONE_AT_A_TIME.lock().await;
     let seed = 14;
     let plan = Arc::new(plan::generate(seed, ORDERS));
     // No relay runs: the test publishes, as a relay that numbers each order's events backwards.
-    let spec = ClusterSpec { relays: 0, ..ClusterSpec::default() };
+    let spec = ClusterSpec { relays: 0, broker, ..ClusterSpec::default() };
     let mut cluster = start_cluster(spec, &plan).await.expect("cluster");
     let outcome = load(&cluster, &plan, seed).await;
     assert!(outcome.anomalies.is_empty(), "{:?}", outcome.anomalies);

@@ -1,19 +1,23 @@
-//! Long outages and stuck replicas, with the shipped defaults: no cliff.
+//! Long outages and stuck replicas, with the shipped defaults: no cliff. Each runs on Redis and
+//! on NATS (JetStream on file storage), where the broker's crash is `kill -9` of nats-server.
 //!
-//! - Redis down for 2 minutes under load, every setting at its default: no outbox row goes
-//!   dead or even counts an attempt; when Redis returns, everything is applied once.
+//! - The broker down for 2 minutes under load, every setting at its default: no outbox row goes
+//!   dead or even counts an attempt; when the broker returns, everything is applied once.
 //! - A consumer frozen (SIGSTOP) in the middle of a batch transaction and never resumed: the
 //!   other replicas drain everything within CLAIM_MIN_IDLE plus the session timeouts.
 //! - Consumers killed and restarted many times, and frozen mid-batch past `CLAIM_MIN_IDLE` (so
-//!   the entries they held are surely delivered again), plus a 20 s Redis outage, with tight limits
-//!   (`MAX_DELIVERIES=1`, so any redelivery is past it, `OUTBOX_MAX_ATTEMPTS=3`,
+//!   the entries they held are surely delivered again), plus a 20 s broker outage, with tight
+//!   limits (`MAX_DELIVERIES=1`, so any redelivery is past it, `OUTBOX_MAX_ATTEMPTS=3`,
 //!   `OUTBOX_BACKOFF_BASE=100ms`): nothing is dead-lettered.
+//! - The broker's server crashed 16 times under load: nothing lost, nothing applied twice, and
+//!   the group drains (no consumer is left waiting on a pull the crash cut off).
 //!
 //! `FAULT_SEED=<n>` replays a run's plan and schedule.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use broker::Kind;
 use system_tests::faults::cluster::{Cluster, ClusterSpec};
 use system_tests::faults::inject::Injected;
 use system_tests::faults::load::{drive, Gate, LoadSpec};
@@ -47,11 +51,20 @@ async fn rows_with_attempts(cluster: &Cluster) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_two_minute_redis_outage_with_the_shipped_defaults_kills_no_row_and_loses_nothing() {
+    two_minute_outage_with_the_shipped_defaults(Kind::Redis).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_two_minute_nats_outage_with_the_shipped_defaults_kills_no_row_and_loses_nothing() {
+    two_minute_outage_with_the_shipped_defaults(Kind::Nats).await;
+}
+
+async fn two_minute_outage_with_the_shipped_defaults(broker: Kind) {
     let _one = ONE_AT_A_TIME.lock().await;
     let seed = seed_from_env();
     let outage = Duration::from_secs(120);
     let plan = Arc::new(plan::generate(seed, 2_000));
-    let mut cluster = start_cluster(ClusterSpec::shipped(), &plan).await.expect("cluster");
+    let mut cluster = start_cluster(ClusterSpec { broker, ..ClusterSpec::shipped() }, &plan).await.expect("cluster");
     let sampler = cluster.sampler().expect("sampler");
     // The load runs before, through and after the outage: the API needs only Postgres.
     let spec = LoadSpec {
@@ -62,28 +75,33 @@ async fn a_two_minute_redis_outage_with_the_shipped_defaults_kills_no_row_and_lo
     };
     let load = tokio::spawn(drive(cluster.http.clone(), cluster.api(), plan.clone(), spec, Gate::new(usize::MAX)));
     tokio::time::sleep(Duration::from_secs(10)).await;
-    cluster.redis.kill();
+    cluster.kill_broker();
     let down_at = Instant::now();
     // Well into the outage (past the 1 s, 3 s, 9 s, 27 s, 81 s of the shipped backoff), the
-    // relays say Redis is down, count no attempt, and are alive.
+    // relays say the broker is down, count no attempt, and are alive.
     tokio::time::sleep(Duration::from_secs(95)).await;
     for relay in &cluster.relays {
         let (status, body) = get(&cluster, relay.http_port, "/readyz").await;
         assert_eq!(status, 503, "{}: {body}", relay.name);
-        assert!(body.contains("redis: not taking entries for"), "{}: {body}", relay.name);
+        assert!(body.contains(&format!("{broker}: not taking entries for")), "{}: {body}", relay.name);
         let (_, metrics) = get(&cluster, relay.http_port, "/metrics").await;
         assert!(metrics.contains("outbox_broker_up 0\n"), "{}: {metrics}", relay.name);
         assert_eq!(get(&cluster, relay.http_port, "/healthz").await.0, 200, "{}", relay.name);
     }
-    let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox").fetch_one(&cluster.orders_db).await.unwrap();
+    let pending: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM outbox").fetch_one(&cluster.orders_db).await.expect("outbox rows");
     assert!(pending > 500, "the outage held back a real backlog ({pending} rows)");
     eprintln!("{pending} rows waiting in the outbox {:?} into the outage", down_at.elapsed());
     assert_eq!(rows_with_attempts(&cluster).await, 0, "an outage costs no attempt");
     tokio::time::sleep(outage.saturating_sub(down_at.elapsed())).await;
-    tokio::task::block_in_place(|| cluster.redis.restart());
+    cluster.restart_broker();
     let load = load.await.expect("load");
     let mut injected = Injected::default();
-    injected.by_kind.insert("redis down for 2 minutes", 1);
+    let outage_kind = match broker {
+        Kind::Redis => "redis down for 2 minutes",
+        Kind::Nats => "nats-server down for 2 minutes",
+    };
+    injected.by_kind.insert(outage_kind, 1);
     let report = settle_and_check(&mut cluster, &plan, load, injected, sampler, seed, Duration::from_secs(120))
         .await
         .expect("check");
@@ -108,10 +126,19 @@ async fn lock_waits_given_up(cluster: &Cluster) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_consumer_frozen_mid_transaction_and_never_resumed_blocks_no_other_replica() {
+    frozen_for_good_blocks_no_other_replica(Kind::Redis).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_consumer_frozen_mid_transaction_and_never_resumed_blocks_no_other_replica_on_nats() {
+    frozen_for_good_blocks_no_other_replica(Kind::Nats).await;
+}
+
+async fn frozen_for_good_blocks_no_other_replica(broker: Kind) {
     let _one = ONE_AT_A_TIME.lock().await;
     let seed = seed_from_env();
     let plan = Arc::new(plan::generate(seed, 4_000));
-    let mut cluster = start_cluster(ClusterSpec::shipped(), &plan).await.expect("cluster");
+    let mut cluster = start_cluster(ClusterSpec { broker, ..ClusterSpec::shipped() }, &plan).await.expect("cluster");
     let sampler = cluster.sampler().expect("sampler");
     let spec = LoadSpec { seed, concurrency: 32, step_deadline: Duration::from_secs(60), spread_over: None };
     let gate = Gate::new(usize::MAX);
@@ -162,16 +189,26 @@ async fn a_consumer_frozen_mid_transaction_and_never_resumed_blocks_no_other_rep
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn restarts_and_a_redis_outage_dead_letter_nothing_even_with_the_tightest_limits() {
+    restarts_and_an_outage_dead_letter_nothing(Kind::Redis).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn restarts_and_a_nats_outage_dead_letter_nothing_even_with_the_tightest_limits() {
+    restarts_and_an_outage_dead_letter_nothing(Kind::Nats).await;
+}
+
+async fn restarts_and_an_outage_dead_letter_nothing(broker: Kind) {
     let _one = ONE_AT_A_TIME.lock().await;
     let mut spec = RunSpec::ci(seed_from_env());
+    spec.cluster.broker = broker;
     spec.orders = 4_000;
     spec.kills = 24;
     spec.relay_freezes = 0;
-    spec.redis_crashes = 0;
+    spec.broker_crashes = 0;
     spec.postgres_crashes = 0;
     spec.consumer_commit_crashes = 2;
     spec.consumer_freezes = 2;
-    spec.redis_outage = Some(Duration::from_secs(20));
+    spec.broker_outage = Some(Duration::from_secs(20));
     // Stricter than 2: every entry delivered again is past the limit.
     spec.cluster.max_deliveries = Some(1);
     spec.cluster.relay_max_attempts = Some(3);
@@ -182,7 +219,43 @@ async fn restarts_and_a_redis_outage_dead_letter_nothing_even_with_the_tightest_
     let f = &report.findings;
     assert_eq!((f.dead_letters, f.outbox_dead), (0, 0), "{report}");
     assert!(report.injected.process_kills() >= 20, "{report}");
-    assert_eq!(report.injected.by_kind.get("kill -9 redis"), Some(&1));
+    let crash = match broker {
+        Kind::Redis => "kill -9 redis",
+        Kind::Nats => "kill -9 nats",
+    };
+    assert_eq!(report.injected.by_kind.get(crash), Some(&1), "{report}");
     assert!(report.injected.held_by_frozen_consumers > 0, "entries were surely delivered again\n{report}");
+    cluster.discard_logs();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_crashed_again_and_again_under_load_loses_nothing() {
+    crashed_again_and_again_under_load(Kind::Redis).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nats_crashed_again_and_again_under_load_loses_nothing() {
+    crashed_again_and_again_under_load(Kind::Nats).await;
+}
+
+/// The broker's server `kill -9`ed and restarted on its data 16 times under load, and nothing
+/// else: each crash cuts off whatever was in flight (publishes, pulls, acknowledgements), so a
+/// consumer left waiting for an answer that died with the server would stop the group for good.
+async fn crashed_again_and_again_under_load(broker: Kind) {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let mut spec = RunSpec::ci(seed_from_env());
+    spec.cluster.broker = broker;
+    spec.orders = 4_000;
+    (spec.kills, spec.relay_freezes, spec.consumer_freezes) = (0, 0, 0);
+    (spec.postgres_crashes, spec.consumer_commit_crashes) = (0, 0);
+    spec.broker_crashes = 16;
+    let (report, cluster) = run(&spec).await.expect("fault run");
+    eprintln!("{report}");
+    assert!(report.holds(), "{report}");
+    let crash = match broker {
+        Kind::Redis => "kill -9 redis",
+        Kind::Nats => "kill -9 nats",
+    };
+    assert_eq!(report.injected.by_kind.get(crash), Some(&16), "{report}");
     cluster.discard_logs();
 }

@@ -1,4 +1,4 @@
-//! Long fault run: `faults-soak --orders 100000 --duration 10m [--seed N]`.
+//! Long fault run: `faults-soak --orders 100000 --duration 10m [--seed N] [--broker nats]`.
 //!
 //! The same suite as the CI run, with the orders spread over `--duration` and a kill about
 //! every `--kill-every`. Exits non-zero if the ledger does not hold.
@@ -25,6 +25,9 @@ struct Args {
     kill_every: Duration,
     #[arg(long, default_value_t = 32)]
     concurrency: usize,
+    /// The broker the events go through (its server is among what crashes).
+    #[arg(long, value_enum, default_value_t = broker::Kind::Redis)]
+    broker: broker::Kind,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -46,9 +49,10 @@ fn main() -> anyhow::Result<()> {
     spec.orders = args.orders;
     spec.concurrency = args.concurrency;
     spec.spread_over = Some(args.duration);
+    spec.cluster.broker = args.broker;
     spec.kills = (args.duration.as_secs() / args.kill_every.as_secs().max(1)).max(1) as usize;
     // Server crashes and freezes scale with the length of the run: about one of each per 3 min.
-    spec.redis_crashes = minutes.div_ceil(3);
+    spec.broker_crashes = minutes.div_ceil(3);
     spec.postgres_crashes = minutes.div_ceil(3);
     spec.relay_freezes = minutes.div_ceil(3);
     spec.consumer_commit_crashes = minutes.div_ceil(2);

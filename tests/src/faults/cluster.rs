@@ -1,23 +1,30 @@
-//! The system under attack: a private Postgres and Redis, the order-service, relays and
-//! consumers, all real processes on free ports.
+//! The system under attack: a private Postgres and broker (Redis, or nats-server with
+//! JetStream), the order-service, relays and consumers, all real processes on free ports.
 
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use ::broker::jetstream::Layout;
+use ::broker::Kind;
 use service_kit::redis_target::RedisTarget;
 use sqlx::PgPool;
-use test_support::{fresh_database_on, PrivatePostgres, PrivateRedis, PrivateRedisCluster};
+use test_support::{fresh_database_on, PrivateNats, PrivatePostgres, PrivateRedis, PrivateRedisCluster};
 
 use super::drain::{metrics_text, sample, Backlog, RedeliverySampler};
+use super::link::Link;
 use super::process::{binary, Service};
+use super::stream::Probe;
 use super::{plan, FaultError};
 
 #[derive(Debug, Clone)]
 pub struct ClusterSpec {
     pub relays: usize,
     pub consumers: usize,
+    /// The broker the events go through (`BROKER` of the relays and consumers).
+    pub broker: Kind,
     /// AOF with `appendfsync always`; without it Redis is a cache that forgets on a crash.
+    /// (nats-server always keeps JetStream on file storage.)
     pub redis_persistent: bool,
     /// Settings of the services; `None` leaves a service's own default (the shipped one).
     pub relay_lease: Option<Duration>,
@@ -46,6 +53,7 @@ impl ClusterSpec {
         Self {
             relays: 2,
             consumers: 3,
+            broker: Kind::Redis,
             redis_persistent: true,
             relay_lease: None,
             relay_max_attempts: None,
@@ -60,6 +68,22 @@ impl ClusterSpec {
             redis_min_replicas: None,
             log_filter: std::env::var("FAULTS_RUST_LOG").unwrap_or_else(|_| "warn".to_owned()),
         }
+    }
+
+    /// Why this set-up cannot be run, if it cannot: a Redis-only feature asked of a run whose
+    /// events go through NATS, where it would test nothing.
+    pub fn refusal(&self) -> Option<String> {
+        if self.broker != Kind::Nats {
+            return None;
+        }
+        let redis_only = [
+            (self.redis_cluster, "a Redis Cluster (redis_cluster)"),
+            (self.redis_min_replicas.is_some(), "REDIS_MIN_REPLICAS (redis_min_replicas)"),
+            (!self.redis_persistent, "Redis without persistence (redis_persistent: false)"),
+        ];
+        let asked: Vec<&str> = redis_only.iter().filter(|(asked, _)| *asked).map(|(_, what)| *what).collect();
+        (!asked.is_empty())
+            .then(|| format!("the broker is NATS, but the spec asks for Redis-only {}", asked.join(", ")))
     }
 }
 
@@ -79,9 +103,13 @@ impl Default for ClusterSpec {
 pub struct Cluster {
     pub spec: ClusterSpec,
     pub postgres: PrivatePostgres,
-    /// The one Redis (started, and unused, when there is a cluster).
+    /// The one Redis (started, and unused, when there is a cluster or the broker is NATS).
     pub redis: PrivateRedis,
     pub redis_cluster: Option<PrivateRedisCluster>,
+    /// nats-server (JetStream on file storage), when the broker is NATS.
+    pub nats: Option<PrivateNats>,
+    /// The link each consumer reaches nats-server through, by consumer index (none on Redis).
+    pub links: Vec<Link>,
     pub orders_db: PgPool,
     pub orders_url: String,
     pub inventory_db: PgPool,
@@ -119,6 +147,9 @@ fn ms(d: Duration) -> String {
 impl Cluster {
     /// Starts everything and waits until every service is ready.
     pub async fn start(spec: ClusterSpec) -> Result<Self, FaultError> {
+        if let Some(refusal) = spec.refusal() {
+            return Err(FaultError::Setup(refusal));
+        }
         let log_dir = std::env::temp_dir().join(format!("faults-{}", ulid::Ulid::new()));
         std::fs::create_dir_all(&log_dir).map_err(|e| FaultError::Setup(format!("log dir: {e}")))?;
         let postgres = tokio::task::spawn_blocking(PrivatePostgres::start)
@@ -134,6 +165,20 @@ impl Cluster {
         } else {
             None
         };
+        let nats = match spec.broker {
+            Kind::Nats => Some(
+                tokio::task::spawn_blocking(PrivateNats::start)
+                    .await
+                    .map_err(|e| FaultError::Setup(format!("nats-server: {e}")))?,
+            ),
+            Kind::Redis => None,
+        };
+        let mut links = Vec::new();
+        if let Some(nats) = &nats {
+            for _ in 0..spec.consumers {
+                links.push(Link::open(nats.port).await?);
+            }
+        }
         let orders = fresh_database_on(&postgres.url(), "orders").await;
         let inventory = fresh_database_on(&postgres.url(), "inventory").await;
         let stream = "orders.events".to_owned();
@@ -178,6 +223,10 @@ impl Cluster {
             if let Some(replicas) = spec.redis_min_replicas {
                 env.push(("REDIS_MIN_REPLICAS".to_owned(), replicas.to_string()));
             }
+            if let Some(nats) = &nats {
+                env.push(("BROKER".to_owned(), Kind::Nats.to_string()));
+                env.push(("NATS_URL".to_owned(), nats.url()));
+            }
             relays.push(Service::new(&format!("relay-{i}"), binary("relay")?, env, &log_dir, free_port()?));
         }
         let mut consumers = Vec::new();
@@ -193,6 +242,10 @@ impl Cluster {
             if let Some(retention) = spec.dedupe_retention {
                 env.push(("DEDUPE_RETENTION".to_owned(), ms(retention)));
             }
+            if let Some(link) = links.get(i) {
+                env.push(("BROKER".to_owned(), Kind::Nats.to_string()));
+                env.push(("NATS_URL".to_owned(), link.url()));
+            }
             let service =
                 Service::new(&format!("consumer-{i}"), binary("inventory-consumer")?, env, &log_dir, free_port()?);
             consumers.push(service.with_per_start(consumer_name));
@@ -206,6 +259,8 @@ impl Cluster {
             postgres,
             redis,
             redis_cluster,
+            nats,
+            links,
             orders_db: orders.pool,
             orders_url: orders.url,
             inventory_db: inventory.pool,
@@ -253,6 +308,50 @@ impl Cluster {
     pub fn redis_target(&self) -> Result<RedisTarget, FaultError> {
         let seeds = self.redis_cluster.as_ref().map(PrivateRedisCluster::urls).unwrap_or_default();
         RedisTarget::new(&self.redis.url(), &seeds).map_err(|e| FaultError::Setup(format!("redis: {e}")))
+    }
+
+    /// Where the suite reads the events: the streams and group on Redis, or on NATS the
+    /// JetStream stream, the group's durable consumers and what the consumers' links carried.
+    pub fn probe(&self) -> Result<Probe, FaultError> {
+        match &self.nats {
+            None => Ok(Probe::Redis {
+                target: self.redis_target()?,
+                streams: self.streams.clone(),
+                group: self.group.clone(),
+            }),
+            Some(nats) => {
+                let partitions = domain::Partitions::new(&self.stream, self.spec.stream_partitions)
+                    .map_err(|e| FaultError::Setup(e.to_string()))?;
+                Ok(Probe::Nats {
+                    url: nats.url(),
+                    layout: Layout::new(&partitions),
+                    group: self.group.clone(),
+                    links: self.links.iter().map(Link::deliveries).collect(),
+                    ack_wait: self.claim_min_idle(),
+                })
+            }
+        }
+    }
+
+    /// The consumers' `CLAIM_MIN_IDLE` (on NATS their group's `AckWait`).
+    pub fn claim_min_idle(&self) -> Duration {
+        self.spec.claim_min_idle.unwrap_or(Duration::from_secs(30))
+    }
+
+    /// `kill -9` of the broker's server: Redis, or nats-server.
+    pub fn kill_broker(&mut self) {
+        match &mut self.nats {
+            Some(nats) => nats.kill(),
+            None => self.redis.kill(),
+        }
+    }
+
+    /// Starts the broker's server again, on the same port and data.
+    pub fn restart_broker(&mut self) {
+        tokio::task::block_in_place(|| match &mut self.nats {
+            Some(nats) => nats.restart(),
+            None => self.redis.restart(),
+        })
     }
 
     /// Sets initial stock (in the inventory database the consumers migrated).
@@ -366,6 +465,7 @@ impl Cluster {
             .args(["replay", "--since", since])
             .env("DATABASE_URL", &self.orders_url)
             .env("REDIS_URL", self.redis.url())
+            .envs(self.nats.iter().flat_map(|n| [("BROKER", Kind::Nats.to_string()), ("NATS_URL", n.url())]))
             .env("REDIS_STREAM", &self.stream)
             .env("RUST_LOG", "warn")
             .status()
@@ -396,24 +496,39 @@ impl Cluster {
 
     /// A sampler of this cluster's redeliveries and of its consumers' counts.
     pub fn sampler(&self) -> Result<RedeliverySampler, FaultError> {
-        Ok(RedeliverySampler::start(
-            self.redis_target()?,
-            self.streams.clone(),
-            self.group.clone(),
-            self.consumer_ports(),
-        ))
+        Ok(RedeliverySampler::start(self.probe()?, self.consumer_ports()))
     }
 
     /// Waits (at most `timeout`) until nothing is pending anywhere; the last backlog seen.
     pub async fn drain(&self, timeout: Duration) -> Result<Backlog, FaultError> {
-        let redis = self.redis_target()?;
-        let (left, _) =
-            super::drain::drain(&self.orders_db, &self.inventory_db, &redis, &self.streams, &self.group, timeout).await;
+        let (left, _) = super::drain::drain(&self.orders_db, &self.inventory_db, &self.probe()?, timeout).await;
         Ok(left)
     }
 
     /// Removes the log directory (kept when a run fails, for the post-mortem).
     pub fn discard_logs(&self) {
         let _ = std::fs::remove_dir_all(&self.log_dir);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_on_nats_refuses_what_only_redis_has() {
+        let nats = ClusterSpec { broker: Kind::Nats, ..ClusterSpec::default() };
+        assert_eq!(nats.refusal(), None);
+        let mixed = [
+            (ClusterSpec { redis_cluster: true, ..nats.clone() }, "Redis Cluster"),
+            (ClusterSpec { redis_min_replicas: Some(1), ..nats.clone() }, "REDIS_MIN_REPLICAS"),
+            (ClusterSpec { redis_persistent: false, ..nats.clone() }, "without persistence"),
+        ];
+        for (spec, named) in mixed {
+            let refusal = spec.refusal().expect("refused");
+            assert!(refusal.contains("NATS") && refusal.contains(named), "{refusal}");
+        }
+        let redis = ClusterSpec { redis_cluster: true, redis_min_replicas: Some(1), ..ClusterSpec::default() };
+        assert_eq!(redis.refusal(), None);
     }
 }

@@ -1,4 +1,4 @@
-//! Waiting for the system to settle, and what the stream says about deliveries.
+//! Waiting for the system to settle, and what tells of redelivery.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -6,19 +6,21 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use redis::aio::ConnectionLike;
-use redis::AsyncCommands;
-use service_kit::redis_target::{RedisTarget, Timeouts};
+use service_kit::redis_target::Timeouts;
 use sqlx::PgPool;
 use tokio::time::Instant;
 
+use super::stream::{self, Probe, Session};
 use super::FaultError;
 
 /// Where the pipeline stands.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Backlog {
     pub outbox_pending: i64,
+    /// Entries delivered to the group and not acknowledged (`XPENDING`; JetStream's
+    /// `num_ack_pending`).
     pub stream_pending: i64,
-    /// Entries not yet delivered to the group (`XINFO GROUPS` lag).
+    /// Entries not yet delivered to the group (`XINFO GROUPS` lag; JetStream's `num_pending`).
     pub stream_undelivered: i64,
     pub parked: i64,
 }
@@ -29,8 +31,8 @@ impl Backlog {
     }
 }
 
-/// The backlog of the outbox, of the group on every stream of `streams` (the partitions), and
-/// of the parked events.
+/// The backlog of the outbox, of the group on every Redis stream of `streams` (the
+/// partitions), and of the parked events: for tests that work on Redis directly.
 pub async fn backlog(
     orders: &PgPool,
     inventory: &PgPool,
@@ -38,71 +40,45 @@ pub async fn backlog(
     streams: &[String],
     group: &str,
 ) -> Result<Backlog, FaultError> {
+    let mut total = database_backlog(orders, inventory).await?;
+    (total.stream_pending, total.stream_undelivered) = stream::redis::group_backlog(redis, streams, group).await?;
+    Ok(total)
+}
+
+/// The backlog of the outbox, of the group (on whichever broker `session` reads), and of the
+/// parked events.
+pub async fn backlog_on(orders: &PgPool, inventory: &PgPool, session: &mut Session) -> Result<Backlog, FaultError> {
+    let mut total = database_backlog(orders, inventory).await?;
+    (total.stream_pending, total.stream_undelivered) = session.group_backlog().await?;
+    Ok(total)
+}
+
+/// The databases' part of the backlog: the outbox's pending rows and the parked events.
+async fn database_backlog(orders: &PgPool, inventory: &PgPool) -> Result<Backlog, FaultError> {
     let pg = |e: sqlx::Error| FaultError::Postgres(e.to_string());
     let outbox_pending = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE status = 'pending'")
         .fetch_one(orders)
         .await
         .map_err(pg)?;
     let parked = sqlx::query_scalar("SELECT count(*) FROM parked_events").fetch_one(inventory).await.map_err(pg)?;
-    let mut total = Backlog { outbox_pending, parked, ..Backlog::default() };
-    for stream in streams {
-        let (pending, undelivered) = stream_backlog(redis, stream, group).await?;
-        total.stream_pending += pending;
-        total.stream_undelivered += undelivered;
-    }
-    Ok(total)
-}
-
-/// `(pending, undelivered)` of `group` on `stream`.
-async fn stream_backlog(
-    redis: &mut (impl ConnectionLike + Send),
-    stream: &str,
-    group: &str,
-) -> Result<(i64, i64), FaultError> {
-    let rd = |e: redis::RedisError| FaultError::Redis(e.to_string());
-    let groups: Vec<HashMap<String, redis::Value>> =
-        redis::cmd("XINFO").arg("GROUPS").arg(stream).query_async(redis).await.map_err(rd)?;
-    let group =
-        groups.iter().find(|g| matches!(g.get("name"), Some(redis::Value::BulkString(n)) if n == group.as_bytes()));
-    let int = |key: &str| match group.and_then(|g| g.get(key)) {
-        Some(redis::Value::Int(n)) => Some(*n),
-        _ => None,
-    };
-    let Some(stream_pending) = int("pending") else {
-        return Err(FaultError::Redis(format!("no consumer group `{group:?}` on `{stream}` yet")));
-    };
-    // The group has read everything when its last delivered id is the stream's last id.
-    // `lag` alone is not enough: Redis 7.0 reports a stale non-zero lag once its
-    // `entries-read` counter went wrong (seen after restarts), and nil when it cannot tell.
-    let info: HashMap<String, redis::Value> =
-        redis::cmd("XINFO").arg("STREAM").arg(stream).query_async(redis).await.map_err(rd)?;
-    let text = |v: Option<&redis::Value>| match v {
-        Some(redis::Value::BulkString(b)) => Some(String::from_utf8_lossy(b).into_owned()),
-        Some(redis::Value::SimpleString(s)) => Some(s.clone()),
-        _ => None,
-    };
-    let caught_up = text(group.and_then(|g| g.get("last-delivered-id"))) == text(info.get("last-generated-id"));
-    let stream_undelivered = if caught_up { 0 } else { int("lag").unwrap_or(1).max(1) };
-    Ok((stream_pending, stream_undelivered))
+    Ok(Backlog { outbox_pending, parked, ..Backlog::default() })
 }
 
 /// Waits (at most `timeout`) until nothing is pending anywhere; returns the last backlog seen.
-pub async fn drain(
-    orders: &PgPool,
-    inventory: &PgPool,
-    redis: &RedisTarget,
-    streams: &[String],
-    group: &str,
-    timeout: Duration,
-) -> (Backlog, Duration) {
+pub async fn drain(orders: &PgPool, inventory: &PgPool, broker: &Probe, timeout: Duration) -> (Backlog, Duration) {
     let began = Instant::now();
     let mut last = Backlog { outbox_pending: -1, ..Backlog::default() };
+    let mut session = None;
     while began.elapsed() < timeout {
-        if let Ok(mut conn) = redis.connect(TIMEOUTS).await {
-            match backlog(orders, inventory, &mut conn, streams, group).await {
+        if session.is_none() {
+            session = broker.connect().await.ok();
+        }
+        if let Some(s) = &mut session {
+            match backlog_on(orders, inventory, s).await {
                 Ok(b) if b.is_empty() => return (b, began.elapsed()),
                 Ok(b) => last = b,
-                Err(_) => {}
+                // Connected anew next time: the broker may have restarted meanwhile.
+                Err(_) => session = None,
             }
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -110,8 +86,8 @@ pub async fn drain(
     (last, began.elapsed())
 }
 
-/// Samples, while the run goes on, what tells of redelivery: entries `XPENDING` shows
-/// delivered more than once, and the consumers' `consumer_events_total{result="duplicate"}`
+/// Samples, while the run goes on, what tells of redelivery: entries seen delivered more than
+/// once ([`Session::redelivered`]), and the consumers' `consumer_events_total{result="duplicate"}`
 /// and `{result="applied"}` (summed over process incarnations: a counter that went down
 /// belongs to a new process). All are lower bounds: what happens between two samples, or after
 /// the last sample of a killed process, is not seen.
@@ -153,7 +129,7 @@ pub struct Redeliveries {
 }
 
 impl RedeliverySampler {
-    pub fn start(redis: RedisTarget, streams: Vec<String>, group: String, consumer_ports: Vec<u16>) -> Self {
+    pub fn start(broker: Probe, consumer_ports: Vec<u16>) -> Self {
         let seen = Arc::new(Mutex::new(HashSet::new()));
         let duplicates = Arc::new(Mutex::new(HashMap::<u16, Counted>::new()));
         let applied = Arc::new(Mutex::new(HashMap::<u16, Counted>::new()));
@@ -162,27 +138,23 @@ impl RedeliverySampler {
         let task = tokio::spawn({
             let (seen, duplicates, applied, stop) = (seen.clone(), duplicates.clone(), applied.clone(), stop.clone());
             async move {
+                let mut session = None;
                 loop {
                     // Once stopped, one last round, begun after the stop, then out.
                     let last = stop.load(Ordering::Relaxed);
-                    if let Ok(Ok(mut conn)) =
-                        tokio::time::timeout(Duration::from_secs(1), redis.connect(TIMEOUTS)).await
-                    {
-                        for stream in &streams {
-                            let pending: Result<Vec<(String, String, u64, u64)>, _> = redis::cmd("XPENDING")
-                                .arg(stream)
-                                .arg(&group)
-                                .arg("-")
-                                .arg("+")
-                                .arg(5_000)
-                                .query_async(&mut conn)
-                                .await;
-                            if let (Ok(pending), Ok(mut seen)) = (pending, seen.lock()) {
-                                // Entry ids of different partitions may coincide: named with their stream.
-                                seen.extend(
-                                    pending.into_iter().filter(|p| p.3 > 1).map(|p| format!("{stream}/{}", p.0)),
-                                );
+                    if session.is_none() {
+                        let connecting = tokio::time::timeout(Duration::from_secs(1), broker.connect());
+                        session = connecting.await.ok().and_then(Result::ok);
+                    }
+                    if let Some(s) = &mut session {
+                        match s.redelivered().await {
+                            Ok(ids) => {
+                                if let Ok(mut seen) = seen.lock() {
+                                    seen.extend(ids);
+                                }
                             }
+                            // Connected anew next round: the broker may be restarting.
+                            Err(_) => session = None,
                         }
                     }
                     for port in &consumer_ports {
@@ -224,42 +196,6 @@ pub async fn metrics_text(http: &reqwest::Client, port: u16, within: Duration) -
 }
 
 pub use test_support::sample;
-
-/// `(entries, distinct event_ids)` on the streams (the partitions), read in pages.
-pub async fn stream_census(
-    conn: &mut (impl ConnectionLike + Send + Sync),
-    streams: &[String],
-) -> Result<(usize, usize), FaultError> {
-    let mut entries = 0;
-    let mut distinct = HashSet::new();
-    for stream in streams {
-        entries += census_of(conn, stream, &mut distinct).await?;
-    }
-    Ok((entries, distinct.len()))
-}
-
-/// The entries of one stream, counted, their event ids added to `distinct`.
-async fn census_of(
-    conn: &mut (impl ConnectionLike + Send + Sync),
-    stream: &str,
-    distinct: &mut HashSet<String>,
-) -> Result<usize, FaultError> {
-    let mut entries = 0;
-    let mut from = "-".to_owned();
-    loop {
-        let page: redis::streams::StreamRangeReply =
-            conn.xrange_count(stream, &from, "+", 5_000).await.map_err(|e| FaultError::Redis(e.to_string()))?;
-        let Some(last) = page.ids.last().map(|e| e.id.clone()) else { break };
-        for e in &page.ids {
-            entries += 1;
-            if let Some(event_id) = e.get::<String>("event_id") {
-                distinct.insert(event_id);
-            }
-        }
-        from = format!("({last}");
-    }
-    Ok(entries)
-}
 
 /// Connections the suite opens to look at Redis.
 pub const TIMEOUTS: Timeouts = Timeouts::new(Duration::from_secs(2), Duration::from_secs(10));

@@ -4,8 +4,6 @@ use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use redis::AsyncCommands;
-
 use super::cluster::Cluster;
 use super::load::Gate;
 use super::schedule::{Fault, Scheduled, Target};
@@ -16,7 +14,8 @@ use super::FaultError;
 pub struct Injected {
     pub by_kind: BTreeMap<&'static str, usize>,
     /// Entries a consumer had applied (their event is in `processed_messages`) but not yet
-    /// acknowledged when it was killed: the commit-to-XACK window really was hit this often.
+    /// acknowledged when it was killed: the commit-to-acknowledgement window really was hit
+    /// this often.
     pub applied_unacked_at_crash: usize,
     /// Entries pending on consumers frozen mid-batch: the others claim them, so each is
     /// delivered at least twice.
@@ -86,14 +85,14 @@ async fn fire(cluster: &mut Cluster, fault: &Fault, injected: &mut Injected) -> 
         }
         Fault::FreezeConsumer { consumer, frozen_for } => {
             cluster.freeze_consumer_mid_transaction(*consumer).await?;
-            injected.held_by_frozen_consumers += pending_of(cluster, &cluster.consumer_name(*consumer)).await?;
+            injected.held_by_frozen_consumers += pending_of(cluster, *consumer).await?;
             tokio::time::sleep(*frozen_for).await;
             cluster.consumers[*consumer].signal("CONT")
         }
-        Fault::RedisCrash { down_for } => {
-            cluster.redis.kill();
+        Fault::BrokerCrash { down_for, .. } => {
+            cluster.kill_broker();
             tokio::time::sleep(*down_for).await;
-            tokio::task::block_in_place(|| cluster.redis.restart());
+            cluster.restart_broker();
             Ok(())
         }
         Fault::PostgresCrash { down_for } => {
@@ -102,37 +101,34 @@ async fn fire(cluster: &mut Cluster, fault: &Fault, injected: &mut Injected) -> 
             tokio::task::block_in_place(|| cluster.postgres.restart());
             Ok(())
         }
-        Fault::ConsumerCrashAfterCommit { consumer } => {
+        Fault::ConsumerCrashAfterCommit { consumer, .. } => {
             injected.applied_unacked_at_crash += crash_after_commit(cluster, *consumer).await?;
             Ok(())
         }
     }
 }
 
-/// Kills a consumer between its database commit and its XACK.
+/// Kills a consumer between its database commit and its acknowledgement.
 ///
 /// The consumer has no failpoint reachable from outside its process, so the window is forced
-/// from Redis: `CLIENT PAUSE … WRITE` holds every XACK (and XREADGROUP) while the database
+/// from the broker's side ([`AckHold`]): its acknowledgements are held while the database
 /// commits of batches already read go through. If the consumer then holds entries it has
-/// applied but not acknowledged, it is killed while it waits; otherwise the pause is lifted
+/// applied but not acknowledged, it is killed while it waits; otherwise the hold is lifted
 /// and the attempt repeated (bounded), and in the end it is killed regardless. Returns how
 /// many of its pending entries were already applied when it died.
 async fn crash_after_commit(cluster: &mut Cluster, index: usize) -> Result<usize, FaultError> {
-    let rd = |e: redis::RedisError| FaultError::Redis(e.to_string());
-    let client = cluster.redis_client()?;
-    let mut conn = client.get_multiplexed_async_connection().await.map_err(rd)?;
-    let name = format!("{}-{}", cluster.consumers[index].name, cluster.consumers[index].incarnation);
+    let name = cluster.consumer_name(index);
     let mut applied = 0;
     for attempt in 1..=20 {
-        redis::cmd("CLIENT").arg("PAUSE").arg(5_000).arg("WRITE").query_async::<()>(&mut conn).await.map_err(rd)?;
+        let hold = AckHold::start(cluster, index).await?;
         tokio::time::sleep(Duration::from_millis(400)).await;
-        applied = applied_but_pending(cluster, &mut conn, &name).await.unwrap_or(0);
+        applied = applied_but_pending(cluster, index).await.unwrap_or(0);
         if applied > 0 || attempt == 20 {
             cluster.consumers[index].kill().await;
-            redis::cmd("CLIENT").arg("UNPAUSE").query_async::<()>(&mut conn).await.map_err(rd)?;
+            hold.drop_held(cluster).await?;
             break;
         }
-        redis::cmd("CLIENT").arg("UNPAUSE").query_async::<()>(&mut conn).await.map_err(rd)?;
+        hold.release(cluster).await?;
         tokio::time::sleep(Duration::from_millis(150)).await;
     }
     eprintln!("  {name} died with {applied} applied-but-unacknowledged entries");
@@ -141,48 +137,66 @@ async fn crash_after_commit(cluster: &mut Cluster, index: usize) -> Result<usize
     Ok(applied)
 }
 
-/// How many entries `consumer` holds pending.
-async fn pending_of(cluster: &Cluster, consumer: &str) -> Result<usize, FaultError> {
-    let client = cluster.redis_client()?;
-    let mut conn = client.get_multiplexed_async_connection().await.map_err(|e| FaultError::Redis(e.to_string()))?;
-    Ok(pending_ids(cluster, &mut conn, consumer).await?.len())
+/// Acknowledgements held back. On Redis, `CLIENT PAUSE … WRITE` holds every client's writes
+/// (XACK and XREADGROUP among them) while reads and the consumers' database commits go on; on
+/// NATS the consumer's link holds its acknowledgements, from the next one on, and whatever it
+/// sends after them.
+enum AckHold {
+    Redis(redis::aio::MultiplexedConnection),
+    Nats(usize),
 }
 
-/// The ids of the entries `consumer` holds pending.
-async fn pending_ids(
-    cluster: &Cluster,
-    conn: &mut redis::aio::MultiplexedConnection,
-    consumer: &str,
-) -> Result<Vec<String>, FaultError> {
-    let pending: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
-        .arg(&cluster.stream)
-        .arg(&cluster.group)
-        .arg("-")
-        .arg("+")
-        .arg(100_000)
-        .arg(consumer)
-        .query_async(conn)
-        .await
-        .map_err(|e| FaultError::Redis(e.to_string()))?;
-    Ok(pending.into_iter().map(|(id, ..)| id).collect())
-}
+impl AckHold {
+    async fn start(cluster: &Cluster, index: usize) -> Result<Self, FaultError> {
+        if let Some(link) = cluster.links.get(index) {
+            link.hold();
+            return Ok(Self::Nats(index));
+        }
+        let client = cluster.redis_client()?;
+        let mut conn = client.get_multiplexed_async_connection().await.map_err(rd)?;
+        redis::cmd("CLIENT").arg("PAUSE").arg(5_000).arg("WRITE").query_async::<()>(&mut conn).await.map_err(rd)?;
+        Ok(Self::Redis(conn))
+    }
 
-async fn applied_but_pending(
-    cluster: &Cluster,
-    conn: &mut redis::aio::MultiplexedConnection,
-    consumer: &str,
-) -> Result<usize, FaultError> {
-    let pending = pending_ids(cluster, conn, consumer).await?;
-    let mut event_ids = Vec::new();
-    for id in pending {
-        let entries: redis::streams::StreamRangeReply =
-            conn.xrange(&cluster.stream, &id, &id).await.map_err(|e| FaultError::Redis(e.to_string()))?;
-        for e in entries.ids {
-            if let Some(event_id) = e.get::<String>("event_id") {
-                event_ids.push(event_id);
+    /// Lets the held acknowledgements through.
+    async fn release(self, cluster: &Cluster) -> Result<(), FaultError> {
+        match self {
+            Self::Redis(mut conn) => redis::cmd("CLIENT").arg("UNPAUSE").query_async::<()>(&mut conn).await.map_err(rd),
+            Self::Nats(index) => {
+                cluster.links[index].release();
+                Ok(())
             }
         }
     }
+
+    /// Ends the hold after the consumer died: what it had sent is lost with it (on Redis its
+    /// connection closed with the process, and the paused commands with it).
+    async fn drop_held(self, cluster: &Cluster) -> Result<(), FaultError> {
+        if let Self::Nats(index) = &self {
+            cluster.links[*index].cut();
+        }
+        self.release(cluster).await
+    }
+}
+
+fn rd(e: redis::RedisError) -> FaultError {
+    FaultError::Redis(e.to_string())
+}
+
+/// The event ids of the entries consumer `index` holds: delivered to it, not acknowledged.
+async fn held_by(cluster: &Cluster, index: usize) -> Result<Vec<String>, FaultError> {
+    let mut session = cluster.probe()?.connect().await?;
+    session.held_by(index, &cluster.consumer_name(index)).await
+}
+
+/// How many entries consumer `index` holds.
+async fn pending_of(cluster: &Cluster, index: usize) -> Result<usize, FaultError> {
+    Ok(held_by(cluster, index).await?.len())
+}
+
+/// How many of the entries consumer `index` holds were applied already.
+async fn applied_but_pending(cluster: &Cluster, index: usize) -> Result<usize, FaultError> {
+    let event_ids = held_by(cluster, index).await?;
     let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM processed_messages WHERE event_id = ANY($1)")
         .bind(&event_ids)
         .fetch_one(&cluster.inventory_db)

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use super::checker::{check, DedupeRecord, Findings};
 use super::cluster::{Cluster, ClusterSpec};
-use super::drain::{drain, stream_census, Backlog, Redeliveries, RedeliverySampler};
+use super::drain::{drain, Backlog, Redeliveries, RedeliverySampler};
 use super::inject::{restart_crashed, run_schedule, Injected};
 use super::load::{drive, Gate, LoadSpec};
 use super::plan::{self, PlannedOrder};
@@ -21,11 +21,12 @@ pub struct RunSpec {
     pub kills: usize,
     pub relay_freezes: usize,
     pub consumer_freezes: usize,
-    pub redis_crashes: usize,
+    /// Crashes of the broker's server (Redis, or nats-server).
+    pub broker_crashes: usize,
     pub postgres_crashes: usize,
     pub consumer_commit_crashes: usize,
-    /// One Redis crash that stays down this long, besides the short ones.
-    pub redis_outage: Option<Duration>,
+    /// One broker crash that stays down this long, besides the short ones.
+    pub broker_outage: Option<Duration>,
     pub spread_over: Option<Duration>,
     pub drain_timeout: Duration,
     pub cluster: ClusterSpec,
@@ -41,10 +42,10 @@ impl RunSpec {
             kills: 32,
             relay_freezes: 1,
             consumer_freezes: 1,
-            redis_crashes: 1,
+            broker_crashes: 1,
             postgres_crashes: 1,
             consumer_commit_crashes: 2,
-            redis_outage: None,
+            broker_outage: None,
             spread_over: None,
             drain_timeout: Duration::from_secs(120),
             cluster: ClusterSpec::default(),
@@ -59,6 +60,7 @@ pub fn seed_from_env() -> u64 {
 
 #[derive(Debug, Clone)]
 pub struct Report {
+    pub broker: ::broker::Kind,
     pub seed: u64,
     pub orders_planned: usize,
     pub requests: u64,
@@ -91,9 +93,9 @@ impl Report {
 impl fmt::Display for Report {
     fn fmt(&self, out: &mut fmt::Formatter<'_>) -> fmt::Result {
         let f = &self.findings;
-        writeln!(out, "fault run, seed {} (FAULT_SEED={} reproduces it)", self.seed, self.seed)?;
+        writeln!(out, "fault run on {}, seed {} (FAULT_SEED={} reproduces it)", self.broker, self.seed, self.seed)?;
         writeln!(out, "  load: {} orders planned, {} acknowledged, {} in database, {} requests ({} retries), {} unknown steps, {:.1}s", self.orders_planned, f.orders_acknowledged, f.orders_in_database, self.requests, self.request_retries, f.unknown_steps, self.load_time.as_secs_f64())?;
-        writeln!(out, "  events: {} published, {} applied ({} by the consumers' count; dedupe record {:?}); stream {} entries, {} duplicate entries; redeliveries: {} entries seen redelivered in XPENDING, {} duplicates skipped by consumers", f.events_published, f.events_processed, self.redeliveries.applied_reported, f.dedupe, self.stream_entries, self.duplicate_entries(), self.redeliveries.entries_seen_redelivered, self.redeliveries.duplicates_skipped)?;
+        writeln!(out, "  events: {} published, {} applied ({} by the consumers' count; dedupe record {:?}); stream {} entries, {} duplicate entries; redeliveries: {} entries seen redelivered, {} duplicates skipped by consumers", f.events_published, f.events_processed, self.redeliveries.applied_reported, f.dedupe, self.stream_entries, self.duplicate_entries(), self.redeliveries.entries_seen_redelivered, self.redeliveries.duplicates_skipped)?;
         writeln!(out, "  faults: {} process kills", self.injected.process_kills())?;
         for (kind, n) in &self.injected.by_kind {
             writeln!(out, "    {n:>4} × {kind}")?;
@@ -138,12 +140,10 @@ pub async fn settle_and_check(
 ) -> Result<Report, FaultError> {
     let mut injected = injected;
     restart_crashed(cluster, &mut injected)?;
-    let redis = cluster.redis_target()?;
-    let (drained, drain_time) =
-        drain(&cluster.orders_db, &cluster.inventory_db, &redis, &cluster.streams, &cluster.group, drain_timeout).await;
+    let broker = cluster.probe()?;
+    let (drained, drain_time) = drain(&cluster.orders_db, &cluster.inventory_db, &broker, drain_timeout).await;
     let redeliveries = sampler.finish().await;
-    let mut conn = redis.connect(super::drain::TIMEOUTS).await.map_err(|e| FaultError::Redis(e.to_string()))?;
-    let (stream_entries, stream_distinct_events) = stream_census(&mut conn, &cluster.streams).await?;
+    let (stream_entries, stream_distinct_events) = broker.connect().await?.census().await?;
     let initial = plan::initial_stock(plan);
     let dedupe = if cluster.spec.dedupe_retention.is_some() { DedupeRecord::Pruned } else { DedupeRecord::Kept };
     let mut findings = check(plan, &load.ledger, &cluster.orders_db, &cluster.inventory_db, &initial, dedupe).await?;
@@ -154,6 +154,7 @@ pub async fn settle_and_check(
     };
     findings.reapplied = redeliveries.applied_reported.saturating_sub(applied_once as u64);
     Ok(Report {
+        broker: cluster.spec.broker,
         seed,
         orders_planned: plan.len(),
         requests: load.requests,
@@ -194,7 +195,10 @@ pub async fn start_cluster(spec: ClusterSpec, plan: &[PlannedOrder]) -> Result<C
 
 /// The full run: load and faults together, then drain and check.
 pub async fn run(spec: &RunSpec) -> Result<(Report, Cluster), FaultError> {
-    eprintln!("fault run: seed {} (set FAULT_SEED={} to reproduce), {} orders", spec.seed, spec.seed, spec.orders);
+    eprintln!(
+        "fault run on {}: seed {} (set FAULT_SEED={} to reproduce), {} orders",
+        spec.cluster.broker, spec.seed, spec.seed, spec.orders
+    );
     let plan = Arc::new(plan::generate(spec.seed, spec.orders));
     let schedule = schedule::generate(
         spec.seed,
@@ -202,13 +206,14 @@ pub async fn run(spec: &RunSpec) -> Result<(Report, Cluster), FaultError> {
             orders: spec.orders,
             relays: spec.cluster.relays,
             consumers: spec.cluster.consumers,
+            broker: spec.cluster.broker,
             kills: spec.kills,
             relay_freezes: spec.relay_freezes,
             consumer_freezes: spec.consumer_freezes,
-            redis_crashes: spec.redis_crashes,
+            broker_crashes: spec.broker_crashes,
             postgres_crashes: spec.postgres_crashes,
             consumer_commit_crashes: spec.consumer_commit_crashes,
-            redis_outage: spec.redis_outage,
+            broker_outage: spec.broker_outage,
             relay_lease: spec.cluster.relay_lease.unwrap_or(Duration::from_secs(30)),
             claim_min_idle: spec.cluster.claim_min_idle.unwrap_or(Duration::from_secs(30)),
         },

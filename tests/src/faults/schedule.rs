@@ -7,6 +7,7 @@
 use std::fmt;
 use std::time::Duration;
 
+use ::broker::Kind;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -36,12 +37,13 @@ pub enum Fault {
     /// SIGSTOP on a consumer in the middle of a batch transaction, for longer than
     /// `CLAIM_MIN_IDLE` (its entries are claimed by the others), then SIGCONT.
     FreezeConsumer { consumer: usize, frozen_for: Duration },
-    /// Redis `kill -9`, restarted on the same data directory.
-    RedisCrash { down_for: Duration },
+    /// The broker's server (Redis, or nats-server) `kill -9`, restarted on the same data
+    /// directory.
+    BrokerCrash { broker: Kind, down_for: Duration },
     /// `pg_ctl stop -m immediate`, restarted on the same data directory.
     PostgresCrash { down_for: Duration },
-    /// A consumer dies after committing a batch and before acknowledging it.
-    ConsumerCrashAfterCommit { consumer: usize },
+    /// A consumer dies after committing a batch and before acknowledging it to `broker`.
+    ConsumerCrashAfterCommit { consumer: usize, broker: Kind },
 }
 
 impl Fault {
@@ -52,9 +54,11 @@ impl Fault {
             Self::Kill { target: Target::Consumer(_), .. } => "kill -9 consumer",
             Self::FreezeRelay { .. } => "SIGSTOP relay past lease",
             Self::FreezeConsumer { .. } => "SIGSTOP consumer mid-batch past CLAIM_MIN_IDLE",
-            Self::RedisCrash { .. } => "kill -9 redis",
+            Self::BrokerCrash { broker: Kind::Redis, .. } => "kill -9 redis",
+            Self::BrokerCrash { broker: Kind::Nats, .. } => "kill -9 nats",
             Self::PostgresCrash { .. } => "pg_ctl stop -m immediate",
-            Self::ConsumerCrashAfterCommit { .. } => "consumer crash after commit, before XACK",
+            Self::ConsumerCrashAfterCommit { broker: Kind::Redis, .. } => "consumer crash after commit, before XACK",
+            Self::ConsumerCrashAfterCommit { broker: Kind::Nats, .. } => "consumer crash after commit, before ack",
         }
     }
 }
@@ -72,14 +76,16 @@ pub struct ScheduleSpec {
     pub orders: usize,
     pub relays: usize,
     pub consumers: usize,
+    /// The broker whose server crashes, and which consumers acknowledge to.
+    pub broker: Kind,
     pub kills: usize,
     pub relay_freezes: usize,
     pub consumer_freezes: usize,
-    pub redis_crashes: usize,
+    pub broker_crashes: usize,
     pub postgres_crashes: usize,
     pub consumer_commit_crashes: usize,
-    /// A Redis crash that stays down this long (an outage, besides the short crashes).
-    pub redis_outage: Option<Duration>,
+    /// A broker crash that stays down this long (an outage, besides the short crashes).
+    pub broker_outage: Option<Duration>,
     /// The relays' lease: a freeze lasts longer than this.
     pub relay_lease: Duration,
     /// The consumers' `CLAIM_MIN_IDLE`: a freeze lasts longer than this.
@@ -115,17 +121,19 @@ pub fn generate(seed: u64, spec: &ScheduleSpec) -> Vec<Scheduled> {
             frozen_for: spec.claim_min_idle + extra,
         });
     }
-    for _ in 0..spec.redis_crashes {
-        faults.push(Fault::RedisCrash { down_for: Duration::from_millis(rng.random_range(300..=2_000)) });
+    for _ in 0..spec.broker_crashes {
+        let down_for = Duration::from_millis(rng.random_range(300..=2_000));
+        faults.push(Fault::BrokerCrash { broker: spec.broker, down_for });
     }
-    if let Some(down_for) = spec.redis_outage {
-        faults.push(Fault::RedisCrash { down_for });
+    if let Some(down_for) = spec.broker_outage {
+        faults.push(Fault::BrokerCrash { broker: spec.broker, down_for });
     }
     for _ in 0..spec.postgres_crashes {
         faults.push(Fault::PostgresCrash { down_for: Duration::from_millis(rng.random_range(300..=2_000)) });
     }
     for _ in 0..spec.consumer_commit_crashes {
-        faults.push(Fault::ConsumerCrashAfterCommit { consumer: rng.random_range(0..spec.consumers.max(1)) });
+        let consumer = rng.random_range(0..spec.consumers.max(1));
+        faults.push(Fault::ConsumerCrashAfterCommit { consumer, broker: spec.broker });
     }
     // Fisher–Yates with the seeded generator, then evenly spaced, jittered positions.
     for i in (1..faults.len()).rev() {
@@ -153,13 +161,14 @@ mod tests {
             orders: 10_000,
             relays: 2,
             consumers: 3,
+            broker: Kind::Redis,
             kills: 30,
             relay_freezes: 1,
             consumer_freezes: 1,
-            redis_crashes: 1,
+            broker_crashes: 1,
             postgres_crashes: 1,
             consumer_commit_crashes: 2,
-            redis_outage: None,
+            broker_outage: None,
             relay_lease: Duration::from_secs(2),
             claim_min_idle: Duration::from_secs(2),
         }
@@ -191,11 +200,29 @@ mod tests {
                 Fault::FreezeConsumer { consumer, frozen_for } => {
                     assert!(*consumer < 3 && *frozen_for > Duration::from_secs(2))
                 }
-                Fault::Kill { target: Target::Consumer(i), .. } | Fault::ConsumerCrashAfterCommit { consumer: i } => {
+                Fault::Kill { target: Target::Consumer(i), .. }
+                | Fault::ConsumerCrashAfterCommit { consumer: i, .. } => {
                     assert!(*i < 3)
                 }
                 _ => {}
             }
         }
+    }
+
+    #[test]
+    fn on_nats_the_same_seed_crashes_nats_server_where_it_crashed_redis() {
+        let redis = generate(42, &spec());
+        let nats = generate(42, &ScheduleSpec { broker: Kind::Nats, ..spec() });
+        let on = |broker: Kind, f: &Fault| match f.clone() {
+            Fault::BrokerCrash { down_for, .. } => Fault::BrokerCrash { broker, down_for },
+            Fault::ConsumerCrashAfterCommit { consumer, .. } => Fault::ConsumerCrashAfterCommit { consumer, broker },
+            other => other,
+        };
+        let as_on_redis: Vec<Scheduled> =
+            nats.iter().map(|s| Scheduled { at_order: s.at_order, fault: on(Kind::Redis, &s.fault) }).collect();
+        assert_eq!(as_on_redis, redis);
+        let count = |kind: &str| nats.iter().filter(|f| f.fault.kind() == kind).count();
+        assert_eq!((count("kill -9 nats"), count("kill -9 redis")), (1, 0));
+        assert_eq!(count("consumer crash after commit, before ack"), 2);
     }
 }
