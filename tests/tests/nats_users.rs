@@ -100,16 +100,19 @@ async fn relay_consumer_and_feed_work_as_their_own_nats_users_and_may_do_no_more
         };
         assert!(forged.is_none(), "{user} published an event");
     }
-    let durable = layout.durable("inventory", 0);
+    // A pull from the group's durable consumer, as the request any client could send.
+    let next = format!("$JS.API.CONSUMER.MSG.NEXT.{}.{}", layout.stream, layout.durable("inventory", 0));
     for user in ["relay", "feed"] {
-        let js = jetstream::context(connect(&nats, user).await);
-        let theirs: Result<async_nats::jetstream::consumer::PullConsumer, _> =
-            js.get_consumer_from_stream(&durable, &layout.stream).await;
-        let pulled = match theirs {
-            Ok(consumer) => jetstream::group::pull(&consumer, 1, Duration::from_millis(500)).await.unwrap_or_default(),
-            Err(_) => Vec::new(),
-        };
-        assert!(pulled.is_empty(), "{user} read as a member of the group");
+        let client = connect(&nats, user).await;
+        let pulled = tokio::time::timeout(
+            Duration::from_secs(3),
+            client.request(next.clone(), r#"{"batch":1,"no_wait":true}"#.into()),
+        )
+        .await;
+        let got = pulled.ok().and_then(Result::ok).is_some_and(|m| m.headers.is_none() && !m.payload.is_empty());
+        assert!(!got, "{user} read as a member of the group");
+        let refused = violations(&nats, user);
+        assert!(refused.iter().any(|l| l.contains(&next)), "{user}'s pull was refused: {refused:?}");
     }
     for user in ["relay", "inventory", "feed"] {
         let js = jetstream::context(connect(&nats, user).await);

@@ -294,6 +294,7 @@ impl Service for InventoryConsumer {
                             client: client.clone(),
                             layout: layout.clone(),
                             index,
+                            dlq_max_len: self.config.dlq_max_len,
                         };
                         loops.spawn(consumer.run_on_jetstream(member))
                     }

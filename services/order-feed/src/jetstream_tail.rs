@@ -111,7 +111,8 @@ impl JetStreamTail {
             Ok(messages) => messages,
             Err(e) => return e.to_string(),
         };
-        let mut expected = from;
+        // An empty stream says its first sequence is 0; its first message will be 1.
+        let mut expected = from.max(1);
         // The ordered consumer follows a stream made again by itself, from the sequence after
         // the last it delivered: the stream's creation time is looked at beside it, and a new
         // one starts reading over, from the new stream's start.
@@ -136,7 +137,7 @@ impl JetStreamTail {
             if !loading && sequence > expected && at.is_some() {
                 // Only trimming leaves holes, and only in what every group read long ago: one
                 // here is what this replica missed.
-                self.gap(expected - 1);
+                self.gap(expected.saturating_sub(1));
             }
             expected = sequence + 1;
             *at = Some(Position { created, last: sequence });

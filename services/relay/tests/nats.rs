@@ -208,3 +208,22 @@ async fn a_stream_jetstream_lost_is_made_again_and_every_retained_event_republis
     relay.stop().await;
     delete_jetstream(&layout).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_with_an_entry_too_large_for_nats_sends_nothing_and_blames_that_entry() {
+    let stream = test_support::unique_name("relay-nats-large");
+    let layout = Layout::new(&Partitions::single(&stream));
+    let client = jetstream::connect(&test_support::nats_url(), "test").await.expect("connect to NATS");
+    jetstream::ensure_stream(&jetstream::context(client.clone()), &layout).await.expect("stream");
+    let publisher = Publisher::new(client, layout.clone());
+    let mut entries: Vec<StreamEntry> = (0..3).map(|i| confirmed_entry(&format!("order-{i}"))).collect();
+    entries[1].payload = format!("{{\"padding\":\"{}\"}}", "x".repeat(2 << 20));
+    let results = publisher.publish(&entries).await;
+    assert!(matches!(results[1], Err(jetstream::publish::EntryError::Refused(_))), "{results:?}");
+    assert!(
+        [&results[0], &results[2]].iter().all(|r| matches!(r, Err(jetstream::publish::EntryError::NotSent))),
+        "{results:?}"
+    );
+    assert_eq!(read_jetstream(&layout).await.len(), 0, "nothing was sent");
+    delete_jetstream(&layout).await;
+}

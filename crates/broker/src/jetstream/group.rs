@@ -53,7 +53,9 @@ impl Delivery {
 }
 
 /// Creates the durable consumer of the group on partition `index` if there is none, and
-/// binds to it.
+/// binds to it. One made with another `AckWait` or bound on messages out (`CLAIM_MIN_IDLE`,
+/// the batch size changed) is updated: an `AckWait` the server kept from before could lapse
+/// between the renewals of a batch worked on.
 pub async fn ensure_consumer(
     js: &Context,
     layout: &Layout,
@@ -73,7 +75,20 @@ pub async fn ensure_consumer(
         max_ack_pending: settings.max_ack_pending,
         ..Default::default()
     };
-    stream.get_or_create_consumer(&durable, config).await.map_err(|e| e.to_string())
+    let mut consumer: PullConsumer =
+        stream.get_or_create_consumer(&durable, config.clone()).await.map_err(|e| e.to_string())?;
+    let held = &consumer.cached_info().config;
+    if held.ack_wait != config.ack_wait || held.max_ack_pending != config.max_ack_pending {
+        tracing::info!(
+            durable,
+            ack_wait_ms = config.ack_wait.as_millis() as u64,
+            max_ack_pending = config.max_ack_pending,
+            "updating the group's consumer to the settings"
+        );
+        // Creating it again with its name changes the fields JetStream lets change.
+        consumer = stream.create_consumer(config).await.map_err(|e| e.to_string())?;
+    }
+    Ok(consumer)
 }
 
 /// Pulls up to `max` messages: those waiting, at once; if none is, the first to come within
@@ -146,15 +161,27 @@ async fn collect(
 /// absorbs; the client's buffer is flushed so that none waits behind the next pull.
 pub async fn ack(client: &async_nats::Client, done: &[&Delivery]) -> Result<(), String> {
     for d in done {
-        d.message.ack().await.map_err(|e| e.to_string())?;
+        bounded_io(d.message.ack()).await?;
     }
-    client.flush().await.map_err(|e| e.to_string())
+    bounded_io(client.flush()).await
+}
+
+/// A step of acknowledging within [`super::REQUEST_TIMEOUT`]: while the client reconnects it
+/// sends nothing, and a replica shutting down during an outage must not wait for NATS to come
+/// back (a lost acknowledgement is a redelivery, which the consumer's dedupe absorbs).
+async fn bounded_io<E: std::fmt::Display>(
+    step: impl std::future::Future<Output = Result<(), E>>,
+) -> Result<(), String> {
+    match tokio::time::timeout(super::REQUEST_TIMEOUT, step).await {
+        Ok(done) => done.map_err(|e| e.to_string()),
+        Err(_) => Err(format!("not sent within {:?}", super::REQUEST_TIMEOUT)),
+    }
 }
 
 /// Tells JetStream that work on `working` goes on: their `AckWait` starts over.
 pub async fn progress(working: &[Delivery]) -> Result<(), String> {
     for d in working {
-        d.message.ack_with(AckKind::Progress).await.map_err(|e| e.to_string())?;
+        bounded_io(d.message.ack_with(AckKind::Progress)).await?;
     }
     Ok(())
 }

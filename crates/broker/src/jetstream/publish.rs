@@ -31,6 +31,8 @@ pub enum EntryError {
     Refused(EncodeError),
     /// JetStream failed to take it (down, no stream, no answer in time): nothing is to blame.
     Broker(String),
+    /// Not sent: another entry of the batch was refused, or JetStream failed an earlier one.
+    NotSent,
 }
 
 /// Publishes to the events' stream; cloning is cheap (one connection underneath).
@@ -59,18 +61,36 @@ impl Publisher {
         &self.js
     }
 
-    /// Publishes `entries`, in order, and says per entry what became of it.
+    /// Publishes `entries`, in order, and says per entry what became of it. Nothing is sent
+    /// if an entry cannot be a message, and nothing after an entry JetStream failed to take:
+    /// sending on would only wait out the same failure (the client's buffer, while it
+    /// reconnects), and could store an order's later event ahead of the failed one.
     pub async fn publish(&self, entries: &[StreamEntry]) -> Vec<Result<Published, EntryError>> {
         let max_payload = self.client.server_info().max_payload;
         // A client that has not connected yet knows no limit: the server's default.
         let max_payload = if max_payload == 0 { 1024 * 1024 } else { max_payload };
+        let encoded: Vec<Result<entry::Encoded, EncodeError>> =
+            entries.iter().map(|e| entry::encode(e, max_payload)).collect();
+        if encoded.iter().any(Result::is_err) {
+            return encoded
+                .into_iter()
+                .map(|e| Err(e.map_or_else(EntryError::Refused, |_| EntryError::NotSent)))
+                .collect();
+        }
         let mut out = Vec::with_capacity(entries.len());
+        let mut failed = false;
         // Each publisher has a context of its own, whose acknowledgements in flight are
         // bounded (5 000): a chunk always fits, so a publisher never waits on itself.
-        for chunk in entries.chunks(IN_FLIGHT) {
+        for (chunk, messages) in entries.chunks(IN_FLIGHT).zip(encoded.chunks(IN_FLIGHT)) {
             let mut pending = Vec::with_capacity(chunk.len());
-            for e in chunk {
-                pending.push(self.send(e, max_payload).await);
+            for (e, message) in chunk.iter().zip(messages.iter().flatten()) {
+                if failed {
+                    pending.push(Err(EntryError::NotSent));
+                    continue;
+                }
+                let sent = self.send(e, message).await;
+                failed = sent.is_err();
+                pending.push(sent);
             }
             let acks = pending.into_iter().map(|sent| async move {
                 let (subject, ack) = sent?;
@@ -87,9 +107,8 @@ impl Publisher {
         out
     }
 
-    async fn send(&self, e: &StreamEntry, max_payload: usize) -> Result<(String, PublishAckFuture), EntryError> {
-        let encoded = entry::encode(e, max_payload).map_err(EntryError::Refused)?;
-        let message = PublishMessage::build().headers(encoded.headers).payload(encoded.body);
+    async fn send(&self, e: &StreamEntry, encoded: &entry::Encoded) -> Result<(String, PublishAckFuture), EntryError> {
+        let message = PublishMessage::build().headers(encoded.headers.clone()).payload(encoded.body.clone());
         let subject = self.layout.subject_of(&e.aggregate_id).to_owned();
         match self.js.send_publish(subject.clone(), message).await {
             Ok(ack) => Ok((subject, ack)),

@@ -10,6 +10,8 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use broker::async_nats;
+use broker::async_nats::jetstream::context::PublishErrorKind;
+use broker::async_nats::jetstream::Context;
 use broker::jetstream::group::{self, Delivery as Pulled, GroupSettings};
 use broker::jetstream::Layout;
 use service_kit::{Backoff, FailureClass};
@@ -24,13 +26,38 @@ pub struct JetStreamMember {
     pub client: async_nats::Client,
     pub layout: Layout,
     pub index: usize,
+    /// The dead letters' stream's cap, for making it again if it is gone.
+    pub dlq_max_len: u64,
 }
 
-/// How many unacknowledged messages the group may have out at once, per partition: a few
-/// batches per replica, and a bound on what a dead replica leaves for `AckWait` to return.
+/// How many unacknowledged messages the whole group may have out at once on a partition, in
+/// batches: room for 8 replicas working on a batch each (a ninth waits for one to finish), and
+/// a bound on what a dead replica leaves for `AckWait` to return.
 const MAX_ACK_PENDING_BATCHES: i64 = 8;
 
 impl Consumer {
+    /// Adds a letter to the dead letters' stream, making the stream again if JetStream lost it
+    /// (the relays make the events' stream again, not this one): without it no letter could be
+    /// added, and the entry, never acknowledged, would come back every `AckWait`.
+    async fn add_dead_letter(&self, js: &Context, member: &JetStreamMember, body: String) -> Result<(), String> {
+        let subject = member.layout.dlq_subject.clone();
+        let stored = match js.publish(subject.clone(), body.clone().into()).await {
+            Ok(ack) => ack.await,
+            Err(e) => Err(e),
+        };
+        let gone = match &stored {
+            Ok(_) => return Ok(()),
+            Err(e) => e.kind() == PublishErrorKind::StreamNotFound,
+        };
+        if !gone {
+            return stored.map(|_| ()).map_err(|e| format!("dead letter not stored: {e}"));
+        }
+        tracing::warn!(stream = member.layout.dlq_stream, "the dead letters' stream is gone: making it again");
+        broker::jetstream::ensure_dlq(js, &member.layout, member.dlq_max_len).await.map_err(|e| e.to_string())?;
+        let ack = js.publish(subject, body.into()).await.map_err(|e| e.to_string())?;
+        ack.await.map(|_| ()).map_err(|e| format!("dead letter not stored: {e}"))
+    }
+
     /// Runs until shutdown; JetStream or Postgres outages are waited out with capped backoff.
     pub async fn run_on_jetstream(self, member: JetStreamMember) {
         let c = &self.config;
@@ -76,7 +103,7 @@ impl Consumer {
                     continue;
                 }
             };
-            match self.handle_pulled(&member, pulled).await {
+            match self.handle_pulled(&js, &member, pulled).await {
                 Ok(()) => retry.reset(),
                 Err(e) => self.interrupted(&e, retry.next_delay()).await,
             }
@@ -98,7 +125,7 @@ impl Consumer {
     /// batch is worked on, its `AckWait` is renewed, so that no other replica gets it meanwhile
     /// (a replica frozen or dead renews nothing, and its messages go to another after
     /// `AckWait`).
-    async fn handle_pulled(&self, member: &JetStreamMember, pulled: Vec<Pulled>) -> Result<(), String> {
+    async fn handle_pulled(&self, js: &Context, member: &JetStreamMember, pulled: Vec<Pulled>) -> Result<(), String> {
         if pulled.is_empty() {
             return Ok(());
         }
@@ -119,7 +146,6 @@ impl Consumer {
             handled = self.process(batch) => handled,
             () = renew => unreachable!("renewing never ends"),
         };
-        let js = broker::jetstream::context(member.client.clone());
         for letter in &handled.letters {
             let body = serde_json::json!({
                 "reason": letter.reason,
@@ -128,11 +154,7 @@ impl Consumer {
                 "aggregate_id": letter.aggregate_id,
                 "fields": fields_json(&letter.fields),
             });
-            let ack = js
-                .publish(member.layout.dlq_subject.clone(), body.to_string().into())
-                .await
-                .map_err(|e| e.to_string())?;
-            ack.await.map_err(|e| format!("dead letter not stored: {e}"))?;
+            self.add_dead_letter(js, member, body.to_string()).await?;
         }
         let ack: HashSet<&str> = handled.ack.iter().map(String::as_str).collect();
         let ids: Vec<String> = pulled.iter().map(Pulled::id).collect();

@@ -112,3 +112,21 @@ async fn an_event_published_again_after_the_duplicate_window_is_stored_twice_and
     assert!(metrics.contains(r#"consumer_events_total{result="applied"} 1"#), "{metrics}");
     running.stop().await;
 }
+
+#[tokio::test]
+async fn a_dead_letter_stream_jetstream_lost_is_made_again_and_the_letter_added() {
+    let h = Harness::on("nats_dlq_lost", NATS).await;
+    let running = h.start("c1").await;
+    let layout = Layout::new(&Partitions::single(&h.stream));
+    let (_, js) = js().await;
+    test_support::eventually("the dead letters' stream made", Duration::from_secs(10), || async {
+        js.get_stream(&layout.dlq_stream).await.ok().map(|_| ())
+    })
+    .await;
+    js.delete_stream(&layout.dlq_stream).await.expect("the dead letters' stream deleted");
+    h.xadd_fields(&h.stream, &[("event_id".to_owned(), b"not-a-ulid".to_vec())]).await;
+    h.drained().await;
+    assert_eq!(h.entries(&layout.dlq_subject).await.len(), 1, "the letter is on the stream made again");
+    assert_eq!(h.count("SELECT count(*) FROM dead_letters").await, 1, "and recorded once");
+    running.stop().await;
+}

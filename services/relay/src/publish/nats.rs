@@ -51,6 +51,7 @@ impl NatsPublisher {
 fn judge(results: Vec<Result<broker::jetstream::publish::Published, EntryError>>) -> Result<Vec<String>, PublishError> {
     let mut ids = Vec::with_capacity(results.len());
     let mut refused = Vec::new();
+    let mut not_sent = 0;
     for (index, result) in results.into_iter().enumerate() {
         match result {
             Ok(published) => ids.push(published.sequence.to_string()),
@@ -60,12 +61,17 @@ fn judge(results: Vec<Result<broker::jetstream::publish::Published, EntryError>>
             Err(EntryError::Refused(why)) => {
                 refused.push(Refusal { index, class: FailureClass::permanent, error: why.to_string() })
             }
+            // Held back by another entry's refusal, which the verdict is about.
+            Err(EntryError::NotSent) => not_sent += 1,
         }
     }
-    if refused.is_empty() {
-        Ok(ids)
-    } else {
-        Err(PublishError::Refused(refused))
+    match (refused.is_empty(), not_sent) {
+        (true, 0) => Ok(ids),
+        (true, _) => Err(PublishError::Broker {
+            class: FailureClass::bug,
+            error: format!("{not_sent} entries not sent, and none refused or failed"),
+        }),
+        (false, _) => Err(PublishError::Refused(refused)),
     }
 }
 
@@ -89,10 +95,14 @@ mod tests {
                 error: "the message is 2 bytes, more than the NATS server's max_payload of 1".to_owned()
             }]))
         );
-        let down = Err(EntryError::Broker("timed out".to_owned()));
+        let down = || Err(EntryError::Broker("timed out".to_owned()));
         assert!(matches!(
-            judge(vec![too_large(), down, ok(9)]),
+            judge(vec![ok(7), down(), Err(EntryError::NotSent)]),
             Err(PublishError::Broker { class: FailureClass::transient, .. })
+        ));
+        assert!(matches!(
+            judge(vec![too_large(), Err(EntryError::NotSent)]),
+            Err(PublishError::Refused(refused)) if refused.len() == 1
         ));
     }
 }
