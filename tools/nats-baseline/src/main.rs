@@ -11,8 +11,8 @@ use std::time::Instant;
 use anyhow::Context;
 use broker::async_nats;
 use clap::Parser;
-use domain::StreamEntry;
 use futures::future::try_join_all;
+use outbox::row::{OutboxRow, EVENT_COLUMNS};
 
 #[derive(Parser)]
 struct Args {
@@ -28,33 +28,18 @@ struct Args {
     batch: usize,
 }
 
-type Row = (String, String, String, i64, String, String, chrono::DateTime<chrono::Utc>, Option<String>, String);
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let pool = sqlx::PgPool::connect(&args.database_url).await.context("DATABASE_URL")?;
-    let rows: Vec<Row> = sqlx::query_as(
-        "SELECT event_id, aggregate_type, aggregate_id, seq, event_type, payload::text, occurred_at, traceparent, tenant_id
-         FROM outbox ORDER BY id",
-    )
-    .fetch_all(&pool)
-    .await
-    .context("reading the outbox")?;
+    let rows: Vec<OutboxRow> = sqlx::query_as(&format!("SELECT {EVENT_COLUMNS} FROM outbox ORDER BY id"))
+        .fetch_all(&pool)
+        .await
+        .context("reading the outbox")?;
     let mut messages = Vec::with_capacity(rows.len());
-    for (event_id, aggregate_type, aggregate_id, seq, event_type, payload, occurred_at, traceparent, tenant) in rows {
-        let entry = StreamEntry {
-            event_id: event_id.parse().context("an event id")?,
-            event_type,
-            aggregate_type,
-            aggregate_id,
-            seq,
-            occurred_at,
-            payload,
-            traceparent,
-            tracestate: None,
-            tenant_id: domain::TenantId::parse(&tenant).context("a tenant")?,
-        };
+    for row in rows {
+        // As the relay makes an entry of a row (and a message of the entry).
+        let entry = row.to_entry(usize::MAX).map_err(anyhow::Error::msg)?;
         messages.push(broker::entry::encode(&entry, 1 << 20).context("an event as a message")?);
     }
 
