@@ -47,6 +47,17 @@ pub struct BrokerArgs {
     pub nats_url: String,
 }
 
+impl BrokerArgs {
+    /// A client of `NATS_URL` named `name` when the broker is NATS ([`jetstream::connect`]),
+    /// none for Redis.
+    pub async fn nats_client(&self, name: &str) -> Result<Option<async_nats::Client>, async_nats::ConnectError> {
+        match self.broker {
+            Kind::Redis => Ok(None),
+            Kind::Nats => jetstream::connect(&self.nats_url, name).await.map(Some),
+        }
+    }
+}
+
 impl Default for BrokerArgs {
     fn default() -> Self {
         Self { broker: Kind::Redis, nats_url: "nats://127.0.0.1:4222".to_owned() }

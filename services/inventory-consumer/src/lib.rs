@@ -92,14 +92,11 @@ impl InventoryConsumer {
         let owner = owner_url.parse::<PgConnectOptions>().map_err(StartError::DatabaseUrl)?;
         let owner = service_kit::startup::lazy_pool_with(limits.apply(owner, &config.consumer_name), 1);
         let redis = config.topology.target(&config.redis_url).map_err(StartError::RedisUrl)?;
-        let nats = match config.broker.broker {
-            broker::Kind::Redis => None,
-            broker::Kind::Nats => Some(
-                broker::jetstream::connect(&config.broker.nats_url, &config.consumer_name)
-                    .await
-                    .map_err(|e| StartError::Config(format!("NATS_URL: {e}")))?,
-            ),
-        };
+        let nats = config
+            .broker
+            .nats_client(&config.consumer_name)
+            .await
+            .map_err(|e| StartError::Config(format!("NATS_URL: {e}")))?;
         let listener = service_kit::http::server::bind(config.http_addr)
             .map_err(|source| StartError::Bind { addr: config.http_addr, source })?;
         let local_addr = listener.local_addr().map_err(|source| StartError::Bind { addr: config.http_addr, source })?;

@@ -123,14 +123,8 @@ impl Service for OrderFeed {
         };
         let intake = intake::Intake { peer, history, metrics };
         let partitions = config.topology.partitions(&config.redis_stream);
-        let nats = match config.broker.broker {
-            broker::Kind::Redis => None,
-            broker::Kind::Nats => Some(
-                broker::jetstream::connect(&config.broker.nats_url, &client_id)
-                    .await
-                    .map_err(|e| StartError::Config(format!("NATS_URL: {e}")))?,
-            ),
-        };
+        let nats =
+            config.broker.nats_client(&client_id).await.map_err(|e| StartError::Config(format!("NATS_URL: {e}")))?;
         let reading = {
             let (shutdown, block) = (shutdown.clone(), config.block);
             async move {

@@ -105,27 +105,13 @@ impl Service for Relay {
         let redis = config.topology.target(&config.redis_url).map_err(StartError::RedisUrl)?;
         let partitions = config.topology.partitions(&config.redis_stream);
         let stream_keys = recovery::StreamKeys::of_partitions(&partitions, redis.is_cluster());
-        let nats = match config.broker.broker {
-            ::broker::Kind::Redis => None,
-            ::broker::Kind::Nats => {
-                let name = format!("relay-{}", service_kit::messaging::instance_name());
-                let client = ::broker::jetstream::connect(&config.broker.nats_url, &name)
-                    .await
-                    .map_err(|e| StartError::Config(format!("NATS_URL: {e}")))?;
-                Some((client, ::broker::jetstream::Layout::new(&partitions)))
-            }
-        };
-        let publisher = || match &nats {
-            Some((client, _)) => {
-                let peer = service_kit::messaging::MessagingPeer::nats(
-                    &config.broker.nats_url,
-                    format!("relay-{}", service_kit::messaging::instance_name()),
-                );
-                publish::Publisher::Nats(publish::NatsPublisher::new(client.clone(), &partitions, peer))
-            }
-            None => publish::Publisher::to(redis.clone(), partitions.clone())
-                .with_min_replicas(config.redis_min_replicas, config.redis_wait_timeout),
-        };
+        let nats = config
+            .broker
+            .nats_client(&client_id())
+            .await
+            .map_err(|e| StartError::Config(format!("NATS_URL: {e}")))?
+            .map(|client| (client, ::broker::jetstream::Layout::new(&partitions)));
+        let publisher = || publisher_on(&config, &partitions, &redis, nats.as_ref().map(|(client, _)| client));
         let recovery_publisher = publisher();
         let tails: Vec<tails::Tails> = partitions.streams().iter().map(|_| tails::Tails::default()).collect();
         let publishers: Vec<publish::Publisher> =
@@ -310,23 +296,36 @@ impl Service for Relay {
     }
 }
 
+/// This relay among the broker's clients.
+fn client_id() -> String {
+    format!("relay-{}", service_kit::messaging::instance_name())
+}
+
+/// A publisher to `partitions` on the broker `config` names: NATS through `nats` (the relay's
+/// one client), else Redis at `redis`.
+fn publisher_on(
+    config: &Config,
+    partitions: &domain::Partitions,
+    redis: &service_kit::redis_target::RedisTarget,
+    nats: Option<&::broker::async_nats::Client>,
+) -> publish::Publisher {
+    match nats {
+        Some(client) => {
+            let peer = service_kit::messaging::MessagingPeer::nats(&config.broker.nats_url, client_id());
+            publish::Publisher::Nats(publish::NatsPublisher::new(client.clone(), partitions, peer))
+        }
+        None => publish::Publisher::to(redis.clone(), partitions.clone())
+            .with_min_replicas(config.redis_min_replicas, config.redis_wait_timeout),
+    }
+}
+
 /// A publisher to the broker `config` names, for a one-off command (`relay replay`).
 pub async fn publisher(config: &Config) -> anyhow::Result<publish::Publisher> {
     use anyhow::Context;
     let partitions = config.topology.partitions(&config.redis_stream);
-    let name = format!("relay-{}", service_kit::messaging::instance_name());
-    Ok(match config.broker.broker {
-        ::broker::Kind::Nats => {
-            let client = ::broker::jetstream::connect(&config.broker.nats_url, &name).await.context("NATS_URL")?;
-            let peer = service_kit::messaging::MessagingPeer::nats(&config.broker.nats_url, name);
-            publish::Publisher::Nats(publish::NatsPublisher::new(client, &partitions, peer))
-        }
-        ::broker::Kind::Redis => {
-            let target = config.topology.target(&config.redis_url).context("REDIS_URL or REDIS_CLUSTER_URLS")?;
-            publish::Publisher::to(target, partitions)
-                .with_min_replicas(config.redis_min_replicas, config.redis_wait_timeout)
-        }
-    })
+    let redis = config.topology.target(&config.redis_url).context("REDIS_URL or REDIS_CLUSTER_URLS")?;
+    let nats = config.broker.nats_client(&client_id()).await.context("NATS_URL")?;
+    Ok(publisher_on(config, &partitions, &redis, nats.as_ref()))
 }
 
 /// The longest one batch may take: its claim, publishing (Redis answers within 10 s or the
