@@ -68,18 +68,27 @@ pub async fn redelivered(
 ) -> Result<Vec<String>, FaultError> {
     let mut seen = Vec::new();
     for stream in streams {
-        let pending: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
-            .arg(stream)
-            .arg(group)
-            .arg("-")
-            .arg("+")
-            .arg(5_000)
-            .query_async(conn)
-            .await
-            .map_err(rd)?;
+        let pending = pending(conn, stream, group, 5_000, None).await?;
         seen.extend(pending.into_iter().filter(|p| p.3 > 1).map(|p| format!("{stream}/{}", p.0)));
     }
     Ok(seen)
+}
+
+/// The group's pending entries on `stream` (of `consumer` only, if given), at most `count`:
+/// `(id, consumer, idle ms, deliveries)` each (`XPENDING`'s extended form).
+async fn pending(
+    conn: &mut (impl ConnectionLike + Send),
+    stream: &str,
+    group: &str,
+    count: usize,
+    consumer: Option<&str>,
+) -> Result<Vec<(String, String, u64, u64)>, FaultError> {
+    let mut cmd = redis::cmd("XPENDING");
+    cmd.arg(stream).arg(group).arg("-").arg("+").arg(count);
+    if let Some(consumer) = consumer {
+        cmd.arg(consumer);
+    }
+    cmd.query_async(conn).await.map_err(rd)
 }
 
 /// The event ids of the entries `consumer` holds pending.
@@ -91,17 +100,7 @@ pub async fn held_by(
 ) -> Result<Vec<String>, FaultError> {
     let mut event_ids = Vec::new();
     for stream in streams {
-        let pending: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
-            .arg(stream)
-            .arg(group)
-            .arg("-")
-            .arg("+")
-            .arg(100_000)
-            .arg(consumer)
-            .query_async(conn)
-            .await
-            .map_err(rd)?;
-        for (id, ..) in pending {
+        for (id, ..) in pending(conn, stream, group, 100_000, Some(consumer)).await? {
             let entries: redis::streams::StreamRangeReply = conn.xrange(stream, &id, &id).await.map_err(rd)?;
             event_ids.extend(entries.ids.iter().filter_map(|e| e.get::<String>("event_id")));
         }
