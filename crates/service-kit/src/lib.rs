@@ -18,7 +18,6 @@ pub mod messaging;
 pub mod openapi;
 pub mod problem;
 pub mod prune;
-pub mod redis_target;
 pub mod runner;
 pub mod session;
 pub mod shutdown;

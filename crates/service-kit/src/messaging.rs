@@ -15,19 +15,6 @@ pub struct MessagingPeer {
 }
 
 impl MessagingPeer {
-    /// The Redis server `target` is (a cluster's first seed node), and this process as
-    /// `client_id`.
-    pub fn redis(target: &crate::redis_target::RedisTarget, client_id: impl Into<String>) -> Self {
-        let (server_address, server_port) = match target.first_node().map(|info| &info.addr) {
-            Some(redis::ConnectionAddr::Tcp(host, port) | redis::ConnectionAddr::TcpTls { host, port, .. }) => {
-                (host.clone(), *port)
-            }
-            Some(redis::ConnectionAddr::Unix(path)) => (path.display().to_string(), 0),
-            None => (String::new(), 0),
-        };
-        Self { system: "redis", server_address, server_port, client_id: client_id.into() }
-    }
-
     /// The NATS server `url` names (`nats://[user:pass@]host[:port]`, port 4222 unless given),
     /// and this process as `client_id`.
     pub fn nats(url: &str, client_id: impl Into<String>) -> Self {
@@ -60,27 +47,6 @@ pub fn instance_name() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::redis_target::RedisTarget;
-
-    #[test]
-    fn the_peer_is_the_urls_host_and_port() {
-        let target = RedisTarget::new("redis://relay:secret@redis.internal:6380/0", &[]).expect("url");
-        let peer = MessagingPeer::redis(&target, "relay-1");
-        assert_eq!(
-            peer,
-            MessagingPeer {
-                system: "redis",
-                server_address: "redis.internal".into(),
-                server_port: 6380,
-                client_id: "relay-1".into()
-            }
-        );
-        let default_port = MessagingPeer::redis(&RedisTarget::new("redis://127.0.0.1", &[]).expect("url"), "x");
-        assert_eq!((default_port.server_address.as_str(), default_port.server_port), ("127.0.0.1", 6379));
-        let seeds = ["redis://10.0.0.7:7001".to_owned(), "redis://10.0.0.8:7002".to_owned()];
-        let cluster = MessagingPeer::redis(&RedisTarget::new("redis://unused", &seeds).expect("urls"), "x");
-        assert_eq!((cluster.server_address.as_str(), cluster.server_port), ("10.0.0.7", 7001));
-    }
 
     #[test]
     fn a_nats_peer_is_the_first_servers_host_and_port() {

@@ -22,7 +22,7 @@ pub enum StartError {
     #[error("invalid DATABASE_URL: {0}")]
     DatabaseUrl(#[source] sqlx::Error),
     #[error("invalid REDIS_URL: {0}")]
-    RedisUrl(#[source] redis::RedisError),
+    RedisUrl(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("invalid settings: {0}")]
     Config(String),
     #[error("cannot listen on {addr}: {source}")]

@@ -84,7 +84,7 @@ pub struct Config {
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
     pub redis_url: String,
     #[command(flatten)]
-    pub topology: service_kit::redis_target::Topology,
+    pub topology: broker::redis::target::Topology,
     #[command(flatten)]
     pub broker: broker::BrokerArgs,
     #[arg(long, env = "REDIS_STREAM", default_value = "orders.events")]

@@ -5,12 +5,12 @@ pub mod jetstream;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
+use broker::redis::target::{RedisConn, RedisTarget, Timeouts};
 use chrono::Utc;
 use domain::{Event, StreamEntry};
 use service_kit::connections::Connections;
 use service_kit::messaging::MessagingPeer;
-use service_kit::redis_target::{RedisConn, RedisTarget, Timeouts};
-use service_kit::{failure, Backoff, Heartbeat};
+use service_kit::{Backoff, Heartbeat};
 use tokio::time::Instant;
 use tracing::Instrument;
 
@@ -78,7 +78,7 @@ impl Consumer {
             match outcome {
                 Ok(()) => break,
                 Err(e) => {
-                    let class = failure::of_redis(&e);
+                    let class = broker::redis::of_redis(&e);
                     self.metrics.failure(class, "redis");
                     tracing::warn!(error = %e, failure_class = %class, retry_in_ms = delay.as_millis() as u64,
                         "consumer interrupted");
@@ -177,9 +177,9 @@ impl Consumer {
                 self.metrics.consumers_removed.inc_by(removed.len() as u64);
                 tracing::info!(consumers = ?removed, "removed consumers that left the group");
             }
-            Err(e) if failure::of_redis(&e).is_transient() => return Err(e),
+            Err(e) if broker::redis::of_redis(&e).is_transient() => return Err(e),
             Err(e) => {
-                let class = failure::of_redis(&e);
+                let class = broker::redis::of_redis(&e);
                 self.metrics.failure(class, "redis");
                 tracing::warn!(error = %e, failure_class = %class, "removing departed consumers refused; consuming on");
             }

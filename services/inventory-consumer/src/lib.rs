@@ -28,12 +28,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use broker::redis::target::{RedisTarget, Timeouts};
 use prometheus_client::registry::Registry;
 use service_kit::admin::AdminListener;
 use service_kit::connections::Connections;
 use service_kit::http::body::{read_within, BodyLimits};
 use service_kit::http::server::{serve, ServerMetrics};
-use service_kit::redis_target::{RedisTarget, Timeouts};
 use service_kit::runner::{drain, TaskTracker, TASKS_GRACE};
 use service_kit::session::RoleName;
 use service_kit::tenancy::Tenancy;
@@ -91,7 +91,7 @@ impl InventoryConsumer {
         let owner_url = config.database_migration_url.as_deref().unwrap_or(&config.database_url);
         let owner = owner_url.parse::<PgConnectOptions>().map_err(StartError::DatabaseUrl)?;
         let owner = service_kit::startup::lazy_pool_with(limits.apply(owner, &config.consumer_name), 1);
-        let redis = config.topology.target(&config.redis_url).map_err(StartError::RedisUrl)?;
+        let redis = config.topology.target(&config.redis_url).map_err(|e| StartError::RedisUrl(e.into()))?;
         let nats = config
             .broker
             .nats_client(&config.consumer_name)
@@ -207,7 +207,7 @@ impl Service for InventoryConsumer {
                     broker::jetstream::agree(&js, &layout, dlq, &partitions_unfit, &shutdown).await
                 }
                 None => {
-                    service_kit::redis_target::agree_on_partitions(
+                    broker::redis::target::agree_on_partitions(
                         &self.redis,
                         &partitions,
                         true,
@@ -251,7 +251,7 @@ impl Service for InventoryConsumer {
                     &self.config.broker.nats_url,
                     self.config.consumer_name.clone(),
                 ),
-                None => service_kit::messaging::MessagingPeer::redis(&self.redis, self.config.consumer_name.clone()),
+                None => broker::redis::peer(&self.redis, self.config.consumer_name.clone()),
             };
             let layout = broker::jetstream::Layout::new(&partitions);
             // One loop per partition stream (or subject), each a member of the group on it.

@@ -92,8 +92,8 @@ async fn consumer_pool(config: &inventory_consumer::Config) -> anyhow::Result<sq
         .context("connect to DATABASE_URL as DATABASE_CONSUMER_ROLE")
 }
 
-async fn redis(config: &inventory_consumer::Config) -> anyhow::Result<service_kit::redis_target::RedisConn> {
+async fn redis(config: &inventory_consumer::Config) -> anyhow::Result<broker::redis::target::RedisConn> {
     let target = config.topology.target(&config.redis_url).context("REDIS_URL or REDIS_CLUSTER_URLS")?;
-    let timeouts = service_kit::redis_target::Timeouts::new(Duration::from_secs(5), Duration::from_secs(30));
+    let timeouts = broker::redis::target::Timeouts::new(Duration::from_secs(5), Duration::from_secs(30));
     target.connect(timeouts).await.context("connect to Redis")
 }

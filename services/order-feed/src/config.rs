@@ -15,7 +15,7 @@ pub struct Config {
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379", hide_env_values = true)]
     pub redis_url: String,
     #[command(flatten)]
-    pub topology: service_kit::redis_target::Topology,
+    pub topology: broker::redis::target::Topology,
     #[command(flatten)]
     pub broker: broker::BrokerArgs,
     /// Stream the events are read from (every replica reads all of it, with plain XREAD). With

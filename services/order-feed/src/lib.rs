@@ -27,11 +27,11 @@ use axum::http::{header, StatusCode};
 use axum::response::{Html, IntoResponse};
 use axum::routing::get;
 use axum::Router;
+use broker::redis::target::{agree_on_partitions, RedisTarget};
 use prometheus_client::registry::Registry;
 use service_kit::admin::AdminListener;
 use service_kit::http::server::{serve, ServerMetrics};
 use service_kit::messaging::MessagingPeer;
-use service_kit::redis_target::{agree_on_partitions, RedisTarget};
 use service_kit::runner::{drain, TaskTracker, TASKS_GRACE};
 use service_kit::{Authenticator, Liveness, Problem, Readiness};
 use tokio::net::TcpListener;
@@ -56,7 +56,7 @@ pub struct OrderFeed {
 impl OrderFeed {
     pub async fn bind(config: Config) -> Result<Self, StartError> {
         let auth = Authenticator::from_settings(&config.auth).map_err(|e| StartError::Config(e.to_string()))?;
-        let redis = config.topology.target(&config.redis_url).map_err(StartError::RedisUrl)?;
+        let redis = config.topology.target(&config.redis_url).map_err(|e| StartError::RedisUrl(e.into()))?;
         let listener = service_kit::http::server::bind(config.http_addr)
             .map_err(|source| StartError::Bind { addr: config.http_addr, source })?;
         let local_addr = listener.local_addr().map_err(|source| StartError::Bind { addr: config.http_addr, source })?;
@@ -118,7 +118,7 @@ impl Service for OrderFeed {
         let tasks = TaskTracker::new();
         let client_id = format!("order-feed-{}", service_kit::messaging::instance_name());
         let peer = match config.broker.broker {
-            broker::Kind::Redis => MessagingPeer::redis(&redis, client_id.clone()),
+            broker::Kind::Redis => broker::redis::peer(&redis, client_id.clone()),
             broker::Kind::Nats => MessagingPeer::nats(&config.broker.nats_url, client_id.clone()),
         };
         let intake = intake::Intake { peer, history, metrics };

@@ -27,10 +27,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use broker::redis::target::{RedisConn, RedisTarget, Timeouts};
 use domain::Partitions;
 use redis::streams::{StreamId, StreamRangeReply};
 use redis::RedisError;
-use service_kit::redis_target::{RedisConn, RedisTarget, Timeouts};
 use service_kit::{Backoff, Shutdown};
 
 use crate::intake::Intake;

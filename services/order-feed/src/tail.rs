@@ -16,11 +16,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use broker::redis::target::{RedisConn, RedisTarget, Timeouts};
 use domain::entry_id_key;
 use redis::aio::ConnectionLike;
 use redis::streams::{StreamId, StreamRangeReply, StreamReadReply};
 use redis::{RedisError, Value};
-use service_kit::redis_target::{RedisConn, RedisTarget, Timeouts};
 use service_kit::{Backoff, Shutdown};
 
 use crate::intake::Intake;

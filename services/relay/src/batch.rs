@@ -11,7 +11,7 @@ use service_kit::messaging::MessagingPeer;
 use service_kit::FailureClass;
 
 use crate::backoff::retry_delay;
-use crate::broker::BrokerHealth;
+use crate::broker_health::BrokerHealth;
 use crate::metrics::Metrics;
 use crate::publish::{PublishError, Publisher};
 use crate::Config;

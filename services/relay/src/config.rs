@@ -105,7 +105,7 @@ pub struct Config {
     #[arg(long, env = "REDIS_WAIT_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
     pub redis_wait_timeout: Duration,
     #[command(flatten)]
-    pub topology: service_kit::redis_target::Topology,
+    pub topology: broker::redis::target::Topology,
     #[command(flatten)]
     pub broker: broker::BrokerArgs,
     /// HTTP listen address for /healthz, /readyz (port 0 = any free port).

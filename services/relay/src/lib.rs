@@ -10,7 +10,7 @@
 
 pub mod backoff;
 pub mod batch;
-pub mod broker;
+pub mod broker_health;
 pub mod config;
 pub mod jetstream;
 pub mod metrics;
@@ -102,7 +102,7 @@ impl Service for Relay {
     /// then relays until `shutdown`; the batch in flight is finished first.
     async fn run(self, shutdown: Shutdown) -> Result<(), StartError> {
         let Self { config, pool, owner, listener, addr, admin } = self;
-        let redis = config.topology.target(&config.redis_url).map_err(StartError::RedisUrl)?;
+        let redis = config.topology.target(&config.redis_url).map_err(|e| StartError::RedisUrl(e.into()))?;
         let partitions = config.topology.partitions(&config.redis_stream);
         let stream_keys = recovery::StreamKeys::of_partitions(&partitions, redis.is_cluster());
         let nats = config
@@ -127,7 +127,7 @@ impl Service for Relay {
         let mut registry = Registry::default();
         metrics.register(&mut registry);
         let server_metrics = ServerMetrics::register(&mut registry);
-        let broker = broker::BrokerHealth::new(metrics.clone());
+        let broker = broker_health::BrokerHealth::new(metrics.clone());
         let readiness = Readiness::new().postgres(pool.clone()).check(config.broker.broker.as_str(), {
             let broker = broker.clone();
             let redis = redis.clone();
@@ -183,14 +183,8 @@ impl Service for Relay {
                     ::broker::jetstream::agree(&js, layout, None, &partitions_unfit, &shutdown).await
                 }
                 None => {
-                    service_kit::redis_target::agree_on_partitions(
-                        &redis,
-                        &partitions,
-                        true,
-                        &partitions_unfit,
-                        &shutdown,
-                    )
-                    .await
+                    broker::redis::target::agree_on_partitions(&redis, &partitions, true, &partitions_unfit, &shutdown)
+                        .await
                 }
             };
         if migrated && !fit {
@@ -306,7 +300,7 @@ fn client_id() -> String {
 fn publisher_on(
     config: &Config,
     partitions: &domain::Partitions,
-    redis: &service_kit::redis_target::RedisTarget,
+    redis: &broker::redis::target::RedisTarget,
     nats: Option<&::broker::async_nats::Client>,
 ) -> publish::Publisher {
     match nats {

@@ -91,9 +91,9 @@ async fn dead_purge(config: &relay::Config, older_than: std::time::Duration) -> 
 /// A connection to the relay's Redis, and the keys of every partition's stream.
 async fn redis(
     config: &relay::Config,
-) -> anyhow::Result<(service_kit::redis_target::RedisConn, Vec<relay::recovery::StreamKeys>)> {
+) -> anyhow::Result<(broker::redis::target::RedisConn, Vec<relay::recovery::StreamKeys>)> {
     let target = config.topology.target(&config.redis_url).context("REDIS_URL or REDIS_CLUSTER_URLS")?;
-    let timeouts = service_kit::redis_target::Timeouts::new(Duration::from_secs(5), Duration::from_secs(30));
+    let timeouts = broker::redis::target::Timeouts::new(Duration::from_secs(5), Duration::from_secs(30));
     let conn = target.connect(timeouts).await.context("connecting to Redis")?;
     let partitions = config.topology.partitions(&config.redis_stream);
     Ok((conn, relay::recovery::StreamKeys::of_partitions(&partitions, target.is_cluster())))

@@ -5,12 +5,12 @@
 
 use std::time::Duration;
 
+use broker::redis::target::{RedisConn, RedisTarget, Timeouts};
 use domain::{Partitions, StreamEntry};
 use redis::aio::ConnectionLike;
 use redis::{RedisError, Value};
-use service_kit::failure::{self, FailureClass};
+use service_kit::failure::FailureClass;
 use service_kit::messaging::MessagingPeer;
-use service_kit::redis_target::{RedisConn, RedisTarget, Timeouts};
 
 use crate::tails::Tails;
 
@@ -147,7 +147,7 @@ impl RedisPublisher {
 
     /// A publisher to `partitions` on `target`.
     pub fn to(target: RedisTarget, partitions: Partitions) -> Self {
-        let peer = MessagingPeer::redis(&target, format!("relay-{}", service_kit::messaging::instance_name()));
+        let peer = broker::redis::peer(&target, format!("relay-{}", service_kit::messaging::instance_name()));
         Self { target, partitions, peer, conn: None, durability: None, tails: None }
     }
 
@@ -224,7 +224,7 @@ impl RedisPublisher {
                 tracing::debug!(stream = self.partitions.base(), error = %e,
                     "redis pipeline failed; reconnecting on next use");
                 self.drop_connection();
-                return Err(PublishError::Broker { class: failure::of_redis(&e), error: e.to_string() });
+                return Err(PublishError::Broker { class: broker::redis::of_redis(&e), error: e.to_string() });
             }
         };
         let judged = merge(groups.iter().zip(verdicts), entries.len());
@@ -311,7 +311,7 @@ impl RedisPublisher {
                     Err(e) => return Ok(Err(e)),
                 },
                 Err(e) if refused_for_content(&e) => {
-                    refused.push(Refusal { index, class: failure::of_redis(&e), error: e.to_string() });
+                    refused.push(Refusal { index, class: broker::redis::of_redis(&e), error: e.to_string() });
                 }
                 Err(e) => return Err(e),
             }
@@ -404,7 +404,7 @@ fn merge<'a>(
 /// Whether an error is Redis's reply refusing a command for what it carries (not a transport
 /// error, a redirection or a transient state such as OOM or a failover in progress).
 fn refused_for_content(e: &RedisError) -> bool {
-    e.code().is_some() && !failure::of_redis(e).is_transient() && e.kind() != redis::ErrorKind::CrossSlot
+    e.code().is_some() && !broker::redis::of_redis(e).is_transient() && e.kind() != redis::ErrorKind::CrossSlot
 }
 
 /// Whether `WAIT`'s reply says `replicas` replicas hold the batch. Fewer: Redis did not make
@@ -417,7 +417,7 @@ fn confirmed_by(reply: Option<Value>, replicas: u32) -> Result<(), PublishError>
             error: format!("WAIT: {n} of the {replicas} replicas required confirmed the batch in time"),
         }),
         Some(Value::ServerError(e)) => Err(PublishError::Broker {
-            class: failure::of_redis_code(e.code()),
+            class: broker::redis::of_redis_code(e.code()),
             error: format!("WAIT: {} {}", e.code(), e.details().unwrap_or_default()),
         }),
         other => {
@@ -441,7 +441,7 @@ pub fn judge(replies: Vec<Value>, expected: usize) -> Result<Vec<String>, Publis
             Value::BulkString(id) => ids.push(String::from_utf8_lossy(&id).into_owned()),
             Value::SimpleString(id) => ids.push(id),
             Value::ServerError(e) => {
-                let class = failure::of_redis_code(e.code());
+                let class = broker::redis::of_redis_code(e.code());
                 let error = format!("{} {}", e.code(), e.details().unwrap_or_default());
                 if class.is_transient() {
                     return Err(PublishError::Broker { class, error });

@@ -10,10 +10,10 @@
 
 use std::time::Duration;
 
+use broker::redis::target::{RedisConn, RedisTarget, Timeouts};
 use chrono::{DateTime, Utc};
 use redis::aio::ConnectionLike;
 use redis::RedisError;
-use service_kit::redis_target::{RedisConn, RedisTarget, Timeouts};
 use service_kit::Shutdown;
 use sqlx::PgPool;
 

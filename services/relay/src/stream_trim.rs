@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use std::collections::HashSet;
 
+use broker::redis::target::{RedisConn, RedisTarget, Timeouts};
 use redis::aio::ConnectionLike;
 use redis::{RedisError, Value};
-use service_kit::redis_target::{RedisConn, RedisTarget, Timeouts};
 use service_kit::Shutdown;
 use sqlx::PgPool;
 

@@ -6,8 +6,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use broker::redis::target::{RedisConn, RedisTarget, Timeouts};
 use redis::RedisError;
-use service_kit::redis_target::{RedisConn, RedisTarget, Timeouts};
 use service_kit::{Backoff, Shutdown};
 use sqlx::postgres::PgListener;
 use sqlx::PgPool;

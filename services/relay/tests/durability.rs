@@ -60,7 +60,7 @@ async fn a_batch_counts_as_published_only_once_the_required_replicas_hold_it() {
 /// and each shard's `WAIT` is answered by that primary's replica.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn on_a_cluster_each_partition_s_entries_go_to_its_shard_confirmed_by_its_replica() {
-    use service_kit::redis_target::{RedisTarget, Timeouts};
+    use broker::redis::target::{RedisTarget, Timeouts};
     let cluster =
         tokio::task::spawn_blocking(|| test_support::PrivateRedisCluster::start(3, 1, Duration::from_millis(1500)))
             .await

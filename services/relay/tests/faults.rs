@@ -307,8 +307,8 @@ async fn a_crash_between_xadd_and_commit_republishes() {
 
 #[tokio::test]
 async fn one_relay_answers_a_notification_and_every_relay_answers_without_redis() {
+    use broker::redis::target::RedisTarget;
     use relay::wake::Responder;
-    use service_kit::redis_target::RedisTarget;
     let client = RedisTarget::new(&test_support::redis_url(), &[]).expect("redis url");
     let stream = test_support::unique_name("relay-answer");
     let mut first = Responder::new(client.clone(), "db", &stream);
@@ -328,8 +328,8 @@ async fn one_relay_answers_a_notification_and_every_relay_answers_without_redis(
 
 #[tokio::test]
 async fn a_redis_that_does_not_respond_holds_up_one_notification_not_each() {
+    use broker::redis::target::RedisTarget;
     use relay::wake::Responder;
-    use service_kit::redis_target::RedisTarget;
     // Accepts connections and never says a word.
     let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = silent.local_addr().expect("addr");

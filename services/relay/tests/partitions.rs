@@ -41,7 +41,7 @@ async fn each_order_s_events_go_to_its_partition_in_seq_order() {
     assert_eq!(stream_len(&test_support::redis_url(), &stream).await, 0, "nothing on the unpartitioned name");
     let mut conn = test_support::redis_connection().await;
     let recorded: String = redis::cmd("GET")
-        .arg(service_kit::redis_target::partitions_key(&stream))
+        .arg(broker::redis::target::partitions_key(&stream))
         .query_async(&mut conn)
         .await
         .expect("the number of partitions recorded");
@@ -84,7 +84,7 @@ async fn a_relay_with_another_number_of_partitions_refuses_to_relay() {
     wait_until_published(&db.pool, 3, Duration::from_secs(20)).await;
     control.stop().await;
     let mut conn = test_support::redis_connection().await;
-    let key = service_kit::redis_target::partitions_key(&stream);
+    let key = broker::redis::target::partitions_key(&stream);
     let _: () = redis::cmd("DEL").arg(&key).query_async(&mut conn).await.expect("DEL");
 }
 
@@ -96,7 +96,7 @@ async fn a_relay_with_another_number_of_partitions_refuses_to_relay() {
 async fn a_partition_whose_stream_refuses_every_entry_blames_redis_not_its_rows() {
     let stream = test_support::unique_name("relay-partition-wrongtype");
     let partitions = domain::Partitions::new(&stream, 3).expect("partitions");
-    let target = service_kit::redis_target::RedisTarget::new(&test_support::redis_url(), &[]).expect("url");
+    let target = broker::redis::target::RedisTarget::new(&test_support::redis_url(), &[]).expect("url");
     let mut publisher = relay::publish::Publisher::to(target, partitions.clone());
     let entries: Vec<domain::StreamEntry> = (0..30).map(|i| confirmed_entry(&format!("order-{i}"))).collect();
     let mut conn = test_support::redis_connection().await;

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use ::broker::jetstream::Layout;
 use ::broker::Kind;
-use service_kit::redis_target::RedisTarget;
+use broker::redis::target::RedisTarget;
 use sqlx::PgPool;
 use test_support::{fresh_database_on, PrivateNats, PrivatePostgres, PrivateRedis, PrivateRedisCluster};
 

@@ -5,8 +5,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use broker::redis::target::Timeouts;
 use redis::aio::ConnectionLike;
-use service_kit::redis_target::Timeouts;
 use sqlx::PgPool;
 use tokio::time::Instant;
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use broker::async_nats::jetstream::Context;
 use broker::jetstream::Layout;
-use service_kit::redis_target::{RedisConn, RedisTarget};
+use broker::redis::target::{RedisConn, RedisTarget};
 
 use super::drain::TIMEOUTS;
 use super::link::Deliveries;

@@ -189,7 +189,7 @@ pub async fn agree_on_partitions(
     partitions: &domain::Partitions,
     may_record: bool,
     unfit: &std::sync::OnceLock<String>,
-    shutdown: &crate::Shutdown,
+    shutdown: &service_kit::Shutdown,
 ) -> bool {
     match checked_partitions(target, partitions, may_record, shutdown).await {
         Some(Ok(())) => true,
@@ -207,9 +207,9 @@ async fn checked_partitions(
     target: &RedisTarget,
     partitions: &domain::Partitions,
     may_record: bool,
-    shutdown: &crate::Shutdown,
+    shutdown: &service_kit::Shutdown,
 ) -> Option<Result<(), String>> {
-    let mut retry = crate::Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+    let mut retry = service_kit::Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
     loop {
         let checked = match target.connect(Timeouts::new(Duration::from_secs(2), Duration::from_secs(5))).await {
             Ok(mut conn) => check_partitions(&mut conn, partitions, may_record).await,
@@ -226,7 +226,7 @@ async fn checked_partitions(
             }
             // Not Redis being away, which passes, but a refusal (of the user, of the key's
             // type, of the command), which does not.
-            Err(e) if crate::failure::of_redis(&e) == crate::FailureClass::permanent => {
+            Err(e) if super::failure::of_redis(&e) == service_kit::FailureClass::permanent => {
                 return Some(Err(format!(
                     "cannot check STREAM_PARTITIONS against {}: {e}",
                     partitions_key(partitions.base())

@@ -1,0 +1,50 @@
+//! Redis Streams' side of the broker: where Redis is ([`target`]), how its failures are
+//! classed ([`failure`]), and what the relay, the consumer and the feed do on its streams.
+
+use service_kit::messaging::MessagingPeer;
+
+pub use ::redis::RedisError;
+
+pub mod failure;
+pub mod target;
+
+pub use failure::{of_redis, of_redis_code};
+pub use target::{RedisConn, RedisTarget, Timeouts, Topology};
+
+/// The Redis server `target` is (a cluster's first seed node), and this process as
+/// `client_id`, as messaging spans name them.
+pub fn peer(target: &RedisTarget, client_id: impl Into<String>) -> MessagingPeer {
+    let (server_address, server_port) = match target.first_node().map(|info| &info.addr) {
+        Some(::redis::ConnectionAddr::Tcp(host, port) | ::redis::ConnectionAddr::TcpTls { host, port, .. }) => {
+            (host.clone(), *port)
+        }
+        Some(::redis::ConnectionAddr::Unix(path)) => (path.display().to_string(), 0),
+        None => (String::new(), 0),
+    };
+    MessagingPeer { system: "redis", server_address, server_port, client_id: client_id.into() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_peer_is_the_urls_host_and_port() {
+        let target = RedisTarget::new("redis://relay:secret@redis.internal:6380/0", &[]).expect("url");
+        let relay = peer(&target, "relay-1");
+        assert_eq!(
+            relay,
+            MessagingPeer {
+                system: "redis",
+                server_address: "redis.internal".into(),
+                server_port: 6380,
+                client_id: "relay-1".into()
+            }
+        );
+        let default_port = peer(&RedisTarget::new("redis://127.0.0.1", &[]).expect("url"), "x");
+        assert_eq!((default_port.server_address.as_str(), default_port.server_port), ("127.0.0.1", 6379));
+        let seeds = ["redis://10.0.0.7:7001".to_owned(), "redis://10.0.0.8:7002".to_owned()];
+        let cluster = peer(&RedisTarget::new("redis://unused", &seeds).expect("urls"), "x");
+        assert_eq!((cluster.server_address.as_str(), cluster.server_port), ("10.0.0.7", 7001));
+    }
+}
