@@ -9,6 +9,7 @@ pub use async_nats;
 
 pub mod entry;
 pub mod jetstream;
+pub mod publish;
 pub mod redis;
 
 /// Which broker carries the events.

@@ -19,8 +19,8 @@ use futures::TryStreamExt;
 use service_kit::Shutdown;
 
 use crate::metrics::Metrics;
-use crate::publish::Publisher;
 use crate::recovery::{self, Check, RecoverySettings};
+use broker::publish::Publisher;
 
 /// The name a JetStream stream's positions are recorded under in `stream_positions` (apart from
 /// Redis streams of the same name).

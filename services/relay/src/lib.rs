@@ -3,7 +3,7 @@
 //!
 //! A batch is claimed by a transaction that holds its rows' locks, and that the database ends
 //! if it sits idle past the lease ([`outbox::claim`]). The batch is published in one pipeline
-//! ([`publish::Publisher`]) and recorded by committing that transaction; failures are
+//! ([`broker::publish::Publisher`]) and recorded by committing that transaction; failures are
 //! recorded after it rolled back, fenced against relays that took over
 //! ([`outbox::failures`]). Relays wake on `NOTIFY`, on a fallback poll, and when a backing-off
 //! row becomes due ([`wake`]).
@@ -14,13 +14,11 @@ pub mod broker_health;
 pub mod config;
 pub mod jetstream;
 pub mod metrics;
-pub mod publish;
 pub mod pump;
 pub mod recovery;
 pub mod replay;
 pub mod retention;
 pub mod stream_trim;
-pub mod tails;
 pub mod wake;
 
 use std::net::SocketAddr;
@@ -113,8 +111,9 @@ impl Service for Relay {
             .map(|client| (client, ::broker::jetstream::Layout::new(&partitions)));
         let publisher = || publisher_on(&config, &partitions, &redis, nats.as_ref().map(|(client, _)| client));
         let recovery_publisher = publisher();
-        let tails: Vec<tails::Tails> = partitions.streams().iter().map(|_| tails::Tails::default()).collect();
-        let publishers: Vec<publish::Publisher> =
+        let tails: Vec<broker::redis::tails::Tails> =
+            partitions.streams().iter().map(|_| broker::redis::tails::Tails::default()).collect();
+        let publishers: Vec<broker::publish::Publisher> =
             (0..config.workers as usize).map(|i| publisher().with_tails(tails.clone(), i)).collect();
         let metrics = metrics::Metrics::default();
         let streams = match &nats {
@@ -141,7 +140,9 @@ impl Service for Relay {
                             Err(format!("not taking entries for {:.1}s: {error}", since.as_secs_f64()))
                         }
                         (None, Some((js, layout))) => ::broker::jetstream::ping(&js, &layout).await,
-                        (None, None) => publish::RedisPublisher::ping_target(&redis).await.map_err(|e| e.to_string()),
+                        (None, None) => {
+                            broker::redis::publish::RedisPublisher::ping_target(&redis).await.map_err(|e| e.to_string())
+                        }
                     }
                 }
             }
@@ -302,19 +303,19 @@ fn publisher_on(
     partitions: &domain::Partitions,
     redis: &broker::redis::target::RedisTarget,
     nats: Option<&::broker::async_nats::Client>,
-) -> publish::Publisher {
+) -> broker::publish::Publisher {
     match nats {
         Some(client) => {
             let peer = service_kit::messaging::MessagingPeer::nats(&config.broker.nats_url, client_id());
-            publish::Publisher::Nats(publish::NatsPublisher::new(client.clone(), partitions, peer))
+            broker::publish::Publisher::Nats(broker::publish::NatsPublisher::new(client.clone(), partitions, peer))
         }
-        None => publish::Publisher::to(redis.clone(), partitions.clone())
+        None => broker::publish::Publisher::to(redis.clone(), partitions.clone())
             .with_min_replicas(config.redis_min_replicas, config.redis_wait_timeout),
     }
 }
 
 /// A publisher to the broker `config` names, for a one-off command (`relay replay`).
-pub async fn publisher(config: &Config) -> anyhow::Result<publish::Publisher> {
+pub async fn publisher(config: &Config) -> anyhow::Result<broker::publish::Publisher> {
     use anyhow::Context;
     let partitions = config.topology.partitions(&config.redis_stream);
     let redis = config.topology.target(&config.redis_url).context("REDIS_URL or REDIS_CLUSTER_URLS")?;

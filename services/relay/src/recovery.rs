@@ -18,8 +18,8 @@ use service_kit::Shutdown;
 use sqlx::PgPool;
 
 use crate::metrics::Metrics;
-use crate::publish::Publisher;
-use crate::tails::Tails;
+use broker::publish::Publisher;
+use broker::redis::tails::Tails;
 
 /// How often the marker is checked.
 pub const CHECK_EVERY: Duration = Duration::from_secs(5);

@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 use domain::StreamEntry;
 use sqlx::PgPool;
 
-use crate::publish::Publisher;
+use broker::publish::Publisher;
 use outbox::row::OutboxRow;
 
 /// Which retained events to publish again.
@@ -23,7 +23,7 @@ pub enum ReplayError {
     #[error("reading published events: {0}")]
     Database(#[from] sqlx::Error),
     #[error("publishing: {0}")]
-    Redis(#[from] crate::publish::PublishError),
+    Redis(#[from] broker::publish::PublishError),
 }
 
 /// Publishes events published at or after `since` (all, or `only` those of one aggregate or

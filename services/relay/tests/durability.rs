@@ -68,7 +68,7 @@ async fn on_a_cluster_each_partition_s_entries_go_to_its_shard_confirmed_by_its_
     let target = RedisTarget::new("redis://unused", &cluster.urls()).expect("seeds");
     let partitions = domain::Partitions::new(test_support::unique_name("relay-cluster"), 6).expect("partitions");
     let mut publisher =
-        relay::publish::Publisher::to(target.clone(), partitions.clone()).with_min_replicas(1, Duration::from_secs(2));
+        broker::publish::Publisher::to(target.clone(), partitions.clone()).with_min_replicas(1, Duration::from_secs(2));
     let entries: Vec<domain::StreamEntry> = (0..60).map(|i| confirmed_entry(&format!("order-{i}"))).collect();
     let ids = publisher.publish(&entries).await.expect("published, confirmed by a replica on every shard");
     assert_eq!(ids.len(), entries.len());

@@ -4,10 +4,10 @@ mod common;
 
 use std::time::Duration;
 
+use broker::publish::Publisher;
 use common::*;
 use outbox::claim::claim_batch;
 use outbox::failures::{mark_dead, record_failures, Failure, Poison};
-use relay::publish::Publisher;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_redis_outage_costs_no_attempts_and_loses_nothing() {

@@ -4,12 +4,12 @@ mod common;
 
 use std::time::Duration;
 
+use broker::publish::Publisher;
 use chrono::Utc;
 use common::*;
 use outbox::dead::{list_dead, purge_dead, retry_dead, Retry};
 use outbox::failures::{record_failures, Failure};
 use outbox::published::trim_published;
-use relay::publish::Publisher;
 use service_kit::Shutdown;
 
 /// Inserts published rows directly, `age` old.

@@ -97,7 +97,7 @@ async fn a_partition_whose_stream_refuses_every_entry_blames_redis_not_its_rows(
     let stream = test_support::unique_name("relay-partition-wrongtype");
     let partitions = domain::Partitions::new(&stream, 3).expect("partitions");
     let target = broker::redis::target::RedisTarget::new(&test_support::redis_url(), &[]).expect("url");
-    let mut publisher = relay::publish::Publisher::to(target, partitions.clone());
+    let mut publisher = broker::publish::Publisher::to(target, partitions.clone());
     let entries: Vec<domain::StreamEntry> = (0..30).map(|i| confirmed_entry(&format!("order-{i}"))).collect();
     let mut conn = test_support::redis_connection().await;
     let _: () = redis::cmd("SET").arg(partitions.stream(1)).arg("not a stream").query_async(&mut conn).await.unwrap();
@@ -105,7 +105,7 @@ async fn a_partition_whose_stream_refuses_every_entry_blames_redis_not_its_rows(
     assert!(
         matches!(
             &refused,
-            Err(relay::publish::PublishError::Broker { class: service_kit::FailureClass::permanent, .. })
+            Err(broker::publish::PublishError::Broker { class: service_kit::FailureClass::permanent, .. })
         ),
         "{refused:?}"
     );

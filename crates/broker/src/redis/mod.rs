@@ -6,6 +6,8 @@ use service_kit::messaging::MessagingPeer;
 pub use ::redis::RedisError;
 
 pub mod failure;
+pub mod publish;
+pub mod tails;
 pub mod target;
 
 pub use failure::{of_redis, of_redis_code};

@@ -5,92 +5,15 @@
 
 use std::time::Duration;
 
-use broker::redis::target::{RedisConn, RedisTarget, Timeouts};
+use crate::redis::target::{RedisConn, RedisTarget, Timeouts};
 use domain::{Partitions, StreamEntry};
 use redis::aio::ConnectionLike;
 use redis::{RedisError, Value};
 use service_kit::failure::FailureClass;
 use service_kit::messaging::MessagingPeer;
 
-use crate::tails::Tails;
-
-mod nats;
-
-pub use nats::NatsPublisher;
-
-/// A writer of the events to the broker (`BROKER`).
-pub enum Publisher {
-    Redis(RedisPublisher),
-    Nats(NatsPublisher),
-}
-
-impl Publisher {
-    /// A publisher to the one Redis stream `stream` on the node `redis_url`.
-    pub fn new(redis_url: &str, stream: impl Into<String>) -> Result<Self, RedisError> {
-        RedisPublisher::new(redis_url, stream).map(Self::Redis)
-    }
-
-    /// A publisher to `partitions` on the Redis `target`.
-    pub fn to(target: RedisTarget, partitions: Partitions) -> Self {
-        Self::Redis(RedisPublisher::to(target, partitions))
-    }
-
-    /// On Redis: a batch counts as published only once `replicas` replicas hold it
-    /// ([`RedisPublisher::with_min_replicas`]). JetStream acknowledges what it stored.
-    pub fn with_min_replicas(self, replicas: u32, timeout: Duration) -> Self {
-        match self {
-            Self::Redis(p) => Self::Redis(p.with_min_replicas(replicas, timeout)),
-            nats => nats,
-        }
-    }
-
-    /// On Redis: tells `tails` what it added ([`RedisPublisher::with_tails`]).
-    pub fn with_tails(self, tails: Vec<Tails>, index: usize) -> Self {
-        match self {
-            Self::Redis(p) => Self::Redis(p.with_tails(tails, index)),
-            nats => nats,
-        }
-    }
-
-    pub fn partitions(&self) -> &Partitions {
-        match self {
-            Self::Redis(p) => p.partitions(),
-            Self::Nats(p) => p.partitions(),
-        }
-    }
-
-    /// The stream (Redis) or subject (NATS) an entry of the order `aggregate_id` goes to.
-    pub fn stream_of(&self, aggregate_id: &str) -> &str {
-        match self {
-            Self::Redis(p) => p.stream_of(aggregate_id),
-            Self::Nats(p) => p.subject_of(aggregate_id),
-        }
-    }
-
-    pub fn peer(&self) -> &MessagingPeer {
-        match self {
-            Self::Redis(p) => p.peer(),
-            Self::Nats(p) => p.peer(),
-        }
-    }
-
-    /// Publishes `entries` in order: the ids the broker gave them (stream entry ids on Redis,
-    /// stream sequences on JetStream), or why the batch is not published.
-    pub async fn publish(&mut self, entries: &[StreamEntry]) -> Result<Vec<String>, PublishError> {
-        match self {
-            Self::Redis(p) => p.publish(entries).await,
-            Self::Nats(p) => p.publish(entries).await,
-        }
-    }
-
-    /// Whether the broker answers.
-    pub async fn ping(&mut self) -> Result<(), String> {
-        match self {
-            Self::Redis(p) => p.ping().await.map_err(|e| e.to_string()),
-            Self::Nats(p) => p.ping().await,
-        }
-    }
-}
+use super::tails::Tails;
+use crate::publish::{PublishError, Refusal};
 
 /// A writer of the Redis streams that reconnects after errors, so an outage never needs a
 /// restart.
@@ -107,35 +30,6 @@ pub struct RedisPublisher {
     tails: Option<(Vec<Tails>, usize)>,
 }
 
-/// Why a batch was not published.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PublishError {
-    /// Redis failed as a whole (down, out of memory, read-only, the stream key of another
-    /// type …): no entry is to blame, and none may count it as a failed attempt.
-    Broker { class: FailureClass, error: String },
-    /// Redis took some entries and refused these (by index into the batch) for what they carry.
-    Refused(Vec<Refusal>),
-}
-
-/// One entry Redis refused.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Refusal {
-    pub index: usize,
-    pub class: FailureClass,
-    pub error: String,
-}
-
-impl std::fmt::Display for PublishError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Broker { error, .. } => write!(f, "broker: {error}"),
-            Self::Refused(refused) => write!(f, "the broker refused {} entries", refused.len()),
-        }
-    }
-}
-
-impl std::error::Error for PublishError {}
-
 /// A publisher's connection: Redis answers each pipeline within 10 s or it failed.
 const TIMEOUTS: Timeouts = Timeouts::new(Duration::from_secs(2), Duration::from_secs(10));
 
@@ -147,7 +41,7 @@ impl RedisPublisher {
 
     /// A publisher to `partitions` on `target`.
     pub fn to(target: RedisTarget, partitions: Partitions) -> Self {
-        let peer = broker::redis::peer(&target, format!("relay-{}", service_kit::messaging::instance_name()));
+        let peer = crate::redis::peer(&target, format!("relay-{}", service_kit::messaging::instance_name()));
         Self { target, partitions, peer, conn: None, durability: None, tails: None }
     }
 
@@ -224,7 +118,7 @@ impl RedisPublisher {
                 tracing::debug!(stream = self.partitions.base(), error = %e,
                     "redis pipeline failed; reconnecting on next use");
                 self.drop_connection();
-                return Err(PublishError::Broker { class: broker::redis::of_redis(&e), error: e.to_string() });
+                return Err(PublishError::Broker { class: crate::redis::of_redis(&e), error: e.to_string() });
             }
         };
         let judged = merge(groups.iter().zip(verdicts), entries.len());
@@ -311,7 +205,7 @@ impl RedisPublisher {
                     Err(e) => return Ok(Err(e)),
                 },
                 Err(e) if refused_for_content(&e) => {
-                    refused.push(Refusal { index, class: broker::redis::of_redis(&e), error: e.to_string() });
+                    refused.push(Refusal { index, class: crate::redis::of_redis(&e), error: e.to_string() });
                 }
                 Err(e) => return Err(e),
             }
@@ -404,7 +298,7 @@ fn merge<'a>(
 /// Whether an error is Redis's reply refusing a command for what it carries (not a transport
 /// error, a redirection or a transient state such as OOM or a failover in progress).
 fn refused_for_content(e: &RedisError) -> bool {
-    e.code().is_some() && !broker::redis::of_redis(e).is_transient() && e.kind() != redis::ErrorKind::CrossSlot
+    e.code().is_some() && !crate::redis::of_redis(e).is_transient() && e.kind() != ::redis::ErrorKind::CrossSlot
 }
 
 /// Whether `WAIT`'s reply says `replicas` replicas hold the batch. Fewer: Redis did not make
@@ -417,7 +311,7 @@ fn confirmed_by(reply: Option<Value>, replicas: u32) -> Result<(), PublishError>
             error: format!("WAIT: {n} of the {replicas} replicas required confirmed the batch in time"),
         }),
         Some(Value::ServerError(e)) => Err(PublishError::Broker {
-            class: broker::redis::of_redis_code(e.code()),
+            class: crate::redis::of_redis_code(e.code()),
             error: format!("WAIT: {} {}", e.code(), e.details().unwrap_or_default()),
         }),
         other => {
@@ -441,7 +335,7 @@ pub fn judge(replies: Vec<Value>, expected: usize) -> Result<Vec<String>, Publis
             Value::BulkString(id) => ids.push(String::from_utf8_lossy(&id).into_owned()),
             Value::SimpleString(id) => ids.push(id),
             Value::ServerError(e) => {
-                let class = broker::redis::of_redis_code(e.code());
+                let class = crate::redis::of_redis_code(e.code());
                 let error = format!("{} {}", e.code(), e.details().unwrap_or_default());
                 if class.is_transient() {
                     return Err(PublishError::Broker { class, error });

@@ -1,10 +1,10 @@
-//! Publishing to NATS JetStream ([`broker::jetstream::publish`]), judged as a Redis pipeline
+//! Publishing to NATS JetStream ([`crate::jetstream::publish`]), judged as a Redis pipeline
 //! is: JetStream failing any entry fails the batch, blaming no row; an entry that cannot be a
 //! NATS message (too large for the server, a field no header can hold) is refused, blaming its
 //! row.
 
-use broker::jetstream::publish::{EntryError, Publisher};
-use broker::jetstream::Layout;
+use crate::jetstream::publish::{EntryError, Publisher};
+use crate::jetstream::Layout;
 use domain::{Partitions, StreamEntry};
 use service_kit::failure::FailureClass;
 use service_kit::messaging::MessagingPeer;
@@ -17,7 +17,7 @@ pub struct NatsPublisher {
 }
 
 impl NatsPublisher {
-    pub fn new(client: broker::async_nats::Client, partitions: &Partitions, peer: MessagingPeer) -> Self {
+    pub fn new(client: async_nats::Client, partitions: &Partitions, peer: MessagingPeer) -> Self {
         Self { inner: Publisher::new(client, Layout::new(partitions)), peer }
     }
 
@@ -48,7 +48,7 @@ impl NatsPublisher {
 
 /// The batch's verdict from each entry's: JetStream's failure if any entry had one, else every
 /// refused entry, else the sequences.
-fn judge(results: Vec<Result<broker::jetstream::publish::Published, EntryError>>) -> Result<Vec<String>, PublishError> {
+fn judge(results: Vec<Result<crate::jetstream::publish::Published, EntryError>>) -> Result<Vec<String>, PublishError> {
     let mut ids = Vec::with_capacity(results.len());
     let mut refused = Vec::new();
     let mut not_sent = 0;
@@ -77,8 +77,8 @@ fn judge(results: Vec<Result<broker::jetstream::publish::Published, EntryError>>
 
 #[cfg(test)]
 mod tests {
-    use broker::entry::EncodeError;
-    use broker::jetstream::publish::Published;
+    use crate::entry::EncodeError;
+    use crate::jetstream::publish::Published;
 
     use super::*;
 
