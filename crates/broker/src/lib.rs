@@ -12,6 +12,15 @@ pub mod jetstream;
 pub mod publish;
 pub mod redis;
 
+/// One entry as delivered to a member of a consumer group: its id on the broker (a Redis
+/// entry id, a JetStream stream sequence) and its fields.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub id: String,
+    /// `None` when the entry was deleted from the stream while still pending.
+    pub fields: Option<Vec<(String, Vec<u8>)>>,
+}
+
 /// Which broker carries the events.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Kind {

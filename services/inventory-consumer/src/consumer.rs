@@ -21,8 +21,9 @@ use crate::settle::Settlement;
 use crate::store::entry_failures;
 use domain::entry_id_key;
 
-use crate::stream::{self, Delivery};
 use crate::{Config, Shutdown};
+use broker::redis::group as stream;
+use broker::Delivery;
 
 pub struct Consumer {
     pub config: Config,

@@ -1,12 +1,13 @@
 //! Dead letters: listing and purging them ([`crate::store::dead_letters`]), and re-driving
 //! them to the stream.
 
+use broker::redis::group as stream;
+use broker::redis::ConnectionLike;
 use domain::Partitions;
-use redis::aio::ConnectionLike;
 use sqlx::PgPool;
 
 use crate::entries::fields_from_json;
-use crate::{store, stream};
+use crate::store;
 
 pub use crate::store::dead_letters::{list, purge, DeadLetterRow};
 
@@ -15,7 +16,7 @@ pub enum DeadLetterError {
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
     #[error("redis: {0}")]
-    Redis(#[from] redis::RedisError),
+    Redis(#[from] broker::redis::RedisError),
     #[error("nats: {0}")]
     Nats(String),
     #[error("no dead letter {0} waiting to be re-driven")]

@@ -21,14 +21,13 @@ pub mod retention;
 pub mod rules;
 pub mod settle;
 pub mod store;
-pub mod stream;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use broker::redis::target::{RedisTarget, Timeouts};
+use broker::redis::target::RedisTarget;
 use prometheus_client::registry::Registry;
 use service_kit::admin::AdminListener;
 use service_kit::connections::Connections;
@@ -139,7 +138,7 @@ impl Service for InventoryConsumer {
                     async move {
                         match nats {
                             Some(js) => broker::jetstream::ping(&js, &layout).await,
-                            None => redis_ping(target).await,
+                            None => broker::redis::ping(&target).await.map_err(|e| e.to_string()),
                         }
                     }
                 }
@@ -351,16 +350,4 @@ const APPLY_STATEMENTS: u32 = 7;
 fn stall_after(config: &Config, apply_deadline: Duration) -> Duration {
     let redis_round = config.block + Duration::from_secs(10);
     (redis_round * 4 + apply_deadline * 2).max(Duration::from_secs(60))
-}
-
-async fn redis_ping(target: RedisTarget) -> Result<(), String> {
-    let ping = async {
-        let mut conn = target.connect(Timeouts::new(Duration::from_secs(1), Duration::from_secs(1))).await?;
-        redis::cmd("PING").query_async::<String>(&mut conn).await
-    };
-    match tokio::time::timeout(Duration::from_secs(1), ping).await {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err("timed out".to_owned()),
-    }
 }

@@ -54,7 +54,7 @@ async fn run_command(config: inventory_consumer::Config, command: Command) -> an
                         .await
                         .context("NATS_URL")?;
                     let js = broker::jetstream::context(client);
-                    let to = dead_letters::RedriveTo::<redis::aio::MultiplexedConnection>::Nats(&js);
+                    let to = dead_letters::RedriveTo::<broker::redis::RedisConn>::Nats(&js);
                     dead_letters::redrive_to(&pool, to, &partitions, id).await?
                 }
                 broker::Kind::Redis => {

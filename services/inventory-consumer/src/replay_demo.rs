@@ -4,19 +4,19 @@
 use std::fmt;
 use std::time::Duration;
 
-use redis::aio::ConnectionLike;
-use redis::Value;
+use broker::redis::group as stream;
+use broker::redis::{ConnectionLike, RedisError};
 use sqlx::PgPool;
 
 use crate::store::inspect;
-use crate::{stream, Config};
+use crate::Config;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
     #[error("redis: {0}")]
-    Redis(#[from] redis::RedisError),
+    Redis(#[from] RedisError),
     #[error("entry {0} is not on the stream")]
     NoEntry(String),
     #[error("entry {0} has no event_id")]
@@ -63,7 +63,7 @@ pub async fn run(
     let stream_key = partitions.stream(0);
     let entry_id = match entry_id {
         Some(id) => id.to_owned(),
-        None => first_entry_id(conn, stream_key).await?.ok_or_else(|| DemoError::NoEntry("(first)".into()))?,
+        None => stream::first_id(conn, stream_key).await?.ok_or_else(|| DemoError::NoEntry("(first)".into()))?,
     };
     let fields =
         stream::entry(conn, stream_key, &entry_id).await?.ok_or_else(|| DemoError::NoEntry(entry_id.clone()))?;
@@ -94,32 +94,14 @@ pub async fn run(
     })
 }
 
-async fn first_entry_id(
-    conn: &mut (impl ConnectionLike + Send),
-    key: &str,
-) -> Result<Option<String>, redis::RedisError> {
-    let reply: Value = redis::cmd("XRANGE").arg(key).arg("-").arg("+").arg("COUNT").arg(1).query_async(conn).await?;
-    Ok(match reply {
-        Value::Array(entries) => entries.into_iter().next().and_then(|e| match e {
-            Value::Array(mut parts) if !parts.is_empty() => match parts.swap_remove(0) {
-                Value::BulkString(b) => String::from_utf8(b).ok(),
-                _ => None,
-            },
-            _ => None,
-        }),
-        _ => None,
-    })
-}
-
 /// The group has delivered `id` and it is no longer pending (acknowledged).
 async fn handled(
     conn: &mut (impl ConnectionLike + Send),
     key: &str,
     group: &str,
     id: &str,
-) -> Result<bool, redis::RedisError> {
-    let pending: Value = redis::cmd("XPENDING").arg(key).arg(group).arg(id).arg(id).arg(1).query_async(conn).await?;
-    if matches!(&pending, Value::Array(rows) if !rows.is_empty()) {
+) -> Result<bool, RedisError> {
+    if stream::is_pending(conn, key, group, id).await? {
         return Ok(false);
     }
     let last = stream::last_delivered_id(conn, key, group).await?;

@@ -102,8 +102,8 @@ async fn redis(
 async fn stream_groups(config: &relay::Config) -> anyhow::Result<()> {
     let (mut conn, partitions) = redis(config).await?;
     for keys in &partitions {
-        let groups = relay::stream_trim::groups(&mut conn, keys).await?;
-        let len: u64 = redis::cmd("XLEN").arg(&keys.stream).query_async(&mut conn).await?;
+        let groups = broker::redis::trim::groups(&mut conn, keys).await?;
+        let len = broker::redis::trim::length(&mut conn, &keys.stream).await?;
         println!("{}: {len} entries", keys.stream);
         println!("group\tpending\tlag");
         for g in groups {
@@ -118,14 +118,8 @@ async fn drop_group(config: &relay::Config, group: &str) -> anyhow::Result<()> {
     let (mut conn, partitions) = redis(config).await?;
     let mut removed_from = Vec::new();
     for keys in &partitions {
-        // A partition stream nothing was published to yet has no group.
-        let exists: bool = redis::cmd("EXISTS").arg(&keys.stream).query_async(&mut conn).await?;
-        if exists {
-            let removed: u64 =
-                redis::cmd("XGROUP").arg("DESTROY").arg(&keys.stream).arg(group).query_async(&mut conn).await?;
-            if removed > 0 {
-                removed_from.push(keys.stream.as_str());
-            }
+        if broker::redis::group::destroy(&mut conn, &keys.stream, group).await? {
+            removed_from.push(keys.stream.as_str());
         }
     }
     if removed_from.is_empty() {

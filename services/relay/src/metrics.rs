@@ -184,7 +184,7 @@ impl Metrics {
     pub fn record_trim(
         &self,
         stream: &str,
-        pass: &crate::stream_trim::TrimPass,
+        pass: &broker::redis::trim::TrimPass,
         reported: &mut std::collections::HashSet<String>,
     ) {
         self.stream_trimmed.inc_by(pass.trimmed);

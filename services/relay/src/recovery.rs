@@ -10,10 +10,12 @@
 
 use std::time::Duration;
 
+pub use broker::redis::marker::{marker_key, StreamKeys};
+
+use broker::redis::marker::{self, Looked};
 use broker::redis::target::{RedisConn, RedisTarget, Timeouts};
+use broker::redis::{ConnectionLike, RedisError};
 use chrono::{DateTime, Utc};
-use redis::aio::ConnectionLike;
-use redis::RedisError;
 use service_kit::Shutdown;
 use sqlx::PgPool;
 
@@ -26,31 +28,6 @@ pub const CHECK_EVERY: Duration = Duration::from_secs(5);
 /// Republishing starts at least this much before the recorded point (clocks of Redis and
 /// Postgres).
 pub const MARGIN: Duration = Duration::from_secs(60);
-
-const MARKER_SUFFIX: &str = ":relay-epoch";
-
-/// The marker's key on one node.
-pub fn marker_key(stream: &str) -> String {
-    domain::partition::companion_key(stream, MARKER_SUFFIX, false)
-}
-
-/// A stream and its marker, named to share a cluster slot (the scripts read both).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StreamKeys {
-    pub stream: String,
-    pub marker: String,
-}
-
-impl StreamKeys {
-    pub fn new(stream: &str, cluster: bool) -> Self {
-        Self { stream: stream.to_owned(), marker: domain::partition::companion_key(stream, MARKER_SUFFIX, cluster) }
-    }
-
-    /// Every partition's keys.
-    pub fn of_partitions(partitions: &domain::Partitions, cluster: bool) -> Vec<Self> {
-        partitions.streams().iter().map(|s| Self::new(s, cluster)).collect()
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum RecoveryError {
@@ -91,14 +68,13 @@ pub async fn check(
     retention: Duration,
     margin: Duration,
 ) -> Result<Check, RecoveryError> {
-    let (stream, marker_key) = (keys.stream.as_str(), keys.marker.as_str());
+    let stream = keys.stream.as_str();
     let recorded = recorded(pool, stream).await?;
     let token = ulid::Ulid::new().to_string();
-    let set: Option<String> = redis::cmd("SET").arg(marker_key).arg(&token).arg("NX").query_async(conn).await?;
-    if set.is_none() {
+    if !marker::set_if_none(conn, keys, &token).await? {
         if recorded.is_none() {
             // Set before this database knew of it (a database restored or replaced): record it.
-            let current: Option<String> = redis::cmd("GET").arg(marker_key).query_async(conn).await?;
+            let current = marker::get(conn, keys).await?;
             if let Some(current) = current {
                 sqlx::query!(
                     "INSERT INTO stream_positions (stream, epoch) VALUES ($1, $2) ON CONFLICT DO NOTHING",
@@ -127,10 +103,7 @@ pub async fn check(
     .await;
     if let Err(e) = recorded_now {
         // Not recorded: take the marker back (if still ours), so the loss is noticed again.
-        const RELEASE: &str =
-            "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0";
-        let _: Result<i64, RedisError> =
-            redis::cmd("EVAL").arg(RELEASE).arg(1).arg(marker_key).arg(&token).query_async(conn).await;
+        marker::release(conn, keys, &token).await;
         return Err(e.into());
     }
     Ok(since.map_or(Check::Started, |since| Check::Lost { since }))
@@ -188,27 +161,6 @@ fn owed_from(point_ms: Option<i64>, retention: Duration, margin: Duration) -> Da
         .map_or(oldest_retained, |at| at.max(oldest_retained))
 }
 
-/// KEYS[1]: the stream; KEYS[2]: the marker. ARGV[1]: an entry id; ARGV[2]: how young (ms)
-/// an entry must be for the trimming to have surely left it. Returns {marker or nil, verdict,
-/// the newest entry before the given one or nil}; verdict: "old" (too old to judge), "held" or
-/// "gone".
-const LOOK_FOR: &str = r"
-local marker = redis.call('GET', KEYS[2])
-local now = redis.call('TIME')
-local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-if tonumber(string.match(ARGV[1], '^(%d+)')) <= now_ms - tonumber(ARGV[2]) then
-  return {marker, 'old', false}
-end
-if #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1]) > 0 then return {marker, 'held', false} end
-local before = redis.call('XREVRANGE', KEYS[1], ARGV[1], '-', 'COUNT', 1)
-return {marker, 'gone', before[1] and before[1][1] or false}
-";
-
-/// The time part (ms) of an entry id.
-fn id_ms(id: &str) -> Option<i64> {
-    id.split('-').next()?.parse().ok()
-}
-
 /// What checking the entries a relay had added found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TailCheck {
@@ -238,27 +190,22 @@ pub async fn check_tails(
     let stream = keys.stream.as_str();
     let recorded = recorded(pool, stream).await?;
     let Some((epoch, acked_below_ms)) = recorded else { return Ok(TailCheck::MarkerChanged) };
-    let young = settings.stream_retention.saturating_sub(Duration::from_secs(1)).as_millis() as i64;
+    let young = settings.stream_retention.saturating_sub(Duration::from_secs(1));
     let mut since: Option<DateTime<Utc>> = None;
     for id in ids {
-        let (marker, verdict, before): (Option<String>, String, Option<String>) = redis::cmd("EVAL")
-            .arg(LOOK_FOR)
-            .arg(2)
-            .arg(stream)
-            .arg(&keys.marker)
-            .arg(id)
-            .arg(young)
-            .query_async(conn)
-            .await?;
-        if marker.as_deref() != Some(epoch.as_str()) {
+        let (current, looked) = marker::look_for(conn, keys, id, young).await?;
+        if current.as_deref() != Some(epoch.as_str()) {
             return Ok(TailCheck::MarkerChanged);
         }
         if seen.is_some_and(|seen| seen != epoch) {
             return Ok(TailCheck::Replaced);
         }
-        if verdict == "gone" {
-            let from =
-                owed_from(before.as_deref().and_then(id_ms).or(acked_below_ms), settings.retention, settings.margin);
+        if let Looked::Gone { before } = looked {
+            let from = owed_from(
+                before.as_deref().and_then(marker::id_ms).or(acked_below_ms),
+                settings.retention,
+                settings.margin,
+            );
             since = Some(since.map_or(from, |s| s.min(from)));
         }
     }
@@ -457,8 +404,7 @@ async fn recover_once(
             }
         }
     }
-    let marker: Option<String> = redis::cmd("GET").arg(&keys.marker).query_async(conn).await?;
-    tails.saw_marker(marker);
+    tails.saw_marker(marker::get(conn, keys).await?);
     republish_owed(
         pool,
         publisher,

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use broker::redis::target::{RedisConn, RedisTarget, Timeouts};
-use redis::RedisError;
+use broker::redis::RedisError;
 use service_kit::{Backoff, Shutdown};
 use sqlx::postgres::PgListener;
 use sqlx::PgPool;
@@ -88,15 +88,7 @@ impl Responder {
                 self.conn.insert(target.connect(timeouts).await?)
             }
         };
-        let set: Option<String> = redis::cmd("SET")
-            .arg(format!("{}{id}", self.prefix))
-            .arg(1)
-            .arg("NX")
-            .arg("PX")
-            .arg(ANSWER_TTL.as_millis() as u64)
-            .query_async(conn)
-            .await?;
-        Ok(set.is_some())
+        broker::redis::set_once(conn, &format!("{}{id}", self.prefix), ANSWER_TTL).await
     }
 }
 

@@ -4,12 +4,12 @@ mod common;
 
 use std::time::Duration;
 
+use broker::redis::trim::{trim_call, trim_pass, TRIM_LIMIT};
 use common::{append_with, config, count, migrated_database, order_payload, RunningRelay};
 use redis::aio::MultiplexedConnection;
 use redis::streams::{StreamReadOptions, StreamReadReply};
 use redis::AsyncCommands;
 use relay::recovery::StreamKeys;
-use relay::stream_trim::{trim_call, trim_pass, TRIM_LIMIT};
 use service_kit::Shutdown;
 
 /// A fresh stream of `n` entries; their ids in order.

@@ -3,15 +3,44 @@
 
 use service_kit::messaging::MessagingPeer;
 
+pub use ::redis::aio::ConnectionLike;
 pub use ::redis::RedisError;
 
 pub mod failure;
+pub mod group;
+pub mod marker;
 pub mod publish;
 pub mod tails;
 pub mod target;
+pub mod trim;
 
 pub use failure::{of_redis, of_redis_code};
 pub use target::{RedisConn, RedisTarget, Timeouts, Topology};
+
+/// Whether Redis answers `PING` within a second (for `/readyz`).
+pub async fn ping(target: &RedisTarget) -> Result<(), RedisError> {
+    let second = std::time::Duration::from_secs(1);
+    let ping = async {
+        let mut conn = target.connect(Timeouts::new(second, second)).await?;
+        ::redis::cmd("PING").query_async::<()>(&mut conn).await
+    };
+    match tokio::time::timeout(second, ping).await {
+        Ok(pinged) => pinged,
+        Err(_) => Err(RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut))),
+    }
+}
+
+/// Sets `key` for `ttl` unless it is set: whether this call set it (the first of several
+/// processes to ask).
+pub async fn set_once(
+    conn: &mut (impl ConnectionLike + Send),
+    key: &str,
+    ttl: std::time::Duration,
+) -> Result<bool, RedisError> {
+    let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+    let set: Option<String> = ::redis::cmd("SET").arg(key).arg(1).arg("NX").arg("PX").arg(ms).query_async(conn).await?;
+    Ok(set.is_some())
+}
 
 /// The Redis server `target` is (a cluster's first seed node), and this process as
 /// `client_id`, as messaging spans name them.

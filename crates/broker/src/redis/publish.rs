@@ -257,12 +257,6 @@ impl RedisPublisher {
         }
         pinged
     }
-
-    /// Whether Redis answers (for /readyz).
-    pub async fn ping_target(target: &RedisTarget) -> Result<(), RedisError> {
-        let mut conn = target.connect(Timeouts::new(Duration::from_secs(1), Duration::from_secs(1))).await?;
-        redis::cmd("PING").query_async::<()>(&mut conn).await
-    }
 }
 
 /// The judged pipelines of one batch (each with the batch indices of its entries) as one

@@ -19,7 +19,7 @@ use tokio::time::Instant;
 
 use super::Consumer;
 use crate::entries::fields_json;
-use crate::stream::Delivery;
+use broker::Delivery;
 
 /// Where a loop pulls from: partition `index` of `layout`, on `client`.
 pub struct JetStreamMember {

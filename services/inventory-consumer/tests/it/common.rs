@@ -201,7 +201,7 @@ impl Harness {
             return ack.await.expect("stored").sequence.to_string();
         }
         let mut conn = self.redis.clone();
-        inventory_consumer::stream::add(&mut conn, key, fields).await.expect("XADD")
+        broker::redis::group::add(&mut conn, key, fields).await.expect("XADD")
     }
 
     /// Group info field (`pending`, `lag`, `last-delivered-id`, ...) as text.

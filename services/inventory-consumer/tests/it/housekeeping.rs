@@ -42,7 +42,7 @@ async fn consumers(h: &Harness) -> Vec<(String, i64)> {
 /// Reads `n` new entries as `consumer`; their ids.
 async fn read_as(h: &Harness, consumer: &str, n: usize) -> Vec<String> {
     let mut conn = h.redis.clone();
-    inventory_consumer::stream::read_group(&mut conn, &h.stream, &h.group, consumer, ">", n as u32, None)
+    broker::redis::group::read_group(&mut conn, &h.stream, &h.group, consumer, ">", n as u32, None)
         .await
         .unwrap()
         .into_iter()
@@ -54,13 +54,13 @@ async fn read_as(h: &Harness, consumer: &str, n: usize) -> Vec<String> {
 async fn consumers_that_left_are_removed_and_one_holding_entries_stays() {
     let h = Harness::new("departed").await;
     let mut conn = h.redis.clone();
-    inventory_consumer::stream::ensure_group(&mut conn, &h.stream, &h.group).await.unwrap();
+    broker::redis::group::ensure_group(&mut conn, &h.stream, &h.group).await.unwrap();
     for i in 0..2 {
         h.xadd_fields(&h.stream, &junk(i)).await;
     }
     // Two replicas long gone: one acknowledged all it read, one left an entry pending.
     let done = read_as(&h, "gone-empty", 1).await;
-    inventory_consumer::stream::ack(&mut conn, &h.stream, &h.group, &[done[0].as_str()]).await.unwrap();
+    broker::redis::group::ack(&mut conn, &h.stream, &h.group, &[done[0].as_str()]).await.unwrap();
     let held = read_as(&h, "gone-holding", 1).await;
     tokio::time::sleep(Duration::from_millis(1_200)).await;
 
@@ -75,10 +75,9 @@ async fn consumers_that_left_are_removed_and_one_holding_entries_stays() {
     assert_eq!(running.metric("consumer_departed_consumers_removed_total").await, "1");
     // The one holding an entry keeps it: removing it would leave the entry unclaimable.
     assert!(consumers(&h).await.contains(&("gone-holding".to_owned(), 1)));
-    let pending =
-        inventory_consumer::stream::delivery_counts(&mut conn, &h.stream, &h.group, "gone-holding", ("-", "+"), 10)
-            .await
-            .unwrap();
+    let pending = broker::redis::group::delivery_counts(&mut conn, &h.stream, &h.group, "gone-holding", ("-", "+"), 10)
+        .await
+        .unwrap();
     assert_eq!(pending.keys().cloned().collect::<Vec<_>>(), held);
     running.stop().await;
 }
@@ -106,7 +105,7 @@ async fn the_dead_letter_stream_is_capped_and_the_table_keeps_every_letter() {
 async fn pending_entries_deleted_from_the_stream_are_counted_when_claimed() {
     let h = Harness::new("gone").await;
     let mut conn = h.redis.clone();
-    inventory_consumer::stream::ensure_group(&mut conn, &h.stream, &h.group).await.unwrap();
+    broker::redis::group::ensure_group(&mut conn, &h.stream, &h.group).await.unwrap();
     for i in 0..3 {
         h.xadd_fields(&h.stream, &junk(i)).await;
     }

@@ -1,4 +1,5 @@
-//! The Redis side: consumer group reads, claims, delivery counts, acknowledgements.
+//! A consumer group on a Redis stream: reads, claims, delivery counts, acknowledgements, the
+//! dead letters' stream, and removing a group.
 //!
 //! Replies are parsed from raw values so an entry's fields keep their order and repeats (the
 //! decoder rejects a repeated field) and an entry deleted while pending (nil fields) is seen.
@@ -9,13 +10,7 @@ use std::time::Duration;
 use redis::aio::ConnectionLike;
 use redis::{RedisError, Value};
 
-/// One entry as delivered to this consumer.
-#[derive(Debug, Clone)]
-pub struct Delivery {
-    pub id: String,
-    /// `None` when the entry was deleted from the stream while still pending.
-    pub fields: Option<Vec<(String, Vec<u8>)>>,
-}
+use crate::Delivery;
 
 /// Creates the group (and the stream) unless it exists.
 pub async fn ensure_group(
@@ -338,4 +333,41 @@ pub async fn last_delivered_id(
         }
     }
     Ok(None)
+}
+
+/// Removes `group` from `stream`: whether it was there (a stream nothing was published to yet
+/// has no group).
+pub async fn destroy(conn: &mut (impl ConnectionLike + Send), stream: &str, group: &str) -> Result<bool, RedisError> {
+    let exists: bool = redis::cmd("EXISTS").arg(stream).query_async(conn).await?;
+    if !exists {
+        return Ok(false);
+    }
+    let removed: u64 = redis::cmd("XGROUP").arg("DESTROY").arg(stream).arg(group).query_async(conn).await?;
+    Ok(removed > 0)
+}
+
+/// The id of the stream's first entry, if any.
+pub async fn first_id(conn: &mut (impl ConnectionLike + Send), key: &str) -> Result<Option<String>, RedisError> {
+    let reply: Value = redis::cmd("XRANGE").arg(key).arg("-").arg("+").arg("COUNT").arg(1).query_async(conn).await?;
+    Ok(match reply {
+        Value::Array(entries) => entries.into_iter().next().and_then(|e| match e {
+            Value::Array(mut parts) if !parts.is_empty() => match parts.swap_remove(0) {
+                Value::BulkString(b) => String::from_utf8(b).ok(),
+                _ => None,
+            },
+            _ => None,
+        }),
+        _ => None,
+    })
+}
+
+/// Whether entry `id` is pending in `group` (delivered and not acknowledged).
+pub async fn is_pending(
+    conn: &mut (impl ConnectionLike + Send),
+    stream: &str,
+    group: &str,
+    id: &str,
+) -> Result<bool, RedisError> {
+    let pending: Value = redis::cmd("XPENDING").arg(stream).arg(group).arg(id).arg(id).arg(1).query_async(conn).await?;
+    Ok(matches!(&pending, Value::Array(rows) if !rows.is_empty()))
 }
