@@ -23,6 +23,7 @@ use domain::entry_id_key;
 
 use crate::{Config, Shutdown};
 use broker::redis::group as stream;
+use broker::redis::RedisError;
 use broker::Delivery;
 
 pub struct Consumer {
@@ -93,7 +94,7 @@ impl Consumer {
         tracing::info!(consumer = %self.config.consumer_name, stream = self.stream, "consumer stopped");
     }
 
-    async fn session(&self, conn: &mut RedisConn) -> redis::RedisResult<()> {
+    async fn session(&self, conn: &mut RedisConn) -> Result<(), RedisError> {
         let c = &self.config;
         stream::ensure_group(conn, &self.stream, &c.consumer_group).await?;
         tracing::info!(stream = %self.stream, group = %c.consumer_group, consumer = %c.consumer_name, "consuming");
@@ -157,12 +158,7 @@ impl Consumer {
         Ok(())
     }
 
-    async fn read(
-        &self,
-        conn: &mut RedisConn,
-        id: &str,
-        block: Option<Duration>,
-    ) -> Result<Vec<Delivery>, redis::RedisError> {
+    async fn read(&self, conn: &mut RedisConn, id: &str, block: Option<Duration>) -> Result<Vec<Delivery>, RedisError> {
         let c = &self.config;
         stream::read_group(conn, &self.stream, &c.consumer_group, &c.consumer_name, id, c.batch_size, block).await
     }
@@ -170,7 +166,7 @@ impl Consumer {
     /// Removes consumers of the group that have left (see [`stream::remove_departed`]).
     /// Housekeeping: Redis refusing it (a server that runs no scripts for this user, say) is
     /// counted and logged, and consuming goes on; only a broken connection ends the session.
-    async fn remove_departed(&self, conn: &mut RedisConn) -> Result<(), redis::RedisError> {
+    async fn remove_departed(&self, conn: &mut RedisConn) -> Result<(), RedisError> {
         let c = &self.config;
         match stream::remove_departed(conn, &self.stream, &c.consumer_group, &c.consumer_name, c.departed_after).await {
             Ok(removed) if removed.is_empty() => {}
@@ -189,7 +185,7 @@ impl Consumer {
     }
 
     /// Takes over entries left idle by replicas that died, scanning the whole pending list.
-    async fn claim_idle(&self, conn: &mut RedisConn) -> redis::RedisResult<()> {
+    async fn claim_idle(&self, conn: &mut RedisConn) -> Result<(), RedisError> {
         let c = &self.config;
         let mut cursor = "0-0".to_owned();
         // Bounded: one scan of the pending list per round.
@@ -224,7 +220,7 @@ impl Consumer {
 
     /// Decodes, applies and acknowledges one batch. `redelivered`: the entries may have been
     /// delivered before (own pending entries, claims).
-    async fn handle(&self, conn: &mut RedisConn, batch: Vec<Delivery>, redelivered: bool) -> redis::RedisResult<()> {
+    async fn handle(&self, conn: &mut RedisConn, batch: Vec<Delivery>, redelivered: bool) -> Result<(), RedisError> {
         if batch.is_empty() {
             return Ok(());
         }
@@ -322,7 +318,7 @@ impl Consumer {
         &self,
         conn: &mut RedisConn,
         batch: &[Delivery],
-    ) -> Result<HashMap<String, u64>, redis::RedisError> {
+    ) -> Result<HashMap<String, u64>, RedisError> {
         let c = &self.config;
         let min = batch.iter().map(|d| entry_id_key(&d.id)).min().unwrap_or_default();
         let max = batch.iter().map(|d| entry_id_key(&d.id)).max().unwrap_or_default();

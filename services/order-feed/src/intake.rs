@@ -3,9 +3,8 @@
 
 use std::sync::Arc;
 
+use broker::redis::tail::Entry;
 use domain::StreamEntry;
-use redis::streams::StreamId;
-use redis::Value;
 use service_kit::messaging::MessagingPeer;
 
 use crate::history::{Appended, History};
@@ -20,15 +19,15 @@ pub struct Intake {
 
 impl Intake {
     /// An entry as an event the feed can send; `None` (counted) for anything else.
-    pub fn decode(&self, entry: &StreamId) -> Option<StreamEntry> {
-        self.decode_fields(&entry.id, entry.map.iter().map(|(k, v)| (k.as_str(), bytes(v))))
+    pub fn decode(&self, entry: &Entry) -> Option<StreamEntry> {
+        self.decode_fields(&entry.id, entry.fields.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
     }
 
     /// [`Intake::decode`] of an entry's fields (a NATS message's, say) and its id.
     pub fn decode_fields<'a>(
         &self,
         id: &str,
-        fields: impl IntoIterator<Item = (&'a str, Vec<u8>)>,
+        fields: impl IntoIterator<Item = (&'a str, impl AsRef<[u8]>)>,
     ) -> Option<StreamEntry> {
         let decoded = match StreamEntry::from_fields(fields) {
             // A line break would end the `event:` line of the message early.
@@ -47,7 +46,7 @@ impl Intake {
     }
 
     /// Adds an entry read as the replica starts to the history, not sent: history, not news.
-    pub fn load(&self, entry: &StreamId) {
+    pub fn load(&self, entry: &Entry) {
         if let Some(decoded) = self.decode(entry) {
             self.history.load(decoded);
         }
@@ -64,7 +63,7 @@ impl Intake {
     }
 
     /// Adds a new entry of `stream` to the history, which sends it to the clients.
-    pub fn take(&self, entry: &StreamId, stream: &str) {
+    pub fn take(&self, entry: &Entry, stream: &str) {
         if let Some(decoded) = self.decode(entry) {
             self.take_decoded(decoded, stream);
         }
@@ -101,14 +100,5 @@ impl Intake {
                 self.metrics.duplicates.inc();
             }
         }
-    }
-}
-
-fn bytes(v: &Value) -> Vec<u8> {
-    match v {
-        Value::BulkString(b) => b.clone(),
-        Value::SimpleString(s) => s.clone().into_bytes(),
-        Value::Int(n) => n.to_string().into_bytes(),
-        _ => Vec::new(),
     }
 }

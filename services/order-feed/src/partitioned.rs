@@ -27,10 +27,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use broker::redis::tail::{self, Entry, TimedPage};
 use broker::redis::target::{RedisConn, RedisTarget, Timeouts};
+use broker::redis::RedisError;
 use domain::Partitions;
-use redis::streams::{StreamId, StreamRangeReply};
-use redis::RedisError;
 use service_kit::{Backoff, Shutdown};
 
 use crate::intake::Intake;
@@ -43,23 +43,6 @@ const PAGE: usize = 1000;
 /// Between rounds that found nothing new.
 pub const POLL: Duration = Duration::from_millis(20);
 
-/// A page of a partition stream after the last entry read, and the server's clock, read in
-/// one step: no entry can be added between the two.
-const READ_AFTER: &str = "\
--- KEYS[1]: a partition stream; ARGV[1]: the last entry read; ARGV[2]: the most entries.
-local entries = redis.call('XRANGE', KEYS[1], '(' .. ARGV[1], '+', 'COUNT', ARGV[2])
-local now = redis.call('TIME')
-return {entries, now[1], now[2]}
-";
-
-/// A partition stream's newest entries, newest first, and the server's clock, read in one step.
-const READ_NEWEST: &str = "\
--- KEYS[1]: a partition stream; ARGV[1]: the most entries.
-local entries = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', ARGV[1])
-local now = redis.call('TIME')
-return {entries, now[1], now[2]}
-";
-
 pub struct PartitionedTail {
     pub target: RedisTarget,
     pub partitions: Partitions,
@@ -69,12 +52,6 @@ pub struct PartitionedTail {
     pub block: Duration,
     /// Set while the history holds the streams' recent entries and reading keeps up.
     pub caught_up: Arc<AtomicBool>,
-}
-
-/// Entries of a partition stream, with its server's clock when they were read.
-struct Page {
-    entries: Vec<StreamId>,
-    now_ms: u64,
 }
 
 impl PartitionedTail {
@@ -97,7 +74,7 @@ impl PartitionedTail {
     }
 
     /// Connects and reads until reading fails: the error. `merge` outlives a lost connection.
-    async fn follow(&self, merge: &mut Option<Merge<StreamId>>, retry: &mut Backoff) -> RedisError {
+    async fn follow(&self, merge: &mut Option<Merge<Entry>>, retry: &mut Backoff) -> RedisError {
         let following: Result<Infallible, RedisError> = async {
             let timeouts = Timeouts::new(Duration::from_secs(5), self.block + Duration::from_secs(10));
             let conn = self.target.connect(timeouts).await?;
@@ -127,7 +104,7 @@ impl PartitionedTail {
     }
 
     /// Loads the newest entries of all partitions into the history: the merge that reads on.
-    async fn load(&self, conn: &RedisConn) -> Result<Merge<StreamId>, RedisError> {
+    async fn load(&self, conn: &RedisConn) -> Result<Merge<Entry>, RedisError> {
         let firsts = self.partitions.streams().iter().map(|stream| {
             let mut conn = conn.clone();
             async move { read_newest(&mut conn, stream).await }
@@ -144,16 +121,9 @@ impl PartitionedTail {
         let mut load = Load::new(firsts, self.history_len);
         let mut conn = conn.clone();
         while let Some((partition, before)) = load.advance() {
-            let page: StreamRangeReply = redis::cmd("XREVRANGE")
-                .arg(self.partitions.stream(partition))
-                .arg(format!("({before}"))
-                .arg("-")
-                .arg("COUNT")
-                .arg(PAGE)
-                .query_async(&mut conn)
-                .await?;
-            let full = page.ids.len() == PAGE;
-            load.add_page(partition, with_ids(page.ids), full);
+            let page = tail::newest(&mut conn, self.partitions.stream(partition), &format!("({before}"), PAGE).await?;
+            let full = page.len() == PAGE;
+            load.add_page(partition, with_ids(page), full);
         }
         let (history, merge) = load.finish(self.history_len.max(PAGE));
         for (_, entry) in &history {
@@ -171,7 +141,7 @@ impl PartitionedTail {
     }
 
     /// Where each partition goes on after a lost connection.
-    async fn resume(&self, conn: &RedisConn, merge: &mut Merge<StreamId>) -> Result<(), RedisError> {
+    async fn resume(&self, conn: &RedisConn, merge: &mut Merge<Entry>) -> Result<(), RedisError> {
         let mut conn = conn.clone();
         for (partition, stream) in self.partitions.streams().iter().enumerate() {
             let last = merge.last(partition);
@@ -187,7 +157,7 @@ impl PartitionedTail {
 
     /// Reads the partitions wanted, at once, and passes on what may go: whether a page came
     /// back full.
-    async fn round(&self, conn: &RedisConn, merge: &mut Merge<StreamId>) -> Result<bool, RedisError> {
+    async fn round(&self, conn: &RedisConn, merge: &mut Merge<Entry>) -> Result<bool, RedisError> {
         let reads = merge.wanted().into_iter().map(|partition| {
             let mut conn = conn.clone();
             let (stream, after) = (self.partitions.stream(partition), merge.last(partition));
@@ -207,24 +177,14 @@ impl PartitionedTail {
     }
 }
 
-async fn read_after(conn: &mut RedisConn, stream: &str, after: EntryId) -> Result<Page, RedisError> {
-    let mut script = redis::cmd("EVAL_RO");
-    script.arg(READ_AFTER).arg(1).arg(stream).arg(after.to_string()).arg(PAGE);
-    page(conn, &script).await
+async fn read_after(conn: &mut RedisConn, stream: &str, after: EntryId) -> Result<TimedPage, RedisError> {
+    tail::timed_after(conn, stream, &after.to_string(), PAGE).await
 }
 
-async fn read_newest(conn: &mut RedisConn, stream: &str) -> Result<Page, RedisError> {
-    let mut script = redis::cmd("EVAL_RO");
-    script.arg(READ_NEWEST).arg(1).arg(stream).arg(PAGE);
-    page(conn, &script).await
+async fn read_newest(conn: &mut RedisConn, stream: &str) -> Result<TimedPage, RedisError> {
+    tail::timed_newest(conn, stream, PAGE).await
 }
 
-/// Runs a script that answers entries and the server's `TIME` (seconds, microseconds).
-async fn page(conn: &mut RedisConn, script: &redis::Cmd) -> Result<Page, RedisError> {
-    let (range, seconds, micros): (StreamRangeReply, u64, u64) = script.query_async(conn).await?;
-    Ok(Page { entries: range.ids, now_ms: seconds.saturating_mul(1000).saturating_add(micros / 1000) })
-}
-
-fn with_ids(entries: Vec<StreamId>) -> Vec<(EntryId, StreamId)> {
+fn with_ids(entries: Vec<Entry>) -> Vec<(EntryId, Entry)> {
     entries.into_iter().map(|e| (EntryId::from(e.id.as_str()), e)).collect()
 }

@@ -16,11 +16,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use broker::redis::tail::{self, Entry};
 use broker::redis::target::{RedisConn, RedisTarget, Timeouts};
+use broker::redis::{ConnectionLike, RedisError};
 use domain::entry_id_key;
-use redis::aio::ConnectionLike;
-use redis::streams::{StreamId, StreamRangeReply, StreamReadReply};
-use redis::{RedisError, Value};
 use service_kit::{Backoff, Shutdown};
 
 use crate::intake::Intake;
@@ -91,24 +90,17 @@ impl Tail {
     /// Loads the stream's last `history_len` entries, newest page first; reading goes on after
     /// the newest (from the start of an empty stream).
     async fn load(&self, conn: &mut RedisConn) -> Result<String, RedisError> {
-        let mut pages: Vec<Vec<StreamId>> = Vec::new();
+        let mut pages: Vec<Vec<Entry>> = Vec::new();
         let mut loaded = 0;
         let mut before = "+".to_owned();
         while loaded < self.history_len {
             let count = PAGE.min(self.history_len - loaded);
-            let page: StreamRangeReply = redis::cmd("XREVRANGE")
-                .arg(&self.stream)
-                .arg(&before)
-                .arg("-")
-                .arg("COUNT")
-                .arg(count)
-                .query_async(conn)
-                .await?;
-            let Some(oldest) = page.ids.last() else { break };
+            let page = tail::newest(conn, &self.stream, &before, count).await?;
+            let Some(oldest) = page.last() else { break };
             before = format!("({}", oldest.id);
-            loaded += page.ids.len();
-            let full = page.ids.len() == count;
-            pages.push(page.ids);
+            loaded += page.len();
+            let full = page.len() == count;
+            pages.push(page);
             if !full {
                 break;
             }
@@ -124,25 +116,11 @@ impl Tail {
 
     /// One `XREAD` after `from`: the id of the last entry read, if any.
     async fn read(&self, conn: &mut RedisConn, from: &str) -> Result<Option<String>, RedisError> {
-        let reply: Option<StreamReadReply> = redis::cmd("XREAD")
-            .arg("COUNT")
-            .arg(PAGE)
-            .arg("BLOCK")
-            .arg(u64::try_from(self.block.as_millis()).unwrap_or(u64::MAX).max(1))
-            .arg("STREAMS")
-            .arg(&self.stream)
-            .arg(from)
-            .query_async(conn)
-            .await?;
-        let Some(reply) = reply else { return Ok(None) };
-        let mut last = None;
-        for key in reply.keys {
-            for entry in &key.ids {
-                self.intake.take(entry, &self.stream);
-                last = Some(entry.id.clone());
-            }
+        let entries = tail::read_after(conn, &self.stream, from, PAGE, self.block).await?;
+        for entry in &entries {
+            self.intake.take(entry, &self.stream);
         }
-        Ok(last)
+        Ok(entries.last().map(|entry| entry.id.clone()))
     }
 }
 
@@ -153,17 +131,13 @@ pub(crate) async fn resume_from(
     last: String,
     intake: &Intake,
 ) -> Result<String, RedisError> {
-    let info = match redis::cmd("XINFO").arg("STREAM").arg(stream).query_async::<Value>(conn).await {
-        Ok(info) => info,
-        Err(e) if e.to_string().contains("no such key") => {
-            // Redis lost it: the relays publish again what it held, which the history
-            // knows (or, for an order with later events kept, drops as stale).
-            tracing::warn!(stream = stream, last, "the stream is gone: reading it from its start when it is back");
-            return Ok("0-0".to_owned());
-        }
-        Err(e) => return Err(e),
+    let Some(info) = tail::info(conn, stream).await? else {
+        // Redis lost it: the relays publish again what it held, which the history
+        // knows (or, for an order with later events kept, drops as stale).
+        tracing::warn!(stream = stream, last, "the stream is gone: reading it from its start when it is back");
+        return Ok("0-0".to_owned());
     };
-    let newest = stream_info_field(&info, "last-generated-id").unwrap_or_else(|| "0-0".to_owned());
+    let newest = info.last_generated_id.unwrap_or_else(|| "0-0".to_owned());
     if entry_id_key(&newest) < entry_id_key(&last) {
         tracing::warn!(
             stream = stream,
@@ -178,8 +152,7 @@ pub(crate) async fn resume_from(
     }
     // Trimming removes the oldest entries first: while the last entry read is still there,
     // every later one is too. Once it is gone, later ones may have gone unread.
-    let held: StreamRangeReply = redis::cmd("XRANGE").arg(stream).arg(&last).arg(&last).query_async(conn).await?;
-    if held.ids.is_empty() {
+    if !tail::holds(conn, stream, &last).await? {
         intake.metrics.gaps.inc();
         tracing::warn!(
             stream = stream,
@@ -206,19 +179,13 @@ pub(crate) async fn resume_unread(
     read_to: crate::merge::EntryId,
     intake: &Intake,
 ) -> Result<(), RedisError> {
-    let info = match redis::cmd("XINFO").arg("STREAM").arg(stream).query_async::<Value>(conn).await {
-        Ok(info) => info,
-        Err(e) if e.to_string().contains("no such key") => return Ok(()),
-        Err(e) => return Err(e),
-    };
-    let count = |name| stream_info_field(&info, name).and_then(|n| n.parse::<u64>().ok());
+    let Some(info) = tail::info(conn, stream).await? else { return Ok(()) };
     // Without the counts (before Redis 7.0), a gap is presumed.
-    let removed = match (count("entries-added"), count("length")) {
+    let removed = match (info.entries_added, info.length) {
         (Some(added), Some(length)) => added > length,
         _ => true,
     };
-    let added_since = stream_info_field(&info, "last-generated-id")
-        .is_none_or(|last| crate::merge::EntryId::from(last.as_str()) > read_to);
+    let added_since = info.last_generated_id.is_none_or(|last| crate::merge::EntryId::from(last.as_str()) > read_to);
     let removed = removed && added_since;
     if removed {
         intake.metrics.gaps.inc();
@@ -226,21 +193,4 @@ pub(crate) async fn resume_unread(
         intake.history.reset();
     }
     Ok(())
-}
-
-/// A field of an `XINFO STREAM` reply (a map in RESP3, a flat array in RESP2), as text.
-fn stream_info_field(info: &Value, name: &str) -> Option<String> {
-    let text = |v: &Value| match v {
-        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
-        Value::SimpleString(s) => Some(s.clone()),
-        Value::Int(n) => Some(n.to_string()),
-        _ => None,
-    };
-    match info {
-        Value::Array(flat) => {
-            flat.chunks(2).find(|kv| text(&kv[0]).as_deref() == Some(name)).and_then(|kv| kv.get(1).and_then(text))
-        }
-        Value::Map(map) => map.iter().find(|(k, _)| text(k).as_deref() == Some(name)).and_then(|(_, v)| text(v)),
-        _ => None,
-    }
 }

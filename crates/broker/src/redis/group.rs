@@ -251,7 +251,7 @@ pub async fn entry(
     Ok(parse_entries(reply)?.into_iter().next().and_then(|d| d.fields))
 }
 
-fn parse_entries(entries: Value) -> Result<Vec<Delivery>, RedisError> {
+pub(crate) fn parse_entries(entries: Value) -> Result<Vec<Delivery>, RedisError> {
     let Value::Array(entries) = entries else {
         return if matches!(entries, Value::Nil) { Ok(Vec::new()) } else { Err(unexpected("entries", &entries)) };
     };
@@ -289,7 +289,7 @@ fn parse_entry(entry: Value) -> Result<Delivery, RedisError> {
     Ok(Delivery { id, fields })
 }
 
-fn string(v: &Value) -> Option<String> {
+pub(crate) fn string(v: &Value) -> Option<String> {
     match v {
         Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
         Value::SimpleString(s) => Some(s.clone()),
@@ -307,7 +307,7 @@ fn bytes(v: Value) -> Vec<u8> {
     }
 }
 
-fn unexpected(what: &str, v: &Value) -> RedisError {
+pub(crate) fn unexpected(what: &str, v: &Value) -> RedisError {
     RedisError::from((redis::ErrorKind::TypeError, "unexpected reply", format!("{what}: {v:?}")))
 }
 

@@ -10,6 +10,7 @@ pub mod failure;
 pub mod group;
 pub mod marker;
 pub mod publish;
+pub mod tail;
 pub mod tails;
 pub mod target;
 pub mod trim;
