@@ -17,6 +17,7 @@
 //!   purged, per partition, as the relay trims Redis.
 
 pub mod group;
+pub mod member;
 pub mod publish;
 pub mod trim;
 

@@ -8,6 +8,7 @@
 pub use async_nats;
 
 pub mod entry;
+pub mod group;
 pub mod jetstream;
 pub mod publish;
 pub mod redis;

@@ -1,11 +1,9 @@
 //! The read → apply → acknowledge loop of one replica.
 
-pub mod jetstream;
-
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::time::Duration;
 
-use broker::redis::target::{RedisConn, RedisTarget, Timeouts};
+use broker::group::{GroupError, Letter, Member, Note, Received};
 use chrono::Utc;
 use domain::{Event, StreamEntry};
 use service_kit::connections::Connections;
@@ -19,22 +17,16 @@ use crate::entries::{DeadLetter, Incoming};
 use crate::metrics::{EventResult, Metrics};
 use crate::settle::Settlement;
 use crate::store::entry_failures;
-use domain::entry_id_key;
-
 use crate::{Config, Shutdown};
-use broker::redis::group as stream;
-use broker::redis::RedisError;
 use broker::Delivery;
 
 pub struct Consumer {
     pub config: Config,
-    /// The partition stream this loop reads, and its dead-letter stream.
+    /// The partition stream (or subject) this loop reads.
     pub stream: String,
-    pub dlq: String,
     /// Batches are applied on a connection of these (one at a time).
     pub db: Connections,
-    pub redis: RedisTarget,
-    /// Redis and this consumer, as its spans name them.
+    /// The broker and this consumer, as its spans name them.
     pub peer: MessagingPeer,
     pub metrics: Metrics,
     pub shutdown: Shutdown,
@@ -43,9 +35,6 @@ pub struct Consumer {
     /// The longest one batch's transaction may take before its connection is given up on.
     pub apply_deadline: Duration,
 }
-
-/// A session that lasted this long worked; the retry delay after it starts over.
-const SESSION_WORKED: Duration = Duration::from_secs(10);
 
 /// What a batch came to ([`Consumer::process`]).
 pub(crate) struct Handled {
@@ -58,192 +47,99 @@ pub(crate) struct Handled {
 }
 
 impl Consumer {
-    /// Runs until shutdown; Redis or Postgres outages are waited out with capped backoff.
-    pub async fn run(self) {
+    /// Runs until shutdown as `member` of the group; outages of the broker or of Postgres are
+    /// waited out with capped backoff.
+    pub async fn run(self, mut member: Member) {
         let mut retry = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        let mut next_sample = Instant::now();
         while !self.shutdown.is_cancelled() {
             self.heartbeat.beat();
-            // Bounded waits: a read blocks at most BLOCK on the server; a Redis that stops
-            // answering is treated as down after a further 10 s.
-            let limits = Timeouts::new(Duration::from_secs(5), self.config.block + Duration::from_secs(10));
-            let conn = self.redis.connect(limits).await;
-            let began = Instant::now();
-            let outcome = match conn {
-                Ok(mut conn) => self.session(&mut conn).await,
-                Err(e) => Err(e),
-            };
-            if began.elapsed() >= SESSION_WORKED {
-                // The session ran a while before it broke: this is a new outage, not the same one.
-                retry.reset();
-            }
-            let delay = retry.next_delay();
-            match outcome {
-                Ok(()) => break,
-                Err(e) => {
-                    let class = broker::redis::of_redis(&e);
-                    self.metrics.failure(class, "redis");
-                    tracing::warn!(error = %e, failure_class = %class, retry_in_ms = delay.as_millis() as u64,
-                        "consumer interrupted");
+            if Instant::now() >= next_sample {
+                next_sample = Instant::now() + Duration::from_secs(2);
+                match member.pending().await {
+                    Ok(Some(pending)) => {
+                        self.metrics.pending_entries(&self.stream).set(i64::try_from(pending).unwrap_or(i64::MAX));
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        self.interrupted(&e, retry.next_delay()).await;
+                        continue;
+                    }
                 }
             }
-            tokio::select! {
-                () = self.shutdown.cancelled() => break,
-                () = tokio::time::sleep(delay) => {}
+            match self.round(&mut member).await {
+                Ok(()) => retry.reset(),
+                Err(e) => self.interrupted(&e, retry.next_delay()).await,
             }
+        }
+        // Read ahead, so this replica's: handled now rather than left for a claim.
+        let held = member.held();
+        if let Err(e) = self.handle(&mut member, held).await {
+            tracing::warn!(error = %e, "the entries read ahead were not handled; another replica will claim them");
         }
         tracing::info!(consumer = %self.config.consumer_name, stream = self.stream, "consumer stopped");
     }
 
-    async fn session(&self, conn: &mut RedisConn) -> Result<(), RedisError> {
-        let c = &self.config;
-        stream::ensure_group(conn, &self.stream, &c.consumer_group).await?;
-        tracing::info!(stream = %self.stream, group = %c.consumer_group, consumer = %c.consumer_name, "consuming");
-        // This replica's own unacknowledged entries first (left by a previous run), then new ones.
-        let mut own_pending = Some("0".to_owned());
-        let claim_every = (c.claim_min_idle / 2).clamp(Duration::from_millis(50), Duration::from_secs(5));
-        let mut next_claim = Instant::now();
-        let mut next_sample = Instant::now();
-        let sweep_every = (c.departed_after / 2).clamp(Duration::from_secs(1), Duration::from_secs(60));
-        let mut next_sweep = Instant::now();
-        // New entries read while the previous batch was applied; delivered to this replica, so
-        // handled even if shutdown comes first.
-        let mut prefetched: Option<Vec<Delivery>> = None;
-        while !self.shutdown.is_cancelled() {
-            self.heartbeat.beat();
-            if Instant::now() >= next_sample {
-                let pending = stream::pending_count(conn, &self.stream, &c.consumer_group, &c.consumer_name).await?;
-                self.metrics.pending_entries(&self.stream).set(pending as i64);
-                next_sample = Instant::now() + Duration::from_secs(2);
-            }
-            if let Some(cursor) = own_pending.take() {
-                let batch = self.read(conn, &cursor, None).await?;
-                if let Some(last) = batch.last() {
-                    own_pending = Some(last.id.clone());
-                    self.handle(conn, batch, true).await?;
-                }
-                continue;
-            }
-            if Instant::now() >= next_sweep {
-                self.remove_departed(conn).await?;
-                next_sweep = Instant::now() + sweep_every;
-            }
-            if Instant::now() >= next_claim {
-                self.claim_idle(conn).await?;
-                next_claim = Instant::now() + claim_every;
-            }
-            // Not raced against shutdown: an interrupted read could lose track of entries it
-            // delivered. BLOCK bounds how long shutdown waits.
-            let batch = match prefetched.take() {
-                Some(batch) => batch,
-                None => self.read(conn, ">", Some(c.block)).await?,
-            };
-            if batch.len() < c.batch_size as usize {
-                self.handle(conn, batch, false).await?;
-                continue;
-            }
-            // A full batch: more are likely waiting. The next is read (without blocking, so the
-            // shared connection is never held up) while this one is applied.
-            let mut reader = conn.clone();
-            let (next, handled) = tokio::join!(self.read(&mut reader, ">", None), self.handle(conn, batch, false));
-            // Entries read are this replica's to handle, whatever happened to the batch before.
-            let next = next?;
-            if !next.is_empty() {
-                prefetched = Some(next);
-            }
-            handled?;
-        }
-        if let Some(batch) = prefetched {
-            self.handle(conn, batch, false).await?;
-        }
-        Ok(())
+    /// One batch: read, applied, dead letters and acknowledgements sent. Not raced against
+    /// shutdown: entries read are this replica's until acknowledged (or claimed after
+    /// `CLAIM_MIN_IDLE`); `BLOCK` bounds how long shutdown waits.
+    async fn round(&self, member: &mut Member) -> Result<(), GroupError> {
+        let received = member.next().await?;
+        self.handle(member, received).await
     }
 
-    async fn read(&self, conn: &mut RedisConn, id: &str, block: Option<Duration>) -> Result<Vec<Delivery>, RedisError> {
-        let c = &self.config;
-        stream::read_group(conn, &self.stream, &c.consumer_group, &c.consumer_name, id, c.batch_size, block).await
-    }
-
-    /// Removes consumers of the group that have left (see [`stream::remove_departed`]).
-    /// Housekeeping: Redis refusing it (a server that runs no scripts for this user, say) is
-    /// counted and logged, and consuming goes on; only a broken connection ends the session.
-    async fn remove_departed(&self, conn: &mut RedisConn) -> Result<(), RedisError> {
-        let c = &self.config;
-        match stream::remove_departed(conn, &self.stream, &c.consumer_group, &c.consumer_name, c.departed_after).await {
-            Ok(removed) if removed.is_empty() => {}
-            Ok(removed) => {
-                self.metrics.consumers_removed.inc_by(removed.len() as u64);
-                tracing::info!(consumers = ?removed, "removed consumers that left the group");
-            }
-            Err(e) if broker::redis::of_redis(&e).is_transient() => return Err(e),
-            Err(e) => {
-                let class = broker::redis::of_redis(&e);
-                self.metrics.failure(class, "redis");
-                tracing::warn!(error = %e, failure_class = %class, "removing departed consumers refused; consuming on");
-            }
-        }
-        Ok(())
-    }
-
-    /// Takes over entries left idle by replicas that died, scanning the whole pending list.
-    async fn claim_idle(&self, conn: &mut RedisConn) -> Result<(), RedisError> {
-        let c = &self.config;
-        let mut cursor = "0-0".to_owned();
-        // Bounded: one scan of the pending list per round.
-        for _ in 0..10_000 {
-            self.heartbeat.beat();
-            let claimed = stream::autoclaim(
-                conn,
-                &self.stream,
-                &c.consumer_group,
-                &c.consumer_name,
-                c.claim_min_idle,
-                &cursor,
-                c.batch_size,
-            )
-            .await?;
-            if !claimed.deleted.is_empty() {
-                self.metrics.entries_gone.inc_by(claimed.deleted.len() as u64);
-                tracing::warn!(entry_ids = ?claimed.deleted,
-                    "pending entries no longer on the stream; Redis dropped them from the pending list");
-            }
-            if !claimed.entries.is_empty() {
-                tracing::info!(claimed = claimed.entries.len(), "claimed idle entries");
-                self.handle(conn, claimed.entries, true).await?;
-            }
-            if claimed.next == "0-0" || self.shutdown.is_cancelled() {
-                break;
-            }
-            cursor = claimed.next;
-        }
-        Ok(())
-    }
-
-    /// Decodes, applies and acknowledges one batch. `redelivered`: the entries may have been
-    /// delivered before (own pending entries, claims).
-    async fn handle(&self, conn: &mut RedisConn, batch: Vec<Delivery>, redelivered: bool) -> Result<(), RedisError> {
-        if batch.is_empty() {
+    /// Applies a batch handed over by `member`, then dead-letters and acknowledges what it
+    /// came to.
+    async fn handle(&self, member: &mut Member, received: Received) -> Result<(), GroupError> {
+        let Received { deliveries, redelivered, delivery_counts, notes } = received;
+        self.note(member.broker(), notes);
+        if deliveries.is_empty() {
             return Ok(());
         }
-        let c = &self.config;
         if redelivered {
-            let counts = self.delivery_counts(conn, &batch).await?;
-            self.note_redeliveries(&counts);
+            self.note_redeliveries(&delivery_counts);
         }
-        let handled = self.process(batch).await;
-        for letter in &handled.letters {
-            let mut fields = letter.fields.clone();
-            fields.push(("reason".to_owned(), letter.reason.clone().into_bytes()));
-            fields.push(("original_entry_id".to_owned(), letter.stream_entry_id.clone().into_bytes()));
-            stream::add_capped(conn, &self.dlq, c.dlq_max_len, &fields).await?;
-        }
-        let ack: Vec<&str> = handled.ack.iter().map(String::as_str).collect();
-        stream::ack(conn, &self.stream, &c.consumer_group, &ack).await?;
+        let (handled, ahead) = member.alongside(self.process(deliveries)).await;
+        let letters: Vec<Letter> = handled.letters.iter().map(DeadLetter::to_letter).collect();
+        let settled = member.settle(&letters, &handled.ack).await;
+        ahead.and(settled)?;
         if redelivered {
             // An entry applied on a later try may have failures counted from earlier ones.
             let done: Vec<&str> = handled.applied.iter().map(String::as_str).collect();
             self.forget_failures(&done).await;
         }
         Ok(())
+    }
+
+    async fn interrupted(&self, e: &GroupError, delay: Duration) {
+        self.metrics.failure(e.class, e.broker.as_str());
+        tracing::warn!(error = %e, failure_class = %e.class, retry_in_ms = delay.as_millis() as u64,
+            stream = self.stream, "consumer interrupted");
+        tokio::select! {
+            () = self.shutdown.cancelled() => {}
+            () = tokio::time::sleep(delay) => {}
+        }
+    }
+
+    /// Counts and logs what the member noticed.
+    fn note(&self, broker: broker::Kind, notes: Vec<Note>) {
+        for note in notes {
+            match note {
+                Note::Departed(removed) => {
+                    self.metrics.consumers_removed.inc_by(removed.len() as u64);
+                    tracing::info!(consumers = ?removed, "removed consumers that left the group");
+                }
+                Note::Gone(ids) => {
+                    self.metrics.entries_gone.inc_by(ids.len() as u64);
+                    tracing::warn!(entry_ids = ?ids,
+                        "pending entries no longer on the stream; the broker dropped them from the group");
+                }
+                Note::Refused(e) => {
+                    self.metrics.failure(e.class, broker.as_str());
+                    tracing::warn!(error = %e, failure_class = %e.class, "housekeeping refused; consuming on");
+                }
+            }
+        }
     }
 
     /// Decodes and applies one batch, whichever broker delivered it: what to dead-letter on
@@ -290,7 +186,7 @@ impl Consumer {
         Handled { letters, ack, applied }
     }
 
-    /// Redis counts every delivery: restarts and claims too. That count dead-letters nothing
+    /// The broker counts every delivery: restarts and claims too. That count dead-letters nothing
     /// here; it is reported, and an entry delivered very often is named in the log (a replica
     /// that dies on it each time would show up this way).
     fn note_redeliveries(&self, counts: &HashMap<String, u64>) {
@@ -310,26 +206,6 @@ impl Consumer {
         if let Err(e) = self.on_connection(async |c| entry_failures::forget(c, ids).await).await {
             tracing::debug!(error = %e, "counted failures of applied entries not cleared");
         }
-    }
-
-    /// How often each entry of `batch` has been delivered (read from this consumer's pending
-    /// list over the batch's id range, which may hold other entries: those are left out).
-    async fn delivery_counts(
-        &self,
-        conn: &mut RedisConn,
-        batch: &[Delivery],
-    ) -> Result<HashMap<String, u64>, RedisError> {
-        let c = &self.config;
-        let min = batch.iter().map(|d| entry_id_key(&d.id)).min().unwrap_or_default();
-        let max = batch.iter().map(|d| entry_id_key(&d.id)).max().unwrap_or_default();
-        let (min, max) = (format!("{}-{}", min.0, min.1), format!("{}-{}", max.0, max.1));
-        let limit = (batch.len() * 4).max(c.batch_size as usize);
-        let mut counts =
-            stream::delivery_counts(conn, &self.stream, &c.consumer_group, &c.consumer_name, (&min, &max), limit)
-                .await?;
-        let ids: HashSet<&str> = batch.iter().map(|d| d.id.as_str()).collect();
-        counts.retain(|id, _| ids.contains(id.as_str()));
-        Ok(counts)
     }
 
     /// The span of a batch's processing (`process <stream>`, CONSUMER, the conventions' batch

@@ -22,18 +22,19 @@ pub struct DeadLetter {
     pub fields: Vec<(String, Vec<u8>)>,
 }
 
-/// Fields as JSON `[[name, value], ...]` (values as UTF-8, lossily).
-pub fn fields_json(fields: &[(String, Vec<u8>)]) -> serde_json::Value {
-    fields.iter().map(|(k, v)| serde_json::json!([k, String::from_utf8_lossy(v)])).collect()
-}
+pub use broker::group::{fields_from_json, fields_json};
 
-/// The inverse of [`fields_json`].
-pub fn fields_from_json(value: &serde_json::Value) -> Vec<(String, Vec<u8>)> {
-    let pairs = value.as_array().map(Vec::as_slice).unwrap_or_default();
-    pairs
-        .iter()
-        .filter_map(|p| Some((p.get(0)?.as_str()?.to_owned(), p.get(1)?.as_str()?.as_bytes().to_vec())))
-        .collect()
+impl DeadLetter {
+    /// The letter as the broker's dead-letter stream takes it.
+    pub fn to_letter(&self) -> broker::group::Letter {
+        broker::group::Letter {
+            fields: self.fields.clone(),
+            reason: self.reason.clone(),
+            original_entry_id: self.stream_entry_id.clone(),
+            event_id: self.event_id.clone(),
+            aggregate_id: self.aggregate_id.clone(),
+        }
+    }
 }
 
 /// A parked event in memory; `stored` tells whether its row exists (it may have been parked by

@@ -27,6 +27,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use broker::group::Member;
 use broker::redis::target::RedisTarget;
 use prometheus_client::registry::Registry;
 use service_kit::admin::AdminListener;
@@ -265,18 +266,36 @@ impl Service for InventoryConsumer {
                     1 => "consumer loop".to_owned(),
                     _ => format!("consumer loop {stream}"),
                 };
+                let settings = broker::group::MemberSettings {
+                    group: self.config.consumer_group.clone(),
+                    consumer: self.config.consumer_name.clone(),
+                    batch_size: self.config.batch_size,
+                    block: self.config.block,
+                    claim_min_idle: self.config.claim_min_idle,
+                    departed_after: self.config.departed_after,
+                    dlq_max_len: self.config.dlq_max_len,
+                };
+                let member = match &self.nats {
+                    Some(client) => Member::Nats(Box::new(broker::jetstream::member::Member::new(
+                        client.clone(),
+                        layout.clone(),
+                        index,
+                        settings,
+                    ))),
+                    // `<stream>.dlq`, as the contract names it: only ever written on its own,
+                    // so it needs no slot of its stream's (a partition's shares it anyway).
+                    None => Member::Redis(Box::new(broker::redis::member::Member::new(
+                        self.redis.clone(),
+                        stream.clone(),
+                        format!("{stream}.dlq"),
+                        settings,
+                    ))),
+                };
                 let consumer = consumer::Consumer {
                     config: self.config.clone(),
                     stream: stream.clone(),
-                    // `<stream>.dlq`, as the contract names it: only ever written on its own,
-                    // so it needs no slot of its stream's (a partition's shares it anyway).
-                    dlq: match &self.nats {
-                        Some(_) => layout.dlq_subject.clone(),
-                        None => format!("{stream}.dlq"),
-                    },
                     peer: peer.clone(),
                     db: db.clone(),
-                    redis: self.redis.clone(),
                     metrics: metrics.clone(),
                     shutdown: shutdown.clone(),
                     heartbeat: liveness.register(name, stall_after(&self.config, apply_deadline)),
@@ -284,18 +303,7 @@ impl Service for InventoryConsumer {
                 };
                 // On the runtime's workers, next to the I/O driver: run on the thread that
                 // blocks on `main`, every reply would need a wake-up across threads.
-                match &self.nats {
-                    Some(client) => {
-                        let member = consumer::jetstream::JetStreamMember {
-                            client: client.clone(),
-                            layout: layout.clone(),
-                            index,
-                            dlq_max_len: self.config.dlq_max_len,
-                        };
-                        loops.spawn(consumer.run_on_jetstream(member))
-                    }
-                    None => loops.spawn(consumer.run()),
-                };
+                loops.spawn(consumer.run(member));
             }
             // Each stops at shutdown; one that panics takes the process down at once, as the
             // one loop did before there were partitions.

@@ -9,6 +9,7 @@ pub use ::redis::RedisError;
 pub mod failure;
 pub mod group;
 pub mod marker;
+pub mod member;
 pub mod publish;
 pub mod tail;
 pub mod tails;
