@@ -19,6 +19,7 @@
 pub mod group;
 pub mod member;
 pub mod publish;
+pub mod tail;
 pub mod trim;
 
 use std::time::Duration;

@@ -12,6 +12,7 @@ pub mod group;
 pub mod jetstream;
 pub mod publish;
 pub mod redis;
+pub mod tail;
 
 /// One entry as delivered to a member of a consumer group: its id on the broker (a Redis
 /// entry id, a JetStream stream sequence) and its fields.

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use broker::redis::tail::Entry;
+use broker::tail::{Entry, Reader};
 use domain::StreamEntry;
 use service_kit::messaging::MessagingPeer;
 
@@ -100,5 +100,26 @@ impl Intake {
                 self.metrics.duplicates.inc();
             }
         }
+    }
+}
+
+impl Reader for Intake {
+    fn load(&self, entry: &Entry) {
+        Intake::load(self, entry);
+    }
+
+    fn loaded(&self) {
+        Intake::loaded(self);
+    }
+
+    fn take(&self, entry: &Entry, destination: &str) {
+        Intake::take(self, entry, destination);
+    }
+
+    /// What the history holds is no longer whole: it is forgotten, and every client, its
+    /// cursor unknown, is told to reload.
+    fn gap(&self) {
+        self.metrics.gaps.inc();
+        self.history.reset();
     }
 }

@@ -11,12 +11,8 @@
 pub mod config;
 pub mod history;
 pub mod intake;
-pub mod jetstream_tail;
-pub mod merge;
 pub mod metrics;
-pub mod partitioned;
 pub mod sse;
-pub mod tail;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,7 +23,8 @@ use axum::http::{header, StatusCode};
 use axum::response::{Html, IntoResponse};
 use axum::routing::get;
 use axum::Router;
-use broker::redis::target::{agree_on_partitions, RedisTarget};
+use broker::redis::target::RedisTarget;
+use broker::tail::{Source, TailSettings};
 use prometheus_client::registry::Registry;
 use service_kit::admin::AdminListener;
 use service_kit::http::server::{serve, ServerMetrics};
@@ -123,47 +120,15 @@ impl Service for OrderFeed {
         };
         let intake = intake::Intake { peer, history, metrics };
         let partitions = config.topology.partitions(&config.redis_stream);
-        let nats =
-            config.broker.nats_client(&client_id).await.map_err(|e| StartError::Config(format!("NATS_URL: {e}")))?;
+        let source = match config.broker.nats_client(&client_id).await {
+            Ok(Some(client)) => Source::Nats(client),
+            Ok(None) => Source::Redis(redis),
+            Err(e) => return Err(StartError::Config(format!("NATS_URL: {e}"))),
+        };
+        let settings = TailSettings { partitions, history: history_len, block: config.block };
         let reading = {
-            let (shutdown, block) = (shutdown.clone(), config.block);
-            async move {
-                if let Some(client) = nats {
-                    let js = broker::jetstream::context(client);
-                    let layout = broker::jetstream::Layout::new(&partitions);
-                    match broker::jetstream::agree_on_subjects(&js, &layout, &shutdown).await {
-                        Some(Ok(())) => {}
-                        Some(Err(e)) => {
-                            tracing::error!(error = %e, "refusing to read the JetStream stream");
-                            let _ = unfit.set(e.to_string());
-                            return;
-                        }
-                        None => return,
-                    }
-                    let tail = jetstream_tail::JetStreamTail { js, layout, intake, history_len, caught_up };
-                    tail.run(shutdown).await;
-                    return;
-                }
-                // The feed's Redis user may only read: it checks the number, never records it.
-                if !agree_on_partitions(&redis, &partitions, false, &unfit, &shutdown).await {
-                    return;
-                }
-                if partitions.count() == 1 {
-                    let stream = partitions.base().to_owned();
-                    let tail = tail::Tail { target: redis, intake, stream, history_len, block, caught_up };
-                    tail.run(shutdown).await;
-                } else {
-                    let tail = partitioned::PartitionedTail {
-                        target: redis,
-                        partitions,
-                        intake,
-                        history_len,
-                        block,
-                        caught_up,
-                    };
-                    tail.run(shutdown).await;
-                }
-            }
+            let shutdown = shutdown.clone();
+            async move { broker::tail::follow(source, settings, Arc::new(intake), caught_up, &unfit, shutdown).await }
         };
         tasks.spawn(reading);
         tracing::info!(

@@ -6,10 +6,10 @@ mod common;
 
 use std::time::Duration;
 
+use broker::redis::merge::{EntryId, Rank};
 use broker::redis::target::{RedisConn, RedisTarget, Timeouts};
 use common::*;
 use domain::Partitions;
-use order_feed::merge::{EntryId, Rank};
 use ulid::Ulid;
 
 const PARTITIONS: u16 = 3;

@@ -1,182 +1,194 @@
-//! Reading a Redis stream without a group (the feed: every replica reads everything): pages of
-//! its newest entries, blocking reads after an entry, the stream's counters, and, for the
-//! partitions, pages read together with the server's clock.
+//! Tailing the one stream (`STREAM_PARTITIONS=1`) for a [`Reader`]: at start its last
+//! entries (as many as the history keeps, loaded, not passed on), then every new one, with plain
+//! `XREAD` (no consumer group: every replica reads everything). `XREAD BLOCK` runs on a
+//! connection of its own: on a shared, multiplexed one it would hold up every other command.
 //!
-//! Replies are parsed from raw values, as the group's are ([`super::group`]), so an entry's
-//! fields keep their order.
+//! A lost connection is retried with backoff, and reading goes on after the last entry read.
+//! Meanwhile the entry itself may have been trimmed, and newer ones with it (a replica away
+//! longer than the stream's retention): the replica cannot know what it missed, so it forgets
+//! its history and ends every client's stream, and each client, its cursor unknown, is told to
+//! reload. Or the stream came back shorter, or not at all (Redis lost it): reading goes on
+//! after its newest entry, or from its start, and the events the relays publish again are ones
+//! the history knows.
 
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::ConnectionLike;
-use redis::{RedisError, Value};
+use domain::entry_id_key;
+use service_kit::{Backoff, Shutdown};
 
-use super::group::{parse_entries, string, unexpected};
-use crate::Delivery;
+use super::reads;
+use super::target::{RedisConn, RedisTarget, Timeouts};
+use super::{ConnectionLike, RedisError};
+use crate::tail::{Entry, Reader};
 
-/// An entry of a stream read without a group: its id and fields.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Entry {
-    pub id: String,
-    pub fields: Vec<(String, Vec<u8>)>,
+/// Entries read per `XREAD`, and per page of the first load.
+const PAGE: usize = 1000;
+
+pub struct Tail {
+    pub target: RedisTarget,
+    pub reader: Arc<dyn Reader>,
+    pub stream: String,
+    pub history_len: usize,
+    pub block: Duration,
+    /// Set while the history holds the stream's recent entries and reading keeps up.
+    pub caught_up: Arc<AtomicBool>,
 }
 
-fn entries(reply: Value) -> Result<Vec<Entry>, RedisError> {
-    // An entry read without a group always has its fields.
-    Ok(parse_entries(reply)?
-        .into_iter()
-        .map(|Delivery { id, fields }| Entry { id, fields: fields.unwrap_or_default() })
-        .collect())
-}
-
-/// Up to `count` entries before `before` (`+`: the newest; `(<id>`: before that id), newest
-/// first (`XREVRANGE`).
-pub async fn newest(
-    conn: &mut (impl ConnectionLike + Send),
-    stream: &str,
-    before: &str,
-    count: usize,
-) -> Result<Vec<Entry>, RedisError> {
-    entries(redis::cmd("XREVRANGE").arg(stream).arg(before).arg("-").arg("COUNT").arg(count).query_async(conn).await?)
-}
-
-/// Up to `count` entries after `from`, waiting up to `block` for one (`XREAD BLOCK`). Run it
-/// on a connection of its own: on a shared one it holds up every other command.
-pub async fn read_after(
-    conn: &mut (impl ConnectionLike + Send),
-    stream: &str,
-    from: &str,
-    count: usize,
-    block: Duration,
-) -> Result<Vec<Entry>, RedisError> {
-    let reply: Value = redis::cmd("XREAD")
-        .arg("COUNT")
-        .arg(count)
-        .arg("BLOCK")
-        .arg(u64::try_from(block.as_millis()).unwrap_or(u64::MAX).max(1))
-        .arg("STREAMS")
-        .arg(stream)
-        .arg(from)
-        .query_async(conn)
-        .await?;
-    let per_stream = match reply {
-        Value::Nil => return Ok(Vec::new()),
-        Value::Array(streams) => streams
-            .into_iter()
-            .filter_map(|s| match s {
-                Value::Array(mut kv) if kv.len() == 2 => kv.pop(),
-                _ => None,
-            })
-            .collect::<Vec<_>>(),
-        Value::Map(streams) => streams.into_iter().map(|(_, v)| v).collect(),
-        other => return Err(unexpected("XREAD", &other)),
-    };
-    let mut out = Vec::new();
-    for page in per_stream {
-        out.extend(entries(page)?);
-    }
-    Ok(out)
-}
-
-/// Whether entry `id` is on the stream.
-pub async fn holds(conn: &mut (impl ConnectionLike + Send), stream: &str, id: &str) -> Result<bool, RedisError> {
-    let reply: Value = redis::cmd("XRANGE").arg(stream).arg(id).arg(id).query_async(conn).await?;
-    Ok(!entries(reply)?.is_empty())
-}
-
-/// A stream's counters (`XINFO STREAM`); `None` where Redis does not give one (before 7.0).
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct StreamInfo {
-    /// The id of the newest entry ever added (`0-0` for none).
-    pub last_generated_id: Option<String>,
-    /// Entries ever added.
-    pub entries_added: Option<u64>,
-    /// Entries on it now.
-    pub length: Option<u64>,
-}
-
-/// The stream's counters, or `None` when there is no such stream.
-pub async fn info(conn: &mut (impl ConnectionLike + Send), stream: &str) -> Result<Option<StreamInfo>, RedisError> {
-    let info = match redis::cmd("XINFO").arg("STREAM").arg(stream).query_async::<Value>(conn).await {
-        Ok(info) => info,
-        Err(e) if e.to_string().contains("no such key") => return Ok(None),
-        Err(e) => return Err(e),
-    };
-    let count = |name| field(&info, name).and_then(|n| n.parse::<u64>().ok());
-    Ok(Some(StreamInfo {
-        last_generated_id: field(&info, "last-generated-id"),
-        entries_added: count("entries-added"),
-        length: count("length"),
-    }))
-}
-
-/// A field of an `XINFO STREAM` reply (a map in RESP3, a flat array in RESP2), as text.
-fn field(info: &Value, name: &str) -> Option<String> {
-    match info {
-        Value::Array(flat) => {
-            flat.chunks(2).find(|kv| string(&kv[0]).as_deref() == Some(name)).and_then(|kv| kv.get(1).and_then(string))
+impl Tail {
+    /// Reads until `shutdown`.
+    pub async fn run(self, shutdown: Shutdown) {
+        let mut retry = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        let mut last: Option<String> = None;
+        loop {
+            let error = tokio::select! {
+                () = shutdown.cancelled() => return,
+                error = self.follow(&mut last, &mut retry) => error,
+            };
+            self.caught_up.store(false, Ordering::Release);
+            tracing::warn!(stream = self.stream, error = %error, "reading the stream failed; retrying");
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(retry.next_delay()) => {}
+            }
         }
-        Value::Map(map) => map.iter().find(|(k, _)| string(k).as_deref() == Some(name)).and_then(|(_, v)| string(v)),
-        _ => None,
+    }
+
+    /// Connects and reads until reading fails: the error.
+    async fn follow(&self, last: &mut Option<String>, retry: &mut Backoff) -> RedisError {
+        let following: Result<Infallible, RedisError> = async {
+            let mut conn = self.connect().await?;
+            let from = match last.clone() {
+                None => self.load(&mut conn).await?,
+                Some(last) => resume_from(&mut conn, &self.stream, last, self.reader.as_ref()).await?,
+            };
+            *last = Some(from);
+            loop {
+                let from = last.clone().unwrap_or_else(|| "0-0".to_owned());
+                if let Some(id) = self.read(&mut conn, &from).await? {
+                    *last = Some(id);
+                }
+                // Reading works: the replica keeps up, and a later failure starts its backoff anew.
+                self.caught_up.store(true, Ordering::Release);
+                retry.reset();
+            }
+        }
+        .await;
+        match following {
+            Err(e) => e,
+            Ok(never) => match never {},
+        }
+    }
+
+    /// A connection of the tail's own, for its blocking reads.
+    async fn connect(&self) -> Result<RedisConn, RedisError> {
+        self.target.connect(Timeouts::new(Duration::from_secs(5), self.block + Duration::from_secs(10))).await
+    }
+
+    /// Loads the stream's last `history_len` entries, newest page first; reading goes on after
+    /// the newest (from the start of an empty stream).
+    async fn load(&self, conn: &mut RedisConn) -> Result<String, RedisError> {
+        let mut pages: Vec<Vec<Entry>> = Vec::new();
+        let mut loaded = 0;
+        let mut before = "+".to_owned();
+        while loaded < self.history_len {
+            let count = PAGE.min(self.history_len - loaded);
+            let page = reads::newest(conn, &self.stream, &before, count).await?;
+            let Some(oldest) = page.last() else { break };
+            before = format!("({}", oldest.id);
+            loaded += page.len();
+            let full = page.len() == count;
+            pages.push(page);
+            if !full {
+                break;
+            }
+        }
+        let newest = pages.first().and_then(|p| p.first()).map_or_else(|| "0-0".to_owned(), |e| e.id.clone());
+        for entry in pages.iter().rev().flat_map(|page| page.iter().rev()) {
+            self.reader.load(entry);
+        }
+        self.reader.loaded();
+        tracing::info!(stream = self.stream, loaded, "history loaded");
+        Ok(newest)
+    }
+
+    /// One `XREAD` after `from`: the id of the last entry read, if any.
+    async fn read(&self, conn: &mut RedisConn, from: &str) -> Result<Option<String>, RedisError> {
+        let entries = reads::read_after(conn, &self.stream, from, PAGE, self.block).await?;
+        for entry in &entries {
+            self.reader.take(entry, &self.stream);
+        }
+        Ok(entries.last().map(|entry| entry.id.clone()))
     }
 }
 
-/// A page of entries and the server's clock when it was read.
-#[derive(Debug)]
-pub struct TimedPage {
-    pub entries: Vec<Entry>,
-    /// The server's `TIME`, in ms since the epoch.
-    pub now_ms: u64,
-}
-
-/// A page of a partition stream after the last entry read, and the server's clock, read in
-/// one step: no entry can be added between the two.
-const READ_AFTER: &str = "\
--- KEYS[1]: a partition stream; ARGV[1]: the last entry read; ARGV[2]: the most entries.
-local entries = redis.call('XRANGE', KEYS[1], '(' .. ARGV[1], '+', 'COUNT', ARGV[2])
-local now = redis.call('TIME')
-return {entries, now[1], now[2]}
-";
-
-/// A partition stream's newest entries, newest first, and the server's clock, read in one step.
-const READ_NEWEST: &str = "\
--- KEYS[1]: a partition stream; ARGV[1]: the most entries.
-local entries = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', ARGV[1])
-local now = redis.call('TIME')
-return {entries, now[1], now[2]}
-";
-
-/// Up to `count` entries after `after`, oldest first, with the server's clock (a read-only
-/// script, which a replica may serve).
-pub async fn timed_after(
+/// Where reading `stream` goes on after a lost connection (see the module's opening comment).
+pub(crate) async fn resume_from(
     conn: &mut (impl ConnectionLike + Send),
     stream: &str,
-    after: &str,
-    count: usize,
-) -> Result<TimedPage, RedisError> {
-    let mut script = redis::cmd("EVAL_RO");
-    script.arg(READ_AFTER).arg(1).arg(stream).arg(after).arg(count);
-    timed(conn, &script).await
-}
-
-/// Up to `count` of the newest entries, newest first, with the server's clock.
-pub async fn timed_newest(
-    conn: &mut (impl ConnectionLike + Send),
-    stream: &str,
-    count: usize,
-) -> Result<TimedPage, RedisError> {
-    let mut script = redis::cmd("EVAL_RO");
-    script.arg(READ_NEWEST).arg(1).arg(stream).arg(count);
-    timed(conn, &script).await
-}
-
-/// Runs a script that answers entries and the server's `TIME` (seconds, microseconds).
-async fn timed(conn: &mut (impl ConnectionLike + Send), script: &redis::Cmd) -> Result<TimedPage, RedisError> {
-    let reply: Value = script.query_async(conn).await?;
-    let Value::Array(mut parts) = reply else { return Err(unexpected("a timed page", &reply)) };
-    let time = |v: Option<&Value>| v.and_then(string).and_then(|n| n.parse::<u64>().ok());
-    let (Some(seconds), Some(micros)) = (time(parts.get(1)), time(parts.get(2))) else {
-        return Err(unexpected("a timed page", &Value::Array(parts)));
+    last: String,
+    reader: &dyn Reader,
+) -> Result<String, RedisError> {
+    let Some(info) = reads::info(conn, stream).await? else {
+        // Redis lost it: the relays publish again what it held, which the history
+        // knows (or, for an order with later events kept, drops as stale).
+        tracing::warn!(stream = stream, last, "the stream is gone: reading it from its start when it is back");
+        return Ok("0-0".to_owned());
     };
-    let page = parts.swap_remove(0);
-    Ok(TimedPage { entries: entries(page)?, now_ms: seconds.saturating_mul(1000).saturating_add(micros / 1000) })
+    let newest = info.last_generated_id.unwrap_or_else(|| "0-0".to_owned());
+    if entry_id_key(&newest) < entry_id_key(&last) {
+        tracing::warn!(
+            stream = stream,
+            last,
+            newest,
+            "the stream came back shorter: reading on after its newest entry"
+        );
+        return Ok(newest);
+    }
+    if newest == last {
+        return Ok(last);
+    }
+    // Trimming removes the oldest entries first: while the last entry read is still there,
+    // every later one is too. Once it is gone, later ones may have gone unread.
+    if !reads::holds(conn, stream, &last).await? {
+        tracing::warn!(
+            stream = stream,
+            last,
+            "entries after the last one read may have been trimmed unread: every client is told to reload"
+        );
+        reader.gap();
+    }
+    Ok(last)
+}
+
+/// Where reading `stream` goes on after a lost connection when nothing of it was read (a
+/// partition empty so far, every entry up to `read_to` in hand): from its start, or from what
+/// is left, if entries were removed and some were added after `read_to` (`entries-added` above
+/// `length`, `last-generated-id` above `read_to`), unread, so every client is told to reload.
+/// Redis 7.0 does not record what trimming removed (`max-deleted-entry-id` counts only
+/// `XDEL`), so a partition trimmed before the replica read it that gets new entries, all kept,
+/// while the replica is away is taken for a gap too: a reload too many, never an event missed.
+/// [`resume_from`] would look for the last entry read, and find a gap in every stream that got
+/// its first entries meanwhile.
+pub(crate) async fn resume_unread(
+    conn: &mut (impl ConnectionLike + Send),
+    stream: &str,
+    read_to: super::merge::EntryId,
+    reader: &dyn Reader,
+) -> Result<(), RedisError> {
+    let Some(info) = reads::info(conn, stream).await? else { return Ok(()) };
+    // Without the counts (before Redis 7.0), a gap is presumed.
+    let removed = match (info.entries_added, info.length) {
+        (Some(added), Some(length)) => added > length,
+        _ => true,
+    };
+    let added_since = info.last_generated_id.is_none_or(|last| super::merge::EntryId::from(last.as_str()) > read_to);
+    let removed = removed && added_since;
+    if removed {
+        tracing::warn!(stream, "entries were trimmed before any was read: every client is told to reload");
+        reader.gap();
+    }
+    Ok(())
 }

@@ -1,5 +1,5 @@
-//! Reading the partition streams (`STREAM_PARTITIONS` > 1) into the [`History`], in the one
-//! order every replica gives their entries ([`crate::merge`]), so that a cursor names the same
+//! Tailing the partition streams (`STREAM_PARTITIONS` > 1) for a [`Reader`], in the one
+//! order every replica gives their entries ([`super::merge`]), so that a cursor names the same
 //! place on each replica, for a client of one order or of the whole tenant.
 //!
 //! The feed polls: `XREAD BLOCK` cannot tell when the watermark has passed an entry. Each
@@ -12,30 +12,28 @@
 //! that hold the partitions (with one Redis, one clock). While the entries waiting exceed the
 //! history's size, only the partitions holding the watermark back are read.
 //!
-//! At start it loads the newest entries of all partitions ([`crate::merge::Load`]): each
+//! At start it loads the newest entries of all partitions ([`super::merge::Load`]): each
 //! partition's first page by the same kind of script, older pages by plain `XREVRANGE`. After
-//! a lost connection each partition goes on as the one stream does ([`crate::tail`]): a
+//! a lost connection each partition goes on as the one stream does ([`super::tail`]): a
 //! partition gone is read from its start, one come back shorter after its newest entry, and
 //! one whose last entry read was trimmed makes every client reload; so does one nothing was
 //! read of, if entries were trimmed from it meanwhile (with many partitions, some are often
 //! still empty when a replica starts).
-//!
-//! [`History`]: crate::history::History
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use broker::redis::tail::{self, Entry, TimedPage};
-use broker::redis::target::{RedisConn, RedisTarget, Timeouts};
-use broker::redis::RedisError;
 use domain::Partitions;
 use service_kit::{Backoff, Shutdown};
 
-use crate::intake::Intake;
-use crate::merge::{EntryId, FirstPage, Load, Merge};
-use crate::tail::{resume_from, resume_unread};
+use super::merge::{EntryId, FirstPage, Load, Merge};
+use super::reads::{self, TimedPage};
+use super::tail::{resume_from, resume_unread};
+use super::target::{RedisConn, RedisTarget, Timeouts};
+use super::RedisError;
+use crate::tail::{Entry, Reader};
 
 /// Entries read per partition per round, and per page of the first load.
 const PAGE: usize = 1000;
@@ -46,7 +44,7 @@ pub const POLL: Duration = Duration::from_millis(20);
 pub struct PartitionedTail {
     pub target: RedisTarget,
     pub partitions: Partitions,
-    pub intake: Intake,
+    pub reader: Arc<dyn Reader>,
     pub history_len: usize,
     /// `FEED_BLOCK`: no read blocks here, but answers are waited for as long as on one stream.
     pub block: Duration,
@@ -121,15 +119,15 @@ impl PartitionedTail {
         let mut load = Load::new(firsts, self.history_len);
         let mut conn = conn.clone();
         while let Some((partition, before)) = load.advance() {
-            let page = tail::newest(&mut conn, self.partitions.stream(partition), &format!("({before}"), PAGE).await?;
+            let page = reads::newest(&mut conn, self.partitions.stream(partition), &format!("({before}"), PAGE).await?;
             let full = page.len() == PAGE;
             load.add_page(partition, with_ids(page), full);
         }
         let (history, merge) = load.finish(self.history_len.max(PAGE));
         for (_, entry) in &history {
-            self.intake.load(entry);
+            self.reader.load(entry);
         }
-        self.intake.loaded();
+        self.reader.loaded();
         tracing::info!(
             stream = self.partitions.base(),
             partitions = self.partitions.count(),
@@ -146,10 +144,10 @@ impl PartitionedTail {
         for (partition, stream) in self.partitions.streams().iter().enumerate() {
             let last = merge.last(partition);
             if last == EntryId::ZERO {
-                resume_unread(&mut conn, stream, merge.bound(partition), &self.intake).await?;
+                resume_unread(&mut conn, stream, merge.bound(partition), self.reader.as_ref()).await?;
                 continue;
             }
-            let from = resume_from(&mut conn, stream, last.to_string(), &self.intake).await?;
+            let from = resume_from(&mut conn, stream, last.to_string(), self.reader.as_ref()).await?;
             merge.resume(partition, EntryId::from(from.as_str()));
         }
         Ok(())
@@ -171,18 +169,18 @@ impl PartitionedTail {
             merge.take_page(partition, with_ids(page.entries), full, page.now_ms);
         }
         for (rank, entry) in merge.release() {
-            self.intake.take(&entry, self.partitions.stream(rank.partition));
+            self.reader.take(&entry, self.partitions.stream(rank.partition));
         }
         Ok(any_full)
     }
 }
 
 async fn read_after(conn: &mut RedisConn, stream: &str, after: EntryId) -> Result<TimedPage, RedisError> {
-    tail::timed_after(conn, stream, &after.to_string(), PAGE).await
+    reads::timed_after(conn, stream, &after.to_string(), PAGE).await
 }
 
 async fn read_newest(conn: &mut RedisConn, stream: &str) -> Result<TimedPage, RedisError> {
-    tail::timed_newest(conn, stream, PAGE).await
+    reads::timed_newest(conn, stream, PAGE).await
 }
 
 fn with_ids(entries: Vec<Entry>) -> Vec<(EntryId, Entry)> {

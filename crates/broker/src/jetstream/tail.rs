@@ -1,8 +1,8 @@
-//! Reading the events from NATS JetStream (`BROKER=nats`) into the [`History`]: one stream
+//! Tailing the events on NATS JetStream (`BROKER=nats`) for a [`Reader`]: one stream
 //! holds every partition's subject, so its sequence is already one order that every replica
 //! shares; no merging is needed. An ordered consumer of the replica's own (ephemeral, no
 //! acknowledgements, no group: every replica reads everything) reads from the stream's last
-//! `FEED_HISTORY` messages at start, loaded, not sent, then every new one.
+//! `FEED_HISTORY` messages at start, loaded, not passed on, then every new one.
 //!
 //! A lost connection is retried with backoff, and reading goes on after the last message read.
 //! Meanwhile that message's successors may have been trimmed unread (a replica away longer than
@@ -10,29 +10,27 @@
 //! and every client is told to reload, as on Redis. A stream made again (JetStream lost it; its
 //! creation time is another) is read from its start: the events the relays publish again are
 //! ones the history knows.
-//!
-//! [`History`]: crate::history::History
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use broker::async_nats::jetstream::consumer::pull::OrderedConfig;
-use broker::async_nats::jetstream::consumer::DeliverPolicy;
-use broker::async_nats::jetstream::Context;
-use broker::jetstream::Layout;
+use async_nats::jetstream::consumer::pull::OrderedConfig;
+use async_nats::jetstream::consumer::DeliverPolicy;
+use async_nats::jetstream::Context;
 use futures::StreamExt;
 use service_kit::{Backoff, Shutdown};
 
-use crate::intake::Intake;
+use super::Layout;
+use crate::tail::{Entry, Reader};
 
 /// How often the stream's creation time is looked at while reading.
 const REPLACED_CHECK: Duration = Duration::from_secs(1);
 
-pub struct JetStreamTail {
+pub struct Tail {
     pub js: Context,
     pub layout: Layout,
-    pub intake: Intake,
+    pub reader: Arc<dyn Reader>,
     pub history_len: usize,
     /// Set while the history holds the stream's recent events and reading keeps up.
     pub caught_up: Arc<AtomicBool>,
@@ -45,7 +43,7 @@ struct Position {
     last: u64,
 }
 
-impl JetStreamTail {
+impl Tail {
     /// Reads until `shutdown`.
     pub async fn run(self, shutdown: Shutdown) {
         let mut retry = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
@@ -73,7 +71,7 @@ impl JetStreamTail {
         let info = stream.cached_info();
         let (created, first, newest) =
             (info.created.unix_timestamp_nanos(), info.state.first_sequence, info.state.last_sequence);
-        if let Err(e) = broker::jetstream::check_subjects(info, &self.layout) {
+        if let Err(e) = super::check_subjects(info, &self.layout) {
             return e.to_string();
         }
         // Where to read from; from the start, the stream's last messages are history.
@@ -102,8 +100,9 @@ impl JetStreamTail {
         // pending) has been read.
         let pending = consumer.info().await.map(|i| i.num_pending).unwrap_or(0);
         let mut loading = at.is_none() && pending > 0;
+        let mut loaded = 0;
         if at.is_none() && !loading {
-            self.loaded();
+            self.loaded(loaded);
         } else if at.is_some() {
             self.caught_up.store(true, Ordering::Release);
         }
@@ -141,19 +140,17 @@ impl JetStreamTail {
             }
             expected = sequence + 1;
             *at = Some(Position { created, last: sequence });
-            let fields = broker::entry::fields_of(message.headers.as_ref(), &message.payload);
-            let id = sequence.to_string();
-            let decoded = self.intake.decode_fields(&id, fields.iter().map(|(k, v)| (k.as_str(), v.clone())));
-            if let Some(decoded) = decoded {
-                if loading {
-                    self.intake.load_decoded(decoded);
-                } else {
-                    self.intake.take_decoded(decoded, message.subject.as_str());
-                }
+            let fields = crate::entry::fields_of(message.headers.as_ref(), &message.payload);
+            let entry = Entry { id: sequence.to_string(), fields };
+            if loading {
+                self.reader.load(&entry);
+                loaded += 1;
+            } else {
+                self.reader.take(&entry, message.subject.as_str());
             }
             if loading && pending == 0 {
                 loading = false;
-                self.loaded();
+                self.loaded(loaded);
             }
             // Reading works: a later failure starts its backoff anew.
             retry.reset();
@@ -161,20 +158,19 @@ impl JetStreamTail {
         "the stream's messages ended".to_owned()
     }
 
-    fn loaded(&self) {
-        self.intake.loaded();
-        tracing::info!(stream = self.layout.stream, events = self.intake.history.len(), "history loaded");
+    fn loaded(&self, loaded: usize) {
+        self.reader.loaded();
+        tracing::info!(stream = self.layout.stream, loaded, "history loaded");
         self.caught_up.store(true, Ordering::Release);
     }
 
     /// Messages after `last` were trimmed before this replica read them.
     fn gap(&self, last: u64) {
-        self.intake.metrics.gaps.inc();
         tracing::warn!(
             stream = self.layout.stream,
             last,
             "messages after the last one read were trimmed unread: every client is told to reload"
         );
-        self.intake.history.reset();
+        self.reader.gap();
     }
 }

@@ -1,5 +1,5 @@
 //! The one order every replica gives the entries of the partition streams, and the merging of
-//! the partitions' reads into it. Pure: the reading is [`crate::partitioned`]'s.
+//! the partitions' reads into it. Pure: the reading is [`super::partitioned`]'s.
 //!
 //! An entry's [`Rank`] is its id in its partition stream (ms, seq), then the partition's index
 //! for ties. A replica passes an entry on only once no entry of lower rank can still turn up:
