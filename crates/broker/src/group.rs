@@ -4,7 +4,8 @@
 //! The loop is the same on both: [`Member::next`] hands over a batch (entries delivered
 //! before first: this member's own after a restart, and those it takes over from a member
 //! idle for `CLAIM_MIN_IDLE`; then new ones, waiting up to `BLOCK`), the consumer applies it
-//! inside [`Member::alongside`] (which keeps the batch's claim, or reads ahead), then
+//! inside [`Member::alongside`] (which renews the batch's claim on JetStream, and reads ahead
+//! on Redis), then
 //! [`Member::settle`]s it: dead letters to the broker's dead-letter stream, then the
 //! acknowledgements. An entry neither acknowledged nor dead-lettered stays pending, and comes
 //! back. What differs is how each broker does it:
@@ -14,7 +15,7 @@
 //! | read | `XREADGROUP` | a pull from the group's durable consumer |
 //! | own entries after a restart | `XREADGROUP … 0` | redelivered after `AckWait` |
 //! | another member's, idle | `XAUTOCLAIM` after `CLAIM_MIN_IDLE` | redelivered after `AckWait` = `CLAIM_MIN_IDLE` |
-//! | a long batch keeps its claim | its entries are claimed only once idle | progress acks renew `AckWait` |
+//! | a batch applied for longer than `CLAIM_MIN_IDLE` | may be claimed by another member (applied once anyway: dedupe) | kept: progress acks renew `AckWait` |
 //! | delivery counts | `XPENDING` | the message's own |
 //! | dead letters | `XADD <stream>.dlq MAXLEN ~` | a message on `<stream>.dlq` |
 //! | acknowledge | `XACK` | an ack per message |
@@ -56,8 +57,6 @@ pub struct Received {
     /// How often each of them was delivered, where the broker counts it (none for a batch of
     /// new entries on Redis).
     pub delivery_counts: HashMap<String, u64>,
-    /// What the member noticed on the way.
-    pub notes: Vec<Note>,
 }
 
 /// Something a member noticed while reading, for the consumer to count and log.
@@ -143,6 +142,15 @@ impl Member {
         }
     }
 
+    /// What the member noticed since last asked ([`Note`]), whether its calls succeeded or
+    /// not.
+    pub fn take_notes(&mut self) -> Vec<Note> {
+        match self {
+            Self::Redis(m) => m.take_notes(),
+            Self::Nats(_) => Vec::new(),
+        }
+    }
+
     /// Entries delivered to this member and not handed over yet (read ahead on Redis): to
     /// handle before leaving, else they stay pending until claimed.
     pub fn held(&mut self) -> Received {
@@ -157,7 +165,7 @@ impl Member {
     pub async fn pending(&mut self) -> Result<Option<u64>, GroupError> {
         match self {
             Self::Redis(m) => m.pending().await.map(Some),
-            Self::Nats(m) => Ok(m.pending().await),
+            Self::Nats(m) => m.pending().await,
         }
     }
 

@@ -1,4 +1,5 @@
-//! Every failure is one of three classes, decided here and nowhere else:
+//! Every failure is one of three classes, decided here for Postgres (and for Redis in
+//! `broker::redis::failure`):
 //!
 //! - **transient**: retrying heals it (a dependency down, overloaded or restarting, a timeout, a
 //!   lock or serialization conflict). Never counted against a row or an entry.

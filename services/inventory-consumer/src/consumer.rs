@@ -36,6 +36,10 @@ pub struct Consumer {
     pub apply_deadline: Duration,
 }
 
+/// A member that worked this long since its last failure is past that outage: the retry delay
+/// after the next one starts over.
+const WORKED: Duration = Duration::from_secs(10);
+
 /// What a batch came to ([`Consumer::process`]).
 pub(crate) struct Handled {
     /// Letters for the dead-letter stream (recorded in `dead_letters` already).
@@ -51,31 +55,41 @@ impl Consumer {
     /// waited out with capped backoff.
     pub async fn run(self, mut member: Member) {
         let mut retry = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        // Once the member has worked for WORKED since its last failure, the next failure is a
+        // new outage, and its retry delay starts over.
+        let mut failed_at: Option<Instant> = None;
         let mut next_sample = Instant::now();
         while !self.shutdown.is_cancelled() {
             self.heartbeat.beat();
+            let mut worked = Ok(());
             if Instant::now() >= next_sample {
-                next_sample = Instant::now() + Duration::from_secs(2);
-                match member.pending().await {
-                    Ok(Some(pending)) => {
-                        self.metrics.pending_entries(&self.stream).set(i64::try_from(pending).unwrap_or(i64::MAX));
-                    }
-                    Ok(None) => {}
-                    Err(e) => {
-                        self.interrupted(&e, retry.next_delay()).await;
-                        continue;
+                worked = self.sample(&mut member, &mut next_sample).await;
+            }
+            if worked.is_ok() {
+                worked = self.round(&mut member).await;
+            }
+            self.note(member.broker(), member.take_notes());
+            match worked {
+                Ok(()) => {
+                    if failed_at.is_some_and(|at| at.elapsed() >= WORKED) {
+                        retry.reset();
+                        failed_at = None;
                     }
                 }
-            }
-            match self.round(&mut member).await {
-                Ok(()) => retry.reset(),
-                Err(e) => self.interrupted(&e, retry.next_delay()).await,
+                Err(e) => {
+                    failed_at = Some(Instant::now());
+                    // The next session samples at once.
+                    next_sample = Instant::now();
+                    self.interrupted(&e, retry.next_delay()).await;
+                }
             }
         }
         // Read ahead, so this replica's: handled now rather than left for a claim.
         let held = member.held();
         if let Err(e) = self.handle(&mut member, held).await {
-            tracing::warn!(error = %e, "the entries read ahead were not handled; another replica will claim them");
+            self.metrics.failure(e.class, e.broker.as_str());
+            tracing::warn!(error = %e, failure_class = %e.class,
+                "the entries read ahead were not handled; another replica will claim them");
         }
         tracing::info!(consumer = %self.config.consumer_name, stream = self.stream, "consumer stopped");
     }
@@ -91,8 +105,7 @@ impl Consumer {
     /// Applies a batch handed over by `member`, then dead-letters and acknowledges what it
     /// came to.
     async fn handle(&self, member: &mut Member, received: Received) -> Result<(), GroupError> {
-        let Received { deliveries, redelivered, delivery_counts, notes } = received;
-        self.note(member.broker(), notes);
+        let Received { deliveries, redelivered, delivery_counts } = received;
         if deliveries.is_empty() {
             return Ok(());
         }
@@ -108,6 +121,15 @@ impl Consumer {
             let done: Vec<&str> = handled.applied.iter().map(String::as_str).collect();
             self.forget_failures(&done).await;
         }
+        Ok(())
+    }
+
+    /// Sets the pending-entries gauge (every 2 s).
+    async fn sample(&self, member: &mut Member, next_sample: &mut Instant) -> Result<(), GroupError> {
+        if let Some(pending) = member.pending().await? {
+            self.metrics.pending_entries(&self.stream).set(i64::try_from(pending).unwrap_or(i64::MAX));
+        }
+        *next_sample = Instant::now() + Duration::from_secs(2);
         Ok(())
     }
 

@@ -139,7 +139,9 @@ impl Service for InventoryConsumer {
                     async move {
                         match nats {
                             Some(js) => broker::jetstream::ping(&js, &layout).await,
-                            None => broker::redis::ping(&target).await.map_err(|e| e.to_string()),
+                            None => {
+                                broker::redis::ping(&target, Duration::from_secs(1)).await.map_err(|e| e.to_string())
+                            }
                         }
                     }
                 }

@@ -23,8 +23,8 @@ impl Intake {
         self.decode_fields(&entry.id, entry.fields.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
     }
 
-    /// [`Intake::decode`] of an entry's fields (a NATS message's, say) and its id.
-    pub fn decode_fields<'a>(
+    /// [`Intake::decode`] of an entry's fields and its id.
+    fn decode_fields<'a>(
         &self,
         id: &str,
         fields: impl IntoIterator<Item = (&'a str, impl AsRef<[u8]>)>,
@@ -52,11 +52,6 @@ impl Intake {
         }
     }
 
-    /// [`Intake::load`] of a decoded entry.
-    pub fn load_decoded(&self, decoded: StreamEntry) {
-        self.history.load(decoded);
-    }
-
     /// Counts the events kept, after loading.
     pub fn loaded(&self) {
         self.metrics.history_events.set(i64::try_from(self.history.len()).unwrap_or(i64::MAX));
@@ -70,7 +65,7 @@ impl Intake {
     }
 
     /// [`Intake::take`] of a decoded entry.
-    pub fn take_decoded(&self, decoded: StreamEntry, stream: &str) {
+    fn take_decoded(&self, decoded: StreamEntry, stream: &str) {
         // `process <stream>`: the feed's handling of the event (to every client following it),
         // a child of its publication.
         let peer = &self.peer;
@@ -120,6 +115,7 @@ impl Reader for Intake {
     /// cursor unknown, is told to reload.
     fn gap(&self) {
         self.metrics.gaps.inc();
+        tracing::warn!("the history is not whole (entries were removed unread): every client is told to reload");
         self.history.reset();
     }
 }

@@ -140,7 +140,9 @@ impl Service for Relay {
                             Err(format!("not taking entries for {:.1}s: {error}", since.as_secs_f64()))
                         }
                         (None, Some((js, layout))) => ::broker::jetstream::ping(&js, &layout).await,
-                        (None, None) => broker::redis::ping(&redis).await.map_err(|e| e.to_string()),
+                        (None, None) => {
+                            broker::redis::ping(&redis, Duration::from_secs(2)).await.map_err(|e| e.to_string())
+                        }
                     }
                 }
             }

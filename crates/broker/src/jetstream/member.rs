@@ -81,7 +81,7 @@ impl Member {
         let delivery_counts = pulled.iter().map(|p| (p.id(), u64::try_from(p.delivered).unwrap_or(0))).collect();
         let redelivered = pulled.iter().any(|p| p.delivered > 1);
         self.working = pulled;
-        Ok(Received { deliveries, redelivered, delivery_counts, notes: Vec::new() })
+        Ok(Received { deliveries, redelivered, delivery_counts })
     }
 
     /// While `work` runs, renews the batch's `AckWait`, so that no other member gets it
@@ -149,15 +149,17 @@ impl Member {
         ack.await.map(|_| ()).map_err(|e| format!("dead letter not stored: {e}"))
     }
 
-    /// Messages the group's consumer on this partition has delivered and not had acknowledged;
-    /// `None` while it is not bound or does not answer (a sample, not worth a failure).
-    pub async fn pending(&mut self) -> Option<u64> {
-        let info = self.bound.as_mut()?.info().await;
-        match info {
-            Ok(info) => Some(info.num_ack_pending as u64),
+    /// Messages the group's consumer on this partition has delivered and not had acknowledged
+    /// (binding to it first); `None` when its info does not come (a sample, not worth a
+    /// failure).
+    pub async fn pending(&mut self) -> Result<Option<u64>, GroupError> {
+        self.consumer().await?;
+        let Some(consumer) = self.bound.as_mut() else { return Ok(None) };
+        match consumer.info().await {
+            Ok(info) => Ok(Some(info.num_ack_pending as u64)),
             Err(e) => {
                 tracing::debug!(error = %e, "the group's consumer info is not at hand");
-                None
+                Ok(None)
             }
         }
     }

@@ -5,11 +5,11 @@
 //! `FEED_HISTORY` messages at start, loaded, not passed on, then every new one.
 //!
 //! A lost connection is retried with backoff, and reading goes on after the last message read.
-//! Meanwhile that message's successors may have been trimmed unread (a replica away longer than
-//! the stream's retention): the replica cannot know what it missed, so it forgets its history
-//! and every client is told to reload, as on Redis. A stream made again (JetStream lost it; its
-//! creation time is another) is read from its start: the events the relays publish again are
-//! ones the history knows.
+//! Meanwhile that message's successors may have been trimmed unread (a reader away longer than
+//! the stream's retention): it cannot be known what was missed, so the reader is told of a gap
+//! ([`Reader::gap`]), as on Redis. A stream made again (JetStream lost it; its creation time is
+//! another) is read from its start: the events the relays publish again are ones the reader
+//! has.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -32,7 +32,7 @@ pub struct Tail {
     pub layout: Layout,
     pub reader: Arc<dyn Reader>,
     pub history_len: usize,
-    /// Set while the history holds the stream's recent events and reading keeps up.
+    /// Set while the reader holds the stream's recent events and reading keeps up.
     pub caught_up: Arc<AtomicBool>,
 }
 
@@ -169,7 +169,7 @@ impl Tail {
         tracing::warn!(
             stream = self.layout.stream,
             last,
-            "messages after the last one read were trimmed unread: every client is told to reload"
+            "messages after the last one read were trimmed unread: a gap"
         );
         self.reader.gap();
     }

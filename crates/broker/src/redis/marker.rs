@@ -102,9 +102,10 @@ pub async fn look_for(
         .query_async(conn)
         .await?;
     let looked = match verdict.as_str() {
-        "old" => Looked::Old,
+        "gone" => Looked::Gone { before },
         "held" => Looked::Held,
-        _ => Looked::Gone { before },
+        // "old", or anything else: nothing to judge by.
+        _ => Looked::Old,
     };
     Ok((marker, looked))
 }

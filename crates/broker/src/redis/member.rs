@@ -38,6 +38,8 @@ pub struct Member {
     read_ahead: bool,
     /// New entries read while the previous batch was applied: delivered to this member.
     prefetched: Option<Vec<Delivery>>,
+    /// What it noticed, until the consumer takes it.
+    notes: Vec<Note>,
 }
 
 impl Member {
@@ -55,6 +57,7 @@ impl Member {
             next_sweep: now,
             read_ahead: false,
             prefetched: None,
+            notes: Vec::new(),
         }
     }
 
@@ -69,9 +72,12 @@ impl Member {
             let s = &self.settings;
             stream::ensure_group(&mut conn, &self.stream, &s.group).await.map_err(|e| GroupError::of_redis(&e))?;
             tracing::info!(stream = %self.stream, group = %s.group, consumer = %s.consumer, "consuming");
+            // A new session: its own pending entries first, then the housekeeping at once.
             self.own_pending = Some("0".to_owned());
             self.claiming = None;
             self.prefetched = None;
+            self.next_claim = Instant::now();
+            self.next_sweep = Instant::now();
             self.conn = Some(conn);
         }
         match self.conn.as_mut() {
@@ -80,10 +86,17 @@ impl Member {
         }
     }
 
-    /// A failure: the connection is given up, and the next call starts over.
+    /// A failure: the connection is given up, and the next call starts over (what was read
+    /// ahead stays pending, and is read again with this member's own pending entries).
     fn failed(&mut self, e: &RedisError) -> GroupError {
         self.conn = None;
+        self.prefetched = None;
+        self.read_ahead = false;
         GroupError::of_redis(e)
+    }
+
+    pub fn take_notes(&mut self) -> Vec<Note> {
+        std::mem::take(&mut self.notes)
     }
 
     pub async fn next(&mut self) -> Result<Received, GroupError> {
@@ -102,18 +115,17 @@ impl Member {
                 stream::read_group(conn, &self.stream, &s.group, &s.consumer, &cursor, s.batch_size, None).await?;
             if let Some(last) = batch.last() {
                 self.own_pending = Some(last.id.clone());
-                return self.redelivered(conn, batch, Vec::new()).await;
+                return self.redelivered(conn, batch).await;
             }
         }
-        let mut notes = Vec::new();
         if Instant::now() >= self.next_sweep {
             match stream::remove_departed(conn, &self.stream, &s.group, &s.consumer, s.departed_after).await {
                 Ok(removed) if removed.is_empty() => {}
-                Ok(removed) => notes.push(Note::Departed(removed)),
+                Ok(removed) => self.notes.push(Note::Departed(removed)),
                 Err(e) if super::of_redis(&e).is_transient() => return Err(e),
                 // Housekeeping: a refusal (a server that runs no scripts for this user, say)
                 // is told, and reading goes on.
-                Err(e) => notes.push(Note::Refused(GroupError::of_redis(&e))),
+                Err(e) => self.notes.push(Note::Refused(GroupError::of_redis(&e))),
             }
             self.next_sweep =
                 Instant::now() + (s.departed_after / 2).clamp(Duration::from_secs(1), Duration::from_secs(60));
@@ -126,7 +138,7 @@ impl Member {
                 stream::autoclaim(conn, &self.stream, &s.group, &s.consumer, s.claim_min_idle, &cursor, s.batch_size)
                     .await?;
             if !claimed.deleted.is_empty() {
-                notes.push(Note::Gone(claimed.deleted));
+                self.notes.push(Note::Gone(claimed.deleted));
             }
             if claimed.next == "0-0" || steps + 1 >= CLAIM_STEPS {
                 self.next_claim =
@@ -138,7 +150,7 @@ impl Member {
                 tracing::info!(claimed = claimed.entries.len(), "claimed idle entries");
             }
             // A step at a time, found or not: the scan goes on at the next call.
-            return self.redelivered(conn, claimed.entries, notes).await;
+            return self.redelivered(conn, claimed.entries).await;
         }
         // Not raced against shutdown by the caller: an interrupted read could lose track of
         // entries it delivered. BLOCK bounds how long it waits.
@@ -149,7 +161,7 @@ impl Member {
             }
         };
         self.read_ahead = deliveries.len() >= s.batch_size as usize;
-        Ok(Received { deliveries, notes, ..Received::default() })
+        Ok(Received { deliveries, ..Received::default() })
     }
 
     /// The entries read ahead and not handed over yet.
@@ -159,15 +171,10 @@ impl Member {
     }
 
     /// A batch of entries delivered before, with how often each was.
-    async fn redelivered(
-        &self,
-        conn: &mut RedisConn,
-        deliveries: Vec<Delivery>,
-        notes: Vec<Note>,
-    ) -> Result<Received, RedisError> {
+    async fn redelivered(&self, conn: &mut RedisConn, deliveries: Vec<Delivery>) -> Result<Received, RedisError> {
         let delivery_counts =
             if deliveries.is_empty() { Default::default() } else { self.delivery_counts(conn, &deliveries).await? };
-        Ok(Received { deliveries, redelivered: true, delivery_counts, notes })
+        Ok(Received { deliveries, redelivered: true, delivery_counts })
     }
 
     /// How often each entry of `batch` has been delivered (read from this consumer's pending

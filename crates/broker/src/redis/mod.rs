@@ -22,14 +22,13 @@ pub mod trim;
 pub use failure::{of_redis, of_redis_code};
 pub use target::{RedisConn, RedisTarget, Timeouts, Topology};
 
-/// Whether Redis answers `PING` within a second (for `/readyz`).
-pub async fn ping(target: &RedisTarget) -> Result<(), RedisError> {
-    let second = std::time::Duration::from_secs(1);
+/// Whether Redis answers `PING` within `within`, connecting included (for `/readyz`).
+pub async fn ping(target: &RedisTarget, within: std::time::Duration) -> Result<(), RedisError> {
     let ping = async {
-        let mut conn = target.connect(Timeouts::new(second, second)).await?;
+        let mut conn = target.connect(Timeouts::new(within, within)).await?;
         ::redis::cmd("PING").query_async::<()>(&mut conn).await
     };
-    match tokio::time::timeout(second, ping).await {
+    match tokio::time::timeout(within, ping).await {
         Ok(pinged) => pinged,
         Err(_) => Err(RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut))),
     }

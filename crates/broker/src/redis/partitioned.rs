@@ -2,7 +2,7 @@
 //! order every replica gives their entries ([`super::merge`]), so that a cursor names the same
 //! place on each replica, for a client of one order or of the whole tenant.
 //!
-//! The feed polls: `XREAD BLOCK` cannot tell when the watermark has passed an entry. Each
+//! The tail polls: `XREAD BLOCK` cannot tell when the watermark has passed an entry. Each
 //! round reads the partitions at once, each with one read-only script on its own shard (a page
 //! after the last entry read, and the server's clock, read together), then passes on what the
 //! watermark lets through. The next round follows at once while a page came back full; while
@@ -16,7 +16,7 @@
 //! partition's first page by the same kind of script, older pages by plain `XREVRANGE`. After
 //! a lost connection each partition goes on as the one stream does ([`super::tail`]): a
 //! partition gone is read from its start, one come back shorter after its newest entry, and
-//! one whose last entry read was trimmed makes every client reload; so does one nothing was
+//! one whose last entry read was trimmed is a gap ([`Reader::gap`]); so is one nothing was
 //! read of, if entries were trimmed from it meanwhile (with many partitions, some are often
 //! still empty when a replica starts).
 
@@ -48,7 +48,7 @@ pub struct PartitionedTail {
     pub history_len: usize,
     /// `FEED_BLOCK`: no read blocks here, but answers are waited for as long as on one stream.
     pub block: Duration,
-    /// Set while the history holds the streams' recent entries and reading keeps up.
+    /// Set while the reader holds the streams' recent entries and reading keeps up.
     pub caught_up: Arc<AtomicBool>,
 }
 
@@ -101,7 +101,7 @@ impl PartitionedTail {
         }
     }
 
-    /// Loads the newest entries of all partitions into the history: the merge that reads on.
+    /// Loads the newest entries of all partitions for the reader: the merge that reads on.
     async fn load(&self, conn: &RedisConn) -> Result<Merge<Entry>, RedisError> {
         let firsts = self.partitions.streams().iter().map(|stream| {
             let mut conn = conn.clone();

@@ -4,12 +4,12 @@
 //! connection of its own: on a shared, multiplexed one it would hold up every other command.
 //!
 //! A lost connection is retried with backoff, and reading goes on after the last entry read.
-//! Meanwhile the entry itself may have been trimmed, and newer ones with it (a replica away
-//! longer than the stream's retention): the replica cannot know what it missed, so it forgets
-//! its history and ends every client's stream, and each client, its cursor unknown, is told to
-//! reload. Or the stream came back shorter, or not at all (Redis lost it): reading goes on
-//! after its newest entry, or from its start, and the events the relays publish again are ones
-//! the history knows.
+//! Meanwhile the entry itself may have been trimmed, and newer ones with it (a reader away
+//! longer than the stream's retention): it cannot be known what was missed, so the reader is
+//! told of a gap ([`Reader::gap`]; a feed replica forgets its history, and each client, its
+//! cursor unknown, is told to reload). Or the stream came back shorter, or not at all (Redis
+//! lost it): reading goes on after its newest entry, or from its start, and the events the
+//! relays publish again are ones the reader has (and knows by their event ids).
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -33,7 +33,7 @@ pub struct Tail {
     pub stream: String,
     pub history_len: usize,
     pub block: Duration,
-    /// Set while the history holds the stream's recent entries and reading keeps up.
+    /// Set while the reader holds the stream's recent entries and reading keeps up.
     pub caught_up: Arc<AtomicBool>,
 }
 
@@ -153,11 +153,7 @@ pub(crate) async fn resume_from(
     // Trimming removes the oldest entries first: while the last entry read is still there,
     // every later one is too. Once it is gone, later ones may have gone unread.
     if !reads::holds(conn, stream, &last).await? {
-        tracing::warn!(
-            stream = stream,
-            last,
-            "entries after the last one read may have been trimmed unread: every client is told to reload"
-        );
+        tracing::warn!(stream = stream, last, "entries after the last one read may have been trimmed unread: a gap");
         reader.gap();
     }
     Ok(last)
@@ -166,10 +162,10 @@ pub(crate) async fn resume_from(
 /// Where reading `stream` goes on after a lost connection when nothing of it was read (a
 /// partition empty so far, every entry up to `read_to` in hand): from its start, or from what
 /// is left, if entries were removed and some were added after `read_to` (`entries-added` above
-/// `length`, `last-generated-id` above `read_to`), unread, so every client is told to reload.
+/// `length`, `last-generated-id` above `read_to`), unread, so the reader is told of a gap.
 /// Redis 7.0 does not record what trimming removed (`max-deleted-entry-id` counts only
-/// `XDEL`), so a partition trimmed before the replica read it that gets new entries, all kept,
-/// while the replica is away is taken for a gap too: a reload too many, never an event missed.
+/// `XDEL`), so a partition trimmed before the reader read it that gets new entries, all kept,
+/// while the reader is away is taken for a gap too: a reload too many, never an event missed.
 /// [`resume_from`] would look for the last entry read, and find a gap in every stream that got
 /// its first entries meanwhile.
 pub(crate) async fn resume_unread(
@@ -187,7 +183,7 @@ pub(crate) async fn resume_unread(
     let added_since = info.last_generated_id.is_none_or(|last| super::merge::EntryId::from(last.as_str()) > read_to);
     let removed = removed && added_since;
     if removed {
-        tracing::warn!(stream, "entries were trimmed before any was read: every client is told to reload");
+        tracing::warn!(stream, "entries were trimmed before any was read: a gap");
         reader.gap();
     }
     Ok(())

@@ -1,5 +1,6 @@
 //! The newest entry each of this relay's publishers added, kept so that after Redis went away
-//! (a restart, a failover) the relay can check that Redis still holds it ([`crate::recovery`]).
+//! (a restart, a failover) the relay can check that Redis still holds it (the relay's
+//! recovery, with [`super::marker::look_for`]).
 //!
 //! A publisher hands its newest entry over when its connection ends; the recovery loop hands
 //! over every publisher's newest when its own connection ends. Between them, whatever a
