@@ -54,8 +54,7 @@ pub struct Received {
     pub deliveries: Vec<Delivery>,
     /// The entries may have been delivered before (to this member or another).
     pub redelivered: bool,
-    /// How often each of them was delivered, where the broker counts it (none for a batch of
-    /// new entries on Redis).
+    /// How often each of them was delivered, for a batch redelivered (empty otherwise).
     pub delivery_counts: HashMap<String, u64>,
 }
 

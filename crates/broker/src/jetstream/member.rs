@@ -78,8 +78,12 @@ impl Member {
             }
         };
         let deliveries = pulled.iter().map(|p| Delivery { id: p.id(), fields: Some(p.fields.clone()) }).collect();
-        let delivery_counts = pulled.iter().map(|p| (p.id(), u64::try_from(p.delivered).unwrap_or(0))).collect();
+        // Counted only when they matter, as on Redis: a batch with a message delivered before.
         let redelivered = pulled.iter().any(|p| p.delivered > 1);
+        let delivery_counts = match redelivered {
+            true => pulled.iter().map(|p| (p.id(), u64::try_from(p.delivered).unwrap_or(0))).collect(),
+            false => Default::default(),
+        };
         self.working = pulled;
         Ok(Received { deliveries, redelivered, delivery_counts })
     }
