@@ -44,23 +44,28 @@ pub async fn read_group(
     }
     cmd.arg("STREAMS").arg(stream).arg(id);
     let reply: Value = cmd.query_async(conn).await?;
-    let per_stream = match reply {
-        Value::Nil => return Ok(Vec::new()),
-        Value::Array(streams) => streams
+    let mut out = Vec::new();
+    for entries in per_stream("XREADGROUP", reply)? {
+        out.extend(parse_entries(entries)?);
+    }
+    Ok(out)
+}
+
+/// The entries of each stream of an `XREAD` or `XREADGROUP` reply (nil: none; an array of
+/// `[name, entries]` in RESP2, a map in RESP3).
+pub(crate) fn per_stream(command: &str, reply: Value) -> Result<Vec<Value>, RedisError> {
+    match reply {
+        Value::Nil => Ok(Vec::new()),
+        Value::Array(streams) => Ok(streams
             .into_iter()
             .filter_map(|s| match s {
                 Value::Array(mut kv) if kv.len() == 2 => kv.pop(),
                 _ => None,
             })
-            .collect::<Vec<_>>(),
-        Value::Map(streams) => streams.into_iter().map(|(_, v)| v).collect(),
-        other => return Err(unexpected("XREADGROUP", &other)),
-    };
-    let mut out = Vec::new();
-    for entries in per_stream {
-        out.extend(parse_entries(entries)?);
+            .collect()),
+        Value::Map(streams) => Ok(streams.into_iter().map(|(_, v)| v).collect()),
+        other => Err(unexpected(command, &other)),
     }
-    Ok(out)
 }
 
 /// One XAUTOCLAIM step: entries idle for `min_idle`, from `cursor`.

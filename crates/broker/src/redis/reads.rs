@@ -10,7 +10,7 @@ use std::time::Duration;
 use redis::aio::ConnectionLike;
 use redis::{RedisError, Value};
 
-use super::group::{parse_entries, string, unexpected};
+use super::group::{parse_entries, per_stream, string, unexpected};
 use crate::tail::Entry;
 use crate::Delivery;
 
@@ -52,20 +52,8 @@ pub async fn read_after(
         .arg(from)
         .query_async(conn)
         .await?;
-    let per_stream = match reply {
-        Value::Nil => return Ok(Vec::new()),
-        Value::Array(streams) => streams
-            .into_iter()
-            .filter_map(|s| match s {
-                Value::Array(mut kv) if kv.len() == 2 => kv.pop(),
-                _ => None,
-            })
-            .collect::<Vec<_>>(),
-        Value::Map(streams) => streams.into_iter().map(|(_, v)| v).collect(),
-        other => return Err(unexpected("XREAD", &other)),
-    };
     let mut out = Vec::new();
-    for page in per_stream {
+    for page in per_stream("XREAD", reply)? {
         out.extend(entries(page)?);
     }
     Ok(out)
