@@ -219,11 +219,7 @@ async fn restarts_and_an_outage_dead_letter_nothing(broker: Kind) {
     let f = &report.findings;
     assert_eq!((f.dead_letters, f.outbox_dead), (0, 0), "{report}");
     assert!(report.injected.process_kills() >= 20, "{report}");
-    let crash = match broker {
-        Kind::Redis => "kill -9 redis",
-        Kind::Nats => "kill -9 nats",
-    };
-    assert_eq!(report.injected.by_kind.get(crash), Some(&1), "{report}");
+    assert_eq!(report.injected.by_kind.get(crash_of(broker)), Some(&1), "{report}");
     assert!(report.injected.held_by_frozen_consumers > 0, "entries were surely delivered again\n{report}");
     cluster.discard_logs();
 }
@@ -252,10 +248,14 @@ async fn crashed_again_and_again_under_load(broker: Kind) {
     let (report, cluster) = run(&spec).await.expect("fault run");
     eprintln!("{report}");
     assert!(report.holds(), "{report}");
-    let crash = match broker {
+    assert_eq!(report.injected.by_kind.get(crash_of(broker)), Some(&16), "{report}");
+    cluster.discard_logs();
+}
+
+/// The name the report counts `broker`'s server crashes under.
+fn crash_of(broker: Kind) -> &'static str {
+    match broker {
         Kind::Redis => "kill -9 redis",
         Kind::Nats => "kill -9 nats",
-    };
-    assert_eq!(report.injected.by_kind.get(crash), Some(&16), "{report}");
-    cluster.discard_logs();
+    }
 }

@@ -167,13 +167,6 @@ impl Member {
             Self::Nats(m) => m.pending().await,
         }
     }
-
-    pub fn broker(&self) -> Kind {
-        match self {
-            Self::Redis(_) => Kind::Redis,
-            Self::Nats(_) => Kind::Nats,
-        }
-    }
 }
 
 /// Fields as JSON `[[name, value], ...]` (values as UTF-8, lossily).

@@ -68,7 +68,7 @@ impl Consumer {
             if worked.is_ok() {
                 worked = self.round(&mut member).await;
             }
-            self.note(member.broker(), member.take_notes());
+            self.note(member.take_notes());
             match worked {
                 Ok(()) => {
                     if failed_at.is_some_and(|at| at.elapsed() >= WORKED) {
@@ -144,7 +144,7 @@ impl Consumer {
     }
 
     /// Counts and logs what the member noticed.
-    fn note(&self, broker: broker::Kind, notes: Vec<Note>) {
+    fn note(&self, notes: Vec<Note>) {
         for note in notes {
             match note {
                 Note::Departed(removed) => {
@@ -157,7 +157,7 @@ impl Consumer {
                         "pending entries no longer on the stream; the broker dropped them from the group");
                 }
                 Note::Refused(e) => {
-                    self.metrics.failure(e.class, broker.as_str());
+                    self.metrics.failure(e.class, e.broker.as_str());
                     tracing::warn!(error = %e, failure_class = %e.class, "housekeeping refused; consuming on");
                 }
             }

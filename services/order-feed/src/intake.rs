@@ -20,15 +20,7 @@ pub struct Intake {
 impl Intake {
     /// An entry as an event the feed can send; `None` (counted) for anything else.
     pub fn decode(&self, entry: &Entry) -> Option<StreamEntry> {
-        self.decode_fields(&entry.id, entry.fields.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
-    }
-
-    /// [`Intake::decode`] of an entry's fields and its id.
-    fn decode_fields<'a>(
-        &self,
-        id: &str,
-        fields: impl IntoIterator<Item = (&'a str, impl AsRef<[u8]>)>,
-    ) -> Option<StreamEntry> {
+        let fields = entry.fields.iter().map(|(k, v)| (k.as_str(), v.as_slice()));
         let decoded = match StreamEntry::from_fields(fields) {
             // A line break would end the `event:` line of the message early.
             Ok(e) if e.event_type.contains(['\r', '\n']) => Err("event_type holds a line break".to_owned()),
@@ -39,7 +31,7 @@ impl Intake {
             Ok(e) => Some(e),
             Err(why) => {
                 self.metrics.entries_skipped.inc();
-                tracing::debug!(entry_id = id, error = why, "not an event; skipped");
+                tracing::debug!(entry_id = entry.id, error = why, "not an event; skipped");
                 None
             }
         }

@@ -49,7 +49,7 @@ impl Member {
     }
 
     /// The group's consumer, bound to (made, or updated to the settings) if it is not.
-    async fn consumer(&mut self) -> Result<&PullConsumer, GroupError> {
+    async fn consumer(&mut self) -> Result<&mut PullConsumer, GroupError> {
         if self.bound.is_none() {
             let consumer = group::ensure_consumer(&self.js, &self.layout, self.index, &self.group)
                 .await
@@ -59,7 +59,7 @@ impl Member {
                 "consuming");
             self.bound = Some(consumer);
         }
-        match self.bound.as_ref() {
+        match self.bound.as_mut() {
             Some(consumer) => Ok(consumer),
             None => unreachable!("the consumer was just bound"),
         }
@@ -80,9 +80,10 @@ impl Member {
         let deliveries = pulled.iter().map(|p| Delivery { id: p.id(), fields: Some(p.fields.clone()) }).collect();
         // Counted only when they matter, as on Redis: a batch with a message delivered before.
         let redelivered = pulled.iter().any(|p| p.delivered > 1);
-        let delivery_counts = match redelivered {
-            true => pulled.iter().map(|p| (p.id(), u64::try_from(p.delivered).unwrap_or(0))).collect(),
-            false => Default::default(),
+        let delivery_counts = if redelivered {
+            pulled.iter().map(|p| (p.id(), u64::try_from(p.delivered).unwrap_or(0))).collect()
+        } else {
+            Default::default()
         };
         self.working = pulled;
         Ok(Received { deliveries, redelivered, delivery_counts })
@@ -157,9 +158,7 @@ impl Member {
     /// (binding to it first); `None` when its info does not come (a sample, not worth a
     /// failure).
     pub async fn pending(&mut self) -> Result<Option<u64>, GroupError> {
-        self.consumer().await?;
-        let Some(consumer) = self.bound.as_mut() else { return Ok(None) };
-        match consumer.info().await {
+        match self.consumer().await?.info().await {
             Ok(info) => Ok(Some(info.num_ack_pending as u64)),
             Err(e) => {
                 tracing::debug!(error = %e, "the group's consumer info is not at hand");

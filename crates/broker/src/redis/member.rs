@@ -216,28 +216,25 @@ impl Member {
     }
 
     pub async fn settle(&mut self, letters: &[Letter], ack: &[String]) -> Result<(), GroupError> {
-        let (dlq, stream_key, group, max_len) =
-            (self.dlq.clone(), self.stream.clone(), self.settings.group.clone(), self.settings.dlq_max_len);
-        let conn = self.connection().await?;
+        let mut conn = self.connection().await?.clone();
         let settled: Result<(), RedisError> = async {
             for letter in letters {
                 let mut fields = letter.fields.clone();
                 fields.push(("reason".to_owned(), letter.reason.clone().into_bytes()));
                 fields.push(("original_entry_id".to_owned(), letter.original_entry_id.clone().into_bytes()));
-                stream::add_capped(conn, &dlq, max_len, &fields).await?;
+                stream::add_capped(&mut conn, &self.dlq, self.settings.dlq_max_len, &fields).await?;
             }
             let ack: Vec<&str> = ack.iter().map(String::as_str).collect();
-            stream::ack(conn, &stream_key, &group, &ack).await
+            stream::ack(&mut conn, &self.stream, &self.settings.group, &ack).await
         }
         .await;
         settled.map_err(|e| self.failed(&e))
     }
 
     pub async fn pending(&mut self) -> Result<u64, GroupError> {
-        let (stream_key, group, consumer) =
-            (self.stream.clone(), self.settings.group.clone(), self.settings.consumer.clone());
-        let conn = self.connection().await?;
-        let pending = stream::pending_count(conn, &stream_key, &group, &consumer).await;
+        let mut conn = self.connection().await?.clone();
+        let s = &self.settings;
+        let pending = stream::pending_count(&mut conn, &self.stream, &s.group, &s.consumer).await;
         pending.map_err(|e| self.failed(&e))
     }
 }
