@@ -2,7 +2,7 @@
 //! port, waited for through `GET /readyz`, stopped with SIGTERM or SIGKILL, its output kept.
 
 use std::collections::VecDeque;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
@@ -56,11 +56,9 @@ pub fn binary_path(name: &str) -> PathBuf {
     path
 }
 
-/// A local address nobody listens on right now. The port is released before it is returned,
-/// so another process could take it first; in practice the window is tiny.
+/// A local address nobody listens on right now ([`test_support::free_port`]).
 pub fn free_local_addr() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind a free local port");
-    listener.local_addr().expect("address of a bound listener")
+    SocketAddr::from(([127, 0, 0, 1], test_support::free_port()))
 }
 
 type Lines = Arc<Mutex<VecDeque<String>>>;

@@ -10,8 +10,31 @@ pub mod sse;
 
 pub use private::{PrivateNats, PrivatePostgres, PrivateRedis, PrivateRedisCluster};
 
+use std::collections::HashSet;
+use std::sync::Mutex;
+
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{Connection, PgConnection, PgPool};
+
+/// A local port nobody listens on right now, and that this process has not handed out before.
+/// Ports are picked before the servers that take them start (a cluster picks one per service,
+/// then starts them), so a port released by one pick could otherwise come back from the next,
+/// and two servers would be told the same one. Another process could still take it first; in
+/// practice that window is tiny.
+pub fn free_port() -> u16 {
+    static HANDED_OUT: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+    for _ in 0..1_000 {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free local port");
+        let mut handed_out = HANDED_OUT.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if handed_out.get_or_insert_with(HashSet::new).insert(port) {
+            return port;
+        }
+    }
+    panic!("no local port free that this process has not handed out already");
+}
 
 /// Admin URL of the shared Postgres (`TEST_POSTGRES_URL`, default local trust auth).
 pub fn postgres_admin_url() -> String {

@@ -1,7 +1,6 @@
 //! The system under attack: a private Postgres and broker (Redis, or nats-server with
 //! JetStream), the order-service, relays and consumers, all real processes on free ports.
 
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -125,13 +124,6 @@ pub struct Cluster {
     pub http: reqwest::Client,
 }
 
-fn free_port() -> Result<u16, FaultError> {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| FaultError::Setup(format!("free port: {e}")))
-}
-
 fn consumer_name(name: &str, incarnation: u32) -> Vec<(String, String)> {
     // A restarted process is a new group member, as with the contract's host-name + pid default.
     vec![("CONSUMER_NAME".to_owned(), format!("{name}-{incarnation}"))]
@@ -204,7 +196,8 @@ impl Cluster {
         if let Some(ttl) = spec.idempotency_key_ttl {
             order_env.push(("IDEMPOTENCY_KEY_TTL".to_owned(), ms(ttl)));
         }
-        let order_service = Service::new("order-service", binary("order-service")?, order_env, &log_dir, free_port()?);
+        let order_service =
+            Service::new("order-service", binary("order-service")?, order_env, &log_dir, test_support::free_port());
         let mut relays = Vec::new();
         for i in 0..spec.relays {
             let mut env = common(&orders.url);
@@ -227,7 +220,13 @@ impl Cluster {
                 env.push(("BROKER".to_owned(), Kind::Nats.to_string()));
                 env.push(("NATS_URL".to_owned(), nats.url()));
             }
-            relays.push(Service::new(&format!("relay-{i}"), binary("relay")?, env, &log_dir, free_port()?));
+            relays.push(Service::new(
+                &format!("relay-{i}"),
+                binary("relay")?,
+                env,
+                &log_dir,
+                test_support::free_port(),
+            ));
         }
         let mut consumers = Vec::new();
         for i in 0..spec.consumers {
@@ -246,8 +245,13 @@ impl Cluster {
                 env.push(("BROKER".to_owned(), Kind::Nats.to_string()));
                 env.push(("NATS_URL".to_owned(), link.url()));
             }
-            let service =
-                Service::new(&format!("consumer-{i}"), binary("inventory-consumer")?, env, &log_dir, free_port()?);
+            let service = Service::new(
+                &format!("consumer-{i}"),
+                binary("inventory-consumer")?,
+                env,
+                &log_dir,
+                test_support::free_port(),
+            );
             consumers.push(service.with_per_start(consumer_name));
         }
         let http = reqwest::Client::builder()
